@@ -1,0 +1,1 @@
+//! The Roster client SDK: publish and subscribe over QUIC

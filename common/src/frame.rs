@@ -1,0 +1,267 @@
+//! The frame codec: a 4-byte big-endian length, then one MessagePack value with named fields.
+//!
+//! The length counts only the MessagePack bytes that follow it. A reader checks the length against
+//! its `max_frame` before reading the body, so an oversized frame costs the receiver four bytes.
+//! Decoding tells apart bytes that are not MessagePack at all ([`Error::BadFrame`]) from a
+//! well-formed value that is not the message expected on this stream ([`Error::UnexpectedMessage`]).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{Error, Result};
+
+/// The largest frame accepted unless configured otherwise: 1 MiB.
+pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
+
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 4;
+
+/// Encodes `msg` as one frame (header included), refusing it if the body exceeds `max_frame`.
+pub fn encode<T: Serialize>(msg: &T, max_frame: u32) -> Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(128);
+    buf.put_u32(0);
+    {
+        let mut writer = (&mut buf).writer();
+        let mut ser = rmp_serde::Serializer::new(&mut writer).with_struct_map();
+        msg.serialize(&mut ser)
+            .map_err(|e| Error::Internal(format!("cannot encode message: {e}")))?;
+    }
+    let body_len = buf.len() - HEADER_LEN;
+    if body_len > max_frame as usize {
+        return Err(Error::FrameTooLarge(format!(
+            "message of {body_len} bytes exceeds the frame limit of {max_frame} bytes"
+        )));
+    }
+    buf[..HEADER_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
+    Ok(buf.freeze())
+}
+
+/// Decodes one frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let mut rest = body;
+    let result = {
+        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        T::deserialize(&mut de)
+    };
+    match result {
+        Ok(msg) if rest.is_empty() => Ok(msg),
+        Ok(_) => Err(Error::BadFrame(format!(
+            "{} trailing bytes after the MessagePack value",
+            rest.len()
+        ))),
+        Err(e) => {
+            // Was it MessagePack of the wrong shape, or not MessagePack at all?
+            let mut probe = body;
+            let mut de = rmp_serde::Deserializer::new(&mut probe);
+            let well_formed =
+                serde::de::IgnoredAny::deserialize(&mut de).is_ok() && probe.is_empty();
+            if well_formed {
+                Err(Error::UnexpectedMessage(format!(
+                    "a well-formed MessagePack value that is not a valid message here: {e}"
+                )))
+            } else {
+                Err(Error::BadFrame(format!("not a MessagePack value: {e}")))
+            }
+        }
+    }
+}
+
+/// Writes `msg` as one frame.
+pub async fn write_frame<W, T>(writer: &mut W, msg: &T, max_frame: u32) -> Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode(msg, max_frame)?;
+    writer
+        .write_all(&frame)
+        .await
+        .map_err(|e| Error::Connection(format!("write failed: {e}")))
+}
+
+/// Reads the next frame's body. `Ok(None)` means the stream ended cleanly before a frame began.
+pub async fn read_frame_bytes<R>(reader: &mut R, max_frame: u32) -> Result<Option<Vec<u8>>>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        let n = reader
+            .read(&mut header[filled..])
+            .await
+            .map_err(|e| Error::Connection(format!("read failed: {e}")))?;
+        if n == 0 {
+            if filled == 0 {
+                return Ok(None);
+            }
+            return Err(Error::BadFrame(format!(
+                "stream ended after {filled} bytes of a 4-byte frame header"
+            )));
+        }
+        filled += n;
+    }
+    let len = u32::from_be_bytes(header);
+    if len > max_frame {
+        return Err(Error::FrameTooLarge(format!(
+            "frame of {len} bytes exceeds the limit of {max_frame} bytes"
+        )));
+    }
+    let mut body = vec![0u8; len as usize];
+    reader.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::BadFrame(format!("stream ended inside a frame of {len} bytes"))
+        } else {
+            Error::Connection(format!("read failed: {e}"))
+        }
+    })?;
+    Ok(Some(body))
+}
+
+/// Reads and decodes the next frame. `Ok(None)` means the stream ended cleanly.
+pub async fn read_frame<R, T>(reader: &mut R, max_frame: u32) -> Result<Option<T>>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    match read_frame_bytes(reader, max_frame).await? {
+        Some(body) => decode(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    enum Msg {
+        Put {
+            key: String,
+            #[serde(with = "serde_bytes")]
+            value: Vec<u8>,
+            tags: BTreeMap<String, String>,
+        },
+        Ping {},
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_over_a_stream() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let msgs = vec![
+            Msg::Put {
+                key: "k".into(),
+                value: vec![1, 2, 3],
+                tags: BTreeMap::from([("zone".into(), "a".into())]),
+            },
+            Msg::Ping {},
+        ];
+        for m in &msgs {
+            write_frame(&mut a, m, DEFAULT_MAX_FRAME).await.unwrap();
+        }
+        drop(a);
+        for m in &msgs {
+            let got: Msg = read_frame(&mut b, DEFAULT_MAX_FRAME).await.unwrap().unwrap();
+            assert_eq!(&got, m);
+        }
+        assert!(
+            read_frame::<_, Msg>(&mut b, DEFAULT_MAX_FRAME)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn named_fields_and_binary_payloads_on_the_wire() {
+        let frame = encode(
+            &Msg::Put {
+                key: "k".into(),
+                value: vec![0xff],
+                tags: BTreeMap::new(),
+            },
+            DEFAULT_MAX_FRAME,
+        )
+        .unwrap();
+        let body = &frame[HEADER_LEN..];
+        // {"Put": {"key": "k", "value": bin8[0xff], "tags": {}}}
+        assert_eq!(body[0], 0x81, "outer map of one entry");
+        let text = String::from_utf8_lossy(body);
+        assert!(text.contains("Put") && text.contains("key") && text.contains("value"));
+        assert!(
+            body.windows(3).any(|w| w == [0xc4, 0x01, 0xff]),
+            "payload is msgpack bin"
+        );
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            body.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading_the_body() {
+        let mut input: &[u8] = &[0x00, 0x20, 0x00, 0x00, 1, 2, 3];
+        let err = read_frame::<_, Msg>(&mut input, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge(_)), "{err:?}");
+        assert_eq!(input, &[1, 2, 3], "the body was not read");
+
+        let big = Msg::Put {
+            key: "k".into(),
+            value: vec![0; 2048],
+            tags: BTreeMap::new(),
+        };
+        assert!(matches!(encode(&big, 1024), Err(Error::FrameTooLarge(_))));
+    }
+
+    #[test]
+    fn garbage_and_wrong_messages_are_told_apart() {
+        assert!(matches!(decode::<Msg>(&[0xc1]), Err(Error::BadFrame(_))));
+        let other = rmp_serde::to_vec_named(&BTreeMap::from([("Nope", 1)])).unwrap();
+        assert!(matches!(
+            decode::<Msg>(&other),
+            Err(Error::UnexpectedMessage(_))
+        ));
+        let mut trailing = rmp_serde::to_vec_named(&Msg::Ping {}).unwrap();
+        trailing.push(0);
+        assert!(matches!(decode::<Msg>(&trailing), Err(Error::BadFrame(_))));
+    }
+
+    #[tokio::test]
+    async fn truncated_frames_are_bad_frames() {
+        let mut header_only: &[u8] = &[0, 0];
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut header_only, 64).await,
+            Err(Error::BadFrame(_))
+        ));
+        let mut short_body: &[u8] = &[0, 0, 0, 9, 1];
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut short_body, 64).await,
+            Err(Error::BadFrame(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_message_round_trips(key in ".{0,40}", value in proptest::collection::vec(any::<u8>(), 0..256),
+                                   tags in proptest::collection::btree_map(".{0,8}", ".{0,8}", 0..4)) {
+            let msg = Msg::Put { key, value, tags };
+            let frame = encode(&msg, DEFAULT_MAX_FRAME).unwrap();
+            let back: Msg = decode(&frame[HEADER_LEN..]).unwrap();
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Msg>(&bytes);
+        }
+    }
+}

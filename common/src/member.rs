@@ -1,0 +1,186 @@
+//! The member agent: how a data or session server stays in the cluster.
+//!
+//! The agent registers with a meta node, renews its lease on an interval the meta tier chooses, and
+//! holds a watch stream on which the meta tier pushes every committed [`ClusterView`]. The latest
+//! view is published on a `watch` channel for the server to act on. When the meta node it talks to
+//! fails, the agent moves to the next configured address; when its lease is reported unknown (it
+//! expired), it registers again with the same instance. On shutdown it leaves the cluster so its
+//! lease does not have to lapse.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::frame;
+use crate::peers::PeerPool;
+use crate::proto::{ClusterView, Member, MetaRequest, MetaResponse, Reply};
+use crate::rpc;
+
+/// Pause between attempts when no meta node answers; doubles up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// How a member reaches the meta tier.
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    /// Meta node addresses; the agent tries them in order.
+    pub metas: Vec<String>,
+    /// This server, as it registers (`joined_at_ms` is set by the meta tier).
+    pub member: Member,
+    pub max_frame: u32,
+    pub request_timeout: Duration,
+}
+
+/// The latest committed view, or `None` before the first one arrives.
+pub type ViewRx = watch::Receiver<Option<Arc<ClusterView>>>;
+
+/// Starts the agent. It runs until `shutdown` fires, then leaves the cluster.
+pub fn spawn(
+    config: MemberConfig,
+    pool: Arc<PeerPool>,
+    shutdown: CancellationToken,
+) -> (ViewRx, JoinHandle<()>) {
+    let (view_tx, view_rx) = watch::channel(None);
+    let task = tokio::spawn(run(config, pool, shutdown, view_tx));
+    (view_rx, task)
+}
+
+async fn run(
+    config: MemberConfig,
+    pool: Arc<PeerPool>,
+    shutdown: CancellationToken,
+    view_tx: watch::Sender<Option<Arc<ClusterView>>>,
+) {
+    let mut cluster_id: Option<String> = None;
+    let mut next = 0usize;
+    let mut delay = FIRST_RETRY_DELAY;
+    let mut last_meta = None;
+    while !shutdown.is_cancelled() {
+        let addr = config.metas[next % config.metas.len()].clone();
+        match session(&config, &pool, &addr, &mut cluster_id, &shutdown, &view_tx).await {
+            Ok(()) => {
+                last_meta = Some(addr);
+                break;
+            }
+            Err(e) => {
+                if matches!(e, Error::ClusterMismatch(_)) {
+                    warn!(meta = %addr, error = %e, "meta node belongs to another cluster");
+                } else {
+                    warn!(meta = %addr, error = %e, "lost the meta node; trying the next");
+                }
+                last_meta = Some(addr);
+                next += 1;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+    }
+    // Leave at once so the meta tier need not wait for the lease to lapse.
+    if let Some(addr) = last_meta
+        && let Ok(conn) = pool.get(&addr).await
+    {
+        let member = &config.member;
+        let leave = MetaRequest::Leave {
+            role: member.role,
+            id: member.id,
+            instance: member.instance,
+        };
+        match rpc::call::<_, MetaResponse>(&conn, &leave, config.max_frame, Duration::from_secs(1)).await {
+            Ok(_) => info!(member = %member.key(), "left the cluster"),
+            Err(e) => debug!(member = %member.key(), error = %e, "could not leave the cluster cleanly"),
+        }
+    }
+}
+
+/// Registers with the meta node at `addr`, then renews and follows views until shutdown (`Ok`) or
+/// until the meta node fails (`Err`).
+async fn session(
+    config: &MemberConfig,
+    pool: &PeerPool,
+    addr: &str,
+    cluster_id: &mut Option<String>,
+    shutdown: &CancellationToken,
+    view_tx: &watch::Sender<Option<Arc<ClusterView>>>,
+) -> Result<()> {
+    let conn = pool.get(addr).await?;
+    let member = &config.member;
+    let renew_every = register(config, &conn, cluster_id).await?;
+    info!(member = %member.key(), meta = %addr, cluster = cluster_id.as_deref().unwrap_or(""), "registered with the meta tier");
+
+    let (mut send, mut recv) = conn.open_bi().await?;
+    frame::write_frame(&mut send, &MetaRequest::Watch {}, config.max_frame).await?;
+    let _ = send.finish();
+
+    let mut renew = tokio::time::interval(renew_every);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renew_request = MetaRequest::Renew {
+        role: member.role,
+        id: member.id,
+        instance: member.instance,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = renew.tick() => {
+                match rpc::call::<_, MetaResponse>(&conn, &renew_request, config.max_frame, config.request_timeout).await {
+                    Ok(_) => {}
+                    Err(Error::UnknownMember(why)) => {
+                        warn!(member = %member.key(), %why, "lease was lost; registering again");
+                        register(config, &conn, cluster_id).await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            next = frame::read_frame::<_, Reply<ClusterView>>(&mut recv, config.max_frame) => {
+                match next? {
+                    Some(Ok(view)) => {
+                        debug!(epoch = view.table.epoch, members = view.members.len(), "cluster view");
+                        view_tx.send_replace(Some(Arc::new(view)));
+                    }
+                    Some(Err(wire)) => return Err(Error::from_wire(wire)),
+                    None => return Err(Error::Connection("the meta node ended the watch stream".into())),
+                }
+            }
+        }
+    }
+}
+
+/// Registers and returns the renew interval the meta tier asked for.
+async fn register(
+    config: &MemberConfig,
+    conn: &quinn::Connection,
+    cluster_id: &mut Option<String>,
+) -> Result<Duration> {
+    let request = MetaRequest::Register {
+        member: config.member.clone(),
+        cluster_id: cluster_id.clone(),
+    };
+    match rpc::call(conn, &request, config.max_frame, config.request_timeout).await? {
+        MetaResponse::Registered {
+            cluster_id: id,
+            renew_interval_ms,
+            ..
+        } => {
+            if let Some(known) = cluster_id.as_deref()
+                && known != id
+            {
+                return Err(Error::ClusterMismatch(format!(
+                    "this server belongs to cluster {known}, the meta node to cluster {id}"
+                )));
+            }
+            *cluster_id = Some(id);
+            Ok(Duration::from_millis(renew_interval_ms.max(10)))
+        }
+        other => Err(Error::UnexpectedMessage(format!(
+            "expected Registered, got {other:?}"
+        ))),
+    }
+}

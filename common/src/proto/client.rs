@@ -1,0 +1,116 @@
+//! The client link, ALPN `roster/1`: what SDKs send to a session server and what it pushes back.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClientId, NodeId, RegisterId, ServiceId, Version};
+
+/// A client's request. The first request on a connection must be `Hello`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Opens the session: protocol version, the client's id, an optional name and token.
+    Hello {
+        protocol_version: u32,
+        client_id: ClientId,
+        #[serde(default)]
+        client_name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Registers (or replaces) the publisher `register_id` of this client.
+    Publish {
+        register_id: RegisterId,
+        service: ServiceId,
+        data: Vec<Bytes>,
+        #[serde(default)]
+        attributes: BTreeMap<String, String>,
+        /// Bumped by the client on every update of the same `register_id`.
+        #[serde(default)]
+        client_version: u64,
+    },
+    /// Removes the publisher `register_id` of this client.
+    Unpublish { register_id: RegisterId },
+    /// Subscribes `register_id` to `service`: a snapshot is pushed now and on every change.
+    Subscribe {
+        register_id: RegisterId,
+        service: ServiceId,
+        #[serde(default)]
+        scope: Scope,
+    },
+    /// Ends the subscription `register_id`.
+    Unsubscribe { register_id: RegisterId },
+    /// Liveness check.
+    Ping {},
+    /// Every service with at least one publisher, and its publisher count.
+    ListServices {},
+}
+
+/// The body of a successful reply to a [`ClientRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    /// Answer to `Hello`.
+    Welcome {
+        protocol_version: u32,
+        session_id: NodeId,
+        max_frame: u32,
+        idle_timeout_ms: u64,
+    },
+    /// Answer to `Publish` and `Unpublish`. `durable` is true once the slot leader applied the
+    /// change; false when the session holds it and retries because no leader was reachable.
+    Accepted { durable: bool },
+    /// Answer to `Subscribe` and `Unsubscribe`.
+    Done {},
+    /// Answer to `Ping`.
+    Pong {},
+    /// Answer to `ListServices`.
+    Services { services: Vec<ServiceSummary> },
+}
+
+/// One service in a `Services` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub service: ServiceId,
+    pub publishers: u64,
+    pub version: Version,
+}
+
+/// Which publishers a subscriber wants. Only `global` is served today; the others are accepted and
+/// treated as `global`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Zone,
+    Datacenter,
+    #[default]
+    Global,
+}
+
+/// A frame on the server-to-client push stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Push {
+    /// The full current set of publishers of a service the connection subscribes to.
+    Snapshot(Snapshot),
+}
+
+/// All live publishers of one service at one version. Also the datum a data server returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub service: ServiceId,
+    pub version: Version,
+    /// Ordered by `(client_id, register_id)`.
+    pub publishers: Vec<PublisherView>,
+}
+
+/// One publisher as subscribers see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublisherView {
+    pub client_id: ClientId,
+    pub register_id: RegisterId,
+    pub data: Vec<Bytes>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub client_version: u64,
+}

@@ -1,0 +1,269 @@
+//! The server-to-server links, ALPN `roster-peer/1` with mutual TLS: member↔meta and session↔data.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::client::{PublisherView, ServiceSummary, Snapshot};
+use crate::ids::{ClientId, Epoch, InstanceId, NodeId, RegisterId, ServiceId, SlotId, Version};
+use crate::slot::slot_of;
+
+/// Which tier a member belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Data,
+    Session,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Data => "data",
+            Role::Session => "session",
+        })
+    }
+}
+
+/// A member's identity in the meta tier: ids are unique within a role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MemberKey {
+    pub role: Role,
+    pub id: NodeId,
+}
+
+impl std::fmt::Display for MemberKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.role, self.id)
+    }
+}
+
+/// A data or session server known to the meta tier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub role: Role,
+    pub id: NodeId,
+    /// The process incarnation; a restart registers a new one.
+    pub instance: InstanceId,
+    /// The advertised address: peers for a data server, clients for a session server.
+    pub addr: String,
+    #[serde(default)]
+    pub zone: String,
+    /// Set by the meta tier when it admits the member (Unix milliseconds).
+    #[serde(default)]
+    pub joined_at_ms: u64,
+}
+
+impl Member {
+    pub fn key(&self) -> MemberKey {
+        MemberKey {
+            role: self.role,
+            id: self.id,
+        }
+    }
+}
+
+/// Which data servers hold each slot: `slots[s] = [leader, followers...]`, empty while no data
+/// server is live. Computed by the meta leader only and committed with a new `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotTable {
+    pub epoch: Epoch,
+    pub slot_count: u32,
+    pub replicas: u32,
+    pub slots: Vec<Vec<NodeId>>,
+}
+
+impl SlotTable {
+    /// The table of a cluster with no data servers yet.
+    pub fn empty(slot_count: u32, replicas: u32) -> Self {
+        SlotTable {
+            epoch: 0,
+            slot_count,
+            replicas,
+            slots: vec![Vec::new(); slot_count as usize],
+        }
+    }
+
+    pub fn slot_of(&self, service: &ServiceId) -> SlotId {
+        slot_of(service, self.slot_count)
+    }
+
+    /// The leader of `slot`, if any.
+    pub fn leader(&self, slot: SlotId) -> Option<NodeId> {
+        self.slots.get(slot as usize)?.first().copied()
+    }
+
+    /// The leader of the slot `service` lives in.
+    pub fn leader_of(&self, service: &ServiceId) -> Option<NodeId> {
+        self.leader(self.slot_of(service))
+    }
+
+    /// The slots `node` leads.
+    pub fn led_by(&self, node: NodeId) -> impl Iterator<Item = SlotId> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(move |(_, replicas)| replicas.first() == Some(&node))
+            .map(|(slot, _)| slot as SlotId)
+    }
+}
+
+/// What the meta tier pushes to every member: the committed membership and slot table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub cluster_id: String,
+    /// Ordered by `(role, id)`.
+    pub members: Vec<Member>,
+    pub table: SlotTable,
+    /// The meta node currently leading, when known (its peer address).
+    #[serde(default)]
+    pub meta_leader: Option<String>,
+}
+
+impl ClusterView {
+    pub fn member(&self, role: Role, id: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.role == role && m.id == id)
+    }
+
+    /// The advertised address of data server `id`.
+    pub fn data_addr(&self, id: NodeId) -> Option<&str> {
+        self.member(Role::Data, id).map(|m| m.addr.as_str())
+    }
+
+    pub fn members_of(&self, role: Role) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(move |m| m.role == role)
+    }
+}
+
+/// Member → meta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaRequest {
+    /// Joins (or re-joins) the cluster and starts a lease. A member already known under the same
+    /// key with another instance is replaced: what the old instance owned is gone.
+    Register {
+        member: Member,
+        /// The cluster the member expects; refused with `ClusterMismatch` if it differs.
+        #[serde(default)]
+        cluster_id: Option<String>,
+    },
+    /// Renews the lease of a registered member. `UnknownMember` means it expired: register again.
+    Renew {
+        role: Role,
+        id: NodeId,
+        instance: InstanceId,
+    },
+    /// Leaves the cluster at once, without waiting for the lease to lapse.
+    Leave {
+        role: Role,
+        id: NodeId,
+        instance: InstanceId,
+    },
+    /// Opens a stream of [`ClusterView`] frames: the current view at once, then every change.
+    Watch {},
+    /// The current view, once.
+    GetView {},
+}
+
+/// The body of a successful reply to a [`MetaRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaResponse {
+    Registered {
+        cluster_id: String,
+        lease_timeout_ms: u64,
+        renew_interval_ms: u64,
+    },
+    Renewed {},
+    Done {},
+    View(ClusterView),
+}
+
+/// A publisher as the data tier stores it: the view subscribers get, plus its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publisher {
+    pub client_id: ClientId,
+    pub register_id: RegisterId,
+    pub service: ServiceId,
+    pub data: Vec<Bytes>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub client_version: u64,
+    /// The session server holding the client's connection, and its incarnation.
+    pub session: NodeId,
+    pub session_instance: InstanceId,
+}
+
+impl Publisher {
+    pub fn view(&self) -> PublisherView {
+        PublisherView {
+            client_id: self.client_id.clone(),
+            register_id: self.register_id.clone(),
+            data: self.data.clone(),
+            attributes: self.attributes.clone(),
+            client_version: self.client_version,
+        }
+    }
+}
+
+/// One change of one publisher, sent by the owning session to the slot leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteOp {
+    /// Adds or replaces the publisher `(client_id, register_id)`.
+    Put { publisher: Publisher },
+    /// Removes the publisher `(client_id, register_id)` if `session_instance` still owns it.
+    Remove {
+        service: ServiceId,
+        client_id: ClientId,
+        register_id: RegisterId,
+        session_instance: InstanceId,
+    },
+}
+
+impl WriteOp {
+    pub fn service(&self) -> &ServiceId {
+        match self {
+            WriteOp::Put { publisher } => &publisher.service,
+            WriteOp::Remove { service, .. } => service,
+        }
+    }
+}
+
+/// Session → data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataRequest {
+    /// Opens the session's notification stream: one `Ready` frame, then a `Changed` frame for every
+    /// change of a service the session registered interest in. Interest lives as long as this stream.
+    Watch { session: NodeId, instance: InstanceId },
+    /// Applies one publisher change at the slot leader.
+    Write { op: WriteOp },
+    /// Registers (`on`) or drops interest in services for the session's watch stream. Registering
+    /// answers with the current datums, read atomically with the registration.
+    Interest {
+        instance: InstanceId,
+        services: Vec<ServiceId>,
+        on: bool,
+    },
+    /// The current datums of these services.
+    Fetch { services: Vec<ServiceId> },
+    /// Every service this server leads with at least one publisher.
+    ListServices {},
+}
+
+/// The body of a successful reply to a [`DataRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataResponse {
+    Written { version: Version },
+    Datums { datums: Vec<Snapshot> },
+    Services { services: Vec<ServiceSummary> },
+    Done {},
+}
+
+/// A frame on a session's watch stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataEvent {
+    /// The stream is registered; interest may be sent now.
+    Ready {},
+    /// `service` changed; its datum is now at `version` (or later).
+    Changed { service: ServiceId, version: Version },
+}

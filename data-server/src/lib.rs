@@ -1,0 +1,1 @@
+//! The data tier: slot storage, ordering of publisher changes, change notification

@@ -1,0 +1,1 @@
+//! The meta tier: cluster membership, leases and the slot table

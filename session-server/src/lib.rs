@@ -1,0 +1,1 @@
+//! The session tier: client connections, publish forwarding and subscriber push
