@@ -27,6 +27,7 @@ pub mod peers;
 pub mod proto;
 pub mod quic;
 pub mod rpc;
+pub mod serve;
 pub mod slot;
 pub mod tls;
 

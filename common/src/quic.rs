@@ -158,6 +158,21 @@ pub async fn connect(
     }
 }
 
+/// A server endpoint on `socket` speaking `roster-peer/1` with mutual TLS, and the client
+/// configuration it dials other peers with.
+pub fn peer_endpoint(
+    socket: UdpSocket,
+    identity: &crate::tls::NodeIdentity,
+    settings: &TransportSettings,
+) -> Result<(Endpoint, quinn::ClientConfig)> {
+    let alpn = crate::proto::ALPN_PEER;
+    let server = server_config(crate::tls::peer_server(identity, alpn)?, settings)?;
+    let client = client_config(crate::tls::peer_client(identity, alpn)?, settings, false)?;
+    let mut endpoint = endpoint(socket, Some(server))?;
+    endpoint.set_default_client_config(client.clone());
+    Ok((endpoint, client))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

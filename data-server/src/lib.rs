@@ -1,1 +1,95 @@
-//! The data tier: slot storage, ordering of publisher changes, change notification
+//! The data tier: the publisher records of each slot, ordered by the slot's leader.
+//!
+//! A data server joins the cluster through the member agent and adopts every slot table the meta
+//! tier commits. For each slot it leads it holds the datum of every service in the slot — the live
+//! publishers and a version — in [`store::Store`]. Sessions send publisher changes
+//! ([`roster_common::proto::DataRequest::Write`]); the leader applies them in arrival order, bumps
+//! the datum's version, and queues a `Changed` event for every session that registered interest in
+//! the service ([`interest::Interests`]). Sessions fetch the new datum and push it to subscribers.
+//!
+//! Sessions own their clients' publishers. When the meta tier removes a session server, its
+//! publishers here are dropped after `session_grace` ([`owners::OwnerSweep`]) unless they were
+//! re-registered through another session meanwhile.
+//!
+//! Caveats: followers hold no copy yet, and a slot that moves or a data server that restarts starts
+//! empty: until sessions re-send, its services look empty. Records live in memory only; sessions are
+//! the source of truth.
+
+pub mod interest;
+pub mod owners;
+mod server;
+pub mod store;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use roster_common::quic::TransportSettings;
+use roster_common::{Error, NodeId, Result};
+
+pub use server::DataServer;
+
+/// How a data server runs. Every field's default is given in its comment.
+#[derive(Clone, Debug)]
+pub struct DataConfig {
+    /// This server's id among data servers (`--id`). Required.
+    pub id: NodeId,
+    /// Meta node addresses (`--meta`). Required.
+    pub metas: Vec<String>,
+    /// The address sessions dial (`--advertise`). Default: the listen address, which must then be a
+    /// specific IP.
+    pub advertise: Option<String>,
+    /// Failure zone, reported to the meta tier. Default empty.
+    pub zone: String,
+    /// How long a departed session's publishers are kept for its clients to re-register elsewhere.
+    /// Default 5 s.
+    pub session_grace: Duration,
+    /// Deadline for a request to a peer. Default 5 s.
+    pub request_timeout: Duration,
+    /// Largest accepted frame. Default 1 MiB.
+    pub max_frame: u32,
+    /// QUIC keep-alive and idle timeout. Defaults 1 s and 4 s.
+    pub transport: TransportSettings,
+}
+
+impl DataConfig {
+    /// A config with every default, for data server `id` joining through `metas`.
+    pub fn new(id: NodeId, metas: Vec<String>) -> Self {
+        DataConfig {
+            id,
+            metas,
+            advertise: None,
+            zone: String::new(),
+            session_grace: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
+            transport: TransportSettings::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.metas.is_empty() {
+            return Err(Error::InvalidArgument("at least one meta address is needed (--meta)".into()));
+        }
+        Ok(())
+    }
+
+    fn advertised_addr(&self, socket: &UdpSocket) -> Result<String> {
+        advertised_addr(self.advertise.as_deref(), socket)
+    }
+}
+
+/// The address to advertise: the configured one, or the socket's if it is a specific IP.
+pub(crate) fn advertised_addr(configured: Option<&str>, socket: &UdpSocket) -> Result<String> {
+    if let Some(addr) = configured {
+        return Ok(addr.to_owned());
+    }
+    let local = socket
+        .local_addr()
+        .map_err(|e| Error::InvalidArgument(format!("cannot read the listen address: {e}")))?;
+    if local.ip().is_unspecified() {
+        return Err(Error::InvalidArgument(format!(
+            "listening on {local}, which peers cannot dial: set --advertise to this server's reachable address"
+        )));
+    }
+    Ok(local.to_string())
+}

@@ -1,0 +1,169 @@
+//! The meta state machine: membership and the slot table, changed only by [`Command`]s.
+//!
+//! Every change of the cluster's shape is a command applied here, in order, and nothing else writes
+//! this state. A command that changes the set of live data servers recomputes the slot table and
+//! bumps its epoch. Applying is deterministic: the same commands in the same order give the same
+//! state on any node, which is what lets a replicated log drive it.
+
+use std::collections::BTreeMap;
+
+use roster_common::proto::{ClusterView, Member, MemberKey, Role, SlotTable};
+use roster_common::{InstanceId, NodeId};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::placement::place;
+
+/// One change of the cluster's shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Admits `member`, replacing any other instance under the same key. `joined_at_ms` is taken
+    /// from the command, so every node applying it records the same time.
+    Join { member: Member },
+    /// Removes the member if it is still this instance (it left, or its lease lapsed).
+    Remove { key: MemberKey, instance: InstanceId },
+}
+
+/// What the meta tier knows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    pub cluster_id: String,
+    pub members: BTreeMap<MemberKey, Member>,
+    pub table: SlotTable,
+}
+
+impl MetaState {
+    /// A new cluster with no members.
+    pub fn new(cluster_id: String, slot_count: u32, replicas: u32) -> Self {
+        MetaState {
+            cluster_id,
+            members: BTreeMap::new(),
+            table: SlotTable::empty(slot_count, replicas),
+        }
+    }
+
+    /// Applies `command`; returns whether anything changed.
+    pub fn apply(&mut self, command: Command) -> bool {
+        match command {
+            Command::Join { member } => {
+                let key = member.key();
+                let previous = self.members.get(&key);
+                if let Some(old) = previous
+                    && old.instance == member.instance
+                    && old.addr == member.addr
+                    && old.zone == member.zone
+                {
+                    return false;
+                }
+                let replaced = previous.map(|old| old.instance);
+                match replaced {
+                    Some(old) if old != member.instance => {
+                        info!(member = %key, addr = %member.addr, old_instance = old, "member restarted; replacing its old instance")
+                    }
+                    Some(_) => info!(member = %key, addr = %member.addr, "member changed its address"),
+                    None => info!(member = %key, addr = %member.addr, "member joined"),
+                }
+                self.members.insert(key, member.clone());
+                if key.role == Role::Data {
+                    // A restarted data server holds nothing: even where its slots stay put, the new
+                    // epoch makes it take them over with a new term, so versions keep growing.
+                    let restarted = replaced.is_some_and(|old| old != member.instance);
+                    self.recompute_table(restarted);
+                }
+                true
+            }
+            Command::Remove { key, instance } => {
+                match self.members.get(&key) {
+                    Some(m) if m.instance == instance => {}
+                    _ => return false,
+                }
+                self.members.remove(&key);
+                info!(member = %key, "member removed");
+                if key.role == Role::Data {
+                    self.recompute_table(false);
+                }
+                true
+            }
+        }
+    }
+
+    fn data_nodes(&self) -> Vec<NodeId> {
+        self.members
+            .keys()
+            .filter(|k| k.role == Role::Data)
+            .map(|k| k.id)
+            .collect()
+    }
+
+    fn recompute_table(&mut self, force_new_epoch: bool) {
+        let nodes = self.data_nodes();
+        let slots = place(&nodes, self.table.slot_count, self.table.replicas, &self.table);
+        if force_new_epoch || slots != self.table.slots {
+            self.table.slots = slots;
+            self.table.epoch += 1;
+            info!(epoch = self.table.epoch, data_servers = nodes.len(), "new slot table");
+        }
+    }
+
+    /// The view members receive.
+    pub fn view(&self, meta_leader: Option<String>) -> ClusterView {
+        ClusterView {
+            cluster_id: self.cluster_id.clone(),
+            members: self.members.values().cloned().collect(),
+            table: self.table.clone(),
+            meta_leader,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(role: Role, id: NodeId, instance: InstanceId) -> Member {
+        Member {
+            role,
+            id,
+            instance,
+            addr: format!("127.0.0.1:{}", 7000 + id),
+            zone: String::new(),
+            joined_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn data_joins_and_leaves_bump_the_epoch() {
+        let mut state = MetaState::new("c".into(), 16, 3);
+        assert!(state.apply(Command::Join { member: member(Role::Data, 1, 11) }));
+        assert_eq!(state.table.epoch, 1);
+        assert!(state.table.slots.iter().all(|r| r == &vec![1]));
+
+        assert!(state.apply(Command::Join { member: member(Role::Session, 1, 21) }));
+        assert_eq!(state.table.epoch, 1, "sessions do not move slots");
+
+        assert!(!state.apply(Command::Join { member: member(Role::Data, 1, 11) }), "re-register is a no-op");
+        assert!(state.apply(Command::Join { member: member(Role::Data, 2, 12) }));
+        assert_eq!(state.table.epoch, 2);
+
+        assert!(!state.apply(Command::Remove { key: MemberKey { role: Role::Data, id: 2 }, instance: 99 }), "wrong instance");
+        assert!(state.apply(Command::Remove { key: MemberKey { role: Role::Data, id: 2 }, instance: 12 }));
+        assert_eq!(state.table.epoch, 3);
+        assert!(state.table.slots.iter().all(|r| r == &vec![1]));
+    }
+
+    #[test]
+    fn a_restarted_member_replaces_its_old_instance() {
+        let mut state = MetaState::new("c".into(), 16, 3);
+        state.apply(Command::Join { member: member(Role::Session, 5, 1) });
+        assert!(state.apply(Command::Join { member: member(Role::Session, 5, 2) }));
+        let view = state.view(None);
+        assert_eq!(view.members.len(), 1);
+        assert_eq!(view.members[0].instance, 2);
+        assert!(!state.apply(Command::Remove { key: MemberKey { role: Role::Session, id: 5 }, instance: 1 }), "the old instance's expiry is ignored");
+
+        state.apply(Command::Join { member: member(Role::Data, 1, 1) });
+        let epoch = state.table.epoch;
+        assert!(state.apply(Command::Join { member: member(Role::Data, 1, 2) }));
+        assert_eq!(state.table.epoch, epoch + 1, "a restarted data server gets a new epoch");
+    }
+}
