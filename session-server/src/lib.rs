@@ -1,1 +1,101 @@
-//! The session tier: client connections, publish forwarding and subscriber push
+//! The session tier: where clients connect, publish and subscribe.
+//!
+//! A session server accepts clients on ALPN `roster/1` ([`conn`]). It keeps each connection's
+//! publishers as the source copy and forwards every change to the slot leader ([`forward`]), one at
+//! a time per publisher so order is kept, retrying while no leader is reachable. It registers
+//! interest with the slot leader of every service its clients subscribe to, hears of each change on
+//! a watch stream, fetches the new datum and pushes it to the subscribers ([`links`], [`hub`]) —
+//! never an older version than a subscriber was last pushed. When a connection ends, cleanly or by
+//! idle timeout, its subscribers are dropped and its publishers removed from the data tier.
+//!
+//! Caveats: there is no coalescing window beyond fetch deduplication (changes arriving during a
+//! fetch are folded into one more fetch), no periodic comparison of the session's publishers with
+//! the data tier, and no per-connection limits beyond the frame size and QUIC's stream limit.
+
+mod conn;
+mod forward;
+pub mod hub;
+mod links;
+mod server;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use quinn::VarInt;
+use roster_common::quic::TransportSettings;
+use roster_common::{Error, NodeId, Result};
+
+pub use server::SessionServer;
+
+/// Push frames queued per connection before it is cut off as too slow.
+pub const PUSH_QUEUE: usize = 1024;
+/// Application close code: the client did not read its pushes fast enough.
+pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(0x10);
+/// Application close code: the client broke the protocol (unsupported version).
+pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x11);
+
+/// How a session server runs. Every field's default is given in its comment.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// This server's id among session servers (`--id`). Required.
+    pub id: NodeId,
+    /// Meta node addresses (`--meta`). Required.
+    pub metas: Vec<String>,
+    /// The address clients dial, reported to the meta tier (`--advertise`). Default: the listen
+    /// address, which must then be a specific IP.
+    pub advertise: Option<String>,
+    /// Failure zone, reported to the meta tier. Default empty.
+    pub zone: String,
+    /// How long a closed connection's publishers stay before they are removed. Default 0.
+    pub client_grace: Duration,
+    /// Deadline for a request to a peer. Default 5 s.
+    pub request_timeout: Duration,
+    /// Largest accepted frame. Default 1 MiB.
+    pub max_frame: u32,
+    /// QUIC settings towards clients: a dead client is detected within the idle timeout.
+    /// Defaults 1 s keep-alive, 4 s idle timeout.
+    pub client_transport: TransportSettings,
+    /// QUIC settings towards meta and data servers. Defaults 1 s and 4 s.
+    pub peer_transport: TransportSettings,
+}
+
+impl SessionConfig {
+    /// A config with every default, for session server `id` joining through `metas`.
+    pub fn new(id: NodeId, metas: Vec<String>) -> Self {
+        SessionConfig {
+            id,
+            metas,
+            advertise: None,
+            zone: String::new(),
+            client_grace: Duration::ZERO,
+            request_timeout: Duration::from_secs(5),
+            max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
+            client_transport: TransportSettings::default(),
+            peer_transport: TransportSettings::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.metas.is_empty() {
+            return Err(Error::InvalidArgument("at least one meta address is needed (--meta)".into()));
+        }
+        self.client_transport.transport(false)?;
+        self.peer_transport.transport(false)?;
+        Ok(())
+    }
+}
+
+fn advertised_addr(configured: Option<&str>, socket: &UdpSocket) -> Result<String> {
+    if let Some(addr) = configured {
+        return Ok(addr.to_owned());
+    }
+    let local = socket
+        .local_addr()
+        .map_err(|e| Error::InvalidArgument(format!("cannot read the listen address: {e}")))?;
+    if local.ip().is_unspecified() {
+        return Err(Error::InvalidArgument(format!(
+            "listening on {local}, which clients cannot be told to dial: set --advertise"
+        )));
+    }
+    Ok(local.to_string())
+}

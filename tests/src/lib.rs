@@ -1,1 +1,199 @@
-//! Helpers shared by the integration tests.
+//! Helpers for Roster's integration tests: a whole cluster in one process on `127.0.0.1:0`, and
+//! deadline-based waiting.
+
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use roster_client::{ClientConfig, Snapshot, Subscription};
+use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
+use roster_data::{DataConfig, DataServer};
+use roster_meta::{MetaConfig, MetaServer};
+use roster_session::{SessionConfig, SessionServer};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn init_logging() {
+    roster_common::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Binds a UDP socket on an ephemeral loopback port.
+pub fn bind_loopback() -> UdpSocket {
+    roster_common::quic::bind_udp("127.0.0.1:0".parse().unwrap()).expect("bind 127.0.0.1:0")
+}
+
+/// Knobs for [`Cluster::start_with`].
+pub struct ClusterOptions {
+    pub datas: usize,
+    pub sessions: usize,
+    /// Applied to every session server's config before it starts.
+    pub session: Box<dyn Fn(&mut SessionConfig) + Send>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            datas: 1,
+            sessions: 1,
+            session: Box::new(|_| {}),
+        }
+    }
+}
+
+/// One meta node, data servers and session servers, each a task of this process.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub identity: NodeIdentity,
+    pub meta_addr: SocketAddr,
+    pub session_addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<roster_common::Result<()>>>,
+}
+
+impl Cluster {
+    /// Starts 1 meta, 1 data and 1 session server and waits until they are ready.
+    pub async fn start() -> Cluster {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    pub async fn start_with(options: ClusterOptions) -> Cluster {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = Pki::generate(&[]).expect("pki");
+        pki.write_to(dir.path()).expect("write pki");
+        let identity = pki.node_identity().expect("identity");
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let mut ready: Vec<watch::Receiver<bool>> = Vec::new();
+
+        let meta_socket = bind_loopback();
+        let meta_addr = meta_socket.local_addr().unwrap();
+        let meta = MetaServer::open(MetaConfig::new(1, dir.path().join("meta-1")), identity.clone()).expect("meta");
+        tasks.push(tokio::spawn(meta.run(meta_socket, shutdown.clone())));
+
+        let metas = vec![meta_addr.to_string()];
+        for i in 0..options.datas {
+            let server = DataServer::new(DataConfig::new(i as u64 + 1, metas.clone()), identity.clone()).expect("data");
+            ready.push(server.ready());
+            tasks.push(tokio::spawn(server.run(bind_loopback(), shutdown.clone())));
+        }
+        let mut session_addrs = Vec::new();
+        for i in 0..options.sessions {
+            let mut config = SessionConfig::new(i as u64 + 1, metas.clone());
+            (options.session)(&mut config);
+            let socket = bind_loopback();
+            session_addrs.push(socket.local_addr().unwrap());
+            let server = SessionServer::new(config, identity.clone()).expect("session");
+            ready.push(server.ready());
+            tasks.push(tokio::spawn(server.run(socket, shutdown.clone())));
+        }
+        for mut rx in ready {
+            tokio::time::timeout(DEADLINE, rx.wait_for(|r| *r))
+                .await
+                .expect("servers ready in time")
+                .expect("server still running");
+        }
+        Cluster {
+            dir,
+            identity,
+            meta_addr,
+            session_addrs,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// A client config for the first session server.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new(
+            vec![self.session_addrs[0].to_string()],
+            self.dir.path().join(CA_CERT_FILE),
+        )
+    }
+
+    /// Signals every server to stop and waits for each to finish cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let result = tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("server stopped in time")
+                .expect("server task did not panic");
+            result.expect("server stopped without error");
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads snapshots until one satisfies `pred`, failing after `deadline`. Returns it and every
+/// snapshot seen on the way (the last one included).
+pub async fn next_matching(
+    sub: &mut Subscription,
+    deadline: Duration,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> (Snapshot, Vec<Snapshot>) {
+    let mut seen = Vec::new();
+    let wait = async {
+        while let Some(snapshot) = sub.next().await {
+            seen.push(snapshot.clone());
+            if pred(&snapshot) {
+                return Some(snapshot);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(deadline, wait).await {
+        Ok(Some(snapshot)) => (snapshot, seen),
+        Ok(None) => panic!("subscription ended while waiting for {what}; saw {seen:?}"),
+        Err(_) => panic!("timed out after {deadline:?} waiting for {what}; saw {seen:?}"),
+    }
+}
+
+/// The data strings of a snapshot's publishers, sorted.
+pub fn addresses(snapshot: &Snapshot) -> Vec<String> {
+    let mut out: Vec<String> = snapshot
+        .publishers
+        .iter()
+        .flat_map(|p| p.data.iter().map(|d| String::from_utf8_lossy(d).into_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Asserts versions strictly increase through `snapshots`.
+pub fn assert_versions_increase(snapshots: &[Snapshot]) {
+    for pair in snapshots.windows(2) {
+        assert!(
+            pair[1].version > pair[0].version,
+            "version went from {} to {}",
+            pair[0].version,
+            pair[1].version
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Client configuration: where the session servers are and how to trust them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use roster_common::quic::TransportSettings;
+use roster_common::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// How a client reaches the registry. Loaded from `client.toml` or built in code.
+///
+/// ```toml
+/// sessions = ["127.0.0.1:7300"]   # session server addresses; one is picked at random
+/// ca = "ca.pem"                   # the cluster CA, relative to this file
+/// # server_name = "localhost"     # name checked in the server certificate (default: the host)
+/// # token = "..."                 # presented in Hello
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Session server addresses, `host:port`. At least one.
+    pub sessions: Vec<String>,
+    /// The cluster CA certificate (PEM) the session's certificate must chain to.
+    pub ca: PathBuf,
+    /// The name the server certificate must be valid for. Default: the host part of the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// A token presented in `Hello`, for clusters that require one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A name for this client in server logs. Default empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_name: String,
+    /// The client id; default a random one per `Client`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Deadline for the QUIC handshake. Default 5000 ms.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Deadline for one request. Default 10000 ms.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Keep-alive interval. Default 1000 ms.
+    #[serde(default = "default_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+    /// Silence after which the connection is declared dead. Default 4000 ms.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Largest frame sent or accepted. Default 1 MiB.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: u32,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_keep_alive_ms() -> u64 {
+    1_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    4_000
+}
+fn default_max_frame() -> u32 {
+    roster_common::frame::DEFAULT_MAX_FRAME
+}
+
+impl ClientConfig {
+    /// A config with every default, for these session addresses and CA file.
+    pub fn new(sessions: Vec<String>, ca: impl Into<PathBuf>) -> Self {
+        ClientConfig {
+            sessions,
+            ca: ca.into(),
+            server_name: None,
+            token: None,
+            client_name: String::new(),
+            client_id: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+            keep_alive_ms: default_keep_alive_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            max_frame: default_max_frame(),
+        }
+    }
+
+    /// Reads a TOML config file. A relative `ca` path is taken relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", path.display())))?;
+        let mut config: ClientConfig = toml::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        if config.ca.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            config.ca = dir.join(&config.ca);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a client config always serializes")
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.sessions.is_empty() {
+            return Err(Error::InvalidArgument("the client config names no session server".into()));
+        }
+        self.transport().transport(true)?;
+        Ok(())
+    }
+
+    pub(crate) fn transport(&self) -> TransportSettings {
+        TransportSettings {
+            keep_alive: Duration::from_millis(self.keep_alive_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            ..TransportSettings::default()
+        }
+    }
+
+    pub(crate) fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_with_defaults_and_a_ca_relative_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("roster-client-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("client.toml");
+        std::fs::write(&path, "sessions = [\"127.0.0.1:7300\"]\nca = \"ca.pem\"\n").unwrap();
+        let config = ClientConfig::load(&path).unwrap();
+        assert_eq!(config.ca, dir.join("ca.pem"));
+        assert_eq!(config.idle_timeout_ms, 4_000);
+        let round = toml::from_str::<ClientConfig>(&config.to_toml()).unwrap();
+        assert_eq!(round, config);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_empty_session_lists_are_refused() {
+        assert!(toml::from_str::<ClientConfig>("sessions = []\nca = \"x\"\nsesions = 1\n").is_err());
+        let config = ClientConfig::new(vec![], "ca.pem");
+        assert!(matches!(config.validate(), Err(Error::InvalidArgument(_))));
+    }
+}

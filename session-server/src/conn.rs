@@ -1,0 +1,324 @@
+//! One client connection: `Hello`, then requests, then cleanup when it ends.
+//!
+//! The connection's publishers are the source copy of what its client published: they are kept
+//! here, forwarded to the slot leaders, and removed from the data tier when the connection ends
+//! (after `client_grace`). Subscriptions live in the [`crate::hub::Hub`]. Pushes go out on one
+//! unidirectional stream the server opens after `Hello`, written by a task that drains the
+//! connection's bounded push queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use quinn::{Connection, RecvStream, SendStream};
+use roster_common::proto::{
+    ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role, ServiceSummary, WriteOp,
+};
+use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::forward::Forward;
+use crate::hub::ConnId;
+use crate::links::LinkEvent;
+use crate::server::Shared;
+use crate::{CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER, PUSH_QUEUE};
+
+/// The longest register id accepted, in bytes.
+pub const MAX_REGISTER_ID_LEN: usize = 256;
+
+/// A client connection after `Hello`.
+struct Client {
+    id: ConnId,
+    client_id: ClientId,
+    /// The publishers this connection registered, by register id.
+    publishers: Mutex<HashMap<RegisterId, ServiceId>>,
+}
+
+/// Serves one client connection until it ends or the server shuts down.
+pub async fn serve_client(shared: Arc<Shared>, conn: Connection, shutdown: CancellationToken, tracker: TaskTracker) {
+    let id = shared.next_conn_id();
+    let span = info_span!("client", conn = id, remote = %conn.remote_address(), client = tracing::field::Empty);
+    async move {
+        let Some(client_id) = await_hello(&shared, &conn, &shutdown).await else {
+            return;
+        };
+        tracing::Span::current().record("client", client_id.as_str());
+        let push = match conn.open_uni().await {
+            Ok(push) => push,
+            Err(e) => {
+                debug!(error = %e, "could not open the push stream");
+                return;
+            }
+        };
+        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+        shared.hub.lock().attach(id, push_tx);
+        tracker.spawn(write_pushes(conn.clone(), push, push_rx).in_current_span());
+        debug!("client connected");
+
+        let client = Arc::new(Client {
+            id,
+            client_id,
+            publishers: Mutex::new(HashMap::new()),
+        });
+        serve::serve_streams(&conn, &shutdown, &tracker, |send, recv| {
+            handle_stream(shared.clone(), client.clone(), send, recv).in_current_span()
+        })
+        .await;
+        let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "server shutting down".into());
+        cleanup(&shared, &client, &shutdown).await;
+        debug!(%reason, "client disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Serves requests until a valid `Hello` arrives; everything before it is refused with
+/// `HelloRequired`. Returns the client's id, or `None` if the connection ended first.
+async fn await_hello(shared: &Shared, conn: &Connection, shutdown: &CancellationToken) -> Option<ClientId> {
+    let max_frame = shared.config.max_frame;
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            stream = conn.accept_bi() => stream.ok()?,
+        };
+        let request = rpc::read_request::<ClientRequest>(&mut recv, max_frame).await;
+        let (result, client_id) = match request {
+            Ok(ClientRequest::Hello {
+                protocol_version,
+                client_id,
+                ..
+            }) => match check_hello(protocol_version, &client_id) {
+                Ok(()) => (
+                    Ok(ClientResponse::Welcome {
+                        protocol_version: roster_common::proto::PROTOCOL_VERSION,
+                        session_id: shared.config.id,
+                        max_frame,
+                        idle_timeout_ms: shared.config.client_transport.idle_timeout.as_millis() as u64,
+                    }),
+                    Some(client_id),
+                ),
+                Err(e) => (Err(e), None),
+            },
+            Ok(other) => (
+                Err(Error::HelloRequired(format!("got {} before Hello", request_name(&other)))),
+                None,
+            ),
+            Err(e) => (Err(e), None),
+        };
+        if let Err(e) = &result {
+            debug!(error = %e, "refused a request before Hello");
+        }
+        let fatal = matches!(&result, Err(Error::UnsupportedVersion(_)));
+        let _ = rpc::send_reply(&mut send, result, max_frame).await;
+        if fatal {
+            // Give the reply a moment to leave before the connection goes.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+            conn.close(CLOSE_PROTOCOL, b"unsupported protocol version");
+            return None;
+        }
+        if client_id.is_some() {
+            return client_id;
+        }
+    }
+}
+
+fn check_hello(protocol_version: u32, client_id: &str) -> Result<()> {
+    if protocol_version != roster_common::proto::PROTOCOL_VERSION {
+        return Err(Error::UnsupportedVersion(format!(
+            "client speaks version {protocol_version}; this server speaks {}",
+            roster_common::proto::PROTOCOL_VERSION
+        )));
+    }
+    if client_id.is_empty() || client_id.len() > MAX_REGISTER_ID_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "client_id must be 1 to {MAX_REGISTER_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn request_name(request: &ClientRequest) -> &'static str {
+    match request {
+        ClientRequest::Hello { .. } => "Hello",
+        ClientRequest::Publish { .. } => "Publish",
+        ClientRequest::Unpublish { .. } => "Unpublish",
+        ClientRequest::Subscribe { .. } => "Subscribe",
+        ClientRequest::Unsubscribe { .. } => "Unsubscribe",
+        ClientRequest::Ping {} => "Ping",
+        ClientRequest::ListServices {} => "ListServices",
+    }
+}
+
+/// Drains the push queue into the push stream. When the queue closes while the connection is up,
+/// the hub cut it off for falling behind, so the connection is closed for the client to resync.
+async fn write_pushes(conn: Connection, mut push: SendStream, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = push.write_all(&frame).await {
+            debug!(error = %e, "push stream failed");
+            return;
+        }
+    }
+    if conn.close_reason().is_none() {
+        warn!("client fell behind on pushes; disconnecting it");
+        conn.close(CLOSE_SLOW_CONSUMER, b"push queue full");
+    }
+}
+
+async fn handle_stream(shared: Arc<Shared>, client: Arc<Client>, mut send: SendStream, mut recv: RecvStream) {
+    let max_frame = shared.config.max_frame;
+    let result = match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
+        Ok(request) => handle_request(&shared, &client, request).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        debug!(error = %e, "request failed");
+    }
+    if let Err(e) = rpc::send_reply(&mut send, result, max_frame).await {
+        debug!(error = %e, "could not send reply");
+    }
+}
+
+async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest) -> Result<ClientResponse> {
+    match request {
+        ClientRequest::Hello { .. } => Err(Error::UnexpectedMessage("Hello was already sent on this connection".into())),
+        ClientRequest::Publish {
+            register_id,
+            service,
+            data,
+            attributes,
+            client_version,
+        } => {
+            check_register_id(&register_id)?;
+            let publisher = Publisher {
+                client_id: client.client_id.clone(),
+                register_id: register_id.clone(),
+                service: service.clone(),
+                data,
+                attributes,
+                client_version,
+                session: shared.config.id,
+                session_instance: shared.instance,
+            };
+            let moved_from = client.publishers.lock().insert(register_id.clone(), service.clone());
+            if let Some(old) = moved_from.filter(|old| *old != service) {
+                forward(shared, remove_op(shared, client, old, register_id), None).await?;
+            }
+            let (ack_tx, ack_rx) = oneshot::channel();
+            forward(shared, WriteOp::Put { publisher }, Some(ack_tx)).await?;
+            let durable = ack_rx.await.map_err(|_| Error::ShuttingDown)??;
+            Ok(ClientResponse::Accepted { durable })
+        }
+        ClientRequest::Unpublish { register_id } => {
+            let Some(service) = client.publishers.lock().remove(&register_id) else {
+                return Err(Error::NotFound(format!("no publisher {register_id:?} on this connection")));
+            };
+            let (ack_tx, ack_rx) = oneshot::channel();
+            forward(shared, remove_op(shared, client, service, register_id), Some(ack_tx)).await?;
+            let durable = ack_rx.await.map_err(|_| Error::ShuttingDown)??;
+            Ok(ClientResponse::Accepted { durable })
+        }
+        ClientRequest::Subscribe {
+            register_id,
+            service,
+            scope: _,
+        } => {
+            check_register_id(&register_id)?;
+            let outcome = shared.hub.lock().subscribe(client.id, register_id, service.clone());
+            if let Some(abandoned) = outcome.abandoned {
+                shared.link_event(LinkEvent::Unwant(abandoned)).await;
+            }
+            if outcome.first {
+                shared.link_event(LinkEvent::Want(service)).await;
+            }
+            Ok(ClientResponse::Done {})
+        }
+        ClientRequest::Unsubscribe { register_id } => {
+            let abandoned = {
+                let mut hub = shared.hub.lock();
+                if !hub.is_subscribed(client.id, &register_id) {
+                    return Err(Error::NotFound(format!("no subscriber {register_id:?} on this connection")));
+                }
+                hub.unsubscribe(client.id, &register_id)
+            };
+            if let Some(service) = abandoned {
+                shared.link_event(LinkEvent::Unwant(service)).await;
+            }
+            Ok(ClientResponse::Done {})
+        }
+        ClientRequest::Ping {} => Ok(ClientResponse::Pong {}),
+        ClientRequest::ListServices {} => list_services(shared).await.map(|services| ClientResponse::Services { services }),
+    }
+}
+
+fn check_register_id(register_id: &str) -> Result<()> {
+    if register_id.is_empty() || register_id.len() > MAX_REGISTER_ID_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "register_id must be 1 to {MAX_REGISTER_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn remove_op(shared: &Shared, client: &Client, service: ServiceId, register_id: RegisterId) -> WriteOp {
+    WriteOp::Remove {
+        service,
+        client_id: client.client_id.clone(),
+        register_id,
+        session_instance: shared.instance,
+    }
+}
+
+async fn forward(shared: &Shared, op: WriteOp, ack: Option<oneshot::Sender<Result<bool>>>) -> Result<()> {
+    shared
+        .forward_tx
+        .send(Forward { op, ack })
+        .await
+        .map_err(|_| Error::ShuttingDown)
+}
+
+/// Asks every data server for the services it leads and merges the answers.
+async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
+    let view = shared.view().ok_or_else(|| Error::Unavailable("no cluster view yet".into()))?;
+    let mut all = Vec::new();
+    for member in view.members_of(Role::Data) {
+        let conn = shared.pool.get(&member.addr).await?;
+        match rpc::call(&conn, &DataRequest::ListServices {}, shared.config.max_frame, shared.config.request_timeout).await? {
+            DataResponse::Services { services } => all.extend(services),
+            other => return Err(Error::UnexpectedMessage(format!("expected services, got {other:?}"))),
+        }
+    }
+    all.sort_by(|a, b| a.service.cmp(&b.service));
+    Ok(all)
+}
+
+/// After the connection ends: forget its subscribers and, unless the server is shutting down,
+/// remove its publishers from the data tier once `client_grace` has passed.
+async fn cleanup(shared: &Shared, client: &Client, shutdown: &CancellationToken) {
+    let abandoned = shared.hub.lock().detach(client.id);
+    for service in abandoned {
+        shared.link_event(LinkEvent::Unwant(service)).await;
+    }
+    let grace = shared.config.client_grace;
+    if !grace.is_zero() {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(grace) => {}
+        }
+    }
+    if shutdown.is_cancelled() {
+        // The session is going away: its clients re-register elsewhere, and the data tier drops
+        // what this session owned after its own grace. Removing now would flap subscribers.
+        return;
+    }
+    let publishers: Vec<(RegisterId, ServiceId)> = client.publishers.lock().drain().collect();
+    if !publishers.is_empty() {
+        info!(publishers = publishers.len(), "removing the publishers of a closed connection");
+    }
+    for (register_id, service) in publishers {
+        let _ = forward(shared, remove_op(shared, client, service, register_id), None).await;
+    }
+}

@@ -1,0 +1,322 @@
+//! The subscriber registry: who subscribes to what, the last datum of each service, and what each
+//! subscriber was last pushed.
+//!
+//! Plain data and functions: the server keeps one `Hub` behind a mutex that is never held across an
+//! `.await`. Pushing is a non-blocking send of a pre-encoded frame into the connection's bounded push
+//! queue; a datum is encoded once however many subscribers get it.
+//!
+//! Ordering: a subscriber is pushed a datum only if its version is newer than the last one it was
+//! pushed, and the cached datum of a service never goes back to an older version, so every
+//! subscriber sees versions strictly increase.
+//!
+//! Overflow policy: a connection whose push queue is full loses its queue sender. Its writer task
+//! sees the queue close and closes the connection with [`crate::CLOSE_SLOW_CONSUMER`]; the client
+//! reconnects and resubscribes, getting fresh snapshots, rather than slowing the session down.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use roster_common::proto::{Push, Snapshot};
+use roster_common::{RegisterId, Result, ServiceId, Version, frame};
+use tokio::sync::mpsc;
+
+/// A client connection's number within this session server.
+pub type ConnId = u64;
+/// One subscriber: its connection and the register id its client chose.
+pub type SubKey = (ConnId, RegisterId);
+
+struct Cached {
+    version: Version,
+    frame: Bytes,
+}
+
+#[derive(Default)]
+struct ServiceState {
+    /// Each subscriber and the version it was last pushed (`None`: nothing yet).
+    subscribers: HashMap<SubKey, Option<Version>>,
+    datum: Option<Cached>,
+    fetching: bool,
+    refetch: bool,
+}
+
+/// What [`Hub::subscribe`] changed in the set of wanted services.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The service had no subscriber here before: interest must be registered.
+    pub first: bool,
+    /// The register id was subscribed to another service, which now has no subscriber left.
+    pub abandoned: Option<ServiceId>,
+}
+
+/// Subscribers and cached datums of one session server.
+pub struct Hub {
+    max_frame: u32,
+    /// Push queues of live connections; a connection cut off for falling behind is absent.
+    push: HashMap<ConnId, mpsc::Sender<Bytes>>,
+    services: HashMap<ServiceId, ServiceState>,
+    subs: HashMap<SubKey, ServiceId>,
+    /// The register ids each connection subscribes with.
+    conn_subs: HashMap<ConnId, Vec<RegisterId>>,
+}
+
+impl Hub {
+    pub fn new(max_frame: u32) -> Self {
+        Hub {
+            max_frame,
+            push: HashMap::new(),
+            services: HashMap::new(),
+            subs: HashMap::new(),
+            conn_subs: HashMap::new(),
+        }
+    }
+
+    /// Registers a connection's push queue.
+    pub fn attach(&mut self, conn: ConnId, push: mpsc::Sender<Bytes>) {
+        self.push.insert(conn, push);
+    }
+
+    /// Forgets a connection and its subscribers; returns services no one here subscribes to now.
+    pub fn detach(&mut self, conn: ConnId) -> Vec<ServiceId> {
+        self.push.remove(&conn);
+        let register_ids = self.conn_subs.remove(&conn).unwrap_or_default();
+        let mut abandoned: Vec<ServiceId> = register_ids
+            .into_iter()
+            .filter_map(|register_id| self.remove_sub(&(conn, register_id)))
+            .collect();
+        abandoned.sort();
+        abandoned.dedup();
+        abandoned
+    }
+
+    /// Subscribes `(conn, register_id)` to `service`, pushing the cached datum at once if there is one.
+    pub fn subscribe(&mut self, conn: ConnId, register_id: RegisterId, service: ServiceId) -> Subscribed {
+        let key = (conn, register_id);
+        let mut outcome = Subscribed::default();
+        match self.subs.get(&key) {
+            Some(current) if *current == service => return outcome,
+            Some(_) => outcome.abandoned = self.remove_sub(&key),
+            None => {}
+        }
+        let state = self.services.entry(service.clone()).or_default();
+        outcome.first = state.subscribers.is_empty();
+        let mut last = None;
+        if let Some(datum) = &state.datum {
+            if let Some(tx) = self.push.get(&conn) {
+                if try_push(tx, &datum.frame) {
+                    last = Some(datum.version);
+                } else {
+                    self.push.remove(&conn);
+                }
+            }
+        }
+        state.subscribers.insert(key.clone(), last);
+        self.conn_subs.entry(conn).or_default().push(key.1.clone());
+        self.subs.insert(key, service);
+        outcome
+    }
+
+    /// Ends a subscription; returns the service if no one here subscribes to it now. `None` also
+    /// when the subscription did not exist: see [`Hub::is_subscribed`].
+    pub fn unsubscribe(&mut self, conn: ConnId, register_id: &str) -> Option<ServiceId> {
+        self.remove_sub(&(conn, register_id.to_owned()))
+    }
+
+    pub fn is_subscribed(&self, conn: ConnId, register_id: &str) -> bool {
+        self.subs.contains_key(&(conn, register_id.to_owned()))
+    }
+
+    fn remove_sub(&mut self, key: &SubKey) -> Option<ServiceId> {
+        let service = self.subs.remove(key)?;
+        if let Some(ids) = self.conn_subs.get_mut(&key.0) {
+            ids.retain(|id| *id != key.1);
+        }
+        let state = self.services.get_mut(&service)?;
+        state.subscribers.remove(key);
+        if state.subscribers.is_empty() {
+            self.services.remove(&service);
+            return Some(service);
+        }
+        None
+    }
+
+    /// Whether anyone here subscribes to `service`.
+    pub fn is_wanted(&self, service: &ServiceId) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// Every service someone here subscribes to.
+    pub fn wanted(&self) -> Vec<ServiceId> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// The version of the cached datum of `service`.
+    pub fn version(&self, service: &ServiceId) -> Option<Version> {
+        self.services.get(service)?.datum.as_ref().map(|d| d.version)
+    }
+
+    /// Takes a datum from the slot leader: caches it if newer than the cached one, and pushes it to
+    /// every subscriber that has not had it. Returns whether it was newer.
+    pub fn update(&mut self, snapshot: Snapshot) -> Result<bool> {
+        let Some(state) = self.services.get_mut(&snapshot.service) else {
+            return Ok(false);
+        };
+        if state.datum.as_ref().is_some_and(|d| d.version >= snapshot.version) {
+            return Ok(false);
+        }
+        let version = snapshot.version;
+        let frame = frame::encode(&Push::Snapshot(snapshot), self.max_frame)?;
+        for (key, last) in state.subscribers.iter_mut() {
+            if last.is_some_and(|l| l >= version) {
+                continue;
+            }
+            if let Some(tx) = self.push.get(&key.0) {
+                if try_push(tx, &frame) {
+                    *last = Some(version);
+                } else {
+                    self.push.remove(&key.0);
+                }
+            }
+        }
+        state.datum = Some(Cached { version, frame });
+        Ok(true)
+    }
+
+    /// Notes that the leader has `service` at `version`. Returns true if the caller should fetch it
+    /// now; while a fetch is under way, further changes only mark it to be repeated.
+    pub fn changed(&mut self, service: &ServiceId, version: Version) -> bool {
+        let Some(state) = self.services.get_mut(service) else {
+            return false;
+        };
+        if state.datum.as_ref().is_some_and(|d| d.version >= version) {
+            return false;
+        }
+        if state.fetching {
+            state.refetch = true;
+            return false;
+        }
+        state.fetching = true;
+        true
+    }
+
+    /// Ends a fetch of `service`. Returns true if the caller should fetch again at once.
+    pub fn fetch_done(&mut self, service: &ServiceId) -> bool {
+        let Some(state) = self.services.get_mut(service) else {
+            return false;
+        };
+        if state.refetch {
+            state.refetch = false;
+            return true;
+        }
+        state.fetching = false;
+        false
+    }
+
+    /// Counts for status reporting: (connections, subscribers, services).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.push.len(), self.subs.len(), self.services.len())
+    }
+}
+
+/// False when the queue is full or its reader is gone.
+fn try_push(tx: &mpsc::Sender<Bytes>, frame: &Bytes) -> bool {
+    tx.try_send(frame.clone()).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use roster_common::frame::{DEFAULT_MAX_FRAME, HEADER_LEN, decode};
+
+    use super::*;
+
+    fn svc(name: &str) -> ServiceId {
+        name.parse().unwrap()
+    }
+
+    fn snapshot(name: &str, version: Version) -> Snapshot {
+        Snapshot {
+            service: svc(name),
+            version,
+            publishers: Vec::new(),
+        }
+    }
+
+    fn pushed_versions(rx: &mut mpsc::Receiver<Bytes>) -> Vec<Version> {
+        let mut out = Vec::new();
+        while let Ok(frame) = rx.try_recv() {
+            let Push::Snapshot(s) = decode::<Push>(&frame[HEADER_LEN..]).unwrap();
+            out.push(s.version);
+        }
+        out
+    }
+
+    #[test]
+    fn subscribers_get_only_newer_versions() {
+        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
+        let (tx, mut rx) = mpsc::channel(16);
+        hub.attach(1, tx);
+        assert!(hub.subscribe(1, "s".into(), svc("a")).first);
+        assert!(hub.update(snapshot("a", 5)).unwrap());
+        assert!(!hub.update(snapshot("a", 4)).unwrap(), "older datum ignored");
+        assert!(!hub.update(snapshot("a", 5)).unwrap(), "same datum ignored");
+        assert!(hub.update(snapshot("a", 9)).unwrap());
+        assert_eq!(pushed_versions(&mut rx), vec![5, 9]);
+    }
+
+    #[test]
+    fn a_late_subscriber_gets_the_cached_datum_at_once() {
+        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
+        let (tx1, _rx1) = mpsc::channel(16);
+        let (tx2, mut rx2) = mpsc::channel(16);
+        hub.attach(1, tx1);
+        hub.attach(2, tx2);
+        hub.subscribe(1, "s".into(), svc("a"));
+        hub.update(snapshot("a", 3)).unwrap();
+        assert!(!hub.subscribe(2, "s".into(), svc("a")).first);
+        assert_eq!(pushed_versions(&mut rx2), vec![3]);
+    }
+
+    #[test]
+    fn the_last_subscriber_leaving_abandons_the_service() {
+        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
+        let (tx, _rx) = mpsc::channel(16);
+        hub.attach(1, tx);
+        hub.subscribe(1, "s1".into(), svc("a"));
+        hub.subscribe(1, "s2".into(), svc("a"));
+        assert_eq!(hub.unsubscribe(1, "s1"), None);
+        assert_eq!(hub.unsubscribe(1, "s2"), Some(svc("a")));
+        assert!(!hub.is_wanted(&svc("a")));
+        hub.subscribe(1, "s3".into(), svc("b"));
+        let moved = hub.subscribe(1, "s3".into(), svc("c"));
+        assert_eq!(moved, Subscribed { first: true, abandoned: Some(svc("b")) });
+        assert_eq!(hub.detach(1), vec![svc("c")]);
+        assert_eq!(hub.counts(), (0, 0, 0));
+    }
+
+    #[test]
+    fn fetches_are_coalesced() {
+        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
+        let (tx, _rx) = mpsc::channel(16);
+        hub.attach(1, tx);
+        hub.subscribe(1, "s".into(), svc("a"));
+        assert!(hub.changed(&svc("a"), 1));
+        assert!(!hub.changed(&svc("a"), 2), "one fetch at a time");
+        assert!(!hub.changed(&svc("a"), 3));
+        assert!(hub.fetch_done(&svc("a")), "changes during the fetch ask for one more");
+        hub.update(snapshot("a", 3)).unwrap();
+        assert!(!hub.fetch_done(&svc("a")));
+        assert!(!hub.changed(&svc("a"), 3), "already have it");
+        assert!(!hub.changed(&svc("b"), 1), "no subscriber, no fetch");
+    }
+
+    #[test]
+    fn a_full_push_queue_cuts_the_connection_off() {
+        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
+        let (tx, mut rx) = mpsc::channel(1);
+        hub.attach(1, tx);
+        hub.subscribe(1, "s".into(), svc("a"));
+        hub.update(snapshot("a", 1)).unwrap();
+        hub.update(snapshot("a", 2)).unwrap();
+        assert_eq!(pushed_versions(&mut rx), vec![1]);
+        assert!(rx.is_closed(), "the sender was dropped, so the writer closes the connection");
+    }
+}

@@ -1,0 +1,458 @@
+//! The session's links to the data tier: one watch stream per data server, interest registered with
+//! the leader of each subscribed service, and fetches of changed datums.
+//!
+//! One task — the manager — owns the link table and where each service's interest is registered.
+//! It reacts to four inputs: subscriptions starting or ending ([`LinkEvent::Want`] /
+//! [`LinkEvent::Unwant`]), link tasks coming up or down, `Changed` notifications, and new cluster
+//! views. After each it reconciles: every wanted service must have interest registered with its
+//! slot leader over that leader's current watch stream; every unwanted one must have none.
+//!
+//! Each data server gets a link task that dials it, opens the watch stream, waits for `Ready`, then
+//! forwards notifications to the manager. A broken stream is redialed with backoff; interest does
+//! not survive it (the data server drops it with the stream), so the manager registers again when
+//! the link comes back, and the datums returned with that registration cover anything missed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use roster_common::proto::{ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot};
+use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, Version, frame, rpc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::server::Shared;
+
+/// Events queued for the manager before senders wait. Link tasks then stop reading their watch
+/// streams, the data servers' queues fill, and they detach this session, which then resyncs.
+pub const LINK_EVENTS: usize = 8192;
+
+/// How often the manager re-checks everything, catching up after failed requests.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+const FIRST_REDIAL: Duration = Duration::from_millis(100);
+const MAX_REDIAL: Duration = Duration::from_secs(2);
+
+/// Input to the manager.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The first subscriber of a service arrived.
+    Want(ServiceId),
+    /// The last subscriber of a service left.
+    Unwant(ServiceId),
+    Up { node: NodeId, generation: u64 },
+    Down { node: NodeId, generation: u64 },
+    Changed { node: NodeId, service: ServiceId, version: Version },
+}
+
+struct Link {
+    addr: String,
+    instance: InstanceId,
+    /// The generation of the watch stream now up, if any.
+    up: Option<u64>,
+    cancel: CancellationToken,
+}
+
+enum Done {
+    Interest {
+        node: NodeId,
+        generation: u64,
+        services: Vec<ServiceId>,
+        result: Result<Vec<Snapshot>>,
+    },
+    InterestOff,
+    Fetch {
+        service: ServiceId,
+        result: Result<Snapshot>,
+    },
+}
+
+struct Manager {
+    shared: Arc<Shared>,
+    events_tx: mpsc::Sender<LinkEvent>,
+    links: HashMap<NodeId, Link>,
+    /// Where each service's interest is registered: the node and the watch generation.
+    registered: HashMap<ServiceId, (NodeId, u64)>,
+    /// Services with an interest request in flight.
+    pending: HashSet<ServiceId>,
+    /// Services whose last fetch failed, fetched again on the next reconcile.
+    stale: HashSet<ServiceId>,
+    tasks: JoinSet<Done>,
+    link_tasks: TaskTracker,
+}
+
+/// Every watch stream gets a generation from this counter, so stale ups and downs are told apart.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Runs the manager until `shutdown`.
+pub async fn run(
+    shared: Arc<Shared>,
+    events_tx: mpsc::Sender<LinkEvent>,
+    mut events: mpsc::Receiver<LinkEvent>,
+    shutdown: CancellationToken,
+) {
+    let mut views = shared.view.clone();
+    let mut manager = Manager {
+        shared,
+        events_tx,
+        links: HashMap::new(),
+        registered: HashMap::new(),
+        pending: HashSet::new(),
+        stale: HashSet::new(),
+        tasks: JoinSet::new(),
+        link_tasks: TaskTracker::new(),
+    };
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = views.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let view = views.borrow_and_update().clone();
+                if let Some(view) = view {
+                    manager.follow_view(&view, &shutdown);
+                    manager.reconcile_all();
+                }
+            }
+            Some(event) = events.recv() => manager.handle_event(event),
+            Some(done) = manager.tasks.join_next() => {
+                if let Ok(done) = done {
+                    manager.handle_done(done);
+                }
+            }
+            _ = tick.tick() => {
+                manager.refetch_stale();
+                manager.reconcile_all();
+            }
+        }
+    }
+    for link in manager.links.values() {
+        link.cancel.cancel();
+    }
+    // Link tasks may be blocked sending to us: close the queue so they see it gone.
+    drop(events);
+    manager.link_tasks.close();
+    manager.link_tasks.wait().await;
+}
+
+impl Manager {
+    /// Starts link tasks for new data servers and stops those of departed or restarted ones.
+    fn follow_view(&mut self, view: &ClusterView, shutdown: &CancellationToken) {
+        let live: HashMap<NodeId, (&str, InstanceId)> = view
+            .members_of(Role::Data)
+            .map(|m| (m.id, (m.addr.as_str(), m.instance)))
+            .collect();
+        let gone: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(id, link)| live.get(id) != Some(&(link.addr.as_str(), link.instance)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(link) = self.links.remove(&id) {
+                link.cancel.cancel();
+                self.forget_node(id);
+            }
+        }
+        for (id, (addr, instance)) in live {
+            if self.links.contains_key(&id) {
+                continue;
+            }
+            let cancel = shutdown.child_token();
+            self.link_tasks.spawn(run_link(
+                self.shared.clone(),
+                id,
+                addr.to_owned(),
+                self.events_tx.clone(),
+                cancel.clone(),
+            ));
+            self.links.insert(
+                id,
+                Link {
+                    addr: addr.to_owned(),
+                    instance,
+                    up: None,
+                    cancel,
+                },
+            );
+        }
+    }
+
+    /// Interest registered through `node` is gone with its stream.
+    fn forget_node(&mut self, node: NodeId) {
+        self.registered.retain(|_, (n, _)| *n != node);
+    }
+
+    fn handle_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Want(service) | LinkEvent::Unwant(service) => self.reconcile(&[service]),
+            LinkEvent::Up { node, generation } => {
+                if let Some(link) = self.links.get_mut(&node) {
+                    link.up = Some(generation);
+                    debug!(node, generation, "data link up");
+                    self.reconcile_all();
+                }
+            }
+            LinkEvent::Down { node, generation } => {
+                if let Some(link) = self.links.get_mut(&node)
+                    && link.up == Some(generation)
+                {
+                    link.up = None;
+                    self.forget_node(node);
+                }
+            }
+            LinkEvent::Changed { node, service, version } => {
+                if self.shared.hub.lock().changed(&service, version) {
+                    self.fetch(node, service);
+                }
+            }
+        }
+    }
+
+    fn handle_done(&mut self, done: Done) {
+        match done {
+            Done::Interest {
+                node,
+                generation,
+                services,
+                result,
+            } => {
+                for service in &services {
+                    self.pending.remove(service);
+                }
+                match result {
+                    Ok(datums) => {
+                        let still_up = self.links.get(&node).and_then(|l| l.up) == Some(generation);
+                        if still_up {
+                            for service in &services {
+                                self.registered.insert(service.clone(), (node, generation));
+                            }
+                        }
+                        let mut hub = self.shared.hub.lock();
+                        for datum in datums {
+                            if let Err(e) = hub.update(datum) {
+                                warn!(error = %e, "cannot push a datum");
+                            }
+                        }
+                    }
+                    Err(e) => debug!(node, error = %e, "interest not registered; will retry"),
+                }
+                self.reconcile(&services);
+            }
+            Done::InterestOff => {}
+            Done::Fetch { service, result } => {
+                let again = {
+                    let mut hub = self.shared.hub.lock();
+                    match result {
+                        Ok(datum) => {
+                            if let Err(e) = hub.update(datum) {
+                                warn!(%service, error = %e, "cannot push a datum");
+                            }
+                        }
+                        Err(e) => {
+                            debug!(%service, error = %e, "fetch failed; will retry");
+                            self.stale.insert(service.clone());
+                        }
+                    }
+                    hub.fetch_done(&service)
+                };
+                if again && let Some(node) = self.leader_of(&service) {
+                    self.fetch(node, service);
+                }
+            }
+        }
+    }
+
+    fn leader_of(&self, service: &ServiceId) -> Option<NodeId> {
+        self.shared.view()?.table.leader_of(service)
+    }
+
+    fn fetch(&mut self, node: NodeId, service: ServiceId) {
+        let Some(link) = self.links.get(&node) else {
+            self.shared.hub.lock().fetch_done(&service);
+            return;
+        };
+        let shared = self.shared.clone();
+        let addr = link.addr.clone();
+        self.tasks.spawn(async move {
+            let request = DataRequest::Fetch {
+                services: vec![service.clone()],
+            };
+            let result = call(&shared, &addr, &request).await.and_then(|response| match response {
+                DataResponse::Datums { mut datums } if datums.len() == 1 => Ok(datums.remove(0)),
+                other => Err(Error::UnexpectedMessage(format!("expected one datum, got {other:?}"))),
+            });
+            Done::Fetch { service, result }
+        });
+    }
+
+    fn refetch_stale(&mut self) {
+        for service in std::mem::take(&mut self.stale) {
+            let Some(node) = self.leader_of(&service) else { continue };
+            let version = self.shared.hub.lock().version(&service).unwrap_or(0);
+            if self.shared.hub.lock().changed(&service, version.saturating_add(1)) {
+                self.fetch(node, service);
+            }
+        }
+    }
+
+    fn reconcile_all(&mut self) {
+        let mut services: Vec<ServiceId> = self.shared.hub.lock().wanted();
+        services.extend(self.registered.keys().cloned());
+        services.sort();
+        services.dedup();
+        self.reconcile(&services);
+    }
+
+    /// Brings the registration of `services` in line with who subscribes and who leads.
+    fn reconcile(&mut self, services: &[ServiceId]) {
+        let Some(view) = self.shared.view() else { return };
+        let mut on: HashMap<NodeId, Vec<ServiceId>> = HashMap::new();
+        let mut off: HashMap<NodeId, Vec<ServiceId>> = HashMap::new();
+        {
+            let hub = self.shared.hub.lock();
+            for service in services {
+                if self.pending.contains(service) {
+                    continue;
+                }
+                let current = self.registered.get(service).copied();
+                let target = if hub.is_wanted(service) {
+                    view.table.leader_of(service).and_then(|node| {
+                        let generation = self.links.get(&node)?.up?;
+                        Some((node, generation))
+                    })
+                } else {
+                    None
+                };
+                if current == target {
+                    continue;
+                }
+                if let Some((node, _)) = current {
+                    self.registered.remove(service);
+                    // Re-registering with the same node replaces the interest; an `off` racing the
+                    // new `on` could undo it.
+                    if target.map(|(n, _)| n) != Some(node) {
+                        off.entry(node).or_default().push(service.clone());
+                    }
+                }
+                if let Some((node, _)) = target {
+                    on.entry(node).or_default().push(service.clone());
+                }
+            }
+        }
+        for (node, services) in off {
+            self.send_interest(node, services, false);
+        }
+        for (node, services) in on {
+            self.send_interest(node, services, true);
+        }
+    }
+
+    fn send_interest(&mut self, node: NodeId, services: Vec<ServiceId>, on: bool) {
+        let Some(link) = self.links.get(&node) else { return };
+        let Some(generation) = link.up else { return };
+        let shared = self.shared.clone();
+        let addr = link.addr.clone();
+        if on {
+            self.pending.extend(services.iter().cloned());
+        }
+        self.tasks.spawn(async move {
+            let request = DataRequest::Interest {
+                instance: shared.instance,
+                services: services.clone(),
+                on,
+            };
+            let result = call(&shared, &addr, &request).await;
+            if !on {
+                return Done::InterestOff;
+            }
+            let result = result.and_then(|response| match response {
+                DataResponse::Datums { datums } => Ok(datums),
+                other => Err(Error::UnexpectedMessage(format!("expected datums, got {other:?}"))),
+            });
+            Done::Interest {
+                node,
+                generation,
+                services,
+                result,
+            }
+        });
+    }
+}
+
+async fn call(shared: &Shared, addr: &str, request: &DataRequest) -> Result<DataResponse> {
+    let conn = shared.pool.get(addr).await?;
+    rpc::call(&conn, request, shared.config.max_frame, shared.config.request_timeout).await
+}
+
+/// Keeps a watch stream open to data server `node`, forwarding its events to the manager.
+async fn run_link(
+    shared: Arc<Shared>,
+    node: NodeId,
+    addr: String,
+    events: mpsc::Sender<LinkEvent>,
+    cancel: CancellationToken,
+) {
+    let mut delay = FIRST_REDIAL;
+    loop {
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = watch(&shared, node, &addr, generation, &events) => result,
+        };
+        let _ = events.send(LinkEvent::Down { node, generation }).await;
+        match result {
+            Ok(true) => {
+                info!(node, %addr, "data server ended the watch stream; reopening");
+                delay = FIRST_REDIAL;
+            }
+            Ok(false) => return,
+            Err(e) => warn!(node, %addr, error = %e, "data link failed; redialing"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_REDIAL);
+    }
+}
+
+/// One watch stream's life. `Ok(true)`: the stream ended and should be reopened; `Ok(false)`: the
+/// manager is gone.
+async fn watch(
+    shared: &Shared,
+    node: NodeId,
+    addr: &str,
+    generation: u64,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Result<bool> {
+    let max_frame = shared.config.max_frame;
+    let conn = shared.pool.get(addr).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = DataRequest::Watch {
+        session: shared.config.id,
+        instance: shared.instance,
+    };
+    frame::write_frame(&mut send, &request, max_frame).await?;
+    let _ = send.finish();
+    loop {
+        let event = match frame::read_frame::<_, Reply<DataEvent>>(&mut recv, max_frame).await? {
+            None => return Ok(true),
+            Some(Err(wire)) => return Err(Error::from_wire(wire)),
+            Some(Ok(event)) => event,
+        };
+        let event = match event {
+            DataEvent::Ready {} => LinkEvent::Up { node, generation },
+            DataEvent::Changed { service, version } => LinkEvent::Changed { node, service, version },
+        };
+        if events.send(event).await.is_err() {
+            return Ok(false);
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The first complete path: publish through a session, ordered by the slot leader, pushed to every
+//! subscriber; a closed connection takes its publishers with it.
+
+use roster_client::Client;
+use roster_tests::{Cluster, DEADLINE, addresses, assert_versions_increase, next_matching};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_reaches_subscriber_and_a_closed_connection_empties_the_service() {
+    let cluster = Cluster::start().await;
+
+    let subscriber = Client::connect(cluster.client_config()).await.unwrap();
+    let mut sub = subscriber.subscribe("demo").await.unwrap();
+    let (_, mut seen) = next_matching(&mut sub, DEADLINE, "the initial empty snapshot", |s| s.publishers.is_empty()).await;
+
+    let publisher = Client::connect(cluster.client_config()).await.unwrap();
+    let publication = publisher.publish("demo", vec!["10.0.0.1:8080".into()]).await.unwrap();
+    assert!(publication.is_durable(), "the slot leader acknowledged the publish");
+
+    let (snapshot, more) = next_matching(&mut sub, DEADLINE, "the publisher", |s| addresses(s) == ["10.0.0.1:8080"]).await;
+    seen.extend(more);
+    assert_eq!(snapshot.service.as_str(), "default/DEFAULT/demo");
+    assert_eq!(snapshot.publishers[0].client_id, publisher.client_id());
+    assert_eq!(sub.current().unwrap(), snapshot, "current() is the latest snapshot");
+
+    // A second subscriber arriving late gets the current snapshot at once.
+    let late = Client::connect(cluster.client_config()).await.unwrap();
+    let mut late_sub = late.subscribe("demo").await.unwrap();
+    next_matching(&mut late_sub, DEADLINE, "the cached snapshot", |s| addresses(s) == ["10.0.0.1:8080"]).await;
+
+    // Dropping the publisher's connection removes its publisher.
+    publisher.close().await;
+    let (_, more) = next_matching(&mut sub, DEADLINE, "the empty snapshot", |s| s.publishers.is_empty()).await;
+    seen.extend(more);
+    next_matching(&mut late_sub, DEADLINE, "the empty snapshot", |s| s.publishers.is_empty()).await;
+    assert_versions_increase(&seen);
+    drop(publication);
+
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_update_and_list_services() {
+    let cluster = Cluster::start().await;
+    let client = Client::connect(cluster.client_config()).await.unwrap();
+    let mut sub = client.subscribe("prod/payments/api").await.unwrap();
+
+    let mut a = client.publish("prod/payments/api", vec!["10.0.0.1:1".into()]).await.unwrap();
+    let b = client.publish("prod/payments/api", vec!["10.0.0.2:1".into()]).await.unwrap();
+    next_matching(&mut sub, DEADLINE, "two publishers", |s| addresses(s) == ["10.0.0.1:1", "10.0.0.2:1"]).await;
+
+    let services = client.list_services().await.unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0].service.as_str(), "prod/payments/api");
+    assert_eq!(services[0].publishers, 2);
+
+    a.update(vec!["10.0.0.3:1".into()]).await.unwrap();
+    next_matching(&mut sub, DEADLINE, "the update", |s| addresses(s) == ["10.0.0.2:1", "10.0.0.3:1"]).await;
+
+    b.unpublish().await.unwrap();
+    next_matching(&mut sub, DEADLINE, "the unpublish", |s| addresses(s) == ["10.0.0.3:1"]).await;
+
+    // Dropping a publication unpublishes it too.
+    drop(a);
+    next_matching(&mut sub, DEADLINE, "the drop", |s| s.publishers.is_empty()).await;
+    assert!(client.list_services().await.unwrap().is_empty());
+
+    cluster.stop().await;
+}
