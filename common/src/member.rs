@@ -24,6 +24,8 @@ use crate::rpc;
 /// Pause between attempts when no meta node answers; doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// How long leaving may take at shutdown before the lease is left to lapse instead.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How a member reaches the meta tier.
 #[derive(Clone, Debug)]
@@ -59,10 +61,14 @@ async fn run(
     let mut cluster_id: Option<String> = None;
     let mut next = 0usize;
     let mut delay = FIRST_RETRY_DELAY;
-    let mut last_meta = None;
+    let mut last_meta: Option<String> = None;
     while !shutdown.is_cancelled() {
         let addr = config.metas[next % config.metas.len()].clone();
-        match session(&config, &pool, &addr, &mut cluster_id, &shutdown, &view_tx).await {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            result = session(&config, &pool, &addr, &mut cluster_id, &shutdown, &view_tx) => result,
+        };
+        match attempt {
             Ok(()) => {
                 last_meta = Some(addr);
                 break;
@@ -84,18 +90,21 @@ async fn run(
         }
     }
     // Leave at once so the meta tier need not wait for the lease to lapse.
-    if let Some(addr) = last_meta
-        && let Ok(conn) = pool.get(&addr).await
-    {
+    if let Some(addr) = last_meta {
         let member = &config.member;
-        let leave = MetaRequest::Leave {
-            role: member.role,
-            id: member.id,
-            instance: member.instance,
+        let leave = async {
+            let conn = pool.get(&addr).await?;
+            let request = MetaRequest::Leave {
+                role: member.role,
+                id: member.id,
+                instance: member.instance,
+            };
+            rpc::call::<_, MetaResponse>(&conn, &request, config.max_frame, LEAVE_TIMEOUT).await
         };
-        match rpc::call::<_, MetaResponse>(&conn, &leave, config.max_frame, Duration::from_secs(1)).await {
-            Ok(_) => info!(member = %member.key(), "left the cluster"),
-            Err(e) => debug!(member = %member.key(), error = %e, "could not leave the cluster cleanly"),
+        match tokio::time::timeout(LEAVE_TIMEOUT, leave).await {
+            Ok(Ok(_)) => info!(member = %member.key(), "left the cluster"),
+            Ok(Err(e)) => debug!(member = %member.key(), error = %e, "could not leave the cluster cleanly"),
+            Err(_) => debug!(member = %member.key(), "no answer to leaving the cluster"),
         }
     }
 }

@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::peers::PeerPool;
+
 /// How long a QUIC handshake may take before the attempt is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -70,12 +72,15 @@ pub async fn serve_streams<H, Fut>(
     }
 }
 
-/// Closes `endpoint` to new and existing connections, waits for `tracker`'s tasks (up to `grace`),
-/// then for the endpoint to send its closes.
-pub async fn drain(endpoint: &Endpoint, tracker: &TaskTracker, grace: Duration) {
+/// Waits for `tracker`'s tasks (up to `grace`), closes the connections to peers in `pool`, then
+/// closes `endpoint` and waits for its closes to be sent.
+pub async fn drain(endpoint: &Endpoint, tracker: &TaskTracker, pool: Option<&PeerPool>, grace: Duration) {
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         debug!(left = tracker.len(), "tasks still running at shutdown");
+    }
+    if let Some(pool) = pool {
+        pool.close_all();
     }
     endpoint.close(0u32.into(), b"shutting down");
     let _ = tokio::time::timeout(grace, endpoint.wait_idle()).await;

@@ -116,8 +116,7 @@ impl DataServer {
         // Leave the cluster before the endpoint closes, so the meta tier hears it at once.
         agent_shutdown.cancel();
         let _ = agent.await;
-        pool.close_all();
-        serve::drain(&endpoint, &tracker, Duration::from_secs(2)).await;
+        serve::drain(&endpoint, &tracker, Some(&pool), Duration::from_secs(2)).await;
         info!(id = self.config.id, "data server stopped");
         Ok(())
     }

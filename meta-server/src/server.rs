@@ -117,7 +117,7 @@ impl MetaServer {
             .instrument(span)
         })
         .await;
-        serve::drain(&endpoint, &tracker, Duration::from_secs(2)).await;
+        serve::drain(&endpoint, &tracker, None, Duration::from_secs(2)).await;
         info!(id = self.config.id, "meta node stopped");
         Ok(())
     }

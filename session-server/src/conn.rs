@@ -56,7 +56,7 @@ pub async fn serve_client(shared: Arc<Shared>, conn: Connection, shutdown: Cance
         };
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         shared.hub.lock().attach(id, push_tx);
-        tracker.spawn(write_pushes(conn.clone(), push, push_rx).in_current_span());
+        tracker.spawn(write_pushes(conn.clone(), push, push_rx, shutdown.clone()).in_current_span());
         debug!("client connected");
 
         let client = Arc::new(Client {
@@ -153,16 +153,17 @@ fn request_name(request: &ClientRequest) -> &'static str {
     }
 }
 
-/// Drains the push queue into the push stream. When the queue closes while the connection is up,
-/// the hub cut it off for falling behind, so the connection is closed for the client to resync.
-async fn write_pushes(conn: Connection, mut push: SendStream, mut rx: mpsc::Receiver<Bytes>) {
+/// Drains the push queue into the push stream. When the queue closes while the connection is up
+/// and the server is not stopping, the hub cut it off for falling behind, so the connection is
+/// closed for the client to resync.
+async fn write_pushes(conn: Connection, mut push: SendStream, mut rx: mpsc::Receiver<Bytes>, shutdown: CancellationToken) {
     while let Some(frame) = rx.recv().await {
         if let Err(e) = push.write_all(&frame).await {
             debug!(error = %e, "push stream failed");
             return;
         }
     }
-    if conn.close_reason().is_none() {
+    if conn.close_reason().is_none() && !shutdown.is_cancelled() {
         warn!("client fell behind on pushes; disconnecting it");
         conn.close(CLOSE_SLOW_CONSUMER, b"push queue full");
     }

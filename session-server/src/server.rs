@@ -130,8 +130,7 @@ impl SessionServer {
         .await;
         agent_shutdown.cancel();
         let _ = agent.await;
-        serve::drain(&endpoint, &tracker, Duration::from_secs(2)).await;
-        pool.close_all();
+        serve::drain(&endpoint, &tracker, Some(&pool), Duration::from_secs(2)).await;
         info!(id = config.id, "session server stopped");
         Ok(())
     }
