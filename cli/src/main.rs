@@ -1,1 +1,137 @@
-fn main() {}
+//! The `roster` binary: every server, a one-process dev cluster, and the client commands.
+//!
+//! This crate only parses flags, layers configuration (file, then `ROSTER_*` environment, then
+//! flags) and wires the server libraries together; the behaviour lives in those libraries.
+
+mod client_cmd;
+mod dev;
+mod http;
+mod server_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Roster: a distributed service registry.
+///
+/// Services publish where they run; other services subscribe and are pushed every change within
+/// milliseconds. Run `roster dev` for a whole cluster on this machine, then `roster subscribe` and
+/// `roster publish` in other terminals.
+#[derive(Parser)]
+#[command(name = "roster", version, propagate_version = true)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line. Levels come from RUST_LOG
+    /// (default: info for servers, warn for client commands).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "ROSTER_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a cluster CA and the node certificate every server presents (PEM files).
+    Certs(server_cmd::CertsArgs),
+    /// Run a meta node: cluster membership, leases and the slot table.
+    Meta(server_cmd::MetaArgs),
+    /// Run a data server: holds the publishers of the slots it leads.
+    Data(server_cmd::DataArgs),
+    /// Run a session server: where clients connect, publish and subscribe.
+    Session(server_cmd::SessionArgs),
+    /// Run a whole cluster in this process on 127.0.0.1, for trying Roster out.
+    Dev(dev::DevArgs),
+    /// Publish a service instance and keep it registered until Ctrl-C.
+    Publish(client_cmd::PublishArgs),
+    /// Print every snapshot of a service as one JSON object per line, until Ctrl-C.
+    Subscribe(client_cmd::SubscribeArgs),
+    /// List the services that have publishers, with their publisher counts.
+    Ls(client_cmd::LsArgs),
+}
+
+impl Command {
+    fn is_server(&self) -> bool {
+        matches!(self, Command::Meta(_) | Command::Data(_) | Command::Session(_) | Command::Dev(_))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, if cli.command.is_server() { "info" } else { "warn" });
+    roster_common::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Certs(args) => server_cmd::certs(args),
+            Command::Meta(args) => server_cmd::meta(args).await,
+            Command::Data(args) => server_cmd::data(args).await,
+            Command::Session(args) => server_cmd::session(args).await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Publish(args) => client_cmd::publish(args).await,
+            Command::Subscribe(args) => client_cmd::subscribe(args).await,
+            Command::Ls(args) => client_cmd::ls(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A token cancelled on the first SIGINT (Ctrl-C) or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let name = wait_for_signal().await;
+        info!(signal = name, "shutting down");
+        trigger.cancel();
+    });
+    token
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "Ctrl-C"
+}

@@ -1,0 +1,321 @@
+//! `roster certs`, `roster meta`, `roster data`, `roster session`.
+//!
+//! Each server's settings come from three layers, later winning: a TOML file (`--config`, keys
+//! named like the long flags), `ROSTER_*` environment variables, then flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use roster_common::quic::{TransportSettings, bind_udp};
+use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
+use roster_data::{DataConfig, DataServer};
+use roster_meta::{MetaConfig, MetaServer};
+use roster_session::{SessionConfig, SessionServer};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tracing::info;
+
+use crate::{http, shutdown_on_signal};
+
+/// Arguments of `roster certs`.
+#[derive(Args)]
+pub struct CertsArgs {
+    /// Directory to write ca.pem, ca-key.pem, node.pem and node-key.pem into (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Extra host name or IP the node certificate is valid for (repeatable). localhost, 127.0.0.1
+    /// and ::1 are always included. Use the names servers dial each other and clients dial servers by.
+    #[arg(long = "name", value_name = "HOST")]
+    names: Vec<String>,
+    /// Overwrite certificates already in the directory.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    if args.dir.join(CA_CERT_FILE).exists() && !args.force {
+        bail!(
+            "{} already holds a cluster CA; pass --force to replace it (every server and client must then get the new files)",
+            args.dir.display()
+        );
+    }
+    let pki = Pki::generate(&args.names)?;
+    pki.write_to(&args.dir)?;
+    println!(
+        "wrote ca.pem, ca-key.pem, node.pem and node-key.pem to {}",
+        args.dir.display()
+    );
+    println!("give every server --tls-dir {}; give clients ca.pem; keep ca-key.pem offline", args.dir.display());
+    Ok(())
+}
+
+/// Fills every `None` field of `$flags` from `$file`.
+macro_rules! layer {
+    ($flags:ident, $file:ident; $($field:ident),+ $(,)?) => {
+        $( if $flags.$field.is_none() { $flags.$field = $file.$field; } )+
+    };
+}
+
+/// Keys every server's config file may have.
+const COMMON_KEYS: &[&str] = &["id", "listen", "http", "tls-dir", "keep-alive-ms", "idle-timeout-ms", "max-frame"];
+
+/// Reads a server's TOML config file, refusing keys that are not among `COMMON_KEYS` and `own_keys`
+/// (a misspelt key silently ignored is a setting silently lost).
+fn read_config_file<T: DeserializeOwned + Default>(path: Option<&Path>, own_keys: &[&str]) -> anyhow::Result<T> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+    if let Some(unknown) = table.keys().find(|k| !COMMON_KEYS.contains(&k.as_str()) && !own_keys.contains(&k.as_str())) {
+        let mut known: Vec<&str> = COMMON_KEYS.iter().chain(own_keys).copied().collect();
+        known.sort_unstable();
+        bail!("config file {}: unknown key `{unknown}`; known keys: {}", path.display(), known.join(", "));
+    }
+    T::deserialize(table).with_context(|| format!("config file {}", path.display()))
+}
+
+/// Settings every server has.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct CommonArgs {
+    /// TOML file with any of these settings; keys are the long flag names (e.g. `tls-dir = "..."`).
+    #[arg(long, env = "ROSTER_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This server's id, unique within its tier. Required.
+    #[arg(long, env = "ROSTER_ID")]
+    id: Option<u64>,
+    /// UDP address to accept QUIC connections on.
+    #[arg(long, env = "ROSTER_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// TCP address of the HTTP admin port (/healthz, /readyz).
+    #[arg(long, env = "ROSTER_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// Directory with ca.pem, node.pem and node-key.pem (made by `roster certs`). Required.
+    #[arg(long, env = "ROSTER_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// QUIC keep-alive interval in milliseconds [default: 1000].
+    #[arg(long, env = "ROSTER_KEEP_ALIVE_MS", value_name = "MS")]
+    keep_alive_ms: Option<u64>,
+    /// QUIC idle timeout in milliseconds: a peer silent this long is dead [default: 4000].
+    #[arg(long, env = "ROSTER_IDLE_TIMEOUT_MS", value_name = "MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Largest frame accepted, in bytes [default: 1048576].
+    #[arg(long, env = "ROSTER_MAX_FRAME", value_name = "BYTES")]
+    max_frame: Option<u32>,
+}
+
+impl CommonArgs {
+    fn layer(&mut self, file: CommonArgs) {
+        layer!(self, file; id, listen, http, tls_dir, keep_alive_ms, idle_timeout_ms, max_frame);
+    }
+
+    fn id(&self) -> anyhow::Result<u64> {
+        self.id.context("--id is required (or ROSTER_ID, or `id` in the config file)")
+    }
+
+    fn identity(&self) -> anyhow::Result<NodeIdentity> {
+        let dir = self
+            .tls_dir
+            .as_deref()
+            .context("--tls-dir is required (or ROSTER_TLS_DIR); make one with `roster certs --dir DIR`")?;
+        Ok(NodeIdentity::load(dir)?)
+    }
+
+    fn transport(&self) -> TransportSettings {
+        let defaults = TransportSettings::default();
+        TransportSettings {
+            keep_alive: self.keep_alive_ms.map_or(defaults.keep_alive, Duration::from_millis),
+            idle_timeout: self.idle_timeout_ms.map_or(defaults.idle_timeout, Duration::from_millis),
+            ..defaults
+        }
+    }
+
+    fn max_frame(&self) -> u32 {
+        self.max_frame.unwrap_or(roster_common::frame::DEFAULT_MAX_FRAME)
+    }
+}
+
+/// Arguments of `roster meta`.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct MetaArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+    /// Directory for the node's durable state. Required.
+    #[arg(long, env = "ROSTER_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Initial voters as ID=ADDR,...; accepted for the Raft meta group, which this version does not
+    /// have yet: only a single node whose own id is listed (or no list) is allowed.
+    #[arg(long, env = "ROSTER_BOOTSTRAP", value_name = "ID=ADDR,...")]
+    bootstrap: Option<String>,
+    /// Join an existing meta group through ADDR; not available until the meta tier is a Raft group.
+    #[arg(long, env = "ROSTER_JOIN", value_name = "ADDR")]
+    join: Option<String>,
+    /// Slots of a new cluster, fixed once it exists [default: 256].
+    #[arg(long, env = "ROSTER_SLOTS")]
+    slots: Option<u32>,
+    /// Data servers per slot, leader included [default: 3].
+    #[arg(long, env = "ROSTER_REPLICAS")]
+    replicas: Option<u32>,
+    /// Silence after which a data or session server is removed, in milliseconds [default: 3000].
+    #[arg(long, env = "ROSTER_LEASE_TIMEOUT_MS", value_name = "MS")]
+    lease_timeout_ms: Option<u64>,
+}
+
+/// Arguments of `roster data`.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct DataArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+    /// Meta node addresses, comma-separated. Required.
+    #[arg(long, env = "ROSTER_META", value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    meta: Option<Vec<String>>,
+    /// The address sessions dial this server at [default: the listen address, if a specific IP].
+    #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Failure zone reported to the meta tier.
+    #[arg(long, env = "ROSTER_ZONE")]
+    zone: Option<String>,
+    /// How long a departed session's publishers are kept, in milliseconds [default: 5000].
+    #[arg(long, env = "ROSTER_SESSION_GRACE_MS", value_name = "MS")]
+    session_grace_ms: Option<u64>,
+}
+
+/// Arguments of `roster session`.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct SessionArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+    /// Meta node addresses, comma-separated. Required.
+    #[arg(long, env = "ROSTER_META", value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    meta: Option<Vec<String>>,
+    /// The address clients dial this server at [default: the listen address, if a specific IP].
+    #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Failure zone reported to the meta tier.
+    #[arg(long, env = "ROSTER_ZONE")]
+    zone: Option<String>,
+    /// How long a closed client connection's publishers stay, in milliseconds [default: 0].
+    #[arg(long, env = "ROSTER_CLIENT_GRACE_MS", value_name = "MS")]
+    client_grace_ms: Option<u64>,
+}
+
+const META_LISTEN: &str = "0.0.0.0:7100";
+const META_HTTP: &str = "0.0.0.0:7180";
+const DATA_LISTEN: &str = "0.0.0.0:7200";
+const DATA_HTTP: &str = "0.0.0.0:7280";
+const SESSION_LISTEN: &str = "0.0.0.0:7300";
+const SESSION_HTTP: &str = "0.0.0.0:7380";
+
+fn addr_or(value: Option<SocketAddr>, default: &str) -> SocketAddr {
+    value.unwrap_or_else(|| default.parse().expect("literal address"))
+}
+
+pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
+    let file: MetaArgs = read_config_file(
+        args.common.config.as_deref(),
+        &["data-dir", "bootstrap", "join", "slots", "replicas", "lease-timeout-ms"],
+    )?;
+    args.common.layer(file.common);
+    layer!(args, file; data_dir, bootstrap, join, slots, replicas, lease_timeout_ms);
+
+    let id = args.common.id()?;
+    if args.join.is_some() {
+        bail!("--join needs the replicated meta group, which this version does not have yet; run a single meta node");
+    }
+    if let Some(voters) = &args.bootstrap {
+        let ids: Vec<&str> = voters.split(',').filter(|v| !v.is_empty()).collect();
+        let own = ids.iter().all(|v| v.split_once('=').is_some_and(|(i, _)| i.trim() == id.to_string()));
+        if ids.len() != 1 || !own {
+            bail!("--bootstrap {voters}: this version runs a single meta node, so the only voter must be this node (id {id})");
+        }
+    }
+    let data_dir = args.data_dir.context("--data-dir is required (or ROSTER_DATA_DIR)")?;
+    let mut config = MetaConfig::new(id, data_dir);
+    config.transport = args.common.transport();
+    config.max_frame = args.common.max_frame();
+    if let Some(slots) = args.slots {
+        config.slot_count = slots;
+    }
+    if let Some(replicas) = args.replicas {
+        config.replicas = replicas;
+    }
+    if let Some(ms) = args.lease_timeout_ms {
+        config.lease_timeout = Duration::from_millis(ms);
+        config.renew_interval = config.renew_interval.min(config.lease_timeout / 3);
+    }
+    info!(?config, "starting meta node");
+    let identity = args.common.identity()?;
+    let server = MetaServer::open(config, identity)?;
+    let socket = bind_udp(addr_or(args.common.listen, META_LISTEN))?;
+    let shutdown = shutdown_on_signal();
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
+    let (_, http) = http::serve(addr_or(args.common.http, META_HTTP), ready_rx, shutdown.clone()).await?;
+    server.run(socket, shutdown).await?;
+    drop(ready_tx);
+    let _ = http.await;
+    Ok(())
+}
+
+pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
+    let file: DataArgs = read_config_file(
+        args.common.config.as_deref(),
+        &["meta", "advertise", "zone", "session-grace-ms"],
+    )?;
+    args.common.layer(file.common);
+    layer!(args, file; meta, advertise, zone, session_grace_ms);
+
+    let metas = args.meta.filter(|m| !m.is_empty()).context("--meta is required (or ROSTER_META)")?;
+    let mut config = DataConfig::new(args.common.id()?, metas);
+    config.advertise = args.advertise;
+    config.zone = args.zone.unwrap_or_default();
+    config.transport = args.common.transport();
+    config.max_frame = args.common.max_frame();
+    if let Some(ms) = args.session_grace_ms {
+        config.session_grace = Duration::from_millis(ms);
+    }
+    info!(?config, "starting data server");
+    let server = DataServer::new(config, args.common.identity()?)?;
+    let socket = bind_udp(addr_or(args.common.listen, DATA_LISTEN))?;
+    let shutdown = shutdown_on_signal();
+    let (_, http) = http::serve(addr_or(args.common.http, DATA_HTTP), server.ready(), shutdown.clone()).await?;
+    server.run(socket, shutdown).await?;
+    let _ = http.await;
+    Ok(())
+}
+
+pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
+    let file: SessionArgs = read_config_file(
+        args.common.config.as_deref(),
+        &["meta", "advertise", "zone", "client-grace-ms"],
+    )?;
+    args.common.layer(file.common);
+    layer!(args, file; meta, advertise, zone, client_grace_ms);
+
+    let metas = args.meta.filter(|m| !m.is_empty()).context("--meta is required (or ROSTER_META)")?;
+    let mut config = SessionConfig::new(args.common.id()?, metas);
+    config.advertise = args.advertise;
+    config.zone = args.zone.unwrap_or_default();
+    config.client_transport = args.common.transport();
+    config.peer_transport = args.common.transport();
+    config.max_frame = args.common.max_frame();
+    if let Some(ms) = args.client_grace_ms {
+        config.client_grace = Duration::from_millis(ms);
+    }
+    info!(?config, "starting session server");
+    let server = SessionServer::new(config, args.common.identity()?)?;
+    let socket = bind_udp(addr_or(args.common.listen, SESSION_LISTEN))?;
+    let shutdown = shutdown_on_signal();
+    let (_, http) = http::serve(addr_or(args.common.http, SESSION_HTTP), server.ready(), shutdown.clone()).await?;
+    server.run(socket, shutdown).await?;
+    let _ = http.await;
+    Ok(())
+}
