@@ -19,10 +19,20 @@ use crate::shutdown_on_signal;
 #[derive(Args, Debug)]
 pub struct Connection {
     /// Client config file [default: ./.roster/client.toml, written by `roster dev`].
-    #[arg(long, env = "ROSTER_CLIENT_CONFIG", value_name = "FILE", conflicts_with = "session")]
+    #[arg(
+        long,
+        env = "ROSTER_CLIENT_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "session"
+    )]
     config: Option<PathBuf>,
     /// Session server addresses, comma-separated, instead of a config file (needs --ca).
-    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',', requires = "ca")]
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        requires = "ca"
+    )]
     session: Option<Vec<String>>,
     /// The cluster CA certificate, with --session.
     #[arg(long, value_name = "FILE")]
@@ -90,7 +100,11 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         args.data.join(" "),
         client.session_id(),
         client.session_addr(),
-        if publication.is_durable() { "" } else { " (held by the session until the data tier is reachable)" }
+        if publication.is_durable() {
+            ""
+        } else {
+            " (held by the session until the data tier is reachable)"
+        }
     );
     tokio::select! {
         _ = shutdown.cancelled() => {
@@ -124,7 +138,9 @@ pub fn snapshot_json(snapshot: &Snapshot) -> Value {
                 .iter()
                 .map(|d| match std::str::from_utf8(d) {
                     Ok(text) => Value::String(text.to_owned()),
-                    Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(d) }),
+                    Err(_) => {
+                        json!({ "base64": base64::engine::general_purpose::STANDARD.encode(d) })
+                    }
                 })
                 .collect();
             json!({
@@ -187,7 +203,12 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let width = services.iter().map(|s| s.service.as_str().len()).max().unwrap_or(0).max(7);
+        let width = services
+            .iter()
+            .map(|s| s.service.as_str().len())
+            .max()
+            .unwrap_or(0)
+            .max(7);
         println!("{:<width$}  PUBLISHERS", "SERVICE");
         for s in &services {
             println!("{:<width$}  {}", s.service.as_str(), s.publishers);

@@ -42,7 +42,10 @@ pub struct DevArgs {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.metas != 1 {
-        bail!("--metas {}: this version runs a single meta node (the replicated meta group is not built yet)", args.metas);
+        bail!(
+            "--metas {}: this version runs a single meta node (the replicated meta group is not built yet)",
+            args.metas
+        );
     }
     if args.datas == 0 || args.sessions == 0 {
         bail!("a cluster needs at least one data server and one session server");
@@ -57,7 +60,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // A dev cluster starts empty every time: the certificates above are new, so is the cluster.
     let meta_dir = dir.join("meta-1");
     if meta_dir.exists() {
-        std::fs::remove_dir_all(&meta_dir).with_context(|| format!("cannot clear {}", meta_dir.display()))?;
+        std::fs::remove_dir_all(&meta_dir)
+            .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
     }
 
     let shutdown = shutdown_on_signal();
@@ -72,7 +76,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     servers.spawn(async move { ("meta 1".to_string(), meta.run(meta_socket, token).await) });
 
     for id in 1..=args.datas as u64 {
-        let server = DataServer::new(DataConfig::new(id, vec![meta_addr.clone()]), identity.clone())?;
+        let server = DataServer::new(
+            DataConfig::new(id, vec![meta_addr.clone()]),
+            identity.clone(),
+        )?;
         ready.push(server.ready());
         let socket = bind_udp(localhost)?;
         let token = shutdown.clone();
@@ -80,7 +87,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let mut session_addrs = Vec::new();
     for id in 1..=args.sessions as u64 {
-        let server = SessionServer::new(SessionConfig::new(id, vec![meta_addr.clone()]), identity.clone())?;
+        let server = SessionServer::new(
+            SessionConfig::new(id, vec![meta_addr.clone()]),
+            identity.clone(),
+        )?;
         ready.push(server.ready());
         let socket = bind_udp(localhost)?;
         session_addrs.push(socket.local_addr()?.to_string());

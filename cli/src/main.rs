@@ -24,7 +24,13 @@ use tracing::info;
 struct Cli {
     /// Log format: human-readable text or one JSON object per line. Levels come from RUST_LOG
     /// (default: info for servers, warn for client commands).
-    #[arg(long, global = true, value_enum, default_value = "text", env = "ROSTER_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ROSTER_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 
     #[command(subcommand)]
@@ -59,15 +65,28 @@ enum Command {
 
 impl Command {
     fn is_server(&self) -> bool {
-        matches!(self, Command::Meta(_) | Command::Data(_) | Command::Session(_) | Command::Dev(_))
+        matches!(
+            self,
+            Command::Meta(_) | Command::Data(_) | Command::Session(_) | Command::Dev(_)
+        )
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, if cli.command.is_server() { "info" } else { "warn" });
+    init_logging(
+        cli.log_format,
+        if cli.command.is_server() {
+            "info"
+        } else {
+            "warn"
+        },
+    );
     roster_common::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

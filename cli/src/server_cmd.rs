@@ -48,7 +48,10 @@ pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
         "wrote ca.pem, ca-key.pem, node.pem and node-key.pem to {}",
         args.dir.display()
     );
-    println!("give every server --tls-dir {}; give clients ca.pem; keep ca-key.pem offline", args.dir.display());
+    println!(
+        "give every server --tls-dir {}; give clients ca.pem; keep ca-key.pem offline",
+        args.dir.display()
+    );
     Ok(())
 }
 
@@ -60,18 +63,40 @@ macro_rules! layer {
 }
 
 /// Keys every server's config file may have.
-const COMMON_KEYS: &[&str] = &["id", "listen", "http", "tls-dir", "keep-alive-ms", "idle-timeout-ms", "max-frame"];
+const COMMON_KEYS: &[&str] = &[
+    "id",
+    "listen",
+    "http",
+    "tls-dir",
+    "keep-alive-ms",
+    "idle-timeout-ms",
+    "max-frame",
+];
 
 /// Reads a server's TOML config file, refusing keys that are not among `COMMON_KEYS` and `own_keys`
 /// (a misspelt key silently ignored is a setting silently lost).
-fn read_config_file<T: DeserializeOwned + Default>(path: Option<&Path>, own_keys: &[&str]) -> anyhow::Result<T> {
-    let Some(path) = path else { return Ok(T::default()) };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
-    if let Some(unknown) = table.keys().find(|k| !COMMON_KEYS.contains(&k.as_str()) && !own_keys.contains(&k.as_str())) {
+fn read_config_file<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+    own_keys: &[&str],
+) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+    if let Some(unknown) = table
+        .keys()
+        .find(|k| !COMMON_KEYS.contains(&k.as_str()) && !own_keys.contains(&k.as_str()))
+    {
         let mut known: Vec<&str> = COMMON_KEYS.iter().chain(own_keys).copied().collect();
         known.sort_unstable();
-        bail!("config file {}: unknown key `{unknown}`; known keys: {}", path.display(), known.join(", "));
+        bail!(
+            "config file {}: unknown key `{unknown}`; known keys: {}",
+            path.display(),
+            known.join(", ")
+        );
     }
     T::deserialize(table).with_context(|| format!("config file {}", path.display()))
 }
@@ -113,28 +138,33 @@ impl CommonArgs {
     }
 
     fn id(&self) -> anyhow::Result<u64> {
-        self.id.context("--id is required (or ROSTER_ID, or `id` in the config file)")
+        self.id
+            .context("--id is required (or ROSTER_ID, or `id` in the config file)")
     }
 
     fn identity(&self) -> anyhow::Result<NodeIdentity> {
-        let dir = self
-            .tls_dir
-            .as_deref()
-            .context("--tls-dir is required (or ROSTER_TLS_DIR); make one with `roster certs --dir DIR`")?;
+        let dir = self.tls_dir.as_deref().context(
+            "--tls-dir is required (or ROSTER_TLS_DIR); make one with `roster certs --dir DIR`",
+        )?;
         Ok(NodeIdentity::load(dir)?)
     }
 
     fn transport(&self) -> TransportSettings {
         let defaults = TransportSettings::default();
         TransportSettings {
-            keep_alive: self.keep_alive_ms.map_or(defaults.keep_alive, Duration::from_millis),
-            idle_timeout: self.idle_timeout_ms.map_or(defaults.idle_timeout, Duration::from_millis),
+            keep_alive: self
+                .keep_alive_ms
+                .map_or(defaults.keep_alive, Duration::from_millis),
+            idle_timeout: self
+                .idle_timeout_ms
+                .map_or(defaults.idle_timeout, Duration::from_millis),
             ..defaults
         }
     }
 
     fn max_frame(&self) -> u32 {
-        self.max_frame.unwrap_or(roster_common::frame::DEFAULT_MAX_FRAME)
+        self.max_frame
+            .unwrap_or(roster_common::frame::DEFAULT_MAX_FRAME)
     }
 }
 
@@ -174,7 +204,12 @@ pub struct DataArgs {
     #[serde(flatten)]
     common: CommonArgs,
     /// Meta node addresses, comma-separated. Required.
-    #[arg(long, env = "ROSTER_META", value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "ROSTER_META",
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ','
+    )]
     meta: Option<Vec<String>>,
     /// The address sessions dial this server at [default: the listen address, if a specific IP].
     #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
@@ -195,7 +230,12 @@ pub struct SessionArgs {
     #[serde(flatten)]
     common: CommonArgs,
     /// Meta node addresses, comma-separated. Required.
-    #[arg(long, env = "ROSTER_META", value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "ROSTER_META",
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ','
+    )]
     meta: Option<Vec<String>>,
     /// The address clients dial this server at [default: the listen address, if a specific IP].
     #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
@@ -222,23 +262,39 @@ fn addr_or(value: Option<SocketAddr>, default: &str) -> SocketAddr {
 pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     let file: MetaArgs = read_config_file(
         args.common.config.as_deref(),
-        &["data-dir", "bootstrap", "join", "slots", "replicas", "lease-timeout-ms"],
+        &[
+            "data-dir",
+            "bootstrap",
+            "join",
+            "slots",
+            "replicas",
+            "lease-timeout-ms",
+        ],
     )?;
     args.common.layer(file.common);
     layer!(args, file; data_dir, bootstrap, join, slots, replicas, lease_timeout_ms);
 
     let id = args.common.id()?;
     if args.join.is_some() {
-        bail!("--join needs the replicated meta group, which this version does not have yet; run a single meta node");
+        bail!(
+            "--join needs the replicated meta group, which this version does not have yet; run a single meta node"
+        );
     }
     if let Some(voters) = &args.bootstrap {
         let ids: Vec<&str> = voters.split(',').filter(|v| !v.is_empty()).collect();
-        let own = ids.iter().all(|v| v.split_once('=').is_some_and(|(i, _)| i.trim() == id.to_string()));
+        let own = ids.iter().all(|v| {
+            v.split_once('=')
+                .is_some_and(|(i, _)| i.trim() == id.to_string())
+        });
         if ids.len() != 1 || !own {
-            bail!("--bootstrap {voters}: this version runs a single meta node, so the only voter must be this node (id {id})");
+            bail!(
+                "--bootstrap {voters}: this version runs a single meta node, so the only voter must be this node (id {id})"
+            );
         }
     }
-    let data_dir = args.data_dir.context("--data-dir is required (or ROSTER_DATA_DIR)")?;
+    let data_dir = args
+        .data_dir
+        .context("--data-dir is required (or ROSTER_DATA_DIR)")?;
     let mut config = MetaConfig::new(id, data_dir);
     config.transport = args.common.transport();
     config.max_frame = args.common.max_frame();
@@ -258,7 +314,12 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     let socket = bind_udp(addr_or(args.common.listen, META_LISTEN))?;
     let shutdown = shutdown_on_signal();
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
-    let (_, http) = http::serve(addr_or(args.common.http, META_HTTP), ready_rx, shutdown.clone()).await?;
+    let (_, http) = http::serve(
+        addr_or(args.common.http, META_HTTP),
+        ready_rx,
+        shutdown.clone(),
+    )
+    .await?;
     server.run(socket, shutdown).await?;
     drop(ready_tx);
     let _ = http.await;
@@ -273,7 +334,10 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
     args.common.layer(file.common);
     layer!(args, file; meta, advertise, zone, session_grace_ms);
 
-    let metas = args.meta.filter(|m| !m.is_empty()).context("--meta is required (or ROSTER_META)")?;
+    let metas = args
+        .meta
+        .filter(|m| !m.is_empty())
+        .context("--meta is required (or ROSTER_META)")?;
     let mut config = DataConfig::new(args.common.id()?, metas);
     config.advertise = args.advertise;
     config.zone = args.zone.unwrap_or_default();
@@ -286,7 +350,12 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
     let server = DataServer::new(config, args.common.identity()?)?;
     let socket = bind_udp(addr_or(args.common.listen, DATA_LISTEN))?;
     let shutdown = shutdown_on_signal();
-    let (_, http) = http::serve(addr_or(args.common.http, DATA_HTTP), server.ready(), shutdown.clone()).await?;
+    let (_, http) = http::serve(
+        addr_or(args.common.http, DATA_HTTP),
+        server.ready(),
+        shutdown.clone(),
+    )
+    .await?;
     server.run(socket, shutdown).await?;
     let _ = http.await;
     Ok(())
@@ -300,7 +369,10 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     args.common.layer(file.common);
     layer!(args, file; meta, advertise, zone, client_grace_ms);
 
-    let metas = args.meta.filter(|m| !m.is_empty()).context("--meta is required (or ROSTER_META)")?;
+    let metas = args
+        .meta
+        .filter(|m| !m.is_empty())
+        .context("--meta is required (or ROSTER_META)")?;
     let mut config = SessionConfig::new(args.common.id()?, metas);
     config.advertise = args.advertise;
     config.zone = args.zone.unwrap_or_default();
@@ -314,7 +386,12 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     let server = SessionServer::new(config, args.common.identity()?)?;
     let socket = bind_udp(addr_or(args.common.listen, SESSION_LISTEN))?;
     let shutdown = shutdown_on_signal();
-    let (_, http) = http::serve(addr_or(args.common.http, SESSION_HTTP), server.ready(), shutdown.clone()).await?;
+    let (_, http) = http::serve(
+        addr_or(args.common.http, SESSION_HTTP),
+        server.ready(),
+        shutdown.clone(),
+    )
+    .await?;
     server.run(socket, shutdown).await?;
     let _ = http.await;
     Ok(())

@@ -107,7 +107,9 @@ impl ClientConfig {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if self.sessions.is_empty() {
-            return Err(Error::InvalidArgument("the client config names no session server".into()));
+            return Err(Error::InvalidArgument(
+                "the client config names no session server".into(),
+            ));
         }
         self.transport().transport(true)?;
         Ok(())
@@ -146,7 +148,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_empty_session_lists_are_refused() {
-        assert!(toml::from_str::<ClientConfig>("sessions = []\nca = \"x\"\nsesions = 1\n").is_err());
+        assert!(
+            toml::from_str::<ClientConfig>("sessions = []\nca = \"x\"\nsesions = 1\n").is_err()
+        );
         let config = ClientConfig::new(vec![], "ca.pem");
         assert!(matches!(config.validate(), Err(Error::InvalidArgument(_))));
     }

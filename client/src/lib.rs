@@ -39,7 +39,9 @@ use bytes::Bytes;
 use futures_util::Stream;
 use parking_lot::Mutex;
 use quinn::{Connection, Endpoint};
-use roster_common::proto::{ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Scope};
+use roster_common::proto::{
+    ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Scope,
+};
 use roster_common::{NodeId, RegisterId, frame, ids, quic, rpc, tls};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::WatchStream;
@@ -84,7 +86,8 @@ impl Client {
         roster_common::install_crypto_provider();
         config.validate()?;
         let roots = tls::roots_from(&tls::load_certs(&config.ca)?)?;
-        let quic_config = quic::client_config(tls::client(roots, ALPN_CLIENT)?, &config.transport(), true)?;
+        let quic_config =
+            quic::client_config(tls::client(roots, ALPN_CLIENT)?, &config.transport(), true)?;
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
 
         let start = rand_index(config.sessions.len());
@@ -95,7 +98,14 @@ impl Client {
             let attempt = async {
                 let socket_addr = quic::resolve(addr).await?;
                 let endpoint = quic::client_endpoint(socket_addr)?;
-                let conn = quic::connect(&endpoint, &quic_config, addr, config.server_name.as_deref(), connect_timeout).await?;
+                let conn = quic::connect(
+                    &endpoint,
+                    &quic_config,
+                    addr,
+                    config.server_name.as_deref(),
+                    connect_timeout,
+                )
+                .await?;
                 Ok::<_, Error>((endpoint, conn))
             };
             match attempt.await {
@@ -110,7 +120,8 @@ impl Client {
             }
         }
         let Some((endpoint, conn)) = connected else {
-            return Err(last_error.unwrap_or_else(|| Error::Connection("no session server configured".into())));
+            return Err(last_error
+                .unwrap_or_else(|| Error::Connection("no session server configured".into())));
         };
 
         let client_id = config.client_id.clone().unwrap_or_else(ids::new_client_id);
@@ -120,10 +131,15 @@ impl Client {
             client_name: config.client_name.clone(),
             token: config.token.clone(),
         };
-        let session_id = match rpc::call(&conn, &hello, config.max_frame, config.request_timeout()).await? {
-            ClientResponse::Welcome { session_id, .. } => session_id,
-            other => return Err(Error::UnexpectedMessage(format!("expected Welcome, got {other:?}"))),
-        };
+        let session_id =
+            match rpc::call(&conn, &hello, config.max_frame, config.request_timeout()).await? {
+                ClientResponse::Welcome { session_id, .. } => session_id,
+                other => {
+                    return Err(Error::UnexpectedMessage(format!(
+                        "expected Welcome, got {other:?}"
+                    )));
+                }
+            };
 
         let subs: Subscriptions = Arc::default();
         let (background_tx, background_rx) = mpsc::unbounded_channel();
@@ -171,7 +187,9 @@ impl Client {
 
     /// Waits until the connection ends and says why.
     pub async fn closed(&self) -> Error {
-        Error::Connection(self.inner.conn.closed().await.to_string())
+        Error::Connection(roster_common::error::describe_close(
+            &self.inner.conn.closed().await,
+        ))
     }
 
     /// Publishes `data` (typically one `host:port`) under `service`. A bare name means
@@ -251,7 +269,9 @@ impl Client {
     pub async fn list_services(&self) -> Result<Vec<ServiceSummary>> {
         match self.inner.call(&ClientRequest::ListServices {}).await? {
             ClientResponse::Services { services } => Ok(services),
-            other => Err(Error::UnexpectedMessage(format!("expected Services, got {other:?}"))),
+            other => Err(Error::UnexpectedMessage(format!(
+                "expected Services, got {other:?}"
+            ))),
         }
     }
 
@@ -335,7 +355,9 @@ impl Publication {
                 self.data = data;
                 Ok(())
             }
-            other => Err(Error::UnexpectedMessage(format!("expected Accepted, got {other:?}"))),
+            other => Err(Error::UnexpectedMessage(format!(
+                "expected Accepted, got {other:?}"
+            ))),
         }
     }
 
@@ -347,7 +369,9 @@ impl Publication {
         };
         match self.inner.call(&request).await? {
             ClientResponse::Accepted { .. } => Ok(()),
-            other => Err(Error::UnexpectedMessage(format!("expected Accepted, got {other:?}"))),
+            other => Err(Error::UnexpectedMessage(format!(
+                "expected Accepted, got {other:?}"
+            ))),
         }
     }
 }
@@ -400,7 +424,9 @@ impl Stream for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut subs = self.inner.subs.lock();
-        let Some(entry) = subs.get_mut(&self.service) else { return };
+        let Some(entry) = subs.get_mut(&self.service) else {
+            return;
+        };
         entry.handles -= 1;
         if entry.handles == 0 {
             let entry = subs.remove(&self.service).expect("present above");
@@ -425,7 +451,9 @@ async fn read_pushes(conn: Connection, subs: Subscriptions, max_frame: u32) {
                     let subs = subs.lock();
                     if let Some(entry) = subs.get(&snapshot.service) {
                         entry.tx.send_if_modified(|current| {
-                            let newer = current.as_ref().is_none_or(|c| c.version < snapshot.version);
+                            let newer = current
+                                .as_ref()
+                                .is_none_or(|c| c.version < snapshot.version);
                             if newer {
                                 *current = Some(snapshot);
                             }

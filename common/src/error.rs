@@ -255,7 +255,19 @@ impl Error {
 
 impl From<quinn::ConnectionError> for Error {
     fn from(e: quinn::ConnectionError) -> Self {
-        Error::Connection(e.to_string())
+        Error::Connection(describe_close(&e))
+    }
+}
+
+/// Why a connection ended, with the peer's reason text when it gave one.
+pub fn describe_close(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) if !close.reason.is_empty() => format!(
+            "closed by peer (code {}): {}",
+            close.error_code,
+            String::from_utf8_lossy(&close.reason)
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -314,7 +326,9 @@ mod tests {
             let back = Error::from_wire(wire);
             assert_eq!(back.code(), e.code());
             match (&e, &back) {
-                (Error::NotLeader { leader: a }, Error::NotLeader { leader: b }) => assert_eq!(a, b),
+                (Error::NotLeader { leader: a }, Error::NotLeader { leader: b }) => {
+                    assert_eq!(a, b)
+                }
                 (Error::SlotMoving { retry_after: a }, Error::SlotMoving { retry_after: b }) => {
                     assert_eq!(a, b)
                 }

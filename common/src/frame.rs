@@ -168,7 +168,10 @@ mod tests {
         }
         drop(a);
         for m in &msgs {
-            let got: Msg = read_frame(&mut b, DEFAULT_MAX_FRAME).await.unwrap().unwrap();
+            let got: Msg = read_frame(&mut b, DEFAULT_MAX_FRAME)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(&got, m);
         }
         assert!(

@@ -162,7 +162,10 @@ mod tests {
     fn malformed_names_are_refused() {
         for bad in ["", "a/b", "a//c", "/b/c", "a/b/", "x\ny"] {
             let err = bad.parse::<ServiceId>().unwrap_err();
-            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?} gave {err:?}");
+            assert!(
+                matches!(err, Error::InvalidArgument(_)),
+                "{bad:?} gave {err:?}"
+            );
         }
         let long = "x".repeat(MAX_SERVICE_ID_LEN);
         assert!(long.parse::<ServiceId>().is_err());

@@ -103,7 +103,9 @@ async fn run(
         };
         match tokio::time::timeout(LEAVE_TIMEOUT, leave).await {
             Ok(Ok(_)) => info!(member = %member.key(), "left the cluster"),
-            Ok(Err(e)) => debug!(member = %member.key(), error = %e, "could not leave the cluster cleanly"),
+            Ok(Err(e)) => {
+                debug!(member = %member.key(), error = %e, "could not leave the cluster cleanly")
+            }
             Err(_) => debug!(member = %member.key(), "no answer to leaving the cluster"),
         }
     }

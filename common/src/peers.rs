@@ -36,7 +36,14 @@ impl PeerPool {
         {
             return Ok(conn.clone());
         }
-        let conn = quic::connect(&self.endpoint, &self.config, addr, None, self.connect_timeout).await?;
+        let conn = quic::connect(
+            &self.endpoint,
+            &self.config,
+            addr,
+            None,
+            self.connect_timeout,
+        )
+        .await?;
         self.conns.lock().insert(addr.to_owned(), conn.clone());
         Ok(conn)
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
+use quinn::{
+    Connection, Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::{Error, Result};
@@ -88,7 +90,8 @@ pub fn client_config(
 /// Binds a UDP socket with large buffers.
 pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
     let fail = |e: std::io::Error| Error::InvalidArgument(format!("cannot bind UDP {addr}: {e}"));
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
     if addr.is_ipv6() {
         // Dual-stack where the system allows it; failing that, IPv6 only is still correct.
         let _ = socket.set_only_v6(false);
@@ -102,8 +105,13 @@ pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
 
 /// An endpoint on `socket`, accepting connections when `server` is given.
 pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<Endpoint> {
-    Endpoint::new(EndpointConfig::default(), server, socket, Arc::new(TokioRuntime))
-        .map_err(|e| Error::InvalidArgument(format!("cannot start QUIC endpoint: {e}")))
+    Endpoint::new(
+        EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|e| Error::InvalidArgument(format!("cannot start QUIC endpoint: {e}")))
 }
 
 /// An endpoint that only dials out, bound to an ephemeral port of the address family of `peer`.
@@ -192,7 +200,10 @@ mod tests {
             idle_timeout: Duration::from_secs(5),
             ..TransportSettings::default()
         };
-        assert!(matches!(bad.transport(false), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            bad.transport(false),
+            Err(Error::InvalidArgument(_))
+        ));
         assert!(TransportSettings::default().transport(true).is_ok());
     }
 }

@@ -53,9 +53,16 @@ where
 /// Reads the request frame of a stream a peer opened. On failure the stream is stopped, so the peer
 /// stops sending; the caller should still answer with the error.
 pub async fn read_request<T: DeserializeOwned>(recv: &mut RecvStream, max_frame: u32) -> Result<T> {
-    let result = match tokio::time::timeout(REQUEST_READ_TIMEOUT, frame::read_frame(recv, max_frame)).await {
+    let result = match tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        frame::read_frame(recv, max_frame),
+    )
+    .await
+    {
         Ok(Ok(Some(request))) => Ok(request),
-        Ok(Ok(None)) => Err(Error::BadFrame("the stream ended before a request frame".into())),
+        Ok(Ok(None)) => Err(Error::BadFrame(
+            "the stream ended before a request frame".into(),
+        )),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::Timeout(format!(
             "no complete request frame within {REQUEST_READ_TIMEOUT:?}"

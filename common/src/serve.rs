@@ -74,7 +74,12 @@ pub async fn serve_streams<H, Fut>(
 
 /// Waits for `tracker`'s tasks (up to `grace`), closes the connections to peers in `pool`, then
 /// closes `endpoint` and waits for its closes to be sent.
-pub async fn drain(endpoint: &Endpoint, tracker: &TaskTracker, pool: Option<&PeerPool>, grace: Duration) {
+pub async fn drain(
+    endpoint: &Endpoint,
+    tracker: &TaskTracker,
+    pool: Option<&PeerPool>,
+    grace: Duration,
+) {
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         debug!(left = tracker.len(), "tasks still running at shutdown");

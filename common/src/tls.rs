@@ -118,7 +118,8 @@ impl Pki {
 
 /// Writes `text` to `path`, private to the owner when `secret`.
 pub fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
-    let fail = |e: std::io::Error| Error::InvalidArgument(format!("cannot write {}: {e}", path.display()));
+    let fail =
+        |e: std::io::Error| Error::InvalidArgument(format!("cannot write {}: {e}", path.display()));
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -185,7 +186,11 @@ fn hint_certs(dir: &Path) -> String {
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let text = fs::read(path).map_err(|e| {
         let dir = path.parent().map(PathBuf::from).unwrap_or_default();
-        Error::InvalidArgument(format!("cannot read {}: {e}{}", path.display(), hint_certs(&dir)))
+        Error::InvalidArgument(format!(
+            "cannot read {}: {e}{}",
+            path.display(),
+            hint_certs(&dir)
+        ))
     })?;
     parse_certs(&text, path)
 }

@@ -50,7 +50,11 @@ impl Interests {
 
     /// Detaches `instance` if `stream` is still its current attachment.
     pub fn detach(&mut self, instance: InstanceId, stream: u64) {
-        if self.watchers.get(&instance).is_some_and(|w| w.stream == stream) {
+        if self
+            .watchers
+            .get(&instance)
+            .is_some_and(|w| w.stream == stream)
+        {
             self.detach_any(instance);
         }
     }
@@ -76,7 +80,10 @@ impl Interests {
         for service in services {
             if on {
                 watcher.services.insert(service.clone());
-                self.by_service.entry(service.clone()).or_default().insert(instance);
+                self.by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(instance);
             } else {
                 watcher.services.remove(service);
                 if let Some(set) = self.by_service.get_mut(service) {
@@ -129,9 +136,18 @@ mod tests {
         let (_, mut rx2) = interests.attach(2);
         assert!(interests.set(1, &[svc("a")], true));
         assert!(interests.set(2, &[svc("b")], true));
-        assert!(!interests.set(3, &[svc("a")], true), "no watch stream, no interest");
+        assert!(
+            !interests.set(3, &[svc("a")], true),
+            "no watch stream, no interest"
+        );
         interests.notify(&svc("a"), 7);
-        assert_eq!(rx1.try_recv().unwrap(), DataEvent::Changed { service: svc("a"), version: 7 });
+        assert_eq!(
+            rx1.try_recv().unwrap(),
+            DataEvent::Changed {
+                service: svc("a"),
+                version: 7
+            }
+        );
         assert!(rx2.try_recv().is_err());
         interests.set(1, &[svc("a")], false);
         interests.notify(&svc("a"), 8);

@@ -68,7 +68,9 @@ impl DataConfig {
 
     fn validate(&self) -> Result<()> {
         if self.metas.is_empty() {
-            return Err(Error::InvalidArgument("at least one meta address is needed (--meta)".into()));
+            return Err(Error::InvalidArgument(
+                "at least one meta address is needed (--meta)".into(),
+            ));
         }
         Ok(())
     }

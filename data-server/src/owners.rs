@@ -61,8 +61,15 @@ mod tests {
         let mut sweep = OwnerSweep::new(Duration::from_secs(5));
         let live: HashSet<_> = [1].into();
         assert!(sweep.sweep(&live, [1, 2], t0).is_empty());
-        assert!(sweep.sweep(&live, [1, 2], t0 + Duration::from_secs(4)).is_empty());
-        assert_eq!(sweep.sweep(&live, [1, 2], t0 + Duration::from_secs(5)), vec![2]);
+        assert!(
+            sweep
+                .sweep(&live, [1, 2], t0 + Duration::from_secs(4))
+                .is_empty()
+        );
+        assert_eq!(
+            sweep.sweep(&live, [1, 2], t0 + Duration::from_secs(5)),
+            vec![2]
+        );
     }
 
     #[test]
@@ -70,9 +77,20 @@ mod tests {
         let t0 = Instant::now();
         let mut sweep = OwnerSweep::new(Duration::from_secs(5));
         assert!(sweep.sweep(&HashSet::new(), [2], t0).is_empty());
-        assert!(sweep.sweep(&[2].into(), [2], t0 + Duration::from_secs(3)).is_empty());
-        assert!(sweep.sweep(&HashSet::new(), [2], t0 + Duration::from_secs(6)).is_empty());
-        assert_eq!(sweep.sweep(&HashSet::new(), [2], t0 + Duration::from_secs(11)), vec![2]);
+        assert!(
+            sweep
+                .sweep(&[2].into(), [2], t0 + Duration::from_secs(3))
+                .is_empty()
+        );
+        assert!(
+            sweep
+                .sweep(&HashSet::new(), [2], t0 + Duration::from_secs(6))
+                .is_empty()
+        );
+        assert_eq!(
+            sweep.sweep(&HashSet::new(), [2], t0 + Duration::from_secs(11)),
+            vec![2]
+        );
     }
 
     #[test]

@@ -63,8 +63,13 @@ impl DataServer {
     /// Serves sessions on `socket` until `shutdown` fires.
     pub async fn run(self, socket: UdpSocket, shutdown: CancellationToken) -> Result<()> {
         let advertise = self.config.advertised_addr(&socket)?;
-        let (endpoint, peer_config) = quic::peer_endpoint(socket, &self.identity, &self.config.transport)?;
-        let pool = Arc::new(PeerPool::new(endpoint.clone(), peer_config, self.config.request_timeout));
+        let (endpoint, peer_config) =
+            quic::peer_endpoint(socket, &self.identity, &self.config.transport)?;
+        let pool = Arc::new(PeerPool::new(
+            endpoint.clone(),
+            peer_config,
+            self.config.request_timeout,
+        ));
         let member = Member {
             role: Role::Data,
             id: self.config.id,
@@ -152,10 +157,12 @@ impl Shared {
     }
 
     fn handle_write(&self, op: WriteOp) -> Result<DataResponse> {
-        if let WriteOp::Put { publisher } = &op {
-            if publisher.register_id.is_empty() || publisher.client_id.is_empty() {
-                return Err(Error::InvalidArgument("publisher needs a client id and a register id".into()));
-            }
+        if let WriteOp::Put { publisher } = &op
+            && (publisher.register_id.is_empty() || publisher.client_id.is_empty())
+        {
+            return Err(Error::InvalidArgument(
+                "publisher needs a client id and a register id".into(),
+            ));
         }
         let service = op.service().clone();
         let result = self.store.lock().write(op);
@@ -167,7 +174,12 @@ impl Shared {
                 Ok(DataResponse::Written { version })
             }
             Ok(None) => {
-                let version = self.store.lock().snapshot(&service).map(|s| s.version).unwrap_or(0);
+                let version = self
+                    .store
+                    .lock()
+                    .snapshot(&service)
+                    .map(|s| s.version)
+                    .unwrap_or(0);
                 Ok(DataResponse::Written { version })
             }
             Err(e) => Err(self.with_leader_hint(e, &service)),
@@ -183,7 +195,12 @@ impl Shared {
             .map_err(|(e, s)| self.with_leader_hint(e, s))
     }
 
-    fn handle_interest(&self, instance: InstanceId, services: Vec<ServiceId>, on: bool) -> Result<DataResponse> {
+    fn handle_interest(
+        &self,
+        instance: InstanceId,
+        services: Vec<ServiceId>,
+        on: bool,
+    ) -> Result<DataResponse> {
         // Register before reading, so a change landing in between is either in the datum read or
         // notified afterwards: never lost.
         if !self.interests.lock().set(instance, &services, on) {
@@ -210,21 +227,31 @@ impl Shared {
         if member {
             let taken = self.store.lock().apply_table(&view.table);
             if !taken.is_empty() {
-                info!(epoch = view.table.epoch, slots = taken.len(), "took the lead of slots");
+                info!(
+                    epoch = view.table.epoch,
+                    slots = taken.len(),
+                    "took the lead of slots"
+                );
             }
         }
-        self.ready_tx.send_if_modified(|ready| std::mem::replace(ready, member) != member);
+        self.ready_tx
+            .send_if_modified(|ready| std::mem::replace(ready, member) != member);
     }
 
     fn sweep_owners(&self, sweep: &mut OwnerSweep, view: &ClusterView) {
-        let live: HashSet<InstanceId> = view.members_of(Role::Session).map(|m| m.instance).collect();
+        let live: HashSet<InstanceId> =
+            view.members_of(Role::Session).map(|m| m.instance).collect();
         let expired = {
             let store = self.store.lock();
             sweep.sweep(&live, store.owners(), Instant::now())
         };
         for instance in expired {
             let changes = self.store.lock().drop_owner(instance);
-            info!(session_instance = format_args!("{instance:x}"), services = changes.len(), "dropped the publishers of a departed session");
+            info!(
+                session_instance = format_args!("{instance:x}"),
+                services = changes.len(),
+                "dropped the publishers of a departed session"
+            );
             self.notify(&changes);
         }
     }
@@ -256,7 +283,12 @@ async fn follow_cluster(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-async fn handle_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream, shutdown: CancellationToken) {
+async fn handle_stream(
+    shared: Arc<Shared>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    shutdown: CancellationToken,
+) {
     let max_frame = shared.config.max_frame;
     let request = match rpc::read_request::<DataRequest>(&mut recv, max_frame).await {
         Ok(request) => request,
@@ -272,8 +304,14 @@ async fn handle_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: Recv
             return;
         }
         DataRequest::Write { op } => shared.handle_write(op),
-        DataRequest::Interest { instance, services, on } => shared.handle_interest(instance, services, on),
-        DataRequest::Fetch { services } => shared.snapshots(&services).map(|datums| DataResponse::Datums { datums }),
+        DataRequest::Interest {
+            instance,
+            services,
+            on,
+        } => shared.handle_interest(instance, services, on),
+        DataRequest::Fetch { services } => shared
+            .snapshots(&services)
+            .map(|datums| DataResponse::Datums { datums }),
         DataRequest::ListServices {} => Ok(DataResponse::Services {
             services: shared.store.lock().services(),
         }),
@@ -293,7 +331,11 @@ async fn stream_events(
 ) {
     let max_frame = shared.config.max_frame;
     let (stream, mut events) = shared.interests.lock().attach(instance);
-    debug!(session, instance = format_args!("{instance:x}"), "session watch attached");
+    debug!(
+        session,
+        instance = format_args!("{instance:x}"),
+        "session watch attached"
+    );
     let mut next = Some(DataEvent::Ready {});
     loop {
         if let Some(event) = next.take() {

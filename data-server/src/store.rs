@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use roster_common::proto::{Publisher, ServiceSummary, SlotTable, Snapshot, WriteOp};
-use roster_common::{ClientId, Epoch, Error, InstanceId, NodeId, RegisterId, Result, ServiceId, SlotId, Version};
+use roster_common::{
+    ClientId, Epoch, Error, InstanceId, NodeId, RegisterId, Result, ServiceId, SlotId, Version,
+};
 
 type PublisherKey = (ClientId, RegisterId);
 
@@ -105,7 +107,9 @@ impl Store {
 
     fn slot_index(&self, service: &ServiceId) -> Result<usize> {
         if self.slot_count == 0 {
-            return Err(Error::Unavailable("this data server has no slot table yet".into()));
+            return Err(Error::Unavailable(
+                "this data server has no slot table yet".into(),
+            ));
         }
         let id = roster_common::slot::slot_of(service, self.slot_count) as usize;
         if !self.slots[id].led {
@@ -152,7 +156,10 @@ impl Store {
             }
         }
         let version = slot.next_version();
-        slot.services.get_mut(&service).expect("present above").version = version;
+        slot.services
+            .get_mut(&service)
+            .expect("present above")
+            .version = version;
         Ok(Some((service, version)))
     }
 
@@ -185,7 +192,9 @@ impl Store {
             let mut touched = Vec::new();
             for (service, datum) in slot.services.iter_mut() {
                 let before = datum.publishers.len();
-                datum.publishers.retain(|_, p| p.session_instance != instance);
+                datum
+                    .publishers
+                    .retain(|_, p| p.session_instance != instance);
                 if datum.publishers.len() != before {
                     touched.push(service.clone());
                 }
@@ -264,14 +273,28 @@ mod tests {
     fn versions_grow_with_every_change_and_carry_the_term() {
         let mut store = Store::new(1);
         assert_eq!(store.apply_table(&table(5, 1)).len(), 8);
-        let (_, v1) = store.write(WriteOp::Put { publisher: publisher("c", "r1", "a", 9) }).unwrap().unwrap();
+        let (_, v1) = store
+            .write(WriteOp::Put {
+                publisher: publisher("c", "r1", "a", 9),
+            })
+            .unwrap()
+            .unwrap();
         assert_eq!(v1 >> 32, 5);
         assert_eq!(
-            store.write(WriteOp::Put { publisher: publisher("c", "r1", "a", 9) }).unwrap(),
+            store
+                .write(WriteOp::Put {
+                    publisher: publisher("c", "r1", "a", 9)
+                })
+                .unwrap(),
             None,
             "an identical put changes nothing"
         );
-        let (_, v2) = store.write(WriteOp::Put { publisher: publisher("c", "r1", "b", 9) }).unwrap().unwrap();
+        let (_, v2) = store
+            .write(WriteOp::Put {
+                publisher: publisher("c", "r1", "b", 9),
+            })
+            .unwrap()
+            .unwrap();
         assert!(v2 > v1);
         let snap = store.snapshot(&demo()).unwrap();
         assert_eq!(snap.version, v2);
@@ -283,14 +306,22 @@ mod tests {
     fn removes_only_what_the_session_owns() {
         let mut store = Store::new(1);
         store.apply_table(&table(1, 1));
-        store.write(WriteOp::Put { publisher: publisher("c", "r1", "a", 9) }).unwrap();
+        store
+            .write(WriteOp::Put {
+                publisher: publisher("c", "r1", "a", 9),
+            })
+            .unwrap();
         let remove = |instance| WriteOp::Remove {
             service: demo(),
             client_id: "c".into(),
             register_id: "r1".into(),
             session_instance: instance,
         };
-        assert_eq!(store.write(remove(8)).unwrap(), None, "another session's remove is ignored");
+        assert_eq!(
+            store.write(remove(8)).unwrap(),
+            None,
+            "another session's remove is ignored"
+        );
         assert!(store.write(remove(9)).unwrap().is_some());
         assert!(store.snapshot(&demo()).unwrap().publishers.is_empty());
         assert_eq!(store.owners().count(), 0);
@@ -300,8 +331,16 @@ mod tests {
     fn dropping_an_owner_removes_its_publishers_only() {
         let mut store = Store::new(1);
         store.apply_table(&table(1, 1));
-        store.write(WriteOp::Put { publisher: publisher("c1", "r", "a", 7) }).unwrap();
-        store.write(WriteOp::Put { publisher: publisher("c2", "r", "b", 8) }).unwrap();
+        store
+            .write(WriteOp::Put {
+                publisher: publisher("c1", "r", "a", 7),
+            })
+            .unwrap();
+        store
+            .write(WriteOp::Put {
+                publisher: publisher("c2", "r", "b", 8),
+            })
+            .unwrap();
         let before = store.snapshot(&demo()).unwrap().version;
         let changes = store.drop_owner(7);
         assert_eq!(changes.len(), 1);
@@ -315,9 +354,16 @@ mod tests {
     #[test]
     fn slots_led_elsewhere_refuse_writes() {
         let mut store = Store::new(1);
-        assert!(matches!(store.snapshot(&demo()), Err(Error::Unavailable(_))));
+        assert!(matches!(
+            store.snapshot(&demo()),
+            Err(Error::Unavailable(_))
+        ));
         store.apply_table(&table(1, 2));
-        let err = store.write(WriteOp::Put { publisher: publisher("c", "r", "a", 1) }).unwrap_err();
+        let err = store
+            .write(WriteOp::Put {
+                publisher: publisher("c", "r", "a", 1),
+            })
+            .unwrap_err();
         assert!(matches!(err, Error::NotLeader { .. }));
     }
 
@@ -325,11 +371,24 @@ mod tests {
     fn a_new_term_keeps_versions_growing_and_old_tables_are_ignored() {
         let mut store = Store::new(1);
         store.apply_table(&table(3, 1));
-        let (_, v1) = store.write(WriteOp::Put { publisher: publisher("c", "r", "a", 1) }).unwrap().unwrap();
+        let (_, v1) = store
+            .write(WriteOp::Put {
+                publisher: publisher("c", "r", "a", 1),
+            })
+            .unwrap()
+            .unwrap();
         store.apply_table(&table(4, 2));
-        assert!(store.apply_table(&table(2, 1)).is_empty(), "an older table is ignored");
+        assert!(
+            store.apply_table(&table(2, 1)).is_empty(),
+            "an older table is ignored"
+        );
         store.apply_table(&table(6, 1));
-        let (_, v2) = store.write(WriteOp::Put { publisher: publisher("c", "r", "a", 1) }).unwrap().unwrap();
+        let (_, v2) = store
+            .write(WriteOp::Put {
+                publisher: publisher("c", "r", "a", 1),
+            })
+            .unwrap()
+            .unwrap();
         assert!(v2 > v1);
         assert_eq!(v2 >> 32, 6);
     }

@@ -18,20 +18,26 @@ pub struct StateFile {
 impl StateFile {
     /// Opens `dir`, creating it if needed.
     pub fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir)
-            .map_err(|e| Error::InvalidArgument(format!("cannot create data dir {}: {e}", dir.display())))?;
-        Ok(StateFile { dir: dir.to_owned() })
+        fs::create_dir_all(dir).map_err(|e| {
+            Error::InvalidArgument(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        Ok(StateFile {
+            dir: dir.to_owned(),
+        })
     }
 
     /// The saved state, if this directory has one.
     pub fn load(&self) -> Result<Option<MetaState>> {
         let path = self.dir.join(STATE_FILE);
         match fs::read(&path) {
-            Ok(bytes) => rmp_serde::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::Internal(format!("{} is corrupt: {e}", path.display()))
-            }),
+            Ok(bytes) => rmp_serde::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("{} is corrupt: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Internal(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => Err(Error::Internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
         }
     }
 
@@ -41,12 +47,15 @@ impl StateFile {
             .map_err(|e| Error::Internal(format!("cannot encode meta state: {e}")))?;
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let path = self.dir.join(STATE_FILE);
-        let fail = |e: std::io::Error| Error::Internal(format!("cannot save {}: {e}", path.display()));
+        let fail =
+            |e: std::io::Error| Error::Internal(format!("cannot save {}: {e}", path.display()));
         let mut file = fs::File::create(&tmp).map_err(fail)?;
         file.write_all(&bytes).map_err(fail)?;
         file.sync_all().map_err(fail)?;
         fs::rename(&tmp, &path).map_err(fail)?;
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(fail)?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fail)?;
         Ok(())
     }
 }

@@ -66,16 +66,28 @@ mod tests {
     #[test]
     fn leases_lapse_only_without_renewal() {
         let t0 = Instant::now();
-        let a = MemberKey { role: Role::Data, id: 1 };
-        let b = MemberKey { role: Role::Session, id: 1 };
+        let a = MemberKey {
+            role: Role::Data,
+            id: 1,
+        };
+        let b = MemberKey {
+            role: Role::Session,
+            id: 1,
+        };
         let mut leases = Leases::new(Duration::from_secs(3));
         leases.grant(a, 10, t0);
         leases.grant(b, 20, t0);
         assert!(leases.renew(a, 10, t0 + Duration::from_secs(2)));
-        assert!(!leases.renew(a, 11, t0 + Duration::from_secs(2)), "another instance cannot renew");
+        assert!(
+            !leases.renew(a, 11, t0 + Duration::from_secs(2)),
+            "another instance cannot renew"
+        );
         assert!(leases.lapsed(t0 + Duration::from_millis(2999)).is_empty());
         assert_eq!(leases.lapsed(t0 + Duration::from_secs(3)), vec![(b, 20)]);
-        assert_eq!(leases.lapsed(t0 + Duration::from_secs(5)), vec![(a, 10), (b, 20)]);
+        assert_eq!(
+            leases.lapsed(t0 + Duration::from_secs(5)),
+            vec![(a, 10), (b, 20)]
+        );
         leases.remove(&b);
         assert_eq!(leases.lapsed(t0 + Duration::from_secs(5)), vec![(a, 10)]);
     }

@@ -33,7 +33,12 @@ impl Hash for VirtualNode {
 }
 
 /// The replica lists of every slot for the live data servers `nodes`, given the previous table.
-pub fn place(nodes: &[NodeId], slot_count: u32, replicas: u32, previous: &SlotTable) -> Vec<Vec<NodeId>> {
+pub fn place(
+    nodes: &[NodeId],
+    slot_count: u32,
+    replicas: u32,
+    previous: &SlotTable,
+) -> Vec<Vec<NodeId>> {
     let mut distinct: Vec<NodeId> = nodes.to_vec();
     distinct.sort_unstable();
     distinct.dedup();
@@ -53,9 +58,7 @@ pub fn place(nodes: &[NodeId], slot_count: u32, replicas: u32, previous: &SlotTa
 
     (0..slot_count)
         .map(|slot| {
-            let walk = ring
-                .get_with_replicas(&slot, ring_len)
-                .unwrap_or_default();
+            let walk = ring.get_with_replicas(&slot, ring_len).unwrap_or_default();
             let mut chosen: Vec<NodeId> = Vec::with_capacity(want);
             for vnode in walk {
                 if !chosen.contains(&vnode.node) {
@@ -65,8 +68,15 @@ pub fn place(nodes: &[NodeId], slot_count: u32, replicas: u32, previous: &SlotTa
                     }
                 }
             }
-            let before = previous.slots.get(slot as usize).map(Vec::as_slice).unwrap_or(&[]);
-            if let Some(pos) = before.iter().find_map(|old| chosen.iter().position(|n| n == old)) {
+            let before = previous
+                .slots
+                .get(slot as usize)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            if let Some(pos) = before
+                .iter()
+                .find_map(|old| chosen.iter().position(|n| n == old))
+            {
                 // `before` lists the old leader first, so this keeps it, or else promotes the first
                 // old follower still chosen.
                 let leader = chosen.remove(pos);
@@ -108,7 +118,11 @@ mod tests {
     fn fewer_servers_than_replicas_uses_them_all() {
         let placed = place(&[7], 16, 3, &SlotTable::empty(16, 3));
         assert!(placed.iter().all(|r| r == &vec![7]));
-        assert!(place(&[], 16, 3, &SlotTable::empty(16, 3)).iter().all(Vec::is_empty));
+        assert!(
+            place(&[], 16, 3, &SlotTable::empty(16, 3))
+                .iter()
+                .all(Vec::is_empty)
+        );
     }
 
     #[test]
@@ -128,6 +142,9 @@ mod tests {
     #[test]
     fn placement_is_deterministic() {
         let empty = SlotTable::empty(256, 3);
-        assert_eq!(place(&[3, 1, 2], 256, 3, &empty), place(&[1, 2, 3], 256, 3, &empty));
+        assert_eq!(
+            place(&[3, 1, 2], 256, 3, &empty),
+            place(&[1, 2, 3], 256, 3, &empty)
+        );
     }
 }

@@ -142,7 +142,11 @@ impl Node {
         self.view_tx.send_replace(Arc::new(state.view(None)));
     }
 
-    fn handle_register(&self, mut member: Member, cluster_id: Option<String>) -> Result<MetaResponse> {
+    fn handle_register(
+        &self,
+        mut member: Member,
+        cluster_id: Option<String>,
+    ) -> Result<MetaResponse> {
         let ours = self.state.lock().cluster_id.clone();
         if let Some(theirs) = cluster_id
             && theirs != ours
@@ -153,7 +157,10 @@ impl Node {
             )));
         }
         if member.addr.trim().is_empty() {
-            return Err(Error::InvalidArgument(format!("member {} has no address", member.key())));
+            return Err(Error::InvalidArgument(format!(
+                "member {} has no address",
+                member.key()
+            )));
         }
         member.joined_at_ms = match self.state.lock().members.get(&member.key()) {
             Some(known) if known.instance == member.instance => known.joined_at_ms,
@@ -189,7 +196,12 @@ impl Node {
     }
 }
 
-async fn handle_stream(node: Arc<Node>, mut send: SendStream, mut recv: RecvStream, shutdown: CancellationToken) {
+async fn handle_stream(
+    node: Arc<Node>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    shutdown: CancellationToken,
+) {
     let max_frame = node.config.max_frame;
     let request = match rpc::read_request::<MetaRequest>(&mut recv, max_frame).await {
         Ok(request) => request,
@@ -201,8 +213,12 @@ async fn handle_stream(node: Arc<Node>, mut send: SendStream, mut recv: RecvStre
     };
     let result = match request {
         MetaRequest::Register { member, cluster_id } => node.handle_register(member, cluster_id),
-        MetaRequest::Renew { role, id, instance } => node.handle_renew(MemberKey { role, id }, instance),
-        MetaRequest::Leave { role, id, instance } => node.handle_leave(MemberKey { role, id }, instance),
+        MetaRequest::Renew { role, id, instance } => {
+            node.handle_renew(MemberKey { role, id }, instance)
+        }
+        MetaRequest::Leave { role, id, instance } => {
+            node.handle_leave(MemberKey { role, id }, instance)
+        }
         MetaRequest::GetView {} => Ok(MetaResponse::View((**node.view_tx.borrow()).clone())),
         MetaRequest::Watch {} => {
             stream_views(&node, send, shutdown).await;
@@ -256,7 +272,9 @@ async fn expire_leases(node: Arc<Node>, shutdown: CancellationToken) {
                     info!(member = %key, "lease expired");
                     node.leases.lock().remove(&key);
                 }
-                Err(e) => warn!(member = %key, error = %e, "could not commit an expiry; will retry"),
+                Err(e) => {
+                    warn!(member = %key, error = %e, "could not commit an expiry; will retry")
+                }
             }
         }
     }

@@ -21,7 +21,10 @@ pub enum Command {
     /// from the command, so every node applying it records the same time.
     Join { member: Member },
     /// Removes the member if it is still this instance (it left, or its lease lapsed).
-    Remove { key: MemberKey, instance: InstanceId },
+    Remove {
+        key: MemberKey,
+        instance: InstanceId,
+    },
 }
 
 /// What the meta tier knows.
@@ -60,7 +63,9 @@ impl MetaState {
                     Some(old) if old != member.instance => {
                         info!(member = %key, addr = %member.addr, old_instance = old, "member restarted; replacing its old instance")
                     }
-                    Some(_) => info!(member = %key, addr = %member.addr, "member changed its address"),
+                    Some(_) => {
+                        info!(member = %key, addr = %member.addr, "member changed its address")
+                    }
                     None => info!(member = %key, addr = %member.addr, "member joined"),
                 }
                 self.members.insert(key, member.clone());
@@ -97,11 +102,20 @@ impl MetaState {
 
     fn recompute_table(&mut self, force_new_epoch: bool) {
         let nodes = self.data_nodes();
-        let slots = place(&nodes, self.table.slot_count, self.table.replicas, &self.table);
+        let slots = place(
+            &nodes,
+            self.table.slot_count,
+            self.table.replicas,
+            &self.table,
+        );
         if force_new_epoch || slots != self.table.slots {
             self.table.slots = slots;
             self.table.epoch += 1;
-            info!(epoch = self.table.epoch, data_servers = nodes.len(), "new slot table");
+            info!(
+                epoch = self.table.epoch,
+                data_servers = nodes.len(),
+                "new slot table"
+            );
         }
     }
 
@@ -134,19 +148,45 @@ mod tests {
     #[test]
     fn data_joins_and_leaves_bump_the_epoch() {
         let mut state = MetaState::new("c".into(), 16, 3);
-        assert!(state.apply(Command::Join { member: member(Role::Data, 1, 11) }));
+        assert!(state.apply(Command::Join {
+            member: member(Role::Data, 1, 11)
+        }));
         assert_eq!(state.table.epoch, 1);
         assert!(state.table.slots.iter().all(|r| r == &vec![1]));
 
-        assert!(state.apply(Command::Join { member: member(Role::Session, 1, 21) }));
+        assert!(state.apply(Command::Join {
+            member: member(Role::Session, 1, 21)
+        }));
         assert_eq!(state.table.epoch, 1, "sessions do not move slots");
 
-        assert!(!state.apply(Command::Join { member: member(Role::Data, 1, 11) }), "re-register is a no-op");
-        assert!(state.apply(Command::Join { member: member(Role::Data, 2, 12) }));
+        assert!(
+            !state.apply(Command::Join {
+                member: member(Role::Data, 1, 11)
+            }),
+            "re-register is a no-op"
+        );
+        assert!(state.apply(Command::Join {
+            member: member(Role::Data, 2, 12)
+        }));
         assert_eq!(state.table.epoch, 2);
 
-        assert!(!state.apply(Command::Remove { key: MemberKey { role: Role::Data, id: 2 }, instance: 99 }), "wrong instance");
-        assert!(state.apply(Command::Remove { key: MemberKey { role: Role::Data, id: 2 }, instance: 12 }));
+        assert!(
+            !state.apply(Command::Remove {
+                key: MemberKey {
+                    role: Role::Data,
+                    id: 2
+                },
+                instance: 99
+            }),
+            "wrong instance"
+        );
+        assert!(state.apply(Command::Remove {
+            key: MemberKey {
+                role: Role::Data,
+                id: 2
+            },
+            instance: 12
+        }));
         assert_eq!(state.table.epoch, 3);
         assert!(state.table.slots.iter().all(|r| r == &vec![1]));
     }
@@ -154,16 +194,37 @@ mod tests {
     #[test]
     fn a_restarted_member_replaces_its_old_instance() {
         let mut state = MetaState::new("c".into(), 16, 3);
-        state.apply(Command::Join { member: member(Role::Session, 5, 1) });
-        assert!(state.apply(Command::Join { member: member(Role::Session, 5, 2) }));
+        state.apply(Command::Join {
+            member: member(Role::Session, 5, 1),
+        });
+        assert!(state.apply(Command::Join {
+            member: member(Role::Session, 5, 2)
+        }));
         let view = state.view(None);
         assert_eq!(view.members.len(), 1);
         assert_eq!(view.members[0].instance, 2);
-        assert!(!state.apply(Command::Remove { key: MemberKey { role: Role::Session, id: 5 }, instance: 1 }), "the old instance's expiry is ignored");
+        assert!(
+            !state.apply(Command::Remove {
+                key: MemberKey {
+                    role: Role::Session,
+                    id: 5
+                },
+                instance: 1
+            }),
+            "the old instance's expiry is ignored"
+        );
 
-        state.apply(Command::Join { member: member(Role::Data, 1, 1) });
+        state.apply(Command::Join {
+            member: member(Role::Data, 1, 1),
+        });
         let epoch = state.table.epoch;
-        assert!(state.apply(Command::Join { member: member(Role::Data, 1, 2) }));
-        assert_eq!(state.table.epoch, epoch + 1, "a restarted data server gets a new epoch");
+        assert!(state.apply(Command::Join {
+            member: member(Role::Data, 1, 2)
+        }));
+        assert_eq!(
+            state.table.epoch,
+            epoch + 1,
+            "a restarted data server gets a new epoch"
+        );
     }
 }

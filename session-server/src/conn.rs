@@ -13,7 +13,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use quinn::{Connection, RecvStream, SendStream};
 use roster_common::proto::{
-    ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role, ServiceSummary, WriteOp,
+    ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role, ServiceSummary,
+    WriteOp,
 };
 use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
 use tokio::sync::{mpsc, oneshot};
@@ -39,7 +40,12 @@ struct Client {
 }
 
 /// Serves one client connection until it ends or the server shuts down.
-pub async fn serve_client(shared: Arc<Shared>, conn: Connection, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve_client(
+    shared: Arc<Shared>,
+    conn: Connection,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let id = shared.next_conn_id();
     let span = info_span!("client", conn = id, remote = %conn.remote_address(), client = tracing::field::Empty);
     async move {
@@ -56,7 +62,8 @@ pub async fn serve_client(shared: Arc<Shared>, conn: Connection, shutdown: Cance
         };
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         shared.hub.lock().attach(id, push_tx);
-        tracker.spawn(write_pushes(conn.clone(), push, push_rx, shutdown.clone()).in_current_span());
+        tracker
+            .spawn(write_pushes(conn.clone(), push, push_rx, shutdown.clone()).in_current_span());
         debug!("client connected");
 
         let client = Arc::new(Client {
@@ -68,7 +75,10 @@ pub async fn serve_client(shared: Arc<Shared>, conn: Connection, shutdown: Cance
             handle_stream(shared.clone(), client.clone(), send, recv).in_current_span()
         })
         .await;
-        let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "server shutting down".into());
+        let reason = conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "server shutting down".into());
         cleanup(&shared, &client, &shutdown).await;
         debug!(%reason, "client disconnected");
     }
@@ -78,7 +88,11 @@ pub async fn serve_client(shared: Arc<Shared>, conn: Connection, shutdown: Cance
 
 /// Serves requests until a valid `Hello` arrives; everything before it is refused with
 /// `HelloRequired`. Returns the client's id, or `None` if the connection ended first.
-async fn await_hello(shared: &Shared, conn: &Connection, shutdown: &CancellationToken) -> Option<ClientId> {
+async fn await_hello(
+    shared: &Shared,
+    conn: &Connection,
+    shutdown: &CancellationToken,
+) -> Option<ClientId> {
     let max_frame = shared.config.max_frame;
     loop {
         let (mut send, mut recv) = tokio::select! {
@@ -97,14 +111,18 @@ async fn await_hello(shared: &Shared, conn: &Connection, shutdown: &Cancellation
                         protocol_version: roster_common::proto::PROTOCOL_VERSION,
                         session_id: shared.config.id,
                         max_frame,
-                        idle_timeout_ms: shared.config.client_transport.idle_timeout.as_millis() as u64,
+                        idle_timeout_ms: shared.config.client_transport.idle_timeout.as_millis()
+                            as u64,
                     }),
                     Some(client_id),
                 ),
                 Err(e) => (Err(e), None),
             },
             Ok(other) => (
-                Err(Error::HelloRequired(format!("got {} before Hello", request_name(&other)))),
+                Err(Error::HelloRequired(format!(
+                    "got {} before Hello",
+                    request_name(&other)
+                ))),
                 None,
             ),
             Err(e) => (Err(e), None),
@@ -156,7 +174,12 @@ fn request_name(request: &ClientRequest) -> &'static str {
 /// Drains the push queue into the push stream. When the queue closes while the connection is up
 /// and the server is not stopping, the hub cut it off for falling behind, so the connection is
 /// closed for the client to resync.
-async fn write_pushes(conn: Connection, mut push: SendStream, mut rx: mpsc::Receiver<Bytes>, shutdown: CancellationToken) {
+async fn write_pushes(
+    conn: Connection,
+    mut push: SendStream,
+    mut rx: mpsc::Receiver<Bytes>,
+    shutdown: CancellationToken,
+) {
     while let Some(frame) = rx.recv().await {
         if let Err(e) = push.write_all(&frame).await {
             debug!(error = %e, "push stream failed");
@@ -169,7 +192,12 @@ async fn write_pushes(conn: Connection, mut push: SendStream, mut rx: mpsc::Rece
     }
 }
 
-async fn handle_stream(shared: Arc<Shared>, client: Arc<Client>, mut send: SendStream, mut recv: RecvStream) {
+async fn handle_stream(
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let max_frame = shared.config.max_frame;
     let result = match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
         Ok(request) => handle_request(&shared, &client, request).await,
@@ -183,9 +211,15 @@ async fn handle_stream(shared: Arc<Shared>, client: Arc<Client>, mut send: SendS
     }
 }
 
-async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest) -> Result<ClientResponse> {
+async fn handle_request(
+    shared: &Shared,
+    client: &Client,
+    request: ClientRequest,
+) -> Result<ClientResponse> {
     match request {
-        ClientRequest::Hello { .. } => Err(Error::UnexpectedMessage("Hello was already sent on this connection".into())),
+        ClientRequest::Hello { .. } => Err(Error::UnexpectedMessage(
+            "Hello was already sent on this connection".into(),
+        )),
         ClientRequest::Publish {
             register_id,
             service,
@@ -204,7 +238,10 @@ async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest
                 session: shared.config.id,
                 session_instance: shared.instance,
             };
-            let moved_from = client.publishers.lock().insert(register_id.clone(), service.clone());
+            let moved_from = client
+                .publishers
+                .lock()
+                .insert(register_id.clone(), service.clone());
             if let Some(old) = moved_from.filter(|old| *old != service) {
                 forward(shared, remove_op(shared, client, old, register_id), None).await?;
             }
@@ -215,10 +252,17 @@ async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest
         }
         ClientRequest::Unpublish { register_id } => {
             let Some(service) = client.publishers.lock().remove(&register_id) else {
-                return Err(Error::NotFound(format!("no publisher {register_id:?} on this connection")));
+                return Err(Error::NotFound(format!(
+                    "no publisher {register_id:?} on this connection"
+                )));
             };
             let (ack_tx, ack_rx) = oneshot::channel();
-            forward(shared, remove_op(shared, client, service, register_id), Some(ack_tx)).await?;
+            forward(
+                shared,
+                remove_op(shared, client, service, register_id),
+                Some(ack_tx),
+            )
+            .await?;
             let durable = ack_rx.await.map_err(|_| Error::ShuttingDown)??;
             Ok(ClientResponse::Accepted { durable })
         }
@@ -228,7 +272,10 @@ async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest
             scope: _,
         } => {
             check_register_id(&register_id)?;
-            let outcome = shared.hub.lock().subscribe(client.id, register_id, service.clone());
+            let outcome = shared
+                .hub
+                .lock()
+                .subscribe(client.id, register_id, service.clone());
             if let Some(abandoned) = outcome.abandoned {
                 shared.link_event(LinkEvent::Unwant(abandoned)).await;
             }
@@ -241,7 +288,9 @@ async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest
             let abandoned = {
                 let mut hub = shared.hub.lock();
                 if !hub.is_subscribed(client.id, &register_id) {
-                    return Err(Error::NotFound(format!("no subscriber {register_id:?} on this connection")));
+                    return Err(Error::NotFound(format!(
+                        "no subscriber {register_id:?} on this connection"
+                    )));
                 }
                 hub.unsubscribe(client.id, &register_id)
             };
@@ -251,7 +300,9 @@ async fn handle_request(shared: &Shared, client: &Client, request: ClientRequest
             Ok(ClientResponse::Done {})
         }
         ClientRequest::Ping {} => Ok(ClientResponse::Pong {}),
-        ClientRequest::ListServices {} => list_services(shared).await.map(|services| ClientResponse::Services { services }),
+        ClientRequest::ListServices {} => list_services(shared)
+            .await
+            .map(|services| ClientResponse::Services { services }),
     }
 }
 
@@ -264,7 +315,12 @@ fn check_register_id(register_id: &str) -> Result<()> {
     Ok(())
 }
 
-fn remove_op(shared: &Shared, client: &Client, service: ServiceId, register_id: RegisterId) -> WriteOp {
+fn remove_op(
+    shared: &Shared,
+    client: &Client,
+    service: ServiceId,
+    register_id: RegisterId,
+) -> WriteOp {
     WriteOp::Remove {
         service,
         client_id: client.client_id.clone(),
@@ -273,7 +329,11 @@ fn remove_op(shared: &Shared, client: &Client, service: ServiceId, register_id: 
     }
 }
 
-async fn forward(shared: &Shared, op: WriteOp, ack: Option<oneshot::Sender<Result<bool>>>) -> Result<()> {
+async fn forward(
+    shared: &Shared,
+    op: WriteOp,
+    ack: Option<oneshot::Sender<Result<bool>>>,
+) -> Result<()> {
     shared
         .forward_tx
         .send(Forward { op, ack })
@@ -283,13 +343,26 @@ async fn forward(shared: &Shared, op: WriteOp, ack: Option<oneshot::Sender<Resul
 
 /// Asks every data server for the services it leads and merges the answers.
 async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
-    let view = shared.view().ok_or_else(|| Error::Unavailable("no cluster view yet".into()))?;
+    let view = shared
+        .view()
+        .ok_or_else(|| Error::Unavailable("no cluster view yet".into()))?;
     let mut all = Vec::new();
     for member in view.members_of(Role::Data) {
         let conn = shared.pool.get(&member.addr).await?;
-        match rpc::call(&conn, &DataRequest::ListServices {}, shared.config.max_frame, shared.config.request_timeout).await? {
+        match rpc::call(
+            &conn,
+            &DataRequest::ListServices {},
+            shared.config.max_frame,
+            shared.config.request_timeout,
+        )
+        .await?
+        {
             DataResponse::Services { services } => all.extend(services),
-            other => return Err(Error::UnexpectedMessage(format!("expected services, got {other:?}"))),
+            other => {
+                return Err(Error::UnexpectedMessage(format!(
+                    "expected services, got {other:?}"
+                )));
+            }
         }
     }
     all.sort_by(|a, b| a.service.cmp(&b.service));
@@ -317,9 +390,17 @@ async fn cleanup(shared: &Shared, client: &Client, shutdown: &CancellationToken)
     }
     let publishers: Vec<(RegisterId, ServiceId)> = client.publishers.lock().drain().collect();
     if !publishers.is_empty() {
-        info!(publishers = publishers.len(), "removing the publishers of a closed connection");
+        info!(
+            publishers = publishers.len(),
+            "removing the publishers of a closed connection"
+        );
     }
     for (register_id, service) in publishers {
-        let _ = forward(shared, remove_op(shared, client, service, register_id), None).await;
+        let _ = forward(
+            shared,
+            remove_op(shared, client, service, register_id),
+            None,
+        )
+        .await;
     }
 }

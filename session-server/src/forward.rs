@@ -80,7 +80,11 @@ fn answer(acks: Vec<Ack>, result: &Result<bool>) {
 
 /// Runs the forwarder until `shutdown`. Changes still waiting then are dropped: the session is going
 /// away, and its clients re-register through another one.
-pub async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Forward>, shutdown: CancellationToken) {
+pub async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Forward>,
+    shutdown: CancellationToken,
+) {
     let mut state = Forwarder::default();
     let mut sends: JoinSet<(Key, WriteOp, u32, Result<()>)> = JoinSet::new();
     let mut check = tokio::time::interval(RETRY_CHECK);
@@ -155,7 +159,9 @@ fn start_due(
         if state.in_flight.contains_key(&key) {
             continue;
         }
-        let Some(waiting) = state.waiting.get(&key) else { continue };
+        let Some(waiting) = state.waiting.get(&key) else {
+            continue;
+        };
         if waiting.not_before > now {
             continue;
         }
@@ -165,7 +171,12 @@ fn start_due(
     }
 }
 
-async fn send(shared: Arc<Shared>, key: Key, op: WriteOp, attempt: u32) -> (Key, WriteOp, u32, Result<()>) {
+async fn send(
+    shared: Arc<Shared>,
+    key: Key,
+    op: WriteOp,
+    attempt: u32,
+) -> (Key, WriteOp, u32, Result<()>) {
     let result = send_once(&shared, &op).await;
     (key, op, attempt, result)
 }
@@ -175,15 +186,22 @@ async fn send_once(shared: &Shared, op: &WriteOp) -> Result<()> {
     let view = shared
         .view()
         .ok_or_else(|| Error::Unavailable("no cluster view yet".into()))?;
-    let leader = view
-        .table
-        .leader_of(service)
-        .ok_or_else(|| Error::Unavailable(format!("slot of {service} has no leader: no data server is live")))?;
+    let leader = view.table.leader_of(service).ok_or_else(|| {
+        Error::Unavailable(format!(
+            "slot of {service} has no leader: no data server is live"
+        ))
+    })?;
     let addr = view
         .data_addr(leader)
         .ok_or_else(|| Error::Unavailable(format!("data server {leader} has no address")))?;
     let conn = shared.pool.get(addr).await?;
     let request = DataRequest::Write { op: op.clone() };
-    rpc::call::<_, DataResponse>(&conn, &request, shared.config.max_frame, shared.config.request_timeout).await?;
+    rpc::call::<_, DataResponse>(
+        &conn,
+        &request,
+        shared.config.max_frame,
+        shared.config.request_timeout,
+    )
+    .await?;
     Ok(())
 }

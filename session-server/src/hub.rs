@@ -89,7 +89,12 @@ impl Hub {
     }
 
     /// Subscribes `(conn, register_id)` to `service`, pushing the cached datum at once if there is one.
-    pub fn subscribe(&mut self, conn: ConnId, register_id: RegisterId, service: ServiceId) -> Subscribed {
+    pub fn subscribe(
+        &mut self,
+        conn: ConnId,
+        register_id: RegisterId,
+        service: ServiceId,
+    ) -> Subscribed {
         let key = (conn, register_id);
         let mut outcome = Subscribed::default();
         match self.subs.get(&key) {
@@ -100,13 +105,13 @@ impl Hub {
         let state = self.services.entry(service.clone()).or_default();
         outcome.first = state.subscribers.is_empty();
         let mut last = None;
-        if let Some(datum) = &state.datum {
-            if let Some(tx) = self.push.get(&conn) {
-                if try_push(tx, &datum.frame) {
-                    last = Some(datum.version);
-                } else {
-                    self.push.remove(&conn);
-                }
+        if let Some(datum) = &state.datum
+            && let Some(tx) = self.push.get(&conn)
+        {
+            if try_push(tx, &datum.frame) {
+                last = Some(datum.version);
+            } else {
+                self.push.remove(&conn);
             }
         }
         state.subscribers.insert(key.clone(), last);
@@ -151,7 +156,11 @@ impl Hub {
 
     /// The version of the cached datum of `service`.
     pub fn version(&self, service: &ServiceId) -> Option<Version> {
-        self.services.get(service)?.datum.as_ref().map(|d| d.version)
+        self.services
+            .get(service)?
+            .datum
+            .as_ref()
+            .map(|d| d.version)
     }
 
     /// Takes a datum from the slot leader: caches it if newer than the cached one, and pushes it to
@@ -160,7 +169,11 @@ impl Hub {
         let Some(state) = self.services.get_mut(&snapshot.service) else {
             return Ok(false);
         };
-        if state.datum.as_ref().is_some_and(|d| d.version >= snapshot.version) {
+        if state
+            .datum
+            .as_ref()
+            .is_some_and(|d| d.version >= snapshot.version)
+        {
             return Ok(false);
         }
         let version = snapshot.version;
@@ -256,7 +269,10 @@ mod tests {
         hub.attach(1, tx);
         assert!(hub.subscribe(1, "s".into(), svc("a")).first);
         assert!(hub.update(snapshot("a", 5)).unwrap());
-        assert!(!hub.update(snapshot("a", 4)).unwrap(), "older datum ignored");
+        assert!(
+            !hub.update(snapshot("a", 4)).unwrap(),
+            "older datum ignored"
+        );
         assert!(!hub.update(snapshot("a", 5)).unwrap(), "same datum ignored");
         assert!(hub.update(snapshot("a", 9)).unwrap());
         assert_eq!(pushed_versions(&mut rx), vec![5, 9]);
@@ -287,7 +303,13 @@ mod tests {
         assert!(!hub.is_wanted(&svc("a")));
         hub.subscribe(1, "s3".into(), svc("b"));
         let moved = hub.subscribe(1, "s3".into(), svc("c"));
-        assert_eq!(moved, Subscribed { first: true, abandoned: Some(svc("b")) });
+        assert_eq!(
+            moved,
+            Subscribed {
+                first: true,
+                abandoned: Some(svc("b"))
+            }
+        );
         assert_eq!(hub.detach(1), vec![svc("c")]);
         assert_eq!(hub.counts(), (0, 0, 0));
     }
@@ -301,7 +323,10 @@ mod tests {
         assert!(hub.changed(&svc("a"), 1));
         assert!(!hub.changed(&svc("a"), 2), "one fetch at a time");
         assert!(!hub.changed(&svc("a"), 3));
-        assert!(hub.fetch_done(&svc("a")), "changes during the fetch ask for one more");
+        assert!(
+            hub.fetch_done(&svc("a")),
+            "changes during the fetch ask for one more"
+        );
         hub.update(snapshot("a", 3)).unwrap();
         assert!(!hub.fetch_done(&svc("a")));
         assert!(!hub.changed(&svc("a"), 3), "already have it");
@@ -317,6 +342,9 @@ mod tests {
         hub.update(snapshot("a", 1)).unwrap();
         hub.update(snapshot("a", 2)).unwrap();
         assert_eq!(pushed_versions(&mut rx), vec![1]);
-        assert!(rx.is_closed(), "the sender was dropped, so the writer closes the connection");
+        assert!(
+            rx.is_closed(),
+            "the sender was dropped, so the writer closes the connection"
+        );
     }
 }

@@ -77,7 +77,9 @@ impl SessionConfig {
 
     fn validate(&self) -> Result<()> {
         if self.metas.is_empty() {
-            return Err(Error::InvalidArgument("at least one meta address is needed (--meta)".into()));
+            return Err(Error::InvalidArgument(
+                "at least one meta address is needed (--meta)".into(),
+            ));
         }
         self.client_transport.transport(false)?;
         self.peer_transport.transport(false)?;

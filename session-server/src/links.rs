@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use roster_common::proto::{ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot};
+use roster_common::proto::{
+    ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot,
+};
 use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, Version, frame, rpc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -43,9 +45,19 @@ pub enum LinkEvent {
     Want(ServiceId),
     /// The last subscriber of a service left.
     Unwant(ServiceId),
-    Up { node: NodeId, generation: u64 },
-    Down { node: NodeId, generation: u64 },
-    Changed { node: NodeId, service: ServiceId, version: Version },
+    Up {
+        node: NodeId,
+        generation: u64,
+    },
+    Down {
+        node: NodeId,
+        generation: u64,
+    },
+    Changed {
+        node: NodeId,
+        service: ServiceId,
+        version: Version,
+    },
 }
 
 struct Link {
@@ -207,7 +219,11 @@ impl Manager {
                     self.forget_node(node);
                 }
             }
-            LinkEvent::Changed { node, service, version } => {
+            LinkEvent::Changed {
+                node,
+                service,
+                version,
+            } => {
                 if self.shared.hub.lock().changed(&service, version) {
                     self.fetch(node, service);
                 }
@@ -284,19 +300,32 @@ impl Manager {
             let request = DataRequest::Fetch {
                 services: vec![service.clone()],
             };
-            let result = call(&shared, &addr, &request).await.and_then(|response| match response {
-                DataResponse::Datums { mut datums } if datums.len() == 1 => Ok(datums.remove(0)),
-                other => Err(Error::UnexpectedMessage(format!("expected one datum, got {other:?}"))),
-            });
+            let result = call(&shared, &addr, &request)
+                .await
+                .and_then(|response| match response {
+                    DataResponse::Datums { mut datums } if datums.len() == 1 => {
+                        Ok(datums.remove(0))
+                    }
+                    other => Err(Error::UnexpectedMessage(format!(
+                        "expected one datum, got {other:?}"
+                    ))),
+                });
             Done::Fetch { service, result }
         });
     }
 
     fn refetch_stale(&mut self) {
         for service in std::mem::take(&mut self.stale) {
-            let Some(node) = self.leader_of(&service) else { continue };
+            let Some(node) = self.leader_of(&service) else {
+                continue;
+            };
             let version = self.shared.hub.lock().version(&service).unwrap_or(0);
-            if self.shared.hub.lock().changed(&service, version.saturating_add(1)) {
+            if self
+                .shared
+                .hub
+                .lock()
+                .changed(&service, version.saturating_add(1))
+            {
                 self.fetch(node, service);
             }
         }
@@ -312,7 +341,9 @@ impl Manager {
 
     /// Brings the registration of `services` in line with who subscribes and who leads.
     fn reconcile(&mut self, services: &[ServiceId]) {
-        let Some(view) = self.shared.view() else { return };
+        let Some(view) = self.shared.view() else {
+            return;
+        };
         let mut on: HashMap<NodeId, Vec<ServiceId>> = HashMap::new();
         let mut off: HashMap<NodeId, Vec<ServiceId>> = HashMap::new();
         {
@@ -355,7 +386,9 @@ impl Manager {
     }
 
     fn send_interest(&mut self, node: NodeId, services: Vec<ServiceId>, on: bool) {
-        let Some(link) = self.links.get(&node) else { return };
+        let Some(link) = self.links.get(&node) else {
+            return;
+        };
         let Some(generation) = link.up else { return };
         let shared = self.shared.clone();
         let addr = link.addr.clone();
@@ -374,7 +407,9 @@ impl Manager {
             }
             let result = result.and_then(|response| match response {
                 DataResponse::Datums { datums } => Ok(datums),
-                other => Err(Error::UnexpectedMessage(format!("expected datums, got {other:?}"))),
+                other => Err(Error::UnexpectedMessage(format!(
+                    "expected datums, got {other:?}"
+                ))),
             });
             Done::Interest {
                 node,
@@ -388,7 +423,13 @@ impl Manager {
 
 async fn call(shared: &Shared, addr: &str, request: &DataRequest) -> Result<DataResponse> {
     let conn = shared.pool.get(addr).await?;
-    rpc::call(&conn, request, shared.config.max_frame, shared.config.request_timeout).await
+    rpc::call(
+        &conn,
+        request,
+        shared.config.max_frame,
+        shared.config.request_timeout,
+    )
+    .await
 }
 
 /// Keeps a watch stream open to data server `node`, forwarding its events to the manager.
@@ -449,7 +490,11 @@ async fn watch(
         };
         let event = match event {
             DataEvent::Ready {} => LinkEvent::Up { node, generation },
-            DataEvent::Changed { service, version } => LinkEvent::Changed { node, service, version },
+            DataEvent::Changed { service, version } => LinkEvent::Changed {
+                node,
+                service,
+                version,
+            },
         };
         if events.send(event).await.is_err() {
             return Ok(false);

@@ -83,7 +83,11 @@ impl SessionServer {
         let peer_tls = tls::peer_client(&self.identity, ALPN_PEER)?;
         let peer_config = quic::client_config(peer_tls, &config.peer_transport, false)?;
         let endpoint = quic::endpoint(socket, Some(server_config))?;
-        let pool = Arc::new(PeerPool::new(endpoint.clone(), peer_config, config.request_timeout));
+        let pool = Arc::new(PeerPool::new(
+            endpoint.clone(),
+            peer_config,
+            config.request_timeout,
+        ));
 
         let agent_shutdown = CancellationToken::new();
         let (view, agent) = member::spawn(
@@ -119,13 +123,28 @@ impl SessionServer {
 
         let tracker = TaskTracker::new();
         tracker.spawn(forward::run(shared.clone(), forward_rx, shutdown.clone()));
-        tracker.spawn(links::run(shared.clone(), links_tx, links_rx, shutdown.clone()));
-        tracker.spawn(track_readiness(shared.clone(), self.ready_tx, self.instance, shutdown.clone()));
+        tracker.spawn(links::run(
+            shared.clone(),
+            links_tx,
+            links_rx,
+            shutdown.clone(),
+        ));
+        tracker.spawn(track_readiness(
+            shared.clone(),
+            self.ready_tx,
+            self.instance,
+            shutdown.clone(),
+        ));
         let conn_shared = shared.clone();
         let conn_shutdown = shutdown.clone();
         let conn_tracker = tracker.clone();
         serve::accept_loop(&endpoint, &shutdown, &tracker, move |conn| {
-            serve_client(conn_shared.clone(), conn, conn_shutdown.clone(), conn_tracker.clone())
+            serve_client(
+                conn_shared.clone(),
+                conn,
+                conn_shutdown.clone(),
+                conn_tracker.clone(),
+            )
         })
         .await;
         agent_shutdown.cancel();
@@ -136,7 +155,12 @@ impl SessionServer {
     }
 }
 
-async fn track_readiness(shared: Arc<Shared>, ready_tx: watch::Sender<bool>, instance: InstanceId, shutdown: CancellationToken) {
+async fn track_readiness(
+    shared: Arc<Shared>,
+    ready_tx: watch::Sender<bool>,
+    instance: InstanceId,
+    shutdown: CancellationToken,
+) {
     let mut views = shared.view.clone();
     loop {
         let ready = views

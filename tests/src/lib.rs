@@ -78,12 +78,20 @@ impl Cluster {
 
         let meta_socket = bind_loopback();
         let meta_addr = meta_socket.local_addr().unwrap();
-        let meta = MetaServer::open(MetaConfig::new(1, dir.path().join("meta-1")), identity.clone()).expect("meta");
+        let meta = MetaServer::open(
+            MetaConfig::new(1, dir.path().join("meta-1")),
+            identity.clone(),
+        )
+        .expect("meta");
         tasks.push(tokio::spawn(meta.run(meta_socket, shutdown.clone())));
 
         let metas = vec![meta_addr.to_string()];
         for i in 0..options.datas {
-            let server = DataServer::new(DataConfig::new(i as u64 + 1, metas.clone()), identity.clone()).expect("data");
+            let server = DataServer::new(
+                DataConfig::new(i as u64 + 1, metas.clone()),
+                identity.clone(),
+            )
+            .expect("data");
             ready.push(server.ready());
             tasks.push(tokio::spawn(server.run(bind_loopback(), shutdown.clone())));
         }
@@ -145,7 +153,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -180,7 +191,11 @@ pub fn addresses(snapshot: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = snapshot
         .publishers
         .iter()
-        .flat_map(|p| p.data.iter().map(|d| String::from_utf8_lossy(d).into_owned()))
+        .flat_map(|p| {
+            p.data
+                .iter()
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+        })
         .collect();
     out.sort();
     out

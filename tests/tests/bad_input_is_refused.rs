@@ -7,7 +7,9 @@ use std::time::Duration;
 use quinn::{Connection, Endpoint};
 use roster_client::Client;
 use roster_common::frame::{self, DEFAULT_MAX_FRAME};
-use roster_common::proto::{ALPN_CLIENT, ClientRequest, ClientResponse, DataRequest, PROTOCOL_VERSION, Reply};
+use roster_common::proto::{
+    ALPN_CLIENT, ClientRequest, ClientResponse, DataRequest, PROTOCOL_VERSION, Reply,
+};
 use roster_common::quic::{self, TransportSettings};
 use roster_common::{ErrorCode, tls};
 use roster_tests::{Cluster, DEADLINE, addresses, next_matching};
@@ -15,10 +17,17 @@ use roster_tests::{Cluster, DEADLINE, addresses, next_matching};
 /// A raw QUIC connection speaking `roster/1` by hand.
 async fn raw_connect(cluster: &Cluster) -> (Endpoint, Connection) {
     let roots = tls::roots_from(&cluster.identity.ca).unwrap();
-    let config = quic::client_config(tls::client(roots, ALPN_CLIENT).unwrap(), &TransportSettings::default(), true).unwrap();
+    let config = quic::client_config(
+        tls::client(roots, ALPN_CLIENT).unwrap(),
+        &TransportSettings::default(),
+        true,
+    )
+    .unwrap();
     let addr = cluster.session_addrs[0];
     let endpoint = quic::client_endpoint(addr).unwrap();
-    let conn = quic::connect(&endpoint, &config, &addr.to_string(), None, DEADLINE).await.unwrap();
+    let conn = quic::connect(&endpoint, &config, &addr.to_string(), None, DEADLINE)
+        .await
+        .unwrap();
     (endpoint, conn)
 }
 
@@ -66,44 +75,95 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
     // A well-behaved client, subscribed and publishing, watches the whole time.
     let good = Client::connect(cluster.client_config()).await.unwrap();
     let mut sub = good.subscribe("steady").await.unwrap();
-    let _first = good.publish("steady", vec!["10.0.0.1:1".into()]).await.unwrap();
-    next_matching(&mut sub, DEADLINE, "the first publisher", |s| addresses(s) == ["10.0.0.1:1"]).await;
+    let _first = good
+        .publish("steady", vec!["10.0.0.1:1".into()])
+        .await
+        .unwrap();
+    next_matching(&mut sub, DEADLINE, "the first publisher", |s| {
+        addresses(s) == ["10.0.0.1:1"]
+    })
+    .await;
 
     let (_endpoint, raw) = raw_connect(&cluster).await;
 
     // Before Hello, requests are refused and say why.
-    let message = assert_code(exchange(&raw, &ClientRequest::Ping {}).await, ErrorCode::HelloRequired);
+    let message = assert_code(
+        exchange(&raw, &ClientRequest::Ping {}).await,
+        ErrorCode::HelloRequired,
+    );
     assert!(message.contains("Ping"), "{message}");
-    assert!(matches!(exchange(&raw, &hello(PROTOCOL_VERSION)).await, Ok(ClientResponse::Welcome { .. })));
+    assert!(matches!(
+        exchange(&raw, &hello(PROTOCOL_VERSION)).await,
+        Ok(ClientResponse::Welcome { .. })
+    ));
 
     // Bytes that are not MessagePack.
-    let message = assert_code(exchange_raw(&raw, &[0, 0, 0, 5, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1]).await, ErrorCode::BadFrame);
+    let message = assert_code(
+        exchange_raw(&raw, &[0, 0, 0, 5, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1]).await,
+        ErrorCode::BadFrame,
+    );
     assert!(message.contains("MessagePack"), "{message}");
     // A frame header promising more than the limit.
     let mut oversized = (2u32 << 20).to_be_bytes().to_vec();
     oversized.extend(std::iter::repeat_n(0u8, 64 * 1024));
-    let message = assert_code(exchange_raw(&raw, &oversized).await, ErrorCode::FrameTooLarge);
+    let message = assert_code(
+        exchange_raw(&raw, &oversized).await,
+        ErrorCode::FrameTooLarge,
+    );
     assert!(message.contains("1048576"), "names the limit: {message}");
     // A stream that ends inside a frame.
-    assert_code(exchange_raw(&raw, &[0, 0, 0, 10, 1, 2]).await, ErrorCode::BadFrame);
+    assert_code(
+        exchange_raw(&raw, &[0, 0, 0, 10, 1, 2]).await,
+        ErrorCode::BadFrame,
+    );
     // A well-formed frame of a message that does not belong on this link.
-    let wrong = DataRequest::Fetch { services: vec!["steady".parse().unwrap()] };
+    let wrong = DataRequest::Fetch {
+        services: vec!["steady".parse().unwrap()],
+    };
     assert_code(exchange(&raw, &wrong).await, ErrorCode::UnexpectedMessage);
     // A valid message with a bad argument.
     let bad_service = frame::encode(
-        &std::collections::BTreeMap::from([("Subscribe", std::collections::BTreeMap::from([("register_id", "s1"), ("service", "a/b"), ("scope", "global")]))]),
+        &std::collections::BTreeMap::from([(
+            "Subscribe",
+            std::collections::BTreeMap::from([
+                ("register_id", "s1"),
+                ("service", "a/b"),
+                ("scope", "global"),
+            ]),
+        )]),
         DEFAULT_MAX_FRAME,
     )
     .unwrap();
-    assert_code(exchange_raw(&raw, &bad_service).await, ErrorCode::UnexpectedMessage);
-    assert_code(exchange(&raw, &ClientRequest::Unpublish { register_id: "nope".into() }).await, ErrorCode::NotFound);
+    assert_code(
+        exchange_raw(&raw, &bad_service).await,
+        ErrorCode::UnexpectedMessage,
+    );
+    assert_code(
+        exchange(
+            &raw,
+            &ClientRequest::Unpublish {
+                register_id: "nope".into(),
+            },
+        )
+        .await,
+        ErrorCode::NotFound,
+    );
 
     // The raw connection itself still works after all that.
-    assert!(matches!(exchange(&raw, &ClientRequest::Ping {}).await, Ok(ClientResponse::Pong {})));
+    assert!(matches!(
+        exchange(&raw, &ClientRequest::Ping {}).await,
+        Ok(ClientResponse::Pong {})
+    ));
 
     // And the good client still publishes and is pushed to.
-    let _second = good.publish("steady", vec!["10.0.0.2:1".into()]).await.unwrap();
-    next_matching(&mut sub, DEADLINE, "the second publisher", |s| addresses(s) == ["10.0.0.1:1", "10.0.0.2:1"]).await;
+    let _second = good
+        .publish("steady", vec!["10.0.0.2:1".into()])
+        .await
+        .unwrap();
+    next_matching(&mut sub, DEADLINE, "the second publisher", |s| {
+        addresses(s) == ["10.0.0.1:1", "10.0.0.2:1"]
+    })
+    .await;
 
     cluster.stop().await;
 }
@@ -112,9 +172,20 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
 async fn an_unknown_protocol_version_is_refused_and_the_connection_closed() {
     let cluster = Cluster::start().await;
     let (_endpoint, raw) = raw_connect(&cluster).await;
-    let message = assert_code(exchange(&raw, &hello(99)).await, ErrorCode::UnsupportedVersion);
-    assert!(message.contains("99") && message.contains(&PROTOCOL_VERSION.to_string()), "{message}");
-    let closed = tokio::time::timeout(Duration::from_secs(5), raw.closed()).await.expect("the server closes the connection");
-    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+    let message = assert_code(
+        exchange(&raw, &hello(99)).await,
+        ErrorCode::UnsupportedVersion,
+    );
+    assert!(
+        message.contains("99") && message.contains(&PROTOCOL_VERSION.to_string()),
+        "{message}"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.closed())
+        .await
+        .expect("the server closes the connection");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
     cluster.stop().await;
 }

@@ -10,28 +10,53 @@ async fn publish_reaches_subscriber_and_a_closed_connection_empties_the_service(
 
     let subscriber = Client::connect(cluster.client_config()).await.unwrap();
     let mut sub = subscriber.subscribe("demo").await.unwrap();
-    let (_, mut seen) = next_matching(&mut sub, DEADLINE, "the initial empty snapshot", |s| s.publishers.is_empty()).await;
+    let (_, mut seen) = next_matching(&mut sub, DEADLINE, "the initial empty snapshot", |s| {
+        s.publishers.is_empty()
+    })
+    .await;
 
     let publisher = Client::connect(cluster.client_config()).await.unwrap();
-    let publication = publisher.publish("demo", vec!["10.0.0.1:8080".into()]).await.unwrap();
-    assert!(publication.is_durable(), "the slot leader acknowledged the publish");
+    let publication = publisher
+        .publish("demo", vec!["10.0.0.1:8080".into()])
+        .await
+        .unwrap();
+    assert!(
+        publication.is_durable(),
+        "the slot leader acknowledged the publish"
+    );
 
-    let (snapshot, more) = next_matching(&mut sub, DEADLINE, "the publisher", |s| addresses(s) == ["10.0.0.1:8080"]).await;
+    let (snapshot, more) = next_matching(&mut sub, DEADLINE, "the publisher", |s| {
+        addresses(s) == ["10.0.0.1:8080"]
+    })
+    .await;
     seen.extend(more);
     assert_eq!(snapshot.service.as_str(), "default/DEFAULT/demo");
     assert_eq!(snapshot.publishers[0].client_id, publisher.client_id());
-    assert_eq!(sub.current().unwrap(), snapshot, "current() is the latest snapshot");
+    assert_eq!(
+        sub.current().unwrap(),
+        snapshot,
+        "current() is the latest snapshot"
+    );
 
     // A second subscriber arriving late gets the current snapshot at once.
     let late = Client::connect(cluster.client_config()).await.unwrap();
     let mut late_sub = late.subscribe("demo").await.unwrap();
-    next_matching(&mut late_sub, DEADLINE, "the cached snapshot", |s| addresses(s) == ["10.0.0.1:8080"]).await;
+    next_matching(&mut late_sub, DEADLINE, "the cached snapshot", |s| {
+        addresses(s) == ["10.0.0.1:8080"]
+    })
+    .await;
 
     // Dropping the publisher's connection removes its publisher.
     publisher.close().await;
-    let (_, more) = next_matching(&mut sub, DEADLINE, "the empty snapshot", |s| s.publishers.is_empty()).await;
+    let (_, more) = next_matching(&mut sub, DEADLINE, "the empty snapshot", |s| {
+        s.publishers.is_empty()
+    })
+    .await;
     seen.extend(more);
-    next_matching(&mut late_sub, DEADLINE, "the empty snapshot", |s| s.publishers.is_empty()).await;
+    next_matching(&mut late_sub, DEADLINE, "the empty snapshot", |s| {
+        s.publishers.is_empty()
+    })
+    .await;
     assert_versions_increase(&seen);
     drop(publication);
 
@@ -44,9 +69,18 @@ async fn unpublish_update_and_list_services() {
     let client = Client::connect(cluster.client_config()).await.unwrap();
     let mut sub = client.subscribe("prod/payments/api").await.unwrap();
 
-    let mut a = client.publish("prod/payments/api", vec!["10.0.0.1:1".into()]).await.unwrap();
-    let b = client.publish("prod/payments/api", vec!["10.0.0.2:1".into()]).await.unwrap();
-    next_matching(&mut sub, DEADLINE, "two publishers", |s| addresses(s) == ["10.0.0.1:1", "10.0.0.2:1"]).await;
+    let mut a = client
+        .publish("prod/payments/api", vec!["10.0.0.1:1".into()])
+        .await
+        .unwrap();
+    let b = client
+        .publish("prod/payments/api", vec!["10.0.0.2:1".into()])
+        .await
+        .unwrap();
+    next_matching(&mut sub, DEADLINE, "two publishers", |s| {
+        addresses(s) == ["10.0.0.1:1", "10.0.0.2:1"]
+    })
+    .await;
 
     let services = client.list_services().await.unwrap();
     assert_eq!(services.len(), 1);
@@ -54,10 +88,16 @@ async fn unpublish_update_and_list_services() {
     assert_eq!(services[0].publishers, 2);
 
     a.update(vec!["10.0.0.3:1".into()]).await.unwrap();
-    next_matching(&mut sub, DEADLINE, "the update", |s| addresses(s) == ["10.0.0.2:1", "10.0.0.3:1"]).await;
+    next_matching(&mut sub, DEADLINE, "the update", |s| {
+        addresses(s) == ["10.0.0.2:1", "10.0.0.3:1"]
+    })
+    .await;
 
     b.unpublish().await.unwrap();
-    next_matching(&mut sub, DEADLINE, "the unpublish", |s| addresses(s) == ["10.0.0.3:1"]).await;
+    next_matching(&mut sub, DEADLINE, "the unpublish", |s| {
+        addresses(s) == ["10.0.0.3:1"]
+    })
+    .await;
 
     // Dropping a publication unpublishes it too.
     drop(a);

@@ -10,7 +10,9 @@
 mod client;
 mod peer;
 
-pub use client::{ClientRequest, ClientResponse, PublisherView, Push, Scope, ServiceSummary, Snapshot};
+pub use client::{
+    ClientRequest, ClientResponse, PublisherView, Push, Scope, ServiceSummary, Snapshot,
+};
 pub use peer::{
     ClusterView, DataEvent, DataRequest, DataResponse, Member, MemberKey, MetaRequest,
     MetaResponse, Publisher, Role, SlotTable, WriteOp,

@@ -234,7 +234,10 @@ impl WriteOp {
 pub enum DataRequest {
     /// Opens the session's notification stream: one `Ready` frame, then a `Changed` frame for every
     /// change of a service the session registered interest in. Interest lives as long as this stream.
-    Watch { session: NodeId, instance: InstanceId },
+    Watch {
+        session: NodeId,
+        instance: InstanceId,
+    },
     /// Applies one publisher change at the slot leader.
     Write { op: WriteOp },
     /// Registers (`on`) or drops interest in services for the session's watch stream. Registering
@@ -265,5 +268,8 @@ pub enum DataEvent {
     /// The stream is registered; interest may be sent now.
     Ready {},
     /// `service` changed; its datum is now at `version` (or later).
-    Changed { service: ServiceId, version: Version },
+    Changed {
+        service: ServiceId,
+        version: Version,
+    },
 }

@@ -1,0 +1,137 @@
+//! The command-line surface: help that explains, and clear errors for wrong flags and files.
+
+mod support;
+
+use support::run;
+
+#[test]
+fn help_names_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, _) = run(dir.path(), &["--help"]);
+    assert!(ok);
+    for command in [
+        "certs",
+        "meta",
+        "data",
+        "session",
+        "dev",
+        "publish",
+        "subscribe",
+        "ls",
+    ] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(command)),
+            "--help lacks {command}:\n{out}"
+        );
+    }
+    let (ok, out, _) = run(dir.path(), &["data", "--help"]);
+    assert!(ok);
+    for flag in [
+        "--id",
+        "--listen",
+        "--http",
+        "--meta",
+        "--tls-dir",
+        "--config",
+        "--advertise",
+    ] {
+        assert!(out.contains(flag), "data --help lacks {flag}:\n{out}");
+    }
+    let (ok, out, _) = run(dir.path(), &["meta", "--help"]);
+    assert!(ok);
+    for flag in ["--data-dir", "--bootstrap", "--join"] {
+        assert!(out.contains(flag), "meta --help lacks {flag}:\n{out}");
+    }
+}
+
+#[test]
+fn missing_and_unknown_settings_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (ok, _, err) = run(cwd, &["data", "--meta", "127.0.0.1:1", "--tls-dir", "tls"]);
+    assert!(!ok);
+    assert!(err.contains("--id is required"), "{err}");
+
+    let (ok, _, err) = run(
+        cwd,
+        &[
+            "data",
+            "--id",
+            "1",
+            "--meta",
+            "127.0.0.1:1",
+            "--tls-dir",
+            "nowhere",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("nowhere") && err.contains("roster certs"),
+        "{err}"
+    );
+
+    std::fs::write(cwd.join("data.toml"), "id = 1\nmetas = [\"127.0.0.1:1\"]\n").unwrap();
+    let (ok, _, err) = run(cwd, &["data", "--config", "data.toml"]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown key `metas`") && err.contains("meta"),
+        "{err}"
+    );
+
+    let (ok, _, err) = run(cwd, &["publish", "demo", "x"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no client config") && err.contains("roster dev"),
+        "{err}"
+    );
+
+    let (ok, _, err) = run(
+        cwd,
+        &[
+            "subscribe",
+            "a/b",
+            "--session",
+            "127.0.0.1:1",
+            "--ca",
+            "ca.pem",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("ca.pem"), "{err}");
+
+    let (ok, _, err) = run(cwd, &["dev", "--metas", "3"]);
+    assert!(!ok);
+    assert!(err.contains("single meta node"), "{err}");
+}
+
+#[test]
+fn certs_writes_a_pki_and_refuses_to_overwrite_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (ok, _, err) = run(
+        cwd,
+        &["certs", "--dir", "tls", "--name", "data-0.roster-data"],
+    );
+    assert!(ok, "{err}");
+    for file in ["ca.pem", "ca-key.pem", "node.pem", "node-key.pem"] {
+        assert!(cwd.join("tls").join(file).exists(), "{file} missing");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(cwd.join("tls/node-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "keys are private to their owner");
+    }
+    let ca = std::fs::read(cwd.join("tls/ca.pem")).unwrap();
+    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
+    assert!(!ok);
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(cwd.join("tls/ca.pem")).unwrap(),
+        ca,
+        "the existing CA is untouched"
+    );
+}
