@@ -3,7 +3,8 @@
 //! Each server's settings come from three layers, later winning: a TOML file (`--config`, keys
 //! named like the long flags), `ROSTER_*` environment variables, then flags.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use roster_meta::{MetaConfig, MetaServer};
 use roster_session::{SessionConfig, SessionServer};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{http, shutdown_on_signal};
@@ -255,6 +258,32 @@ const DATA_HTTP: &str = "0.0.0.0:7280";
 const SESSION_LISTEN: &str = "0.0.0.0:7300";
 const SESSION_HTTP: &str = "0.0.0.0:7380";
 
+/// Binds the server's sockets, serves the HTTP admin port beside it, and runs it until SIGINT or
+/// SIGTERM. Prints where it listens on stdout, so scripts can find ports the system chose
+/// (`--listen 127.0.0.1:0`).
+async fn run_server<F, Fut>(
+    who: &str,
+    listen: SocketAddr,
+    http: SocketAddr,
+    ready: watch::Receiver<bool>,
+    run: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(UdpSocket, CancellationToken) -> Fut,
+    Fut: Future<Output = roster_common::Result<()>>,
+{
+    let socket = bind_udp(listen)?;
+    let quic = socket.local_addr()?;
+    let shutdown = shutdown_on_signal();
+    let (http, http_task) = http::serve(http, ready, shutdown.clone()).await?;
+    println!("roster {who} listening: quic={quic} http={http}");
+    let result = run(socket, shutdown.clone()).await;
+    // Also stops the admin port when the server ended on its own.
+    shutdown.cancel();
+    let _ = http_task.await;
+    Ok(result?)
+}
+
 fn addr_or(value: Option<SocketAddr>, default: &str) -> SocketAddr {
     value.unwrap_or_else(|| default.parse().expect("literal address"))
 }
@@ -311,19 +340,15 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     info!(?config, "starting meta node");
     let identity = args.common.identity()?;
     let server = MetaServer::open(config, identity)?;
-    let socket = bind_udp(addr_or(args.common.listen, META_LISTEN))?;
-    let shutdown = shutdown_on_signal();
-    let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
-    let (_, http) = http::serve(
-        addr_or(args.common.http, META_HTTP),
-        ready_rx,
-        shutdown.clone(),
-    )
-    .await?;
-    server.run(socket, shutdown).await?;
-    drop(ready_tx);
-    let _ = http.await;
-    Ok(())
+    // A single meta node that is up serves; it is always ready.
+    let ready = tokio::sync::watch::channel(true).1;
+    let listen = addr_or(args.common.listen, META_LISTEN);
+    let http = addr_or(args.common.http, META_HTTP);
+    let who = format!("meta {id} of cluster {}", server.cluster_id());
+    run_server(&who, listen, http, ready, |socket, shutdown| {
+        server.run(socket, shutdown)
+    })
+    .await
 }
 
 pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
@@ -347,18 +372,16 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
         config.session_grace = Duration::from_millis(ms);
     }
     info!(?config, "starting data server");
+    let id = config.id;
     let server = DataServer::new(config, args.common.identity()?)?;
-    let socket = bind_udp(addr_or(args.common.listen, DATA_LISTEN))?;
-    let shutdown = shutdown_on_signal();
-    let (_, http) = http::serve(
-        addr_or(args.common.http, DATA_HTTP),
-        server.ready(),
-        shutdown.clone(),
-    )
-    .await?;
-    server.run(socket, shutdown).await?;
-    let _ = http.await;
-    Ok(())
+    let listen = addr_or(args.common.listen, DATA_LISTEN);
+    let http = addr_or(args.common.http, DATA_HTTP);
+    let ready = server.ready();
+    let who = format!("data {id}");
+    run_server(&who, listen, http, ready, |socket, shutdown| {
+        server.run(socket, shutdown)
+    })
+    .await
 }
 
 pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
@@ -383,16 +406,14 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
         config.client_grace = Duration::from_millis(ms);
     }
     info!(?config, "starting session server");
+    let id = config.id;
     let server = SessionServer::new(config, args.common.identity()?)?;
-    let socket = bind_udp(addr_or(args.common.listen, SESSION_LISTEN))?;
-    let shutdown = shutdown_on_signal();
-    let (_, http) = http::serve(
-        addr_or(args.common.http, SESSION_HTTP),
-        server.ready(),
-        shutdown.clone(),
-    )
-    .await?;
-    server.run(socket, shutdown).await?;
-    let _ = http.await;
-    Ok(())
+    let listen = addr_or(args.common.listen, SESSION_LISTEN);
+    let http = addr_or(args.common.http, SESSION_HTTP);
+    let ready = server.ready();
+    let who = format!("session {id}");
+    run_server(&who, listen, http, ready, |socket, shutdown| {
+        server.run(socket, shutdown)
+    })
+    .await
 }

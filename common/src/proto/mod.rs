@@ -34,3 +34,74 @@ pub type Reply<T> = std::result::Result<T, WireError>;
 pub fn reply<T>(result: Result<T, Error>) -> Reply<T> {
     result.map_err(|e| e.to_wire())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode};
+
+    /// The byte-level example in `docs/PROTOCOL.md` §2.
+    #[test]
+    fn documented_ping_bytes() {
+        let ping = encode(&ClientRequest::Ping {}, u32::MAX).unwrap();
+        assert_eq!(
+            &ping[..],
+            &[0, 0, 0, 7, 0x81, 0xa4, b'P', b'i', b'n', b'g', 0x80]
+        );
+        let pong = encode(&reply(Ok(ClientResponse::Pong {})), u32::MAX).unwrap();
+        assert_eq!(
+            &pong[..],
+            &[
+                0, 0, 0, 0x0b, 0x81, 0xa2, b'O', b'k', 0x81, 0xa4, b'P', b'o', b'n', b'g', 0x80
+            ]
+        );
+    }
+
+    /// Errors travel as `{"Err": {code, message}}` with optional details left out when absent.
+    #[test]
+    fn error_replies_are_maps_with_a_code() {
+        let frame = encode(
+            &reply::<ClientResponse>(Err(Error::NotFound("x".into()))),
+            u32::MAX,
+        )
+        .unwrap();
+        let value: std::collections::BTreeMap<
+            String,
+            std::collections::BTreeMap<String, rmp_value::Any>,
+        > = rmp_serde::from_slice(&frame[4..]).unwrap();
+        let fields = &value["Err"];
+        assert_eq!(fields.keys().collect::<Vec<_>>(), ["code", "message"]);
+        let back: Reply<ClientResponse> = decode(&frame[4..]).unwrap();
+        assert_eq!(back.unwrap_err().code, 9);
+    }
+
+    /// Optional fields may be left out by other-language clients.
+    #[test]
+    fn optional_fields_default() {
+        let minimal = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([(
+            "Subscribe",
+            std::collections::BTreeMap::from([("register_id", "s1"), ("service", "demo")]),
+        )]))
+        .unwrap();
+        let request: ClientRequest = decode(&minimal).unwrap();
+        assert_eq!(
+            request,
+            ClientRequest::Subscribe {
+                register_id: "s1".into(),
+                service: "demo".parse().unwrap(),
+                scope: Scope::Global
+            }
+        );
+    }
+
+    mod rmp_value {
+        /// Accepts any MessagePack value, for inspecting shapes.
+        #[derive(Debug)]
+        pub struct Any;
+        impl<'de> serde::Deserialize<'de> for Any {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                serde::de::IgnoredAny::deserialize(d).map(|_| Any)
+            }
+        }
+    }
+}

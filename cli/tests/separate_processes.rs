@@ -1,0 +1,189 @@
+//! Each tier as its own process, wired as the README shows: a killed session server's lease lapses,
+//! the meta server removes it, and the data server drops its clients' publishers; subscribers on
+//! another session see them go.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Proc, roster, run};
+
+const START: Duration = Duration::from_secs(30);
+
+/// Starts a server with `--listen 127.0.0.1:0 --http 127.0.0.1:0` and returns it with the addresses
+/// it printed.
+fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, String, String) {
+    let mut args = vec![
+        role,
+        "--id",
+        id,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--tls-dir",
+        "tls",
+    ];
+    args.extend_from_slice(extra);
+    let proc = roster(&format!("{role} {id}"), cwd, &args);
+    let line = proc.line_matching(START, "its listen addresses", |l| l.contains("listening:"));
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= in {line}"))
+            .to_owned()
+    };
+    (proc, field("quic"), field("http"))
+}
+
+fn http_get(addr: &str, path: &str) -> u16 {
+    let mut stream = TcpStream::connect(addr).expect("connect to the admin port");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_ready(http: &str) {
+    let deadline = Instant::now() + START;
+    while http_get(http, "/readyz") != 200 {
+        assert!(Instant::now() < deadline, "{http} never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn client_config(cwd: &Path, name: &str, session: &str) -> String {
+    let file = format!("{name}.toml");
+    std::fs::write(
+        cwd.join(&file),
+        format!("sessions = [\"{session}\"]\nca = \"tls/ca.pem\"\n"),
+    )
+    .unwrap();
+    file
+}
+
+fn publisher_count(line: &str) -> usize {
+    let v: Value = serde_json::from_str(line).unwrap();
+    v["publishers"].as_array().unwrap().len()
+}
+
+#[test]
+fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
+    assert!(ok, "{err}");
+
+    let (mut meta, meta_addr, meta_http) =
+        start_server(cwd, "meta", "1", &["--data-dir", "meta-1"]);
+    assert_eq!(http_get(&meta_http, "/healthz"), 200);
+    let (mut data, _, data_http) = start_server(
+        cwd,
+        "data",
+        "1",
+        &["--meta", &meta_addr, "--session-grace-ms", "500"],
+    );
+    let (session1, session1_addr, session1_http) =
+        start_server(cwd, "session", "1", &["--meta", &meta_addr]);
+    let (mut session2, session2_addr, session2_http) =
+        start_server(cwd, "session", "2", &["--meta", &meta_addr]);
+    for http in [&data_http, &session1_http, &session2_http] {
+        wait_ready(http);
+    }
+    assert_eq!(http_get(&data_http, "/nope"), 404);
+
+    let via1 = client_config(cwd, "via1", &session1_addr);
+    let via2 = client_config(cwd, "via2", &session2_addr);
+    let sub = roster(
+        "subscribe via 2",
+        cwd,
+        &["subscribe", "--config", &via2, "web"],
+    );
+    sub.line_matching(START, "the initial snapshot", |l| publisher_count(l) == 0);
+    let _publisher = roster(
+        "publish via 1",
+        cwd,
+        &["publish", "--config", &via1, "web", "10.0.0.1:80"],
+    );
+    sub.line_matching(START, "the publisher through the other session", |l| {
+        publisher_count(l) == 1
+    });
+
+    // The publisher's session dies without a word. Its lease (3 s) lapses, the meta removes it, the
+    // data server waits out session_grace (0.5 s) and drops what that session owned.
+    let start = Instant::now();
+    session1.signal("KILL");
+    sub.line_matching(Duration::from_secs(10), "the empty snapshot", |l| {
+        publisher_count(l) == 0
+    });
+    let took = start.elapsed();
+    println!("publishers of a killed session dropped after {took:?}");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "dropped before the lease could lapse ({took:?})"
+    );
+
+    // Every survivor stops cleanly on SIGTERM.
+    drop(sub);
+    for proc in [&mut session2, &mut data, &mut meta] {
+        proc.signal("TERM");
+        assert!(
+            proc.wait_exit(Duration::from_secs(10)),
+            "{} exits 0 on SIGTERM",
+            proc.name
+        );
+    }
+}
+
+#[test]
+fn a_restarted_meta_server_keeps_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+    let start_meta = || {
+        let meta = roster(
+            "meta 1",
+            cwd,
+            &[
+                "meta",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--tls-dir",
+                "tls",
+                "--data-dir",
+                "meta-1",
+            ],
+        );
+        let line = meta.line_matching(START, "its cluster id", |l| l.contains("listening:"));
+        let cluster = line
+            .split("cluster ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("cluster id")
+            .to_owned();
+        (meta, cluster)
+    };
+    let (mut meta, first) = start_meta();
+    meta.signal("TERM");
+    assert!(meta.wait_exit(Duration::from_secs(10)));
+    let (mut meta, second) = start_meta();
+    assert_eq!(second, first, "the same cluster after a restart");
+    meta.signal("TERM");
+    assert!(meta.wait_exit(Duration::from_secs(10)));
+}
