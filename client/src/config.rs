@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// sessions = ["127.0.0.1:7300"]   # session server addresses; one is picked at random
 /// ca = "ca.pem"                   # the cluster CA, relative to this file
 /// # server_name = "localhost"     # name checked in the server certificate (default: the host)
-/// # token = "..."                 # presented in Hello
+/// # token = "..."                 # presented in Hello (servers of this version ignore it)
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +25,7 @@ pub struct ClientConfig {
     /// The name the server certificate must be valid for. Default: the host part of the address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
-    /// A token presented in `Hello`, for clusters that require one.
+    /// A token presented in `Hello`, for clusters that require one (servers of this version do not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// A name for this client in server logs. Default empty.

@@ -79,6 +79,9 @@ pub async fn serve_client(
             .close_reason()
             .map(|r| r.to_string())
             .unwrap_or_else(|| "server shutting down".into());
+        if shutdown.is_cancelled() {
+            conn.close(0u32.into(), b"session server shutting down");
+        }
         cleanup(&shared, &client, &shutdown).await;
         debug!(%reason, "client disconnected");
     }

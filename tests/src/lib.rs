@@ -36,8 +36,6 @@ pub fn bind_loopback() -> UdpSocket {
 pub struct ClusterOptions {
     pub datas: usize,
     pub sessions: usize,
-    /// Applied to every session server's config before it starts.
-    pub session: Box<dyn Fn(&mut SessionConfig) + Send>,
 }
 
 impl Default for ClusterOptions {
@@ -45,7 +43,6 @@ impl Default for ClusterOptions {
         ClusterOptions {
             datas: 1,
             sessions: 1,
-            session: Box::new(|_| {}),
         }
     }
 }
@@ -97,8 +94,7 @@ impl Cluster {
         }
         let mut session_addrs = Vec::new();
         for i in 0..options.sessions {
-            let mut config = SessionConfig::new(i as u64 + 1, metas.clone());
-            (options.session)(&mut config);
+            let config = SessionConfig::new(i as u64 + 1, metas.clone());
             let socket = bind_loopback();
             session_addrs.push(socket.local_addr().unwrap());
             let server = SessionServer::new(config, identity.clone()).expect("session");
