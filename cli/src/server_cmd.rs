@@ -199,13 +199,10 @@ pub struct MetaArgs {
     lease_timeout_ms: Option<u64>,
 }
 
-/// Arguments of `roster data`.
+/// Settings of the servers that join the cluster as members (data and session).
 #[derive(Args, Deserialize, Default, Debug)]
 #[serde(rename_all = "kebab-case")]
-pub struct DataArgs {
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
+pub struct MemberArgs {
     /// Meta node addresses, comma-separated. Required.
     #[arg(
         long,
@@ -214,12 +211,41 @@ pub struct DataArgs {
         value_delimiter = ','
     )]
     meta: Option<Vec<String>>,
-    /// The address sessions dial this server at [default: the listen address, if a specific IP].
+    /// The address others dial this server at: sessions for a data server, clients for a session
+    /// server [default: the listen address, if a specific IP].
     #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
     /// Failure zone reported to the meta tier.
     #[arg(long, env = "ROSTER_ZONE")]
     zone: Option<String>,
+}
+
+/// Keys of [`MemberArgs`] in a config file.
+const MEMBER_KEYS: [&str; 3] = ["meta", "advertise", "zone"];
+
+impl MemberArgs {
+    fn layer(&mut self, file: MemberArgs) {
+        layer!(self, file; meta, advertise, zone);
+    }
+
+    fn metas(&self) -> anyhow::Result<Vec<String>> {
+        self.meta
+            .clone()
+            .filter(|m| !m.is_empty())
+            .context("--meta is required (or ROSTER_META, or `meta` in the config file)")
+    }
+}
+
+/// Arguments of `roster data`.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct DataArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    member: MemberArgs,
     /// How long a departed session's publishers are kept, in milliseconds [default: 5000].
     #[arg(long, env = "ROSTER_SESSION_GRACE_MS", value_name = "MS")]
     session_grace_ms: Option<u64>,
@@ -232,20 +258,9 @@ pub struct SessionArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: CommonArgs,
-    /// Meta node addresses, comma-separated. Required.
-    #[arg(
-        long,
-        env = "ROSTER_META",
-        value_name = "ADDR[,ADDR...]",
-        value_delimiter = ','
-    )]
-    meta: Option<Vec<String>>,
-    /// The address clients dial this server at [default: the listen address, if a specific IP].
-    #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
-    advertise: Option<String>,
-    /// Failure zone reported to the meta tier.
-    #[arg(long, env = "ROSTER_ZONE")]
-    zone: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    member: MemberArgs,
     /// How long a closed client connection's publishers stay, in milliseconds [default: 0].
     #[arg(long, env = "ROSTER_CLIENT_GRACE_MS", value_name = "MS")]
     client_grace_ms: Option<u64>,
@@ -352,20 +367,15 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
 }
 
 pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
-    let file: DataArgs = read_config_file(
-        args.common.config.as_deref(),
-        &["meta", "advertise", "zone", "session-grace-ms"],
-    )?;
+    let keys = [&MEMBER_KEYS[..], &["session-grace-ms"]].concat();
+    let file: DataArgs = read_config_file(args.common.config.as_deref(), &keys)?;
     args.common.layer(file.common);
-    layer!(args, file; meta, advertise, zone, session_grace_ms);
+    args.member.layer(file.member);
+    layer!(args, file; session_grace_ms);
 
-    let metas = args
-        .meta
-        .filter(|m| !m.is_empty())
-        .context("--meta is required (or ROSTER_META)")?;
-    let mut config = DataConfig::new(args.common.id()?, metas);
-    config.advertise = args.advertise;
-    config.zone = args.zone.unwrap_or_default();
+    let mut config = DataConfig::new(args.common.id()?, args.member.metas()?);
+    config.advertise = args.member.advertise;
+    config.zone = args.member.zone.unwrap_or_default();
     config.transport = args.common.transport();
     config.max_frame = args.common.max_frame();
     if let Some(ms) = args.session_grace_ms {
@@ -385,20 +395,15 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
 }
 
 pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
-    let file: SessionArgs = read_config_file(
-        args.common.config.as_deref(),
-        &["meta", "advertise", "zone", "client-grace-ms"],
-    )?;
+    let keys = [&MEMBER_KEYS[..], &["client-grace-ms"]].concat();
+    let file: SessionArgs = read_config_file(args.common.config.as_deref(), &keys)?;
     args.common.layer(file.common);
-    layer!(args, file; meta, advertise, zone, client_grace_ms);
+    args.member.layer(file.member);
+    layer!(args, file; client_grace_ms);
 
-    let metas = args
-        .meta
-        .filter(|m| !m.is_empty())
-        .context("--meta is required (or ROSTER_META)")?;
-    let mut config = SessionConfig::new(args.common.id()?, metas);
-    config.advertise = args.advertise;
-    config.zone = args.zone.unwrap_or_default();
+    let mut config = SessionConfig::new(args.common.id()?, args.member.metas()?);
+    config.advertise = args.member.advertise;
+    config.zone = args.member.zone.unwrap_or_default();
     config.client_transport = args.common.transport();
     config.peer_transport = args.common.transport();
     config.max_frame = args.common.max_frame();

@@ -40,6 +40,38 @@ fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, Stri
     (proc, field("quic"), field("http"))
 }
 
+/// Configuration layers: file, then `ROSTER_*` environment, then flags, later winning.
+#[test]
+fn settings_come_from_file_environment_and_flags_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+    let (_meta, meta_addr, _) = start_server(cwd, "meta", "1", &["--data-dir", "meta-1"]);
+    std::fs::write(
+        cwd.join("data.toml"),
+        format!("id = 5\nmeta = [\"{meta_addr}\"]\ntls-dir = \"tls\"\nlisten = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    // The file says id 5 and port 1; the environment says id 7; the flag says port 0.
+    let data = support::roster_with_env(
+        "data from file",
+        cwd,
+        &["data", "--config", "data.toml", "--listen", "127.0.0.1:0"],
+        &[("ROSTER_ID", "7")],
+    );
+    let line = data.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    assert!(
+        line.contains("roster data 7 "),
+        "the environment wins over the file: {line}"
+    );
+    assert!(
+        !line.contains("quic=127.0.0.1:1 "),
+        "the flag wins over the file: {line}"
+    );
+    let http = line.split("http=").nth(1).unwrap().trim().to_owned();
+    wait_ready(&http);
+}
+
 fn http_get(addr: &str, path: &str) -> u16 {
     let mut stream = TcpStream::connect(addr).expect("connect to the admin port");
     write!(

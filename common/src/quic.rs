@@ -124,6 +124,23 @@ pub fn client_endpoint(peer: SocketAddr) -> Result<Endpoint> {
     endpoint(bind_udp(local)?, None)
 }
 
+/// The address to advertise for a server bound to `socket`: `configured` if given, else the socket's
+/// own address, which must then be a specific IP (peers cannot dial `0.0.0.0`).
+pub fn advertised_addr(configured: Option<&str>, socket: &UdpSocket) -> Result<String> {
+    if let Some(addr) = configured {
+        return Ok(addr.to_owned());
+    }
+    let local = socket
+        .local_addr()
+        .map_err(|e| Error::InvalidArgument(format!("cannot read the listen address: {e}")))?;
+    if local.ip().is_unspecified() {
+        return Err(Error::InvalidArgument(format!(
+            "listening on {local}, which others cannot dial: set --advertise to this server's reachable host:port"
+        )));
+    }
+    Ok(local.to_string())
+}
+
 /// The host part of `host:port`, `[v6]:port` or a bare host: the name TLS checks the certificate for.
 pub fn host_of(addr: &str) -> &str {
     let host = match addr.rsplit_once(':') {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::peers::PeerPool;
 
@@ -70,6 +70,29 @@ pub async fn serve_streams<H, Fut>(
             },
         }
     }
+}
+
+/// Serves a peer endpoint: accepts connections until `shutdown` and runs `on_stream` for every
+/// request stream of each, as tasks on `tracker`. Each connection gets a span naming the peer.
+pub async fn serve_requests<H, Fut>(
+    endpoint: &Endpoint,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    on_stream: H,
+) where
+    H: Fn(SendStream, RecvStream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let conn_shutdown = shutdown.clone();
+    let conn_tracker = tracker.clone();
+    accept_loop(endpoint, shutdown, tracker, move |conn| {
+        let shutdown = conn_shutdown.clone();
+        let tracker = conn_tracker.clone();
+        let on_stream = on_stream.clone();
+        let span = tracing::info_span!("peer", remote = %conn.remote_address());
+        async move { serve_streams(&conn, &shutdown, &tracker, on_stream).await }.instrument(span)
+    })
+    .await;
 }
 
 /// Waits for `tracker`'s tasks (up to `grace`), closes the connections to peers in `pool`, then

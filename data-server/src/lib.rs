@@ -20,7 +20,6 @@ pub mod owners;
 mod server;
 pub mod store;
 
-use std::net::UdpSocket;
 use std::time::Duration;
 
 use roster_common::quic::TransportSettings;
@@ -74,24 +73,4 @@ impl DataConfig {
         }
         Ok(())
     }
-
-    fn advertised_addr(&self, socket: &UdpSocket) -> Result<String> {
-        advertised_addr(self.advertise.as_deref(), socket)
-    }
-}
-
-/// The address to advertise: the configured one, or the socket's if it is a specific IP.
-pub(crate) fn advertised_addr(configured: Option<&str>, socket: &UdpSocket) -> Result<String> {
-    if let Some(addr) = configured {
-        return Ok(addr.to_owned());
-    }
-    let local = socket
-        .local_addr()
-        .map_err(|e| Error::InvalidArgument(format!("cannot read the listen address: {e}")))?;
-    if local.ip().is_unspecified() {
-        return Err(Error::InvalidArgument(format!(
-            "listening on {local}, which peers cannot dial: set --advertise to this server's reachable address"
-        )));
-    }
-    Ok(local.to_string())
 }

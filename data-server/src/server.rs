@@ -17,7 +17,7 @@ use roster_common::{Error, InstanceId, Result, ServiceId, frame, ids, quic, rpc,
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::DataConfig;
 use crate::interest::Interests;
@@ -62,7 +62,7 @@ impl DataServer {
 
     /// Serves sessions on `socket` until `shutdown` fires.
     pub async fn run(self, socket: UdpSocket, shutdown: CancellationToken) -> Result<()> {
-        let advertise = self.config.advertised_addr(&socket)?;
+        let advertise = quic::advertised_addr(self.config.advertise.as_deref(), &socket)?;
         let (endpoint, peer_config) =
             quic::peer_endpoint(socket, &self.identity, &self.config.transport)?;
         let pool = Arc::new(PeerPool::new(
@@ -101,21 +101,9 @@ impl DataServer {
 
         let tracker = TaskTracker::new();
         tracker.spawn(follow_cluster(shared.clone(), shutdown.clone()));
-        let conn_shared = shared.clone();
-        let conn_shutdown = shutdown.clone();
-        let conn_tracker = tracker.clone();
-        serve::accept_loop(&endpoint, &shutdown, &tracker, move |conn| {
-            let shared = conn_shared.clone();
-            let shutdown = conn_shutdown.clone();
-            let tracker = conn_tracker.clone();
-            let span = info_span!("session_conn", remote = %conn.remote_address());
-            async move {
-                serve::serve_streams(&conn, &shutdown, &tracker, |send, recv| {
-                    handle_stream(shared.clone(), send, recv, shutdown.clone())
-                })
-                .await;
-            }
-            .instrument(span)
+        let stream_shutdown = shutdown.clone();
+        serve::serve_requests(&endpoint, &shutdown, &tracker, move |send, recv| {
+            handle_stream(shared.clone(), send, recv, stream_shutdown.clone())
         })
         .await;
         // Leave the cluster before the endpoint closes, so the meta tier hears it at once.

@@ -13,7 +13,7 @@ use roster_common::{Error, Result, frame, quic, rpc, serve, unix_millis};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::MetaConfig;
 use crate::disk::StateFile;
@@ -101,20 +101,9 @@ impl MetaServer {
 
         let tracker = TaskTracker::new();
         tracker.spawn(expire_leases(node.clone(), shutdown.clone()));
-        let accept_shutdown = shutdown.clone();
-        let conn_tracker = tracker.clone();
-        serve::accept_loop(&endpoint, &shutdown, &tracker, move |conn| {
-            let node = node.clone();
-            let shutdown = accept_shutdown.clone();
-            let tracker = conn_tracker.clone();
-            let span = info_span!("member_conn", remote = %conn.remote_address());
-            async move {
-                serve::serve_streams(&conn, &shutdown, &tracker, |send, recv| {
-                    handle_stream(node.clone(), send, recv, shutdown.clone())
-                })
-                .await;
-            }
-            .instrument(span)
+        let stream_shutdown = shutdown.clone();
+        serve::serve_requests(&endpoint, &shutdown, &tracker, move |send, recv| {
+            handle_stream(node.clone(), send, recv, stream_shutdown.clone())
         })
         .await;
         serve::drain(&endpoint, &tracker, None, Duration::from_secs(2)).await;

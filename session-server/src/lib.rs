@@ -18,7 +18,6 @@ pub mod hub;
 mod links;
 mod server;
 
-use std::net::UdpSocket;
 use std::time::Duration;
 
 use quinn::VarInt;
@@ -85,19 +84,4 @@ impl SessionConfig {
         self.peer_transport.transport(false)?;
         Ok(())
     }
-}
-
-fn advertised_addr(configured: Option<&str>, socket: &UdpSocket) -> Result<String> {
-    if let Some(addr) = configured {
-        return Ok(addr.to_owned());
-    }
-    let local = socket
-        .local_addr()
-        .map_err(|e| Error::InvalidArgument(format!("cannot read the listen address: {e}")))?;
-    if local.ip().is_unspecified() {
-        return Err(Error::InvalidArgument(format!(
-            "listening on {local}, which clients cannot be told to dial: set --advertise"
-        )));
-    }
-    Ok(local.to_string())
 }

@@ -77,7 +77,7 @@ impl SessionServer {
     /// Serves clients on `socket` until `shutdown` fires.
     pub async fn run(self, socket: UdpSocket, shutdown: CancellationToken) -> Result<()> {
         let config = self.config;
-        let advertise = crate::advertised_addr(config.advertise.as_deref(), &socket)?;
+        let advertise = quic::advertised_addr(config.advertise.as_deref(), &socket)?;
         let server_tls = tls::client_facing_server(&self.identity, ALPN_CLIENT)?;
         let server_config = quic::server_config(server_tls, &config.client_transport)?;
         let peer_tls = tls::peer_client(&self.identity, ALPN_PEER)?;

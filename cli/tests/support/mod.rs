@@ -18,8 +18,14 @@ pub struct Proc {
 
 /// Starts `roster ARGS...` in `cwd`.
 pub fn roster(name: &str, cwd: &Path, args: &[&str]) -> Proc {
+    roster_with_env(name, cwd, args, &[])
+}
+
+/// Starts `roster ARGS...` in `cwd` with extra environment variables.
+pub fn roster_with_env(name: &str, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .env(
             "RUST_LOG",
