@@ -1,6 +1,7 @@
 //! `roster dev`: a whole cluster in this process on 127.0.0.1, with its CA and a client config
 //! written where the client commands look by default.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use roster_client::ClientConfig;
 use roster_common::quic::bind_udp;
 use roster_common::tls::{self, CA_CERT_FILE, Pki};
 use roster_data::{DataConfig, DataServer};
-use roster_meta::{MetaConfig, MetaServer};
+use roster_meta::{MetaConfig, MetaServer, Start};
 use roster_session::{SessionConfig, SessionServer};
 use tokio::task::JoinSet;
 use tracing::info;
@@ -29,7 +30,7 @@ pub struct DevArgs {
     /// Client commands run from the same working directory find the config without flags.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
-    /// Meta nodes to run. This version runs a single meta node.
+    /// Meta nodes to run (a Raft group; 3 or 5 tolerate the loss of 1 or 2).
     #[arg(long, default_value_t = 1)]
     metas: usize,
     /// Data servers to run.
@@ -41,14 +42,8 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if args.metas != 1 {
-        bail!(
-            "--metas {}: this version runs a single meta node (the replicated meta group is not built yet)",
-            args.metas
-        );
-    }
-    if args.datas == 0 || args.sessions == 0 {
-        bail!("a cluster needs at least one data server and one session server");
+    if args.metas == 0 || args.datas == 0 || args.sessions == 0 {
+        bail!("a cluster needs at least one meta, one data and one session server");
     }
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -57,29 +52,37 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     tls::write_file(&dir.join(CA_CERT_FILE), &pki.ca_cert_pem, false)?;
     let identity = pki.node_identity()?;
 
-    // A dev cluster starts empty every time: the certificates above are new, so is the cluster.
-    let meta_dir = dir.join("meta-1");
-    if meta_dir.exists() {
-        std::fs::remove_dir_all(&meta_dir)
-            .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
-    }
-
     let shutdown = shutdown_on_signal();
     let mut servers: JoinSet<(String, roster_common::Result<()>)> = JoinSet::new();
     let mut ready = Vec::new();
-
     let localhost = "127.0.0.1:0".parse().expect("literal address");
-    let meta_socket = bind_udp(localhost)?;
-    let meta_addr = meta_socket.local_addr()?.to_string();
-    let meta = MetaServer::open(MetaConfig::new(1, meta_dir), identity.clone())?;
-    let token = shutdown.clone();
-    servers.spawn(async move { ("meta 1".to_string(), meta.run(meta_socket, token).await) });
+
+    // A dev cluster starts empty every time: the certificates above are new, so is the cluster.
+    let mut meta_sockets = Vec::new();
+    for id in 1..=args.metas as u64 {
+        let socket = bind_udp(localhost)?;
+        meta_sockets.push((id, socket.local_addr()?.to_string(), socket));
+    }
+    let voters: BTreeMap<u64, String> = meta_sockets
+        .iter()
+        .map(|(id, addr, _)| (*id, addr.clone()))
+        .collect();
+    let meta_addrs: Vec<String> = voters.values().cloned().collect();
+    for (id, _, socket) in meta_sockets {
+        let meta_dir = dir.join(format!("meta-{id}"));
+        if meta_dir.exists() {
+            std::fs::remove_dir_all(&meta_dir)
+                .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
+        }
+        let mut config = MetaConfig::new(id, meta_dir);
+        config.start = Start::Bootstrap(voters.clone());
+        let meta = MetaServer::open(config, identity.clone())?;
+        let token = shutdown.clone();
+        servers.spawn(async move { (format!("meta {id}"), meta.run(socket, token).await) });
+    }
 
     for id in 1..=args.datas as u64 {
-        let server = DataServer::new(
-            DataConfig::new(id, vec![meta_addr.clone()]),
-            identity.clone(),
-        )?;
+        let server = DataServer::new(DataConfig::new(id, meta_addrs.clone()), identity.clone())?;
         ready.push(server.ready());
         let socket = bind_udp(localhost)?;
         let token = shutdown.clone();
@@ -87,10 +90,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let mut session_addrs = Vec::new();
     for id in 1..=args.sessions as u64 {
-        let server = SessionServer::new(
-            SessionConfig::new(id, vec![meta_addr.clone()]),
-            identity.clone(),
-        )?;
+        let server =
+            SessionServer::new(SessionConfig::new(id, meta_addrs.clone()), identity.clone())?;
         ready.push(server.ready());
         let socket = bind_udp(localhost)?;
         session_addrs.push(socket.local_addr()?.to_string());
@@ -101,6 +102,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let client_config = ClientConfig::new(session_addrs.clone(), CA_CERT_FILE);
     let config_path = dir.join(CLIENT_CONFIG_FILE);
     tls::write_file(&config_path, &client_config.to_toml(), false)?;
+    let cluster_config = crate::cluster_cmd::ClusterConfig {
+        meta: meta_addrs.clone(),
+        tls_dir: "tls".into(),
+    };
+    tls::write_file(
+        &dir.join(crate::cluster_cmd::CLUSTER_CONFIG_FILE),
+        &cluster_config.to_toml(),
+        false,
+    )?;
 
     let all_ready = async {
         for mut rx in ready {

@@ -4,6 +4,7 @@
 //! flags) and wires the server libraries together; the behaviour lives in those libraries.
 
 mod client_cmd;
+mod cluster_cmd;
 mod dev;
 mod http;
 mod server_cmd;
@@ -61,6 +62,8 @@ enum Command {
     Subscribe(client_cmd::SubscribeArgs),
     /// List the services that have publishers, with their publisher counts.
     Ls(client_cmd::LsArgs),
+    /// Operate the meta group: status, add-meta, remove-meta, transfer-leader.
+    Cluster(cluster_cmd::ClusterArgs),
 }
 
 impl Command {
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => client_cmd::publish(args).await,
             Command::Subscribe(args) => client_cmd::subscribe(args).await,
             Command::Ls(args) => client_cmd::ls(args).await,
+            Command::Cluster(args) => cluster_cmd::run(args).await,
         }
     });
     match result {

@@ -13,7 +13,7 @@ use clap::Args;
 use roster_common::quic::{TransportSettings, bind_udp};
 use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
-use roster_meta::{MetaConfig, MetaServer};
+use roster_meta::{DEFAULT_META_MAX_FRAME, MetaConfig, MetaServer, Start, parse_voters};
 use roster_session::{SessionConfig, SessionServer};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -181,22 +181,46 @@ pub struct MetaArgs {
     /// Directory for the node's durable state. Required.
     #[arg(long, env = "ROSTER_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Initial voters as ID=ADDR,...; accepted for the Raft meta group, which this version does not
-    /// have yet: only a single node whose own id is listed (or no list) is allowed.
-    #[arg(long, env = "ROSTER_BOOTSTRAP", value_name = "ID=ADDR,...")]
+    /// Create a new cluster with these initial voters (start every one of them with the same
+    /// list; the lowest id creates the cluster). Only for a node without state.
+    #[arg(
+        long,
+        env = "ROSTER_BOOTSTRAP",
+        value_name = "ID=ADDR,...",
+        conflicts_with = "join"
+    )]
     bootstrap: Option<String>,
-    /// Join an existing meta group through ADDR; not available until the meta tier is a Raft group.
+    /// Join the cluster of the meta node at ADDR: this node is added as a learner and becomes a
+    /// voter once caught up. Only for a node without state.
     #[arg(long, env = "ROSTER_JOIN", value_name = "ADDR")]
     join: Option<String>,
+    /// With --join: stay a non-voting learner (a read replica).
+    #[arg(long, env = "ROSTER_LEARNER", requires = "join")]
+    #[serde(default)]
+    learner: bool,
+    /// The address other meta nodes and members dial this node at [default: the listen address,
+    /// if a specific IP]. Must match this node's address in --bootstrap.
+    #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Slots of a new cluster, fixed once it exists [default: 256].
     #[arg(long, env = "ROSTER_SLOTS")]
     slots: Option<u32>,
     /// Data servers per slot, leader included [default: 3].
     #[arg(long, env = "ROSTER_REPLICAS")]
     replicas: Option<u32>,
+    /// Below this many live data servers the slot table is frozen [default: 0, never].
+    #[arg(long, env = "ROSTER_MIN_DATA_SERVERS")]
+    min_data_servers: Option<u32>,
     /// Silence after which a data or session server is removed, in milliseconds [default: 3000].
     #[arg(long, env = "ROSTER_LEASE_TIMEOUT_MS", value_name = "MS")]
     lease_timeout_ms: Option<u64>,
+    /// Snapshot the meta state every N applied log entries; the log is compacted behind it
+    /// [default: 10000].
+    #[arg(long, env = "ROSTER_SNAPSHOT_EVERY", value_name = "N")]
+    snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot for followers slightly behind [default: 1000].
+    #[arg(long, env = "ROSTER_KEEP_BEHIND_SNAPSHOT", value_name = "N")]
+    keep_behind_snapshot: Option<u64>,
 }
 
 /// Settings of the servers that join the cluster as members (data and session).
@@ -310,47 +334,56 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
             "data-dir",
             "bootstrap",
             "join",
+            "learner",
+            "advertise",
             "slots",
             "replicas",
+            "min-data-servers",
             "lease-timeout-ms",
+            "snapshot-every",
+            "keep-behind-snapshot",
         ],
     )?;
     args.common.layer(file.common);
-    layer!(args, file; data_dir, bootstrap, join, slots, replicas, lease_timeout_ms);
+    layer!(args, file; data_dir, bootstrap, join, advertise, slots, replicas, min_data_servers,
+        lease_timeout_ms, snapshot_every, keep_behind_snapshot);
+    args.learner |= file.learner;
 
     let id = args.common.id()?;
-    if args.join.is_some() {
-        bail!(
-            "--join needs the replicated meta group, which this version does not have yet; run a single meta node"
-        );
-    }
-    if let Some(voters) = &args.bootstrap {
-        let ids: Vec<&str> = voters.split(',').filter(|v| !v.is_empty()).collect();
-        let own = ids.iter().all(|v| {
-            v.split_once('=')
-                .is_some_and(|(i, _)| i.trim() == id.to_string())
-        });
-        if ids.len() != 1 || !own {
-            bail!(
-                "--bootstrap {voters}: this version runs a single meta node, so the only voter must be this node (id {id})"
-            );
-        }
-    }
     let data_dir = args
         .data_dir
         .context("--data-dir is required (or ROSTER_DATA_DIR)")?;
     let mut config = MetaConfig::new(id, data_dir);
+    config.start = match (&args.bootstrap, &args.join) {
+        (Some(voters), None) => Start::Bootstrap(parse_voters(voters).context("--bootstrap")?),
+        (None, Some(addr)) => Start::Join {
+            addr: addr.clone(),
+            learner: args.learner,
+        },
+        (None, None) => Start::Recover,
+        (Some(_), Some(_)) => bail!("--bootstrap and --join exclude each other"),
+    };
+    config.advertise = args.advertise;
     config.transport = args.common.transport();
-    config.max_frame = args.common.max_frame();
+    config.max_frame = args.common.max_frame.unwrap_or(DEFAULT_META_MAX_FRAME);
     if let Some(slots) = args.slots {
         config.slot_count = slots;
     }
     if let Some(replicas) = args.replicas {
         config.replicas = replicas;
     }
+    if let Some(min) = args.min_data_servers {
+        config.min_data_servers = min;
+    }
     if let Some(ms) = args.lease_timeout_ms {
         config.lease_timeout = Duration::from_millis(ms);
         config.renew_interval = config.renew_interval.min(config.lease_timeout / 3);
+    }
+    if let Some(n) = args.snapshot_every {
+        config.raft.snapshot_every = n;
+    }
+    if let Some(n) = args.keep_behind_snapshot {
+        config.raft.keep_behind_snapshot = n;
     }
     info!(?config, "starting meta node");
     let identity = args.common.identity()?;
@@ -359,7 +392,8 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     let ready = tokio::sync::watch::channel(true).1;
     let listen = addr_or(args.common.listen, META_LISTEN);
     let http = addr_or(args.common.http, META_HTTP);
-    let who = format!("meta {id} of cluster {}", server.cluster_id());
+    let cluster = server.cluster_id().unwrap_or_else(|| "(new)".into());
+    let who = format!("meta {id} of cluster {cluster}");
     run_server(&who, listen, http, ready, |socket, shutdown| {
         server.run(socket, shutdown)
     })

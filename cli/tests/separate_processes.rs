@@ -40,13 +40,39 @@ fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, Stri
     (proc, field("quic"), field("http"))
 }
 
+/// Starts a single-node meta group on a free loopback port; returns it, its address and its HTTP
+/// address.
+fn start_meta(cwd: &Path) -> (Proc, String, String) {
+    let addr = support::free_udp_addr();
+    let voters = format!("1={addr}");
+    let args = [
+        "meta",
+        "--id",
+        "1",
+        "--listen",
+        &addr,
+        "--http",
+        "127.0.0.1:0",
+        "--tls-dir",
+        "tls",
+        "--data-dir",
+        "meta-1",
+        "--bootstrap",
+        &voters,
+    ];
+    let proc = roster("meta 1", cwd, &args);
+    let line = proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let http = line.split("http=").nth(1).expect("http=").trim().to_owned();
+    (proc, addr, http)
+}
+
 /// Configuration layers: file, then `ROSTER_*` environment, then flags, later winning.
 #[test]
 fn settings_come_from_file_environment_and_flags_in_that_order() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta_addr, _) = start_server(cwd, "meta", "1", &["--data-dir", "meta-1"]);
+    let (_meta, meta_addr, _) = start_meta(cwd);
     std::fs::write(
         cwd.join("data.toml"),
         format!("id = 5\nmeta = [\"{meta_addr}\"]\ntls-dir = \"tls\"\nlisten = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:0\"\n"),
@@ -118,8 +144,7 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
     let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
     assert!(ok, "{err}");
 
-    let (mut meta, meta_addr, meta_http) =
-        start_server(cwd, "meta", "1", &["--data-dir", "meta-1"]);
+    let (mut meta, meta_addr, meta_http) = start_meta(cwd);
     assert_eq!(http_get(&meta_http, "/healthz"), 200);
     let (mut data, _, data_http) = start_server(
         cwd,
@@ -177,45 +202,4 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
             proc.name
         );
     }
-}
-
-#[test]
-fn a_restarted_meta_server_keeps_its_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let start_meta = || {
-        let meta = roster(
-            "meta 1",
-            cwd,
-            &[
-                "meta",
-                "--id",
-                "1",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--tls-dir",
-                "tls",
-                "--data-dir",
-                "meta-1",
-            ],
-        );
-        let line = meta.line_matching(START, "its cluster id", |l| l.contains("listening:"));
-        let cluster = line
-            .split("cluster ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("cluster id")
-            .to_owned();
-        (meta, cluster)
-    };
-    let (mut meta, first) = start_meta();
-    meta.signal("TERM");
-    assert!(meta.wait_exit(Duration::from_secs(10)));
-    let (mut meta, second) = start_meta();
-    assert_eq!(second, first, "the same cluster after a restart");
-    meta.signal("TERM");
-    assert!(meta.wait_exit(Duration::from_secs(10)));
 }

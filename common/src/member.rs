@@ -74,10 +74,15 @@ async fn run(
                 break;
             }
             Err(e) => {
-                if matches!(e, Error::ClusterMismatch(_)) {
-                    warn!(meta = %addr, error = %e, "meta node belongs to another cluster");
-                } else {
-                    warn!(meta = %addr, error = %e, "lost the meta node; trying the next");
+                match &e {
+                    Error::ClusterMismatch(_) => {
+                        warn!(meta = %addr, error = %e, "meta node belongs to another cluster")
+                    }
+                    // The meta group is starting or electing: normal for a moment.
+                    Error::NoQuorum(_) | Error::Unavailable(_) | Error::NotLeader { .. } => {
+                        info!(meta = %addr, error = %e, "meta tier not ready; trying the next node")
+                    }
+                    _ => warn!(meta = %addr, error = %e, "lost the meta node; trying the next"),
                 }
                 last_meta = Some(addr);
                 next += 1;
@@ -123,7 +128,11 @@ async fn session(
 ) -> Result<()> {
     let conn = pool.get(addr).await?;
     let member = &config.member;
-    let renew_every = register(config, &conn, cluster_id).await?;
+    let (renew_every, lease) = register(config, &conn, cluster_id).await?;
+    // Renewals may fail for a moment (the meta leader changing); if they keep failing for half a
+    // lease, another meta node may do better.
+    let give_up_after = lease / 2;
+    let mut last_renewed = tokio::time::Instant::now();
     info!(member = %member.key(), meta = %addr, cluster = cluster_id.as_deref().unwrap_or(""), "registered with the meta tier");
 
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -141,11 +150,18 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = renew.tick() => {
-                match rpc::call::<_, MetaResponse>(&conn, &renew_request, config.max_frame, config.request_timeout).await {
-                    Ok(_) => {}
+                // A renewal must not outlast the interval: a meta node that died silently has to be
+                // noticed well within the lease.
+                let timeout = renew_every.min(config.request_timeout);
+                match rpc::call::<_, MetaResponse>(&conn, &renew_request, config.max_frame, timeout).await {
+                    Ok(_) => last_renewed = tokio::time::Instant::now(),
                     Err(Error::UnknownMember(why)) => {
                         warn!(member = %member.key(), %why, "lease was lost; registering again");
                         register(config, &conn, cluster_id).await?;
+                        last_renewed = tokio::time::Instant::now();
+                    }
+                    Err(e) if e.is_retryable() && conn.close_reason().is_none() && last_renewed.elapsed() < give_up_after => {
+                        debug!(member = %member.key(), error = %e, "renewal failed; retrying");
                     }
                     Err(e) => return Err(e),
                 }
@@ -164,12 +180,12 @@ async fn session(
     }
 }
 
-/// Registers and returns the renew interval the meta tier asked for.
+/// Registers and returns the renew interval and lease timeout the meta tier asked for.
 async fn register(
     config: &MemberConfig,
     conn: &quinn::Connection,
     cluster_id: &mut Option<String>,
-) -> Result<Duration> {
+) -> Result<(Duration, Duration)> {
     let request = MetaRequest::Register {
         member: config.member.clone(),
         cluster_id: cluster_id.clone(),
@@ -178,7 +194,7 @@ async fn register(
         MetaResponse::Registered {
             cluster_id: id,
             renew_interval_ms,
-            ..
+            lease_timeout_ms,
         } => {
             if let Some(known) = cluster_id.as_deref()
                 && known != id
@@ -188,7 +204,10 @@ async fn register(
                 )));
             }
             *cluster_id = Some(id);
-            Ok(Duration::from_millis(renew_interval_ms.max(10)))
+            Ok((
+                Duration::from_millis(renew_interval_ms.max(10)),
+                Duration::from_millis(lease_timeout_ms.max(20)),
+            ))
         }
         other => Err(Error::UnexpectedMessage(format!(
             "expected Registered, got {other:?}"

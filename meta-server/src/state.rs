@@ -14,9 +14,17 @@ use tracing::info;
 
 use crate::placement::place;
 
-/// One change of the cluster's shape.
+/// One change of the cluster's shape: the entries of the meta tier's replicated log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Creates the cluster: the first command of every cluster's log. Ignored once applied.
+    Init {
+        cluster_id: String,
+        slot_count: u32,
+        replicas: u32,
+        /// Below this many live data servers the slot table is frozen (0: never).
+        min_data_servers: u32,
+    },
     /// Admits `member`, replacing any other instance under the same key. `joined_at_ms` is taken
     /// from the command, so every node applying it records the same time.
     Join { member: Member },
@@ -25,29 +33,97 @@ pub enum Command {
         key: MemberKey,
         instance: InstanceId,
     },
+    /// Enters or leaves self-preservation: while on, session servers are not expired.
+    SelfPreservation { on: bool },
+    /// Places the slots again over the same data servers. After a join the newcomer holds only
+    /// follower seats; this second placement, once it has caught up, hands it its share of leaders.
+    Rebalance {},
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub changed: bool,
 }
 
 /// What the meta tier knows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaState {
+    /// Empty until the cluster's `Init` is applied.
     pub cluster_id: String,
     pub members: BTreeMap<MemberKey, Member>,
     pub table: SlotTable,
+    pub self_preservation: bool,
+    pub min_data_servers: u32,
+}
+
+impl Default for MetaState {
+    fn default() -> Self {
+        MetaState {
+            cluster_id: String::new(),
+            members: BTreeMap::new(),
+            table: SlotTable::empty(0, 0),
+            self_preservation: false,
+            min_data_servers: 0,
+        }
+    }
 }
 
 impl MetaState {
     /// A new cluster with no members.
     pub fn new(cluster_id: String, slot_count: u32, replicas: u32) -> Self {
-        MetaState {
+        let mut state = MetaState::default();
+        state.apply(Command::Init {
             cluster_id,
-            members: BTreeMap::new(),
-            table: SlotTable::empty(slot_count, replicas),
-        }
+            slot_count,
+            replicas,
+            min_data_servers: 0,
+        });
+        state
+    }
+
+    /// Whether the cluster's `Init` has been applied.
+    pub fn is_initialized(&self) -> bool {
+        !self.cluster_id.is_empty()
     }
 
     /// Applies `command`; returns whether anything changed.
     pub fn apply(&mut self, command: Command) -> bool {
         match command {
+            Command::Init {
+                cluster_id,
+                slot_count,
+                replicas,
+                min_data_servers,
+            } => {
+                if self.is_initialized() {
+                    return false;
+                }
+                info!(cluster = %cluster_id, slots = slot_count, replicas, "cluster created");
+                self.cluster_id = cluster_id;
+                self.table = SlotTable::empty(slot_count, replicas);
+                self.min_data_servers = min_data_servers;
+                true
+            }
+            Command::Rebalance {} => {
+                let epoch = self.table.epoch;
+                self.recompute_table(false);
+                self.table.epoch != epoch
+            }
+            Command::SelfPreservation { on } => {
+                if self.self_preservation == on {
+                    return false;
+                }
+                self.self_preservation = on;
+                if on {
+                    tracing::warn!(
+                        "self-preservation on: session servers are not expired until their leases come back"
+                    );
+                } else {
+                    info!("self-preservation off: session leases expire again");
+                }
+                true
+            }
             Command::Join { member } => {
                 let key = member.key();
                 let previous = self.members.get(&key);
@@ -102,6 +178,14 @@ impl MetaState {
 
     fn recompute_table(&mut self, force_new_epoch: bool) {
         let nodes = self.data_nodes();
+        if (nodes.len() as u32) < self.min_data_servers {
+            tracing::warn!(
+                data_servers = nodes.len(),
+                min = self.min_data_servers,
+                "fewer live data servers than min_data_servers: the slot table stays frozen"
+            );
+            return;
+        }
         let slots = place(
             &nodes,
             self.table.slot_count,
@@ -117,6 +201,21 @@ impl MetaState {
                 "new slot table"
             );
         }
+    }
+
+    /// Whether placing the slots again over the same data servers would change the table (a
+    /// joiner still to be handed its leaderships).
+    pub fn needs_rebalance(&self) -> bool {
+        let nodes = self.data_nodes();
+        if nodes.is_empty() || (nodes.len() as u32) < self.min_data_servers {
+            return false;
+        }
+        place(
+            &nodes,
+            self.table.slot_count,
+            self.table.replicas,
+            &self.table,
+        ) != self.table.slots
     }
 
     /// The view members receive.
@@ -225,6 +324,39 @@ mod tests {
             state.table.epoch,
             epoch + 1,
             "a restarted data server gets a new epoch"
+        );
+    }
+
+    #[test]
+    fn a_joiner_gets_its_leaderships_on_rebalance() {
+        let mut state = MetaState::new("c".into(), 256, 3);
+        for id in 1..=3 {
+            state.apply(Command::Join {
+                member: member(Role::Data, id, id),
+            });
+        }
+        state.apply(Command::Rebalance {});
+        assert!(!state.needs_rebalance());
+        state.apply(Command::Join {
+            member: member(Role::Data, 4, 4),
+        });
+        let leads = |s: &MetaState, id| s.table.led_by(id).count();
+        assert_eq!(leads(&state, 4), 0, "a joiner first only follows");
+        assert!(state.needs_rebalance());
+        let epoch = state.table.epoch;
+        assert!(state.apply(Command::Rebalance {}));
+        assert_eq!(state.table.epoch, epoch + 1);
+        for id in 1..=4 {
+            let n = leads(&state, id);
+            assert!(
+                (57..=71).contains(&n),
+                "data server {id} leads {n} of 256 slots"
+            );
+        }
+        assert!(!state.needs_rebalance());
+        assert!(
+            !state.apply(Command::Rebalance {}),
+            "a balanced table stays"
         );
     }
 }

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use roster_client::{ClientConfig, Snapshot, Subscription};
 use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
-use roster_meta::{MetaConfig, MetaServer};
+use roster_meta::{MetaConfig, MetaServer, Start};
 use roster_session::{SessionConfig, SessionServer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -75,11 +75,9 @@ impl Cluster {
 
         let meta_socket = bind_loopback();
         let meta_addr = meta_socket.local_addr().unwrap();
-        let meta = MetaServer::open(
-            MetaConfig::new(1, dir.path().join("meta-1")),
-            identity.clone(),
-        )
-        .expect("meta");
+        let mut meta_config = MetaConfig::new(1, dir.path().join("meta-1"));
+        meta_config.start = Start::Bootstrap([(1, meta_addr.to_string())].into());
+        let meta = MetaServer::open(meta_config, identity.clone()).expect("meta");
         tasks.push(tokio::spawn(meta.run(meta_socket, shutdown.clone())));
 
         let metas = vec![meta_addr.to_string()];

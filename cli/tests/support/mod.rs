@@ -29,7 +29,7 @@ pub fn roster_with_env(name: &str, cwd: &Path, args: &[&str], env: &[(&str, &str
         .current_dir(cwd)
         .env(
             "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -136,6 +136,108 @@ pub fn run(cwd: &Path, args: &[&str]) -> (bool, String, String) {
         .current_dir(cwd)
         .output()
         .expect("run roster");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loopback UDP address that was free a moment ago (for configurations that must name their
+/// addresses before the servers start, like a meta group's bootstrap voters).
+pub fn free_udp_addr() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    socket.local_addr().expect("local addr").to_string()
+}
+
+/// `roster cluster status --json` against `metas`, or `None` if no meta node answered.
+pub fn cluster_status(cwd: &Path, metas: &[&str], local: bool) -> Option<serde_json::Value> {
+    let list = metas.join(",");
+    let mut args = vec![
+        "cluster",
+        "status",
+        "--json",
+        "--meta",
+        &list,
+        "--tls-dir",
+        "tls",
+    ];
+    if local {
+        args.push("--local");
+    }
+    let (ok, out, _) = run(cwd, &args);
+    if !ok {
+        return None;
+    }
+    serde_json::from_str(&out).ok()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing the test after `deadline`.
+pub fn wait_for<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends one peer request to the meta node at `addr` with the node certificate in `tls_dir`.
+pub fn meta_call(
+    tls_dir: &Path,
+    addr: &str,
+    request: &roster_common::proto::MetaRequest,
+) -> roster_common::Result<roster_common::proto::MetaResponse> {
+    use roster_common::{quic, rpc, tls};
+    roster_common::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let identity = tls::NodeIdentity::load(tls_dir)?;
+        let config = quic::client_config(
+            tls::peer_client(&identity, roster_common::proto::ALPN_PEER)?,
+            &quic::TransportSettings::default(),
+            false,
+        )?;
+        let endpoint = quic::client_endpoint(quic::resolve(addr).await?)?;
+        let conn = quic::connect(&endpoint, &config, addr, None, Duration::from_secs(3)).await?;
+        let answer = rpc::call(&conn, request, 16 << 20, Duration::from_secs(10)).await;
+        conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        answer
+    })
+}
+
+/// Runs `roster ARGS...` to completion within `deadline` (killing it and failing the test
+/// otherwise) and returns (success, stdout, stderr).
+pub fn run_within(cwd: &Path, args: &[&str], deadline: Duration) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run roster");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("roster {args:?} did not finish within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

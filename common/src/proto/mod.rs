@@ -14,8 +14,9 @@ pub use client::{
     ClientRequest, ClientResponse, PublisherView, Push, Scope, ServiceSummary, Snapshot,
 };
 pub use peer::{
-    ClusterView, DataEvent, DataRequest, DataResponse, Member, MemberKey, MetaRequest,
-    MetaResponse, Publisher, Role, SlotTable, WriteOp,
+    ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, LeaseStatus, Member,
+    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, Publisher, RaftKind, Role, SlotTable,
+    WriteOp,
 };
 
 use crate::error::{Error, WireError};

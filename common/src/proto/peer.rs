@@ -136,7 +136,11 @@ impl ClusterView {
     }
 }
 
-/// Member → meta.
+/// Requests a meta node serves: from members (data and session servers), from operators
+/// (`roster cluster`), and from other meta nodes.
+///
+/// Writes (`Register`, `Leave`, the membership changes) and lease renewals are carried out by the
+/// Raft leader; a follower passes them on (`Forwarded`) and returns the leader's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MetaRequest {
     /// Joins (or re-joins) the cluster and starts a lease. A member already known under the same
@@ -159,10 +163,54 @@ pub enum MetaRequest {
         id: NodeId,
         instance: InstanceId,
     },
-    /// Opens a stream of [`ClusterView`] frames: the current view at once, then every change.
+    /// Opens a stream of [`ClusterView`] frames: the current view at once, then every change of
+    /// the membership, the slot table or the meta leader.
     Watch {},
-    /// The current view, once.
-    GetView {},
+    /// The current view, once: linearizable (confirmed by the leader) unless `stale` is set, in
+    /// which case the answering node's own copy is returned and marked stale.
+    GetView {
+        #[serde(default)]
+        stale: bool,
+    },
+    /// The meta group's status: from the leader, or this node's own view when `local`.
+    Status {
+        #[serde(default)]
+        local: bool,
+    },
+    /// Adds the meta node listening at `addr` as a learner; once it has caught up it becomes a
+    /// voter unless `learner`.
+    AddMeta {
+        addr: String,
+        #[serde(default)]
+        learner: bool,
+    },
+    /// Removes meta node `id` from the group.
+    RemoveMeta { id: NodeId },
+    /// Hands leadership to voter `id`.
+    TransferLeader { id: NodeId },
+    /// Meta ↔ meta: who the answering node is.
+    NodeInfo {},
+    /// Meta ↔ meta: one Raft message. `payload` is opaque outside the meta tier (the MessagePack
+    /// of the Raft library's own message types); `cluster_id` is checked on every message.
+    Raft {
+        cluster_id: String,
+        from: NodeId,
+        kind: RaftKind,
+        payload: Bytes,
+    },
+    /// Meta ↔ meta: starts an election on the receiving node (leadership transfer).
+    Campaign {},
+    /// Meta ↔ meta: a request a follower passes to the leader. Never forwarded again.
+    Forwarded { request: Box<MetaRequest> },
+}
+
+/// The kind of a [`MetaRequest::Raft`] message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RaftKind {
+    AppendEntries,
+    Vote,
+    Snapshot,
 }
 
 /// The body of a successful reply to a [`MetaRequest`].
@@ -175,7 +223,70 @@ pub enum MetaResponse {
     },
     Renewed {},
     Done {},
-    View(ClusterView),
+    View {
+        view: ClusterView,
+        /// True when the view was read from a node's local copy without confirming it with the
+        /// leader: it may lag the committed state.
+        stale: bool,
+    },
+    Status(ClusterStatus),
+    NodeInfo {
+        id: NodeId,
+        addr: String,
+        /// `None` until the node belongs to a cluster.
+        cluster_id: Option<String>,
+        leader: Option<NodeId>,
+    },
+    Raft {
+        payload: Bytes,
+    },
+}
+
+/// The meta group as `roster cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    /// The node that answered, and whether it answered as the leader (with lag and leases).
+    pub answered_by: NodeId,
+    pub from_leader: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// Voters and learners, ordered by id.
+    pub nodes: Vec<MetaNodeStatus>,
+    /// Lease of every member, as the leader's clock has it (empty when not from the leader).
+    pub leases: Vec<LeaseStatus>,
+    pub table_epoch: Epoch,
+    pub self_preservation: bool,
+    /// The answering node's log: last index, last applied, last snapshot, last purged.
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    /// How many snapshots the answering node installed from a leader since it started.
+    pub snapshots_installed: u64,
+}
+
+/// One meta node in a [`ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaNodeStatus {
+    pub id: NodeId,
+    pub addr: String,
+    pub voter: bool,
+    /// The last log index known replicated to it (leader's view only).
+    pub matched_index: Option<u64>,
+    /// Entries it is behind the leader's log (leader's view only).
+    pub lag: Option<u64>,
+}
+
+/// One member's lease in a [`ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    pub role: Role,
+    pub id: NodeId,
+    pub instance: InstanceId,
+    pub addr: String,
+    /// Milliseconds until the lease lapses; 0 when it has.
+    pub remaining_ms: u64,
 }
 
 /// A publisher as the data tier stores it: the view subscribers get, plus its owner.

@@ -1,0 +1,706 @@
+//! The meta tier as a Raft group of real `roster meta` processes: election and failover under
+//! `kill -9`, restart from disk, a node joining from a snapshot, refusal of another cluster's node,
+//! and losing the quorum.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roster_common::proto::{Member, MetaRequest, MetaResponse, Role};
+use roster_common::{Error, ErrorCode};
+use serde_json::Value;
+use support::{Proc, cluster_status, free_udp_addr, meta_call, roster, run, run_within, wait_for};
+
+const START: Duration = Duration::from_secs(30);
+
+/// These tests each run several processes with sub-second election timeouts; run them one at a
+/// time so they do not starve each other of the machine's cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A meta group of processes sharing one working directory and TLS dir.
+struct Group<'a> {
+    cwd: &'a Path,
+    addrs: Vec<String>,
+    voters: String,
+    procs: Vec<Option<Proc>>,
+    extra: Vec<String>,
+}
+
+impl<'a> Group<'a> {
+    fn new(cwd: &'a Path, n: usize, extra: &[&str]) -> Self {
+        let addrs: Vec<String> = (0..n).map(|_| free_udp_addr()).collect();
+        let voters = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut group = Group {
+            cwd,
+            addrs,
+            voters,
+            procs: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=n as u64 {
+            let proc = group.spawn(id);
+            group.procs.push(Some(proc));
+        }
+        group
+    }
+
+    fn addr(&self, id: u64) -> &str {
+        &self.addrs[id as usize - 1]
+    }
+
+    fn spawn(&self, id: u64) -> Proc {
+        let id_text = id.to_string();
+        let dir = format!("meta-{id}");
+        let mut args = vec![
+            "meta",
+            "--id",
+            &id_text,
+            "--listen",
+            self.addr(id),
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir,
+            "--tls-dir",
+            "tls",
+            "--bootstrap",
+            &self.voters,
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let proc = roster(&format!("meta {id}"), self.cwd, &args);
+        proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
+        proc
+    }
+
+    fn kill(&mut self, id: u64) {
+        let mut proc = self.procs[id as usize - 1].take().expect("running");
+        proc.signal("KILL");
+        proc.wait_exit(Duration::from_secs(5));
+    }
+
+    fn restart(&mut self, id: u64) {
+        let proc = self.spawn(id);
+        self.procs[id as usize - 1] = Some(proc);
+    }
+
+    fn live(&self) -> Vec<&str> {
+        self.procs
+            .iter()
+            .zip(&self.addrs)
+            .filter(|(p, _)| p.is_some())
+            .map(|(_, a)| a.as_str())
+            .collect()
+    }
+
+    /// The leader's status, once some live node answers as the leader of a created cluster.
+    fn leader_status(&self, deadline: Duration) -> Value {
+        wait_for(deadline, "a meta leader", || {
+            cluster_status(self.cwd, &self.live(), false).filter(|s| {
+                s["from_leader"] == true && s["cluster_id"].as_str().is_some_and(|c| !c.is_empty())
+            })
+        })
+    }
+
+    fn local_status(&self, id: u64) -> Option<Value> {
+        cluster_status(self.cwd, &[self.addr(id)], true)
+    }
+}
+
+fn certs(cwd: &Path) {
+    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
+    assert!(ok, "{err}");
+}
+
+/// Starts a data or session server against the group; returns it and its HTTP address.
+fn member(cwd: &Path, role: &str, metas: &[String]) -> (Proc, String) {
+    let list = metas.join(",");
+    let proc = roster(
+        role,
+        cwd,
+        &[
+            role,
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--meta",
+            &list,
+            "--tls-dir",
+            "tls",
+        ],
+    );
+    let line = proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let http = line.split("http=").nth(1).expect("http=").trim().to_owned();
+    (proc, http)
+}
+
+fn http_status(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `(role, id, instance)` of every member in a status, sorted.
+fn members(status: &Value) -> Vec<(String, u64, u64)> {
+    let mut out: Vec<_> = status["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .map(|l| {
+            (
+                l["role"].as_str().unwrap().to_owned(),
+                l["id"].as_u64().unwrap(),
+                l["instance"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn fake_member(role: Role, id: u64) -> Member {
+    Member {
+        role,
+        id,
+        instance: 1000 + id,
+        addr: format!("10.9.9.9:{}", 7000 + id),
+        zone: String::new(),
+        joined_at_ms: 0,
+    }
+}
+
+#[test]
+fn leader_failover_keeps_every_member_and_all_metas_restart_from_disk() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    certs(cwd);
+    let mut group = Group::new(cwd, 3, &[]);
+    let status = group.leader_status(START);
+    let cluster = status["cluster_id"].as_str().unwrap().to_owned();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
+
+    let (_data, data_http) = member(cwd, "data", &group.addrs);
+    let (_session, session_http) = member(cwd, "session", &group.addrs);
+    let before = wait_for(START, "both members registered", || {
+        group
+            .leader_status(START)
+            .as_object()
+            .cloned()
+            .filter(|s| s["leases"].as_array().unwrap().len() == 2)
+    });
+    let before = Value::Object(before);
+    let (members_before, epoch_before) =
+        (members(&before), before["table_epoch"].as_u64().unwrap());
+    for http in [&data_http, &session_http] {
+        wait_for(START, "members ready", || {
+            (http_status(http, "/readyz") == 200).then_some(())
+        });
+    }
+
+    // Watch both members' readiness through the failover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let watcher = {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        let urls = [data_http.clone(), session_http.clone()];
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for url in &urls {
+                    let code = http_status(url, "/readyz");
+                    if code != 200 {
+                        failures.lock().unwrap().push((url.clone(), code));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    // kill -9 the leader: a new one within 2 s.
+    let old_leader = before["leader"].as_u64().unwrap();
+    let start = Instant::now();
+    group.kill(old_leader);
+    // A survivor that says it leads, in its own words.
+    let new_leader = wait_for(Duration::from_secs(10), "a new leader", || {
+        (1..=3u64).filter(|id| *id != old_leader).find(|id| {
+            group
+                .local_status(*id)
+                .is_some_and(|s| s["leader"] == *id && s["answered_by"] == *id)
+        })
+    });
+    let failover = start.elapsed();
+    println!("new meta leader {new_leader} after {failover:?}");
+    assert!(
+        failover < Duration::from_secs(2),
+        "failover took {failover:?}"
+    );
+
+    // For more than a lease period after, nobody is expired and the table stays.
+    let observe_until = Instant::now() + Duration::from_millis(4_000);
+    while Instant::now() < observe_until {
+        if let Some(status) =
+            cluster_status(cwd, &group.live(), false).filter(|s| s["from_leader"] == true)
+        {
+            assert_eq!(
+                members(&status),
+                members_before,
+                "a member was expired during the failover"
+            );
+            assert_eq!(
+                status["table_epoch"].as_u64().unwrap(),
+                epoch_before,
+                "the table changed"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "members were not ready during the failover: {:?}",
+        failures.lock().unwrap()
+    );
+
+    // All three killed and restarted from disk: the same cluster, members and table epoch.
+    group.restart(old_leader);
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != old_leader).collect();
+    for id in survivors {
+        group.kill(id);
+    }
+    group.kill(old_leader);
+    for id in 1..=3 {
+        group.restart(id);
+    }
+    let restarted = wait_for(START, "the restarted group with both members", || {
+        group
+            .leader_status(START)
+            .as_object()
+            .cloned()
+            .filter(|s| s["leases"].as_array().unwrap().len() == 2)
+    });
+    let restarted = Value::Object(restarted);
+    assert_eq!(restarted["cluster_id"].as_str().unwrap(), cluster);
+    assert_eq!(members(&restarted), members_before);
+    assert_eq!(restarted["table_epoch"].as_u64().unwrap(), epoch_before);
+}
+
+#[test]
+fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    certs(cwd);
+    let flags = [
+        "--snapshot-every",
+        "20",
+        "--keep-behind-snapshot",
+        "5",
+        "--lease-timeout-ms",
+        "60000",
+    ];
+    let group = Group::new(cwd, 3, &flags);
+    let leader = group.leader_status(START);
+    let leader_addr = group.addr(leader["leader"].as_u64().unwrap()).to_owned();
+
+    // Make the log long enough that it was snapshotted and compacted.
+    let tls = cwd.join("tls");
+    for id in 1..=30 {
+        let member = fake_member(Role::Session, id);
+        let registered = meta_call(
+            &tls,
+            &leader_addr,
+            &MetaRequest::Register {
+                member: member.clone(),
+                cluster_id: None,
+            },
+        );
+        assert!(
+            matches!(registered, Ok(MetaResponse::Registered { .. })),
+            "{registered:?}"
+        );
+        if id % 2 == 0 {
+            let left = meta_call(
+                &tls,
+                &leader_addr,
+                &MetaRequest::Leave {
+                    role: member.role,
+                    id,
+                    instance: member.instance,
+                },
+            );
+            assert!(matches!(left, Ok(MetaResponse::Done {})), "{left:?}");
+        }
+    }
+    let compacted = wait_for(START, "a compacted log", || {
+        group
+            .leader_status(START)
+            .as_object()
+            .cloned()
+            .filter(|s| s["purged_index"].as_u64().is_some_and(|p| p > 0))
+    });
+    let purged = compacted["purged_index"].as_u64().unwrap();
+
+    // A fresh node joins through a follower, catches up from the snapshot, becomes a voter.
+    let follower = (1..=3u64)
+        .find(|id| Some(*id) != leader["leader"].as_u64())
+        .unwrap();
+    let addr4 = free_udp_addr();
+    let joiner = roster(
+        "meta 4",
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "4",
+            "--listen",
+            &addr4,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "meta-4",
+            "--tls-dir",
+            "tls",
+            "--join",
+            group.addr(follower),
+        ],
+    );
+    joiner.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let all: Vec<&str> = group
+        .addrs
+        .iter()
+        .map(String::as_str)
+        .chain([addr4.as_str()])
+        .collect();
+    wait_for(START, "node 4 a caught-up voter", || {
+        let status = cluster_status(cwd, &all, false).filter(|s| s["from_leader"] == true)?;
+        let node = status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == 4)?
+            .clone();
+        (node["voter"] == true && node["lag"] == 0).then_some(())
+    });
+    let local = cluster_status(cwd, &[&addr4], true).expect("node 4 answers");
+    assert!(
+        local["snapshots_installed"].as_u64().unwrap() >= 1,
+        "node 4 caught up from a snapshot: {local}"
+    );
+    assert!(local["last_applied"].as_u64().unwrap() >= purged);
+    assert_eq!(local["cluster_id"], leader["cluster_id"]);
+
+    // A learner: joins and stays a learner until an operator promotes it.
+    let addr5 = free_udp_addr();
+    let learner = roster(
+        "meta 5",
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "5",
+            "--listen",
+            &addr5,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "meta-5",
+            "--tls-dir",
+            "tls",
+            "--join",
+            &leader_addr,
+            "--learner",
+        ],
+    );
+    learner.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let node5 = |status: &Value| {
+        status["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == 5).cloned())
+    };
+    wait_for(START, "node 5 a learner", || {
+        let status = cluster_status(cwd, &all, false)?;
+        node5(&status).filter(|n| n["voter"] == false && n["lag"] == 0)
+    });
+    let list = all.join(",");
+    let cluster = |args: &[&str]| {
+        let mut full = vec!["cluster"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--meta", &list, "--tls-dir", "tls"]);
+        let (ok, out, err) = run_within(cwd, &full, Duration::from_secs(60));
+        assert!(ok, "roster {full:?}: {err}");
+        out
+    };
+    cluster(&["add-meta", &addr5]);
+    let status = cluster_status(cwd, &all, false).unwrap();
+    assert_eq!(
+        node5(&status).unwrap()["voter"],
+        true,
+        "add-meta promoted the learner"
+    );
+    cluster(&["remove-meta", "5"]);
+    let status = cluster_status(cwd, &all, false).unwrap();
+    assert!(node5(&status).is_none(), "node 5 removed: {status}");
+
+    // Leadership moves on request.
+    cluster(&["transfer-leader", "4"]);
+    wait_for(Duration::from_secs(10), "node 4 leading", || {
+        cluster_status(cwd, &all, false).filter(|s| s["leader"] == 4 && s["from_leader"] == true)
+    });
+    let text = cluster(&["status"]);
+    assert!(text.contains("leader 4"), "{text}");
+    drop(group);
+}
+
+#[test]
+fn a_node_with_another_clusters_data_is_refused() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    certs(cwd);
+    // Cluster A: one node.
+    let a = free_udp_addr();
+    let meta_a = roster(
+        "meta A",
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "1",
+            "--listen",
+            &a,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "a-1",
+            "--tls-dir",
+            "tls",
+            "--bootstrap",
+            &format!("1={a}"),
+        ],
+    );
+    meta_a.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let cluster_a = wait_for(START, "cluster A", || {
+        cluster_status(cwd, &[&a], false).and_then(|s| {
+            s["cluster_id"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+        })
+    });
+    // Cluster B: created, then stopped.
+    let b = free_udp_addr();
+    let mut meta_b = roster(
+        "meta B",
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "2",
+            "--listen",
+            &b,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "b-2",
+            "--tls-dir",
+            "tls",
+            "--bootstrap",
+            &format!("2={b}"),
+        ],
+    );
+    meta_b.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let cluster_b = wait_for(START, "cluster B", || {
+        cluster_status(cwd, &[&b], false).and_then(|s| {
+            s["cluster_id"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+        })
+    });
+    meta_b.signal("TERM");
+    assert!(meta_b.wait_exit(Duration::from_secs(10)));
+    assert_ne!(cluster_a, cluster_b);
+
+    // B's node started to join A: refused at start, naming both clusters.
+    let (ok, _, err) = run_within(
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "2",
+            "--listen",
+            &b,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "b-2",
+            "--tls-dir",
+            "tls",
+            "--join",
+            &a,
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!ok, "a node of cluster B must not join cluster A");
+    assert!(
+        err.contains(&cluster_a) && err.contains(&cluster_b),
+        "the error names both clusters: {err}"
+    );
+
+    // A fresh node without --bootstrap or --join refuses to start.
+    let (ok, _, err) = run_within(
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "c-3",
+            "--tls-dir",
+            "tls",
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("--bootstrap") && err.contains("--join"),
+        "{err}"
+    );
+    drop(meta_a);
+}
+
+#[test]
+fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    certs(cwd);
+    let mut group = Group::new(cwd, 3, &["--lease-timeout-ms", "60000"]);
+    let status = group.leader_status(START);
+    let leader = status["leader"].as_u64().unwrap();
+    let tls = cwd.join("tls");
+    let acknowledged = fake_member(Role::Data, 42);
+    let registered = meta_call(
+        &tls,
+        group.addr(leader),
+        &MetaRequest::Register {
+            member: acknowledged.clone(),
+            cluster_id: None,
+        },
+    );
+    assert!(
+        matches!(registered, Ok(MetaResponse::Registered { .. })),
+        "{registered:?}"
+    );
+
+    // Two of three down, the leader among them.
+    let survivor = (1..=3u64).find(|id| *id != leader).unwrap();
+    let other = (1..=3u64)
+        .find(|id| *id != leader && *id != survivor)
+        .unwrap();
+    group.kill(leader);
+    group.kill(other);
+    wait_for(
+        Duration::from_secs(10),
+        "the survivor to see no leader",
+        || {
+            group
+                .local_status(survivor)
+                .filter(|s| s["leader"].is_null())
+        },
+    );
+
+    let addr = group.addr(survivor).to_owned();
+    let start = Instant::now();
+    let write = meta_call(
+        &tls,
+        &addr,
+        &MetaRequest::Register {
+            member: fake_member(Role::Data, 43),
+            cluster_id: None,
+        },
+    );
+    assert!(matches!(write, Err(Error::NoQuorum(_))), "{write:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "writes fail fast: {:?}",
+        start.elapsed()
+    );
+    let linear = meta_call(&tls, &addr, &MetaRequest::GetView { stale: false });
+    assert!(
+        matches!(&linear, Err(e) if e.code() == Some(ErrorCode::NoQuorum)),
+        "{linear:?}"
+    );
+    match meta_call(&tls, &addr, &MetaRequest::GetView { stale: true }) {
+        Ok(MetaResponse::View { view, stale }) => {
+            assert!(stale, "a local read says it is stale");
+            assert!(
+                view.member(Role::Data, 42).is_some(),
+                "the stale view has what was acknowledged"
+            );
+        }
+        other => panic!("a stale read answers: {other:?}"),
+    }
+
+    // They return: nothing acknowledged was lost, and writes work again.
+    group.restart(leader);
+    group.restart(other);
+    group.leader_status(START);
+    let view = wait_for(START, "a linearizable read", || {
+        match meta_call(&tls, &addr, &MetaRequest::GetView { stale: false }) {
+            Ok(MetaResponse::View { view, stale: false }) => Some(view),
+            _ => None,
+        }
+    });
+    assert_eq!(
+        view.member(Role::Data, 42),
+        Some(&Member {
+            joined_at_ms: view.member(Role::Data, 42).unwrap().joined_at_ms,
+            ..acknowledged
+        })
+    );
+    let write = meta_call(
+        &tls,
+        &addr,
+        &MetaRequest::Register {
+            member: fake_member(Role::Data, 44),
+            cluster_id: None,
+        },
+    );
+    assert!(
+        matches!(write, Ok(MetaResponse::Registered { .. })),
+        "{write:?}"
+    );
+}
