@@ -218,6 +218,10 @@ pub struct MetaArgs {
     /// [default: 10000].
     #[arg(long, env = "ROSTER_SNAPSHOT_EVERY", value_name = "N")]
     snapshot_every: Option<u64>,
+    /// How long a new slot table must stand before leadership is handed to data servers that
+    /// joined, in milliseconds [default: 5000].
+    #[arg(long, env = "ROSTER_REBALANCE_DELAY_MS", value_name = "MS")]
+    rebalance_delay_ms: Option<u64>,
     /// Log entries kept behind a snapshot for followers slightly behind [default: 1000].
     #[arg(long, env = "ROSTER_KEEP_BEHIND_SNAPSHOT", value_name = "N")]
     keep_behind_snapshot: Option<u64>,
@@ -342,11 +346,12 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
             "lease-timeout-ms",
             "snapshot-every",
             "keep-behind-snapshot",
+            "rebalance-delay-ms",
         ],
     )?;
     args.common.layer(file.common);
     layer!(args, file; data_dir, bootstrap, join, advertise, slots, replicas, min_data_servers,
-        lease_timeout_ms, snapshot_every, keep_behind_snapshot);
+        lease_timeout_ms, snapshot_every, keep_behind_snapshot, rebalance_delay_ms);
     args.learner |= file.learner;
 
     let id = args.common.id()?;
@@ -381,6 +386,9 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.snapshot_every {
         config.raft.snapshot_every = n;
+    }
+    if let Some(ms) = args.rebalance_delay_ms {
+        config.rebalance_delay = Duration::from_millis(ms);
     }
     if let Some(n) = args.keep_behind_snapshot {
         config.raft.keep_behind_snapshot = n;

@@ -23,7 +23,17 @@ pub fn roster(name: &str, cwd: &Path, args: &[&str]) -> Proc {
 
 /// Starts `roster ARGS...` in `cwd` with extra environment variables.
 pub fn roster_with_env(name: &str, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
+    spawn(env!("CARGO_BIN_EXE_roster"), name, cwd, args, env)
+}
+
+/// Starts `PROGRAM ARGS...` in `cwd` (for running `roster` under a wrapper such as `ip netns exec`).
+pub fn spawn_program(program: &str, name: &str, cwd: &Path, args: &[&str]) -> Proc {
+    spawn(program, name, cwd, args, &[])
+}
+
+fn spawn(program: &str, name: &str, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    // Servers log warnings only, unless RUST_LOG says otherwise.
+    let mut child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .current_dir(cwd)

@@ -293,16 +293,11 @@ impl RaftNode {
     pub async fn write(&self, command: Command) -> Result<Applied> {
         self.check_quorum()?;
         let view = self.view();
-        let pending = view
-            .last_log_index
-            .unwrap_or(0)
-            .saturating_sub(view.last_applied.unwrap_or(0));
-        if pending > self.config.max_pending {
-            return Err(Error::Overloaded(format!(
-                "{pending} meta log entries wait to be applied (limit {})",
-                self.config.max_pending
-            )));
-        }
+        check_backlog(
+            view.last_log_index,
+            view.last_applied,
+            self.config.max_pending,
+        )?;
         match tokio::time::timeout(self.config.write_timeout, self.raft.client_write(command)).await
         {
             Ok(Ok(response)) => Ok(response.data),
@@ -576,5 +571,34 @@ impl RaftNode {
     /// The cluster id this node's RPCs carry.
     pub fn set_cluster_id(&self, id: String) {
         *self.network.cluster_id.write() = Some(id);
+    }
+}
+
+/// Backpressure: refuses a write while more than `max_pending` log entries wait to be applied
+/// (the log's last index stands in for the commit index, which it bounds from above).
+fn check_backlog(last_log: Option<u64>, applied: Option<u64>, max_pending: u64) -> Result<()> {
+    let pending = last_log.unwrap_or(0).saturating_sub(applied.unwrap_or(0));
+    if pending > max_pending {
+        return Err(Error::Overloaded(format!(
+            "{pending} meta log entries wait to be applied (limit {max_pending})"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_refused_past_the_backlog_limit() {
+        assert!(check_backlog(None, None, 5_000).is_ok());
+        assert!(check_backlog(Some(10_000), Some(5_000), 5_000).is_ok());
+        let err = check_backlog(Some(10_001), Some(5_000), 5_000).unwrap_err();
+        assert!(
+            matches!(&err, Error::Overloaded(m) if m.contains("5001")),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
     }
 }

@@ -1,0 +1,324 @@
+//! A network partition of the meta group, made with Linux network namespaces: each meta node runs
+//! in its own namespace, wired to a bridge by a veth pair. Cutting the leader's link leaves it in a
+//! minority: it must step down while the majority elects a leader; after healing there is one
+//! leader and one history.
+//!
+//! Needs root (to create namespaces). Without it the test says so and does nothing else.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Proc, wait_for};
+
+const START: Duration = Duration::from_secs(30);
+
+/// Namespaces and links this test creates, removed on drop.
+struct Net {
+    prefix: String,
+    hub: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Net {
+    /// A hub namespace with a bridge, and `n` node namespaces each linked to it; node `i` has
+    /// address 10.77.0.`i`.
+    fn create(n: usize) -> Result<Net, String> {
+        let prefix = format!("rp{}", std::process::id() % 100_000);
+        let mut net = Net {
+            hub: format!("{prefix}h"),
+            nodes: Vec::new(),
+            prefix: prefix.clone(),
+        };
+        ip(&["netns", "add", &net.hub])?;
+        ip(&["-n", &net.hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &net.hub, "link", "set", "br0", "up"])?;
+        for i in 1..=n {
+            let ns = format!("{prefix}n{i}");
+            ip(&["netns", "add", &ns])?;
+            net.nodes.push(ns.clone());
+            let (a, b) = (format!("{prefix}a{i}"), format!("{prefix}b{i}"));
+            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+            ip(&["link", "set", &a, "netns", &ns])?;
+            ip(&["link", "set", &b, "netns", &net.hub])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{i}/24"),
+                "dev",
+                &a,
+            ])?;
+            ip(&["-n", &ns, "link", "set", &a, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &net.hub, "link", "set", &b, "master", "br0"])?;
+            ip(&["-n", &net.hub, "link", "set", &b, "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// Cuts (or restores) node `i`'s link to the bridge.
+    fn link(&self, i: usize, up: bool) {
+        let b = format!("{}b{i}", self.prefix);
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &b,
+            if up { "up" } else { "down" },
+        ])
+        .expect("set link");
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain([&self.hub]) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+fn addr(i: usize) -> String {
+    format!("10.77.0.{i}:7100")
+}
+
+/// `roster ARGS...` run inside namespace `ns`.
+fn in_ns(net: &Net, i: usize, name: &str, cwd: &Path, args: &[&str]) -> Proc {
+    let mut full = vec![
+        "netns",
+        "exec",
+        &net.nodes[i - 1],
+        env!("CARGO_BIN_EXE_roster"),
+    ];
+    full.extend_from_slice(args);
+    support::spawn_program("ip", name, cwd, &full)
+}
+
+/// Node `i`'s own view of the group.
+fn local_status(net: &Net, i: usize, cwd: &Path) -> Option<Value> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.nodes[i - 1],
+            env!("CARGO_BIN_EXE_roster"),
+        ])
+        .args([
+            "cluster",
+            "status",
+            "--local",
+            "--json",
+            "--meta",
+            &addr(i),
+            "--tls-dir",
+            "tls",
+        ])
+        .current_dir(cwd)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+#[test]
+fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
+    let net = match Net::create(3) {
+        Ok(net) => net,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: cannot create network namespaces here (needs root and iproute2): {e}"
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (ok, _, err) = support::run(
+        cwd,
+        &[
+            "certs",
+            "--dir",
+            "tls",
+            "--name",
+            "10.77.0.1",
+            "--name",
+            "10.77.0.2",
+            "--name",
+            "10.77.0.3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let voters = (1..=3)
+        .map(|i| format!("{i}={}", addr(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let metas: Vec<Proc> = (1..=3)
+        .map(|i| {
+            let id = i.to_string();
+            let (listen, data_dir) = (addr(i), format!("meta-{i}"));
+            let args = [
+                "meta",
+                "--id",
+                &id,
+                "--listen",
+                &listen,
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data_dir,
+                "--tls-dir",
+                "tls",
+                "--bootstrap",
+                &voters,
+            ];
+            let proc = in_ns(&net, i, &format!("meta {i}"), cwd, &args);
+            proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
+            proc
+        })
+        .collect();
+
+    // A leader every node agrees on.
+    let leader = wait_for(START, "an agreed leader", || {
+        let leaders: Vec<Option<u64>> = (1..=3)
+            .map(|i| local_status(&net, i, cwd).and_then(|s| s["leader"].as_u64()))
+            .collect();
+        leaders[0].filter(|l| leaders.iter().all(|x| *x == Some(*l)))
+    }) as usize;
+    let majority: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
+
+    // Cut the leader off.
+    let cut = Instant::now();
+    net.link(leader, false);
+    let new_leader = wait_for(Duration::from_secs(15), "a majority leader", || {
+        majority
+            .iter()
+            .copied()
+            .find(|i| local_status(&net, *i, cwd).is_some_and(|s| s["leader"] == *i as u64))
+    });
+    println!(
+        "majority elected meta node {new_leader} {:?} after the cut",
+        cut.elapsed()
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "the cut-off leader to step down",
+        || local_status(&net, leader, cwd).filter(|s| s["leader"] != leader as u64),
+    );
+    println!(
+        "the cut-off leader stepped down {:?} after the cut",
+        cut.elapsed()
+    );
+
+    // Each side tries a write: a data server registers on each. Only the majority's may land.
+    let data_args = |i: usize| {
+        let meta_list = if i == leader {
+            addr(leader)
+        } else {
+            majority
+                .iter()
+                .map(|m| addr(*m))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        (format!("10.77.0.{i}:7200"), meta_list)
+    };
+    let (listen_major, metas_major) = data_args(new_leader);
+    let _data_major = in_ns(
+        &net,
+        new_leader,
+        "data on the majority",
+        cwd,
+        &[
+            "data",
+            "--id",
+            "1",
+            "--listen",
+            &listen_major,
+            "--http",
+            "127.0.0.1:0",
+            "--meta",
+            &metas_major,
+            "--tls-dir",
+            "tls",
+        ],
+    );
+    let (listen_minor, metas_minor) = data_args(leader);
+    let data_minor = in_ns(
+        &net,
+        leader,
+        "data on the minority",
+        cwd,
+        &[
+            "data",
+            "--id",
+            "2",
+            "--listen",
+            &listen_minor,
+            "--http",
+            "127.0.0.1:0",
+            "--meta",
+            &metas_minor,
+            "--tls-dir",
+            "tls",
+        ],
+    );
+    wait_for(START, "the majority's data server registered", || {
+        local_status(&net, new_leader, cwd).filter(|s| s["table_epoch"].as_u64() >= Some(1))
+    });
+    let minority = local_status(&net, leader, cwd).expect("the cut-off node answers locally");
+    assert_eq!(
+        minority["table_epoch"], 0,
+        "nothing committed on the minority side: {minority}"
+    );
+    drop(data_minor);
+
+    // Heal: one leader, one history.
+    net.link(leader, true);
+    let healed = wait_for(START, "one leader and one history", || {
+        let statuses: Vec<Value> = (1..=3)
+            .map(|i| local_status(&net, i, cwd))
+            .collect::<Option<_>>()?;
+        let first = &statuses[0];
+        let same = statuses.iter().all(|s| {
+            s["leader"] == first["leader"]
+                && s["term"] == first["term"]
+                && s["last_applied"] == first["last_applied"]
+                && s["last_log_index"] == first["last_log_index"]
+                && s["table_epoch"] == first["table_epoch"]
+        });
+        (same && first["leader"].is_u64()).then(|| first.clone())
+    });
+    println!(
+        "healed: leader {} at term {}",
+        healed["leader"], healed["term"]
+    );
+    assert!(
+        healed["table_epoch"].as_u64() >= Some(1),
+        "the majority's write survived the healing"
+    );
+    drop(metas);
+}
