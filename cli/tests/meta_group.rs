@@ -704,3 +704,127 @@ fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
         "{write:?}"
     );
 }
+
+#[test]
+fn self_preservation_holds_session_expiry_when_too_many_lapse_at_once() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    certs(cwd);
+    let group = Group::new(cwd, 1, &["--lease-timeout-ms", "1000"]);
+    group.leader_status(START);
+    let addr = group.addr(1).to_owned();
+    let tls = cwd.join("tls");
+    let sessions_in = |status: &Value| -> Vec<u64> {
+        status["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["role"] == "session")
+            .map(|l| l["id"].as_u64().unwrap())
+            .collect()
+    };
+
+    // Renew a chosen set of fake session servers in the background.
+    let renewing: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(vec![]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let renewer = {
+        let (renewing, stop, tls, addr) =
+            (renewing.clone(), stop.clone(), tls.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let client =
+                support::MetaClient::connect(&tls, &addr).expect("connect to the meta node");
+            while !stop.load(Ordering::Relaxed) {
+                let ids = renewing.lock().unwrap().clone();
+                for id in ids {
+                    let m = fake_member(Role::Session, id);
+                    let _ = client.call(&MetaRequest::Renew {
+                        role: m.role,
+                        id,
+                        instance: m.instance,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let register = |id: u64| {
+        let answer = meta_call(
+            &tls,
+            &addr,
+            &MetaRequest::Register {
+                member: fake_member(Role::Session, id),
+                cluster_id: None,
+            },
+        );
+        assert!(
+            matches!(answer, Ok(MetaResponse::Registered { .. })),
+            "{answer:?}"
+        );
+    };
+    for id in 1..=4 {
+        register(id);
+    }
+    *renewing.lock().unwrap() = vec![1, 2, 3];
+
+    // One of four lapses: it is expired as usual.
+    wait_for(START, "session 4 expired", || {
+        group
+            .leader_status(START)
+            .as_object()
+            .cloned()
+            .filter(|s| sessions_in(&Value::Object(s.clone())) == [1, 2, 3])
+    });
+
+    // Six of seven lapse at once: a few may go before the share is crossed, then
+    // self-preservation holds the rest.
+    for id in 5..=8 {
+        register(id);
+    }
+    *renewing.lock().unwrap() = vec![1, 2, 3, 5, 6, 7, 8];
+    wait_for(START, "every lease fresh", || {
+        let status = group.leader_status(START);
+        let leases = status["leases"].as_array()?.clone();
+        (leases.len() == 7
+            && leases
+                .iter()
+                .all(|l| l["remaining_ms"].as_u64() > Some(700)))
+        .then_some(())
+    });
+    *renewing.lock().unwrap() = vec![1];
+    let held = wait_for(START, "self-preservation on", || {
+        group
+            .leader_status(START)
+            .as_object()
+            .cloned()
+            .filter(|s| s["self_preservation"] == true)
+    });
+    let held = sessions_in(&Value::Object(held));
+    assert!(
+        held.len() >= 4,
+        "most lapsed sessions are held, not expired: {held:?}"
+    );
+    let observe_until = Instant::now() + Duration::from_millis(2_500);
+    while Instant::now() < observe_until {
+        let status = group.leader_status(START);
+        assert_eq!(
+            sessions_in(&status),
+            held,
+            "nobody is expired while preserving"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Their leases come back: self-preservation ends, everybody held is still there.
+    *renewing.lock().unwrap() = held.clone();
+    let released = wait_for(START, "self-preservation off", || {
+        group
+            .leader_status(START)
+            .as_object()
+            .cloned()
+            .filter(|s| s["self_preservation"] == false)
+    });
+    assert_eq!(sessions_in(&Value::Object(released)), held);
+    stop.store(true, Ordering::Relaxed);
+    renewer.join().unwrap();
+}

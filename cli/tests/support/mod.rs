@@ -254,3 +254,50 @@ pub fn run_within(cwd: &Path, args: &[&str], deadline: Duration) -> (bool, Strin
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A lasting peer connection to one meta node, for tests that send many requests.
+pub struct MetaClient {
+    runtime: tokio::runtime::Runtime,
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl MetaClient {
+    pub fn connect(tls_dir: &Path, addr: &str) -> roster_common::Result<Self> {
+        use roster_common::{quic, tls};
+        roster_common::install_crypto_provider();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (endpoint, conn) = runtime.block_on(async {
+            let identity = tls::NodeIdentity::load(tls_dir)?;
+            let config = quic::client_config(
+                tls::peer_client(&identity, roster_common::proto::ALPN_PEER)?,
+                &quic::TransportSettings::default(),
+                false,
+            )?;
+            let endpoint = quic::client_endpoint(quic::resolve(addr).await?)?;
+            let conn =
+                quic::connect(&endpoint, &config, addr, None, Duration::from_secs(3)).await?;
+            Ok::<_, roster_common::Error>((endpoint, conn))
+        })?;
+        Ok(MetaClient {
+            runtime,
+            _endpoint: endpoint,
+            conn,
+        })
+    }
+
+    pub fn call(
+        &self,
+        request: &roster_common::proto::MetaRequest,
+    ) -> roster_common::Result<roster_common::proto::MetaResponse> {
+        self.runtime.block_on(roster_common::rpc::call(
+            &self.conn,
+            request,
+            16 << 20,
+            Duration::from_secs(5),
+        ))
+    }
+}
