@@ -61,27 +61,9 @@ impl<'a> Group<'a> {
     }
 
     fn spawn(&self, id: u64) -> Proc {
-        let id_text = id.to_string();
-        let dir = format!("meta-{id}");
-        let mut args = vec![
-            "meta",
-            "--id",
-            &id_text,
-            "--listen",
-            self.addr(id),
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            &dir,
-            "--tls-dir",
-            "tls",
-            "--bootstrap",
-            &self.voters,
-        ];
-        args.extend(self.extra.iter().map(String::as_str));
-        let proc = roster(&format!("meta {id}"), self.cwd, &args);
-        proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-        proc
+        let mut extra = vec!["--bootstrap", &self.voters];
+        extra.extend(self.extra.iter().map(String::as_str));
+        start_meta(self.cwd, id, self.addr(id), &extra)
     }
 
     fn kill(&mut self, id: u64) {
@@ -116,6 +98,43 @@ impl<'a> Group<'a> {
     fn local_status(&self, id: u64) -> Option<Value> {
         cluster_status(self.cwd, &[self.addr(id)], true)
     }
+}
+
+/// Starts `roster meta --id ID --listen ADDR` with `extra` flags (`--data-dir meta-ID` unless
+/// given) and waits for it to listen.
+fn start_meta(cwd: &Path, id: u64, addr: &str, extra: &[&str]) -> Proc {
+    let id_text = id.to_string();
+    let default_dir = format!("meta-{id}");
+    let mut args = vec![
+        "meta",
+        "--id",
+        &id_text,
+        "--listen",
+        addr,
+        "--http",
+        "127.0.0.1:0",
+        "--tls-dir",
+        "tls",
+    ];
+    if !extra.contains(&"--data-dir") {
+        args.extend(["--data-dir", &default_dir]);
+    }
+    args.extend_from_slice(extra);
+    let proc = roster(&format!("meta {id}"), cwd, &args);
+    proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    proc
+}
+
+/// The id of the cluster the meta node at `addr` leads, once it has been created.
+fn created_cluster(cwd: &Path, addr: &str) -> String {
+    wait_for(START, "the cluster created", || {
+        cluster_status(cwd, &[addr], false).and_then(|s| {
+            s["cluster_id"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+        })
+    })
 }
 
 fn certs(cwd: &Path) {
@@ -374,26 +393,7 @@ fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
         .find(|id| Some(*id) != leader["leader"].as_u64())
         .unwrap();
     let addr4 = free_udp_addr();
-    let joiner = roster(
-        "meta 4",
-        cwd,
-        &[
-            "meta",
-            "--id",
-            "4",
-            "--listen",
-            &addr4,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "meta-4",
-            "--tls-dir",
-            "tls",
-            "--join",
-            group.addr(follower),
-        ],
-    );
-    joiner.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let _joiner = start_meta(cwd, 4, &addr4, &["--join", group.addr(follower)]);
     let all: Vec<&str> = group
         .addrs
         .iter()
@@ -419,27 +419,7 @@ fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
 
     // A learner: joins and stays a learner until an operator promotes it.
     let addr5 = free_udp_addr();
-    let learner = roster(
-        "meta 5",
-        cwd,
-        &[
-            "meta",
-            "--id",
-            "5",
-            "--listen",
-            &addr5,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "meta-5",
-            "--tls-dir",
-            "tls",
-            "--join",
-            &leader_addr,
-            "--learner",
-        ],
-    );
-    learner.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let _learner = start_meta(cwd, 5, &addr5, &["--join", &leader_addr, "--learner"]);
     let node5 = |status: &Value| {
         status["nodes"]
             .as_array()
@@ -487,64 +467,22 @@ fn a_node_with_another_clusters_data_is_refused() {
     certs(cwd);
     // Cluster A: one node.
     let a = free_udp_addr();
-    let meta_a = roster(
-        "meta A",
+    let meta_a = start_meta(
         cwd,
-        &[
-            "meta",
-            "--id",
-            "1",
-            "--listen",
-            &a,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "a-1",
-            "--tls-dir",
-            "tls",
-            "--bootstrap",
-            &format!("1={a}"),
-        ],
+        1,
+        &a,
+        &["--data-dir", "a-1", "--bootstrap", &format!("1={a}")],
     );
-    meta_a.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let cluster_a = wait_for(START, "cluster A", || {
-        cluster_status(cwd, &[&a], false).and_then(|s| {
-            s["cluster_id"]
-                .as_str()
-                .filter(|c| !c.is_empty())
-                .map(str::to_owned)
-        })
-    });
+    let cluster_a = created_cluster(cwd, &a);
     // Cluster B: created, then stopped.
     let b = free_udp_addr();
-    let mut meta_b = roster(
-        "meta B",
+    let mut meta_b = start_meta(
         cwd,
-        &[
-            "meta",
-            "--id",
-            "2",
-            "--listen",
-            &b,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "b-2",
-            "--tls-dir",
-            "tls",
-            "--bootstrap",
-            &format!("2={b}"),
-        ],
+        2,
+        &b,
+        &["--data-dir", "b-2", "--bootstrap", &format!("2={b}")],
     );
-    meta_b.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let cluster_b = wait_for(START, "cluster B", || {
-        cluster_status(cwd, &[&b], false).and_then(|s| {
-            s["cluster_id"]
-                .as_str()
-                .filter(|c| !c.is_empty())
-                .map(str::to_owned)
-        })
-    });
+    let cluster_b = created_cluster(cwd, &b);
     meta_b.signal("TERM");
     assert!(meta_b.wait_exit(Duration::from_secs(10)));
     assert_ne!(cluster_a, cluster_b);

@@ -203,26 +203,7 @@ pub fn meta_call(
     addr: &str,
     request: &roster_common::proto::MetaRequest,
 ) -> roster_common::Result<roster_common::proto::MetaResponse> {
-    use roster_common::{quic, rpc, tls};
-    roster_common::install_crypto_provider();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let identity = tls::NodeIdentity::load(tls_dir)?;
-        let config = quic::client_config(
-            tls::peer_client(&identity, roster_common::proto::ALPN_PEER)?,
-            &quic::TransportSettings::default(),
-            false,
-        )?;
-        let endpoint = quic::client_endpoint(quic::resolve(addr).await?)?;
-        let conn = quic::connect(&endpoint, &config, addr, None, Duration::from_secs(3)).await?;
-        let answer = rpc::call(&conn, request, 16 << 20, Duration::from_secs(10)).await;
-        conn.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-        answer
-    })
+    MetaClient::connect(tls_dir, addr)?.call(request)
 }
 
 /// Runs `roster ARGS...` to completion within `deadline` (killing it and failing the test
