@@ -42,6 +42,11 @@ pub struct DataConfig {
     /// How long a departed session's publishers are kept for its clients to re-register elsewhere.
     /// Default 5 s.
     pub session_grace: Duration,
+    /// How long a slot being taken over waits for every live session to report its publishers
+    /// before it opens without the silent ones (their records arrive when they report). Default 3 s.
+    pub takeover_timeout: Duration,
+    /// How often followed slots are compared with their leader's. Default 10 s.
+    pub repair_interval: Duration,
     /// Deadline for a request to a peer. Default 5 s.
     pub request_timeout: Duration,
     /// Largest accepted frame. Default 1 MiB.
@@ -59,6 +64,8 @@ impl DataConfig {
             advertise: None,
             zone: String::new(),
             session_grace: Duration::from_secs(5),
+            takeover_timeout: Duration::from_secs(3),
+            repair_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
             transport: TransportSettings::default(),

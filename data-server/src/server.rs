@@ -1,8 +1,10 @@
-//! The data server's network shell: joins the cluster, follows the slot table, serves sessions.
+//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
+//! replicates to followers and keeps its own copies in step with the leaders.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::UdpSocket;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -10,11 +12,15 @@ use quinn::{RecvStream, SendStream};
 use roster_common::member::{self, MemberConfig, ViewRx};
 use roster_common::peers::PeerPool;
 use roster_common::proto::{
-    ClusterView, DataEvent, DataRequest, DataResponse, Member, Role, Snapshot, WriteOp, reply,
+    ClusterView, DataEvent, DataRequest, DataResponse, Member, Publisher, ReplicatedOp, Role,
+    Snapshot, WriteOp, reply,
 };
 use roster_common::tls::NodeIdentity;
-use roster_common::{Error, InstanceId, Result, ServiceId, frame, ids, quic, rpc, serve};
-use tokio::sync::watch;
+use roster_common::{
+    Error, InstanceId, NodeId, Result, ServiceId, SlotId, frame, ids, quic, rpc, serve,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -22,10 +28,19 @@ use tracing::{debug, info, warn};
 use crate::DataConfig;
 use crate::interest::Interests;
 use crate::owners::OwnerSweep;
-use crate::store::{Change, Store};
+use crate::store::{Applied, Change, Store};
 
 /// How often publishers of departed sessions are looked for.
 const SWEEP_PERIOD: Duration = Duration::from_millis(250);
+/// How often slots being taken over are checked for readiness, and missing copies fetched.
+const STEP: Duration = Duration::from_millis(50);
+/// Changes queued per follower. When full, changes are dropped: the follower sees the gap and
+/// fetches the slot whole.
+pub const REPLICATION_QUEUE: usize = 65_536;
+/// Changes sent to a follower in one message at most.
+const REPLICATION_BATCH: usize = 1_024;
+/// Slots fetched at once.
+const FETCH_CONCURRENCY: usize = 8;
 
 /// A data server, built from its config and run until a shutdown signal.
 pub struct DataServer {
@@ -35,6 +50,17 @@ pub struct DataServer {
     ready_tx: watch::Sender<bool>,
 }
 
+/// Counters of what this server repaired, for operators.
+#[derive(Debug, Default)]
+pub struct Repairs {
+    /// Followed slots fetched whole because of a gap or a digest mismatch.
+    pub slots_fetched: AtomicU64,
+    /// Drift found by the periodic digest comparison with the leader.
+    pub drift_found: AtomicU64,
+    /// Slots in which a session's records differed and were synced.
+    pub session_syncs: AtomicU64,
+}
+
 struct Shared {
     config: DataConfig,
     instance: InstanceId,
@@ -42,6 +68,15 @@ struct Shared {
     interests: Mutex<Interests>,
     view: ViewRx,
     ready_tx: watch::Sender<bool>,
+    pool: Arc<PeerPool>,
+    replicators: Mutex<HashMap<NodeId, Replicator>>,
+    repairs: Repairs,
+}
+
+/// The queue of changes for one follower, drained by its own task.
+struct Replicator {
+    addr: String,
+    tx: mpsc::Sender<ReplicatedOp>,
 }
 
 impl DataServer {
@@ -55,7 +90,7 @@ impl DataServer {
         })
     }
 
-    /// True once the server is a member of the cluster and serves the slots its table gives it.
+    /// True once the server is a member of the cluster and every slot it leads is open.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready_tx.subscribe()
     }
@@ -96,19 +131,25 @@ impl DataServer {
             interests: Mutex::new(Interests::default()),
             view,
             ready_tx: self.ready_tx,
+            pool: pool.clone(),
+            replicators: Mutex::new(HashMap::new()),
+            repairs: Repairs::default(),
         });
         info!(id = self.config.id, addr = %advertise, instance = format_args!("{:x}", self.instance), "data server serving");
 
         let tracker = TaskTracker::new();
         tracker.spawn(follow_cluster(shared.clone(), shutdown.clone()));
+        tracker.spawn(keep_copies(shared.clone(), shutdown.clone()));
         let stream_shutdown = shutdown.clone();
+        let stream_shared = shared.clone();
         serve::serve_requests(&endpoint, &shutdown, &tracker, move |send, recv| {
-            handle_stream(shared.clone(), send, recv, stream_shutdown.clone())
+            handle_stream(stream_shared.clone(), send, recv, stream_shutdown.clone())
         })
         .await;
         // Leave the cluster before the endpoint closes, so the meta tier hears it at once.
         agent_shutdown.cancel();
         let _ = agent.await;
+        shared.replicators.lock().clear();
         serve::drain(&endpoint, &tracker, Some(&pool), Duration::from_secs(2)).await;
         info!(id = self.config.id, "data server stopped");
         Ok(())
@@ -135,11 +176,65 @@ impl Shared {
     }
 
     fn notify(&self, changes: &[Change]) {
+        if changes.is_empty() {
+            return;
+        }
         let mut interests = self.interests.lock();
         for (service, version) in changes {
             let detached = interests.notify(service, *version);
             if detached > 0 {
                 warn!(%service, detached, "sessions fell behind on notifications and were detached; they will resync");
+            }
+        }
+    }
+
+    /// Runs a leader-side change: applies it under the store lock, queues its ops for the
+    /// followers (in the order applied), then notifies interested sessions.
+    fn lead(&self, change: impl FnOnce(&mut Store) -> Result<Applied>) -> Result<Applied> {
+        let applied = {
+            let mut store = self.store.lock();
+            let applied = change(&mut store)?;
+            self.queue_replication(&applied.ops);
+            applied
+        };
+        self.notify(&applied.changes);
+        Ok(applied)
+    }
+
+    /// Queues `ops` to the followers of their slots. Never waits: a full queue drops the op, and the
+    /// follower repairs the gap by fetching the slot.
+    fn queue_replication(&self, ops: &[ReplicatedOp]) {
+        if ops.is_empty() {
+            return;
+        }
+        let Some(view) = self.view() else { return };
+        let mut replicators = self.replicators.lock();
+        for op in ops {
+            let followers = view
+                .table
+                .slots
+                .get(op.slot as usize)
+                .map(|r| &r[1.min(r.len())..])
+                .unwrap_or(&[]);
+            for follower in followers {
+                let Some(addr) = view.data_addr(*follower) else {
+                    continue;
+                };
+                let replicator = replicators.entry(*follower).or_insert_with(|| {
+                    spawn_replicator(
+                        self.pool.clone(),
+                        self.config.clone(),
+                        *follower,
+                        addr.to_owned(),
+                    )
+                });
+                if replicator.tx.try_send(op.clone()).is_err() {
+                    debug!(
+                        follower,
+                        slot = op.slot,
+                        "replication queue full; the follower will fetch the slot"
+                    );
+                }
             }
         }
     }
@@ -153,21 +248,13 @@ impl Shared {
             ));
         }
         let service = op.service().clone();
-        let result = self.store.lock().write(op);
-        match result {
-            Ok(Some(change)) => {
-                let version = change.1;
+        match self.lead(|store| store.write(op)) {
+            Ok(applied) => {
+                let version = match applied.changes.first() {
+                    Some((_, v)) => *v,
+                    None => self.store.lock().version(&service),
+                };
                 debug!(%service, version, "applied");
-                self.notify(&[change]);
-                Ok(DataResponse::Written { version })
-            }
-            Ok(None) => {
-                let version = self
-                    .store
-                    .lock()
-                    .snapshot(&service)
-                    .map(|s| s.version)
-                    .unwrap_or(0);
                 Ok(DataResponse::Written { version })
             }
             Err(e) => Err(self.with_leader_hint(e, &service)),
@@ -208,22 +295,71 @@ impl Shared {
         }
     }
 
-    /// Adopts the latest committed view: its table, and the departure of sessions.
+    fn handle_session_sync(
+        &self,
+        instance: InstanceId,
+        slot: SlotId,
+        publishers: Vec<Publisher>,
+    ) -> Result<DataResponse> {
+        let applied = self.lead(|store| store.session_sync(instance, slot, publishers))?;
+        if !applied.ops.is_empty() {
+            self.repairs.session_syncs.fetch_add(1, Ordering::Relaxed);
+            info!(
+                slot,
+                session_instance = format_args!("{instance:x}"),
+                changes = applied.ops.len(),
+                "synced a session's publishers"
+            );
+        }
+        Ok(DataResponse::Done {})
+    }
+
+    fn handle_replicate(&self, ops: Vec<ReplicatedOp>) -> DataResponse {
+        let (_, resync) = self.store.lock().replicate(ops);
+        if !resync.is_empty() {
+            debug!(slots = ?resync, "replication gap; fetching those slots whole");
+        }
+        DataResponse::Replicated { resync }
+    }
+
+    fn handle_slot_digests(&self, slots: &[SlotId]) -> DataResponse {
+        let store = self.store.lock();
+        DataResponse::Digests {
+            digests: slots.iter().filter_map(|s| store.slot_digest(*s)).collect(),
+        }
+    }
+
+    /// Adopts the latest committed view: its table, and the departure of followers.
     fn apply_view(&self, view: &ClusterView) {
         let me = view.member(Role::Data, self.config.id);
         let member = me.is_some_and(|m| m.instance == self.instance);
         if member {
-            let taken = self.store.lock().apply_table(&view.table);
-            if !taken.is_empty() {
+            let change = self.store.lock().apply_table(&view.table, Instant::now());
+            if !change.took.is_empty() || !change.to_fetch.is_empty() || !change.dropped.is_empty()
+            {
                 info!(
                     epoch = view.table.epoch,
-                    slots = taken.len(),
-                    "took the lead of slots"
+                    took = change.took.len(),
+                    to_fetch = change.to_fetch.len(),
+                    dropped = change.dropped.len(),
+                    "new slot table"
                 );
             }
+            // Forget the queues of data servers that left or moved.
+            self.replicators
+                .lock()
+                .retain(|id, r| view.data_addr(*id) == Some(r.addr.as_str()));
         }
+        self.update_readiness(Some(view));
+    }
+
+    fn update_readiness(&self, view: Option<&ClusterView>) {
+        let member = view
+            .and_then(|v| v.member(Role::Data, self.config.id))
+            .is_some_and(|m| m.instance == self.instance);
+        let ready = member && self.store.lock().moving() == 0;
         self.ready_tx
-            .send_if_modified(|ready| std::mem::replace(ready, member) != member);
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
     fn sweep_owners(&self, sweep: &mut OwnerSweep, view: &ClusterView) {
@@ -234,22 +370,74 @@ impl Shared {
             sweep.sweep(&live, store.owners(), Instant::now())
         };
         for instance in expired {
-            let changes = self.store.lock().drop_owner(instance);
-            info!(
-                session_instance = format_args!("{instance:x}"),
-                services = changes.len(),
-                "dropped the publishers of a departed session"
-            );
-            self.notify(&changes);
+            if let Ok(applied) = self.lead(|store| Ok(store.drop_owner(instance))) {
+                info!(
+                    session_instance = format_args!("{instance:x}"),
+                    removed = applied.ops.len(),
+                    "dropped the publishers of a departed session"
+                );
+            }
         }
+    }
+
+    /// Opens slots whose takeover completed.
+    fn open_ready_slots(&self, view: &ClusterView) {
+        let live: HashSet<InstanceId> =
+            view.members_of(Role::Session).map(|m| m.instance).collect();
+        let opened =
+            self.store
+                .lock()
+                .open_ready(&live, Instant::now(), self.config.takeover_timeout);
+        if !opened.is_empty() {
+            info!(slots = opened.len(), "slots taken over and open");
+        }
+        self.update_readiness(Some(view));
     }
 }
 
-/// Applies every new view and sweeps departed sessions' publishers.
+/// Starts the task that sends queued changes to follower `id` at `addr`.
+fn spawn_replicator(
+    pool: Arc<PeerPool>,
+    config: DataConfig,
+    id: NodeId,
+    addr: String,
+) -> Replicator {
+    let (tx, mut rx) = mpsc::channel::<ReplicatedOp>(REPLICATION_QUEUE);
+    let target = addr.clone();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut ops = vec![first];
+            while ops.len() < REPLICATION_BATCH
+                && let Ok(op) = rx.try_recv()
+            {
+                ops.push(op);
+            }
+            let sent = async {
+                let conn = pool.get(&target).await?;
+                rpc::call::<_, DataResponse>(
+                    &conn,
+                    &DataRequest::Replicate { ops },
+                    config.max_frame,
+                    config.request_timeout,
+                )
+                .await
+            };
+            if let Err(e) = sent.await {
+                // The follower notices the gap with the next change it gets, and fetches the slot.
+                debug!(follower = id, error = %e, "replication failed");
+            }
+        }
+    });
+    Replicator { addr, tx }
+}
+
+/// Applies every new view, opens slots whose takeover completed, and sweeps departed sessions'
+/// publishers.
 async fn follow_cluster(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut views = shared.view.clone();
     let mut sweep = OwnerSweep::new(shared.config.session_grace);
-    let mut tick = tokio::time::interval(SWEEP_PERIOD);
+    let mut step = tokio::time::interval(STEP);
+    let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -262,10 +450,126 @@ async fn follow_cluster(shared: Arc<Shared>, shutdown: CancellationToken) {
                     shared.apply_view(&view);
                 }
             }
-            _ = tick.tick() => {
-                if let Some(view) = shared.view() {
+            _ = step.tick() => {
+                let Some(view) = shared.view() else { continue };
+                shared.open_ready_slots(&view);
+                if last_sweep.elapsed() >= SWEEP_PERIOD {
+                    last_sweep = Instant::now();
                     shared.sweep_owners(&mut sweep, &view);
                 }
+            }
+        }
+    }
+}
+
+/// Keeps this server's copies of the slots it follows: fetches slots it has no copy of (new, or a
+/// gap in replication), and periodically compares digests with the leaders to catch drift.
+async fn keep_copies(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut step = tokio::time::interval(STEP * 2);
+    step.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_check = Instant::now();
+    let mut fetching: HashSet<SlotId> = HashSet::new();
+    let mut fetches: JoinSet<(SlotId, Result<()>)> = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(done) = fetches.join_next() => {
+                if let Ok((slot, result)) = done {
+                    fetching.remove(&slot);
+                    if let Err(e) = result {
+                        debug!(slot, error = %e, "could not fetch a slot yet");
+                    }
+                }
+                continue;
+            }
+            _ = step.tick() => {}
+        }
+        let Some(view) = shared.view() else { continue };
+        let wanted = shared.store.lock().out_of_sync();
+        for slot in wanted {
+            if fetching.len() >= FETCH_CONCURRENCY || fetching.contains(&slot) {
+                continue;
+            }
+            let Some(addr) = view
+                .table
+                .leader(slot)
+                .and_then(|l| view.data_addr(l))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            fetching.insert(slot);
+            let shared = shared.clone();
+            fetches.spawn(async move { (slot, fetch_slot(&shared, slot, &addr).await) });
+        }
+        if last_check.elapsed() >= shared.config.repair_interval {
+            last_check = Instant::now();
+            check_drift(&shared, &view).await;
+        }
+    }
+}
+
+async fn fetch_slot(shared: &Shared, slot: SlotId, addr: &str) -> Result<()> {
+    let conn = shared.pool.get(addr).await?;
+    let answer = rpc::call(
+        &conn,
+        &DataRequest::SlotDump { slot },
+        shared.config.max_frame,
+        shared.config.request_timeout,
+    )
+    .await?;
+    let DataResponse::Slot(dump) = answer else {
+        return Err(Error::UnexpectedMessage(format!(
+            "expected a slot, got {answer:?}"
+        )));
+    };
+    let publishers = dump.publishers.len();
+    if shared.store.lock().install_dump(dump) {
+        shared.repairs.slots_fetched.fetch_add(1, Ordering::Relaxed);
+        debug!(slot, publishers, "fetched a followed slot");
+    }
+    Ok(())
+}
+
+/// Compares the digests of followed slots with their leaders; a slot that differs at the same
+/// version has drifted and is fetched again.
+async fn check_drift(shared: &Shared, view: &ClusterView) {
+    let slots = shared.store.lock().followed_in_sync();
+    let mut by_leader: HashMap<NodeId, Vec<SlotId>> = HashMap::new();
+    for slot in slots {
+        if let Some(leader) = view.table.leader(slot) {
+            by_leader.entry(leader).or_default().push(slot);
+        }
+    }
+    for (leader, slots) in by_leader {
+        let Some(addr) = view.data_addr(leader) else {
+            continue;
+        };
+        let answer = async {
+            let conn = shared.pool.get(addr).await?;
+            rpc::call::<_, DataResponse>(
+                &conn,
+                &DataRequest::SlotDigests { slots },
+                shared.config.max_frame,
+                shared.config.request_timeout,
+            )
+            .await
+        };
+        let Ok(DataResponse::Digests { digests }) = answer.await else {
+            continue;
+        };
+        let mut store = shared.store.lock();
+        for theirs in digests {
+            let Some(ours) = store.slot_digest(theirs.slot) else {
+                continue;
+            };
+            if ours.version == theirs.version && ours.digest != theirs.digest {
+                warn!(
+                    slot = theirs.slot,
+                    leader, "a followed slot drifted from its leader; fetching it again"
+                );
+                shared.repairs.drift_found.fetch_add(1, Ordering::Relaxed);
+                store.mark_out_of_sync(theirs.slot);
             }
         }
     }
@@ -303,6 +607,17 @@ async fn handle_stream(
         DataRequest::ListServices {} => Ok(DataResponse::Services {
             services: shared.store.lock().services(),
         }),
+        DataRequest::SessionDigests { instance, digests } => Ok(DataResponse::Mismatched {
+            slots: shared.store.lock().session_digests(instance, &digests),
+        }),
+        DataRequest::SessionSync {
+            instance,
+            slot,
+            publishers,
+        } => shared.handle_session_sync(instance, slot, publishers),
+        DataRequest::Replicate { ops } => Ok(shared.handle_replicate(ops)),
+        DataRequest::SlotDump { slot } => shared.store.lock().dump(slot).map(DataResponse::Slot),
+        DataRequest::SlotDigests { slots } => Ok(shared.handle_slot_digests(&slots)),
     };
     if let Err(e) = rpc::send_reply(&mut send, result, max_frame).await {
         debug!(error = %e, "could not send reply");

@@ -1,22 +1,38 @@
-//! Slot storage: the publishers of every service in the slots this server leads, and their versions.
+//! Slot storage: the publishers of every service in the slots this server holds, their versions,
+//! and each slot's role and readiness.
 //!
-//! Plain data and functions, no I/O. The server applies each committed slot table with
-//! [`Store::apply_table`] and each session's change with [`Store::write`]; both return what changed so
-//! the caller can notify sessions.
+//! Plain data and functions, no I/O; time is passed in. The server adopts each committed table with
+//! [`Store::apply_table`], applies sessions' changes as leader ([`Store::write`],
+//! [`Store::session_sync`], [`Store::drop_owner`]) — each returning the [`ReplicatedOp`]s to send to
+//! the slot's followers and the changes to notify — and applies the leader's changes as follower
+//! ([`Store::replicate`], [`Store::install_dump`]).
 //!
 //! Versions: when this server takes the lead of a slot it records the table epoch as the slot's
-//! term; every change of a service in that slot gets `(term << 32) | counter`, with the counter
-//! counting changes in the slot. Terms only grow, so versions of a service only grow, across
-//! leaders too.
+//! term; every change in the slot gets `(term << 32) | counter`. Terms only grow, so versions of a
+//! service only grow, across leaders too. A follower takes the leader's versions as they come; an
+//! op whose `prev` is not the follower's current version reveals a gap, and the slot is fetched
+//! whole.
+//!
+//! Readiness: a slot this server has just taken over is `moving` until every live session has
+//! reported its publishers in the slot (digest, then sync if they differ), or `takeover_timeout`
+//! has passed; meanwhile it refuses reads and writes with `SlotMoving`, so no session pushes a
+//! snapshot of a slot that is still being rebuilt.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
-use roster_common::proto::{Publisher, ServiceSummary, SlotTable, Snapshot, WriteOp};
+use roster_common::proto::{
+    Digest, Publisher, ReplicatedOp, ServiceSummary, SlotDigest, SlotDump, SlotTable, Snapshot,
+    WriteOp,
+};
 use roster_common::{
     ClientId, Epoch, Error, InstanceId, NodeId, RegisterId, Result, ServiceId, SlotId, Version,
 };
 
 type PublisherKey = (ClientId, RegisterId);
+
+/// How long a slot stays `moving` before a caller retries, as told in `SlotMoving`.
+pub const MOVING_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Default)]
 struct Datum {
@@ -24,12 +40,26 @@ struct Datum {
     publishers: BTreeMap<PublisherKey, Publisher>,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Role {
+    #[default]
+    None,
+    Leader,
+    Follower,
+}
+
 #[derive(Debug, Default)]
 struct Slot {
-    /// Whether this server leads the slot in the latest table.
-    led: bool,
+    role: Role,
+    /// Leader: taking over, since when; sessions heard from so far.
+    moving_since: Option<Instant>,
+    heard: HashSet<InstanceId>,
+    /// Follower: holds a copy consistent with the leader up to `version`.
+    in_sync: bool,
     term: Epoch,
     counter: u32,
+    /// The version of the slot's last change.
+    version: Version,
     services: HashMap<ServiceId, Datum>,
 }
 
@@ -40,9 +70,49 @@ impl Slot {
         self.counter = self.counter.saturating_add(1);
         (self.term << 32) | u64::from(self.counter)
     }
+
+    fn clear(&mut self, owners: &mut HashMap<InstanceId, usize>) {
+        for datum in std::mem::take(&mut self.services).into_values() {
+            for publisher in datum.publishers.values() {
+                release(owners, publisher.session_instance);
+            }
+        }
+    }
+
+    fn publishers(&self) -> impl Iterator<Item = &Publisher> {
+        self.services.values().flat_map(|d| d.publishers.values())
+    }
 }
 
-/// The records of every slot this server leads.
+/// A service whose datum changed, and its new version.
+pub type Change = (ServiceId, Version);
+
+/// What a leader-side change produced: the ops for the followers and the changes to notify.
+#[derive(Debug, Default, PartialEq)]
+pub struct Applied {
+    pub ops: Vec<ReplicatedOp>,
+    pub changes: Vec<Change>,
+}
+
+impl Applied {
+    fn push(&mut self, op: ReplicatedOp, service: ServiceId) {
+        self.changes.push((service, op.version));
+        self.ops.push(op);
+    }
+}
+
+/// How the slots this server holds changed with a table.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TableChange {
+    /// Slots this server now leads and must take over.
+    pub took: Vec<SlotId>,
+    /// Slots this server now follows without a copy: to fetch from the leader.
+    pub to_fetch: Vec<SlotId>,
+    /// Slots this server no longer holds.
+    pub dropped: Vec<SlotId>,
+}
+
+/// The records of every slot this server holds.
 #[derive(Debug)]
 pub struct Store {
     me: NodeId,
@@ -52,9 +122,6 @@ pub struct Store {
     /// Publishers held per owning session instance, to find what a lost session owned.
     owners: HashMap<InstanceId, usize>,
 }
-
-/// A service whose datum changed, and its new version.
-pub type Change = (ServiceId, Version);
 
 impl Store {
     pub fn new(me: NodeId) -> Self {
@@ -72,12 +139,15 @@ impl Store {
         self.epoch
     }
 
-    /// Adopts a committed table. Slots this server starts leading begin a new term at the table's
-    /// epoch; slots it no longer leads are emptied (their new leader rebuilds them from sessions).
-    /// Returns the slots it took over. Tables older than the current one are ignored.
-    pub fn apply_table(&mut self, table: &SlotTable) -> Vec<SlotId> {
+    pub fn slot_count(&self) -> u32 {
+        self.slot_count
+    }
+
+    /// Adopts a committed table. Tables older than the current one are ignored.
+    pub fn apply_table(&mut self, table: &SlotTable, now: Instant) -> TableChange {
+        let mut change = TableChange::default();
         if table.epoch <= self.epoch && self.slot_count == table.slot_count {
-            return Vec::new();
+            return change;
         }
         if self.slot_count != table.slot_count {
             self.slots = (0..table.slot_count).map(|_| Slot::default()).collect();
@@ -85,24 +155,50 @@ impl Store {
             self.owners.clear();
         }
         self.epoch = table.epoch;
-        let mut taken = Vec::new();
         for (id, slot) in self.slots.iter_mut().enumerate() {
-            let leads = table.leader(id as SlotId) == Some(self.me);
-            if leads && !slot.led {
-                slot.led = true;
-                slot.term = table.epoch;
-                slot.counter = 0;
-                taken.push(id as SlotId);
-            } else if !leads && slot.led {
-                slot.led = false;
-                for datum in std::mem::take(&mut slot.services).into_values() {
-                    for publisher in datum.publishers.values() {
-                        release(&mut self.owners, publisher.session_instance);
+            let id = id as SlotId;
+            let replicas = table
+                .slots
+                .get(id as usize)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let role = match replicas.iter().position(|n| *n == self.me) {
+                Some(0) => Role::Leader,
+                Some(_) => Role::Follower,
+                None => Role::None,
+            };
+            match (slot.role, role) {
+                (Role::Leader, Role::Leader) => {}
+                (_, Role::Leader) => {
+                    // A new term: versions continue above anything the previous leader issued.
+                    slot.term = table.epoch;
+                    slot.counter = 0;
+                    slot.moving_since = Some(now);
+                    slot.heard.clear();
+                    change.took.push(id);
+                }
+                (Role::Leader, Role::Follower) => {
+                    // Stepping down with an up-to-date copy.
+                    slot.moving_since = None;
+                    slot.in_sync = true;
+                }
+                (Role::Follower, Role::Follower) => {}
+                (Role::None, Role::Follower) => {
+                    slot.in_sync = false;
+                    change.to_fetch.push(id);
+                }
+                (_, Role::None) => {
+                    if slot.role != Role::None {
+                        slot.clear(&mut self.owners);
+                        slot.moving_since = None;
+                        slot.in_sync = false;
+                        change.dropped.push(id);
                     }
                 }
             }
+            slot.role = role;
         }
-        taken
+        change
     }
 
     fn slot_index(&self, service: &ServiceId) -> Result<usize> {
@@ -111,61 +207,62 @@ impl Store {
                 "this data server has no slot table yet".into(),
             ));
         }
-        let id = roster_common::slot::slot_of(service, self.slot_count) as usize;
-        if !self.slots[id].led {
-            return Err(Error::NotLeader { leader: None });
-        }
-        Ok(id)
+        Ok(roster_common::slot::slot_of(service, self.slot_count) as usize)
     }
 
-    /// Applies one publisher change. `Ok(None)` means it changed nothing (an identical put, or a
-    /// remove of something absent or owned by another session).
-    pub fn write(&mut self, op: WriteOp) -> Result<Option<Change>> {
-        let service = op.service().clone();
-        let index = self.slot_index(&service)?;
+    /// The slot of `service` if this server leads it and it is ready.
+    fn ready_slot(&self, service: &ServiceId) -> Result<usize> {
+        let index = self.slot_index(service)?;
+        let slot = &self.slots[index];
+        if slot.role != Role::Leader {
+            return Err(Error::NotLeader { leader: None });
+        }
+        if slot.moving_since.is_some() {
+            return Err(Error::SlotMoving {
+                retry_after: MOVING_RETRY,
+            });
+        }
+        Ok(index)
+    }
+
+    /// Applies `op` to slot `index` as its leader; `None` if it changes nothing.
+    fn lead(&mut self, index: usize, op: WriteOp) -> Option<ReplicatedOp> {
         let slot = &mut self.slots[index];
         let owners = &mut self.owners;
-        match op {
-            WriteOp::Put { publisher } => {
-                let datum = slot.services.entry(service.clone()).or_default();
-                let key = (publisher.client_id.clone(), publisher.register_id.clone());
-                if datum.publishers.get(&key) == Some(&publisher) {
-                    return Ok(None);
-                }
-                *owners.entry(publisher.session_instance).or_default() += 1;
-                if let Some(old) = datum.publishers.insert(key, publisher) {
-                    release(owners, old.session_instance);
-                }
-            }
-            WriteOp::Remove {
-                service: _,
-                client_id,
-                register_id,
-                session_instance,
-            } => {
-                let Some(datum) = slot.services.get_mut(&service) else {
-                    return Ok(None);
-                };
-                let key = (client_id, register_id);
-                match datum.publishers.get(&key) {
-                    Some(p) if p.session_instance == session_instance => {}
-                    _ => return Ok(None),
-                }
-                datum.publishers.remove(&key);
-                release(owners, session_instance);
-            }
-        }
+        apply_op(slot, owners, &op, None)?;
+        let prev = slot.version;
         let version = slot.next_version();
-        slot.services
-            .get_mut(&service)
-            .expect("present above")
-            .version = version;
-        Ok(Some((service, version)))
+        set_version(slot, op.service(), version);
+        Some(ReplicatedOp {
+            slot: index as SlotId,
+            prev,
+            version,
+            op,
+        })
+    }
+
+    /// Applies one session change as slot leader.
+    pub fn write(&mut self, op: WriteOp) -> Result<Applied> {
+        let index = self.ready_slot(op.service())?;
+        let mut applied = Applied::default();
+        let service = op.service().clone();
+        if let Some(replicated) = self.lead(index, op) {
+            applied.push(replicated, service);
+        }
+        Ok(applied)
+    }
+
+    /// The current version of `service`'s datum, 0 if none.
+    pub fn version(&self, service: &ServiceId) -> Version {
+        self.slot_index(service)
+            .ok()
+            .and_then(|i| self.slots[i].services.get(service))
+            .map_or(0, |d| d.version)
     }
 
     /// The current datum of `service` (empty at version 0 if it never had a publisher).
     pub fn snapshot(&self, service: &ServiceId) -> Result<Snapshot> {
-        let slot = &self.slots[self.slot_index(service)?];
+        let slot = &self.slots[self.ready_slot(service)?];
         Ok(match slot.services.get(service) {
             Some(datum) => Snapshot {
                 service: service.clone(),
@@ -185,36 +282,34 @@ impl Store {
         self.owners.keys().copied()
     }
 
-    /// Drops every publisher owned by `instance`; returns the services that changed.
-    pub fn drop_owner(&mut self, instance: InstanceId) -> Vec<Change> {
-        let mut changes = Vec::new();
-        for slot in self.slots.iter_mut().filter(|s| s.led) {
-            let mut touched = Vec::new();
-            for (service, datum) in slot.services.iter_mut() {
-                let before = datum.publishers.len();
-                datum
-                    .publishers
-                    .retain(|_, p| p.session_instance != instance);
-                if datum.publishers.len() != before {
-                    touched.push(service.clone());
+    /// Drops every publisher owned by `instance` in the slots this server leads.
+    pub fn drop_owner(&mut self, instance: InstanceId) -> Applied {
+        let mut applied = Applied::default();
+        for index in 0..self.slots.len() {
+            if self.slots[index].role != Role::Leader {
+                continue;
+            }
+            let doomed: Vec<WriteOp> = self.slots[index]
+                .publishers()
+                .filter(|p| p.session_instance == instance)
+                .map(remove_op)
+                .collect();
+            for op in doomed {
+                let service = op.service().clone();
+                if let Some(replicated) = self.lead(index, op) {
+                    applied.push(replicated, service);
                 }
             }
-            for service in touched {
-                let version = slot.next_version();
-                slot.services.get_mut(&service).expect("touched").version = version;
-                changes.push((service, version));
-            }
         }
-        self.owners.remove(&instance);
-        changes
+        applied
     }
 
-    /// Every service with at least one publisher, with its count.
+    /// Every service with at least one publisher in the slots this server leads.
     pub fn services(&self) -> Vec<ServiceSummary> {
         let mut out: Vec<ServiceSummary> = self
             .slots
             .iter()
-            .filter(|s| s.led)
+            .filter(|s| s.role == Role::Leader)
             .flat_map(|s| s.services.iter())
             .filter(|(_, d)| !d.publishers.is_empty())
             .map(|(service, d)| ServiceSummary {
@@ -226,6 +321,293 @@ impl Store {
         out.sort_by(|a, b| a.service.cmp(&b.service));
         out
     }
+
+    /// Compares a session's digests with the records it owns in the slots this server leads.
+    /// Matching slots count the session as heard; the others are returned, to be synced.
+    pub fn session_digests(&mut self, instance: InstanceId, digests: &[SlotDigest]) -> Vec<SlotId> {
+        let mut mismatched = Vec::new();
+        for d in digests {
+            let Some(slot) = self.slots.get_mut(d.slot as usize) else {
+                continue;
+            };
+            if slot.role != Role::Leader {
+                continue;
+            }
+            let ours = Digest::of(slot.publishers().filter(|p| p.session_instance == instance));
+            if ours == d.digest {
+                slot.heard.insert(instance);
+            } else {
+                mismatched.push(d.slot);
+            }
+        }
+        mismatched
+    }
+
+    /// Makes this leader's records of session `instance` in `slot` exactly `publishers`.
+    pub fn session_sync(
+        &mut self,
+        instance: InstanceId,
+        slot: SlotId,
+        publishers: Vec<Publisher>,
+    ) -> Result<Applied> {
+        let index = slot as usize;
+        if self.slots.get(index).is_none_or(|s| s.role != Role::Leader) {
+            return Err(Error::NotLeader { leader: None });
+        }
+        let mut ops: Vec<WriteOp> = Vec::new();
+        let wanted: HashSet<(&str, &str)> = publishers
+            .iter()
+            .map(|p| (p.client_id.as_str(), p.register_id.as_str()))
+            .collect();
+        for p in self.slots[index].publishers() {
+            if p.session_instance == instance
+                && !wanted.contains(&(p.client_id.as_str(), p.register_id.as_str()))
+            {
+                ops.push(remove_op(p));
+            }
+        }
+        for p in publishers {
+            if p.session_instance != instance
+                || roster_common::slot::slot_of(&p.service, self.slot_count) != slot
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "publisher {}/{} does not belong to session {instance:x} in slot {slot}",
+                    p.client_id, p.register_id
+                )));
+            }
+            ops.push(WriteOp::Put { publisher: p });
+        }
+        let mut applied = Applied::default();
+        for op in ops {
+            let service = op.service().clone();
+            if let Some(replicated) = self.lead(index, op) {
+                applied.push(replicated, service);
+            }
+        }
+        self.slots[index].heard.insert(instance);
+        Ok(applied)
+    }
+
+    /// Opens the slots whose takeover is complete: every `live` session heard from, or `timeout`
+    /// passed. Returns the slots opened.
+    pub fn open_ready(
+        &mut self,
+        live: &HashSet<InstanceId>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Vec<SlotId> {
+        let mut opened = Vec::new();
+        for (id, slot) in self.slots.iter_mut().enumerate() {
+            let Some(since) = slot.moving_since else {
+                continue;
+            };
+            if live.is_subset(&slot.heard) || now.duration_since(since) >= timeout {
+                slot.moving_since = None;
+                opened.push(id as SlotId);
+            }
+        }
+        opened
+    }
+
+    /// Slots this server leads that are still being taken over.
+    pub fn moving(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.moving_since.is_some())
+            .count()
+    }
+
+    /// Applies the leader's changes as follower. Returns the changes, and the slots that showed a
+    /// gap (not applied: to fetch whole).
+    pub fn replicate(&mut self, ops: Vec<ReplicatedOp>) -> (Vec<Change>, Vec<SlotId>) {
+        let mut changes = Vec::new();
+        let mut gaps: Vec<SlotId> = Vec::new();
+        for r in ops {
+            let Some(slot) = self.slots.get_mut(r.slot as usize) else {
+                continue;
+            };
+            if slot.role != Role::Follower || !slot.in_sync {
+                if slot.role == Role::Follower && !gaps.contains(&r.slot) {
+                    gaps.push(r.slot);
+                }
+                continue;
+            }
+            if r.version <= slot.version {
+                // Already in the copy (a fetched dump covered it).
+                continue;
+            }
+            if r.prev != slot.version {
+                slot.in_sync = false;
+                gaps.push(r.slot);
+                continue;
+            }
+            let service = r.op.service().clone();
+            let _ = apply_op(slot, &mut self.owners, &r.op, Some(r.version));
+            slot.version = r.version;
+            set_version(slot, &service, r.version);
+            changes.push((service, r.version));
+        }
+        gaps.sort_unstable();
+        gaps.dedup();
+        (changes, gaps)
+    }
+
+    /// A whole slot, for a follower. Only a ready leader gives one.
+    pub fn dump(&self, slot: SlotId) -> Result<SlotDump> {
+        let s = self
+            .slots
+            .get(slot as usize)
+            .ok_or_else(|| Error::InvalidArgument(format!("no slot {slot}")))?;
+        if s.role != Role::Leader {
+            return Err(Error::NotLeader { leader: None });
+        }
+        if s.moving_since.is_some() {
+            return Err(Error::SlotMoving {
+                retry_after: MOVING_RETRY,
+            });
+        }
+        Ok(SlotDump {
+            slot,
+            version: s.version,
+            datums: s
+                .services
+                .iter()
+                .map(|(k, d)| (k.clone(), d.version))
+                .collect(),
+            publishers: s.publishers().cloned().collect(),
+        })
+    }
+
+    /// Replaces a followed slot with the leader's copy.
+    pub fn install_dump(&mut self, dump: SlotDump) -> bool {
+        let Some(slot) = self.slots.get_mut(dump.slot as usize) else {
+            return false;
+        };
+        if slot.role != Role::Follower {
+            return false;
+        }
+        slot.clear(&mut self.owners);
+        for (service, version) in dump.datums {
+            slot.services.entry(service).or_default().version = version;
+        }
+        for p in dump.publishers {
+            *self.owners.entry(p.session_instance).or_default() += 1;
+            let key = (p.client_id.clone(), p.register_id.clone());
+            slot.services
+                .entry(p.service.clone())
+                .or_default()
+                .publishers
+                .insert(key, p);
+        }
+        slot.version = dump.version;
+        slot.in_sync = true;
+        true
+    }
+
+    /// Followed slots without a copy, to fetch.
+    pub fn out_of_sync(&self) -> Vec<SlotId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.role == Role::Follower && !s.in_sync)
+            .map(|(i, _)| i as SlotId)
+            .collect()
+    }
+
+    /// Followed slots with a copy, for the periodic drift check.
+    pub fn followed_in_sync(&self) -> Vec<SlotId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.role == Role::Follower && s.in_sync)
+            .map(|(i, _)| i as SlotId)
+            .collect()
+    }
+
+    /// Marks a followed slot as drifted: it is fetched whole again.
+    pub fn mark_out_of_sync(&mut self, slot: SlotId) {
+        if let Some(s) = self.slots.get_mut(slot as usize)
+            && s.role == Role::Follower
+        {
+            s.in_sync = false;
+        }
+    }
+
+    /// The digest of a whole slot, with its version, whatever this server's role in it.
+    pub fn slot_digest(&self, slot: SlotId) -> Option<SlotDigest> {
+        let s = self.slots.get(slot as usize)?;
+        Some(SlotDigest {
+            slot,
+            digest: Digest::of(s.publishers()),
+            version: s.version,
+        })
+    }
+
+    /// Publishers held (every slot, any role), for reporting.
+    pub fn publisher_count(&self) -> usize {
+        self.owners.values().sum()
+    }
+}
+
+/// A `Remove` of `p`, as its owning session would send it.
+fn remove_op(p: &Publisher) -> WriteOp {
+    WriteOp::Remove {
+        service: p.service.clone(),
+        client_id: p.client_id.clone(),
+        register_id: p.register_id.clone(),
+        session_instance: p.session_instance,
+    }
+}
+
+/// Applies `op` to `slot`'s records; `None` when it changes nothing. A put older (by
+/// `client_version`) than the record is ignored — unless replayed from the leader (`forced`),
+/// which decided already.
+fn apply_op(
+    slot: &mut Slot,
+    owners: &mut HashMap<InstanceId, usize>,
+    op: &WriteOp,
+    forced: Option<Version>,
+) -> Option<()> {
+    match op {
+        WriteOp::Put { publisher } => {
+            let datum = slot.services.entry(publisher.service.clone()).or_default();
+            let key = (publisher.client_id.clone(), publisher.register_id.clone());
+            if let Some(current) = datum.publishers.get(&key) {
+                if current == publisher {
+                    return None;
+                }
+                if forced.is_none() && current.client_version > publisher.client_version {
+                    return None;
+                }
+            }
+            *owners.entry(publisher.session_instance).or_default() += 1;
+            if let Some(old) = datum.publishers.insert(key, publisher.clone()) {
+                release(owners, old.session_instance);
+            }
+            Some(())
+        }
+        WriteOp::Remove {
+            service,
+            client_id,
+            register_id,
+            session_instance,
+        } => {
+            let datum = slot.services.get_mut(service)?;
+            let key = (client_id.clone(), register_id.clone());
+            match datum.publishers.get(&key) {
+                Some(p) if p.session_instance == *session_instance => {}
+                _ => return None,
+            }
+            datum.publishers.remove(&key);
+            release(owners, *session_instance);
+            Some(())
+        }
+    }
+}
+
+fn set_version(slot: &mut Slot, service: &ServiceId, version: Version) {
+    slot.version = version;
+    slot.services.entry(service.clone()).or_default().version = version;
 }
 
 fn release(owners: &mut HashMap<InstanceId, usize>, instance: InstanceId) {
@@ -243,12 +625,12 @@ mod tests {
 
     use super::*;
 
-    fn table(epoch: Epoch, leader: NodeId) -> SlotTable {
+    fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
         SlotTable {
             epoch,
             slot_count: 8,
-            replicas: 1,
-            slots: vec![vec![leader]; 8],
+            replicas: replicas.len() as u32,
+            slots: vec![replicas.to_vec(); 8],
         }
     }
 
@@ -269,82 +651,89 @@ mod tests {
         "demo".parse().unwrap()
     }
 
+    fn slot_of_demo() -> SlotId {
+        roster_common::slot::slot_of(&demo(), 8)
+    }
+
+    /// A leader whose slots are open.
+    fn leader(me: NodeId, epoch: Epoch, replicas: &[NodeId]) -> Store {
+        let mut store = Store::new(me);
+        let now = Instant::now();
+        store.apply_table(&table(epoch, replicas), now);
+        store.open_ready(&HashSet::new(), now, Duration::ZERO);
+        store
+    }
+
+    fn put(p: Publisher) -> WriteOp {
+        WriteOp::Put { publisher: p }
+    }
+
     #[test]
     fn versions_grow_with_every_change_and_carry_the_term() {
-        let mut store = Store::new(1);
-        assert_eq!(store.apply_table(&table(5, 1)).len(), 8);
-        let (_, v1) = store
-            .write(WriteOp::Put {
-                publisher: publisher("c", "r1", "a", 9),
-            })
-            .unwrap()
-            .unwrap();
+        let mut store = leader(1, 5, &[1]);
+        let a = store.write(put(publisher("c", "r1", "a", 9))).unwrap();
+        let v1 = a.changes[0].1;
         assert_eq!(v1 >> 32, 5);
-        assert_eq!(
+        assert!(
             store
-                .write(WriteOp::Put {
-                    publisher: publisher("c", "r1", "a", 9)
-                })
-                .unwrap(),
-            None,
-            "an identical put changes nothing"
+                .write(put(publisher("c", "r1", "a", 9)))
+                .unwrap()
+                .ops
+                .is_empty(),
+            "identical put"
         );
-        let (_, v2) = store
-            .write(WriteOp::Put {
-                publisher: publisher("c", "r1", "b", 9),
-            })
+        let v2 = store
+            .write(put(publisher("c", "r1", "b", 9)))
             .unwrap()
-            .unwrap();
+            .changes[0]
+            .1;
         assert!(v2 > v1);
         let snap = store.snapshot(&demo()).unwrap();
         assert_eq!(snap.version, v2);
-        assert_eq!(snap.publishers.len(), 1);
         assert_eq!(snap.publishers[0].data[0], Bytes::from_static(b"b"));
     }
 
     #[test]
+    fn an_older_client_version_does_not_overwrite_a_newer_one() {
+        let mut store = leader(1, 1, &[1]);
+        let mut newer = publisher("c", "r", "new", 9);
+        newer.client_version = 5;
+        store.write(put(newer)).unwrap();
+        let mut older = publisher("c", "r", "old", 9);
+        older.client_version = 4;
+        assert!(store.write(put(older)).unwrap().ops.is_empty());
+        assert_eq!(
+            store.snapshot(&demo()).unwrap().publishers[0].data[0],
+            Bytes::from_static(b"new")
+        );
+    }
+
+    #[test]
     fn removes_only_what_the_session_owns() {
-        let mut store = Store::new(1);
-        store.apply_table(&table(1, 1));
-        store
-            .write(WriteOp::Put {
-                publisher: publisher("c", "r1", "a", 9),
-            })
-            .unwrap();
+        let mut store = leader(1, 1, &[1]);
+        store.write(put(publisher("c", "r1", "a", 9))).unwrap();
         let remove = |instance| WriteOp::Remove {
             service: demo(),
             client_id: "c".into(),
             register_id: "r1".into(),
             session_instance: instance,
         };
-        assert_eq!(
-            store.write(remove(8)).unwrap(),
-            None,
+        assert!(
+            store.write(remove(8)).unwrap().ops.is_empty(),
             "another session's remove is ignored"
         );
-        assert!(store.write(remove(9)).unwrap().is_some());
+        assert_eq!(store.write(remove(9)).unwrap().ops.len(), 1);
         assert!(store.snapshot(&demo()).unwrap().publishers.is_empty());
         assert_eq!(store.owners().count(), 0);
     }
 
     #[test]
     fn dropping_an_owner_removes_its_publishers_only() {
-        let mut store = Store::new(1);
-        store.apply_table(&table(1, 1));
-        store
-            .write(WriteOp::Put {
-                publisher: publisher("c1", "r", "a", 7),
-            })
-            .unwrap();
-        store
-            .write(WriteOp::Put {
-                publisher: publisher("c2", "r", "b", 8),
-            })
-            .unwrap();
-        let before = store.snapshot(&demo()).unwrap().version;
-        let changes = store.drop_owner(7);
-        assert_eq!(changes.len(), 1);
-        assert!(changes[0].1 > before);
+        let mut store = leader(1, 1, &[1]);
+        store.write(put(publisher("c1", "r", "a", 7))).unwrap();
+        store.write(put(publisher("c2", "r", "b", 8))).unwrap();
+        let applied = store.drop_owner(7);
+        assert_eq!(applied.ops.len(), 1);
         let snap = store.snapshot(&demo()).unwrap();
         assert_eq!(snap.publishers.len(), 1);
         assert_eq!(snap.publishers[0].client_id, "c2");
@@ -352,44 +741,179 @@ mod tests {
     }
 
     #[test]
-    fn slots_led_elsewhere_refuse_writes() {
+    fn a_new_slot_leader_is_moving_until_every_session_reported() {
+        let now = Instant::now();
+        let mut store = Store::new(1);
+        let change = store.apply_table(&table(3, &[1]), now);
+        assert_eq!(change.took.len(), 8);
+        let err = store.write(put(publisher("c", "r", "a", 9))).unwrap_err();
+        assert!(matches!(err, Error::SlotMoving { .. }));
+        assert!(matches!(
+            store.snapshot(&demo()),
+            Err(Error::SlotMoving { .. })
+        ));
+
+        let live: HashSet<InstanceId> = [9, 10].into();
+        // Session 9 has one publisher in the slot: its digest differs, so it syncs.
+        let digests: Vec<SlotDigest> = (0..8)
+            .map(|slot| SlotDigest {
+                slot,
+                digest: if slot == slot_of_demo() {
+                    Digest::of([&publisher("c", "r", "a", 9)])
+                } else {
+                    Digest::default()
+                },
+                version: 0,
+            })
+            .collect();
+        assert_eq!(store.session_digests(9, &digests), vec![slot_of_demo()]);
+        let applied = store
+            .session_sync(9, slot_of_demo(), vec![publisher("c", "r", "a", 9)])
+            .unwrap();
+        assert_eq!(applied.ops.len(), 1);
+        assert!(
+            store
+                .open_ready(&live, now, Duration::from_secs(3))
+                .is_empty(),
+            "session 10 not heard yet"
+        );
+        let empty: Vec<SlotDigest> = (0..8)
+            .map(|slot| SlotDigest {
+                slot,
+                digest: Digest::default(),
+                version: 0,
+            })
+            .collect();
+        assert!(store.session_digests(10, &empty).is_empty());
+        assert_eq!(
+            store.open_ready(&live, now, Duration::from_secs(3)).len(),
+            8
+        );
+        assert_eq!(store.snapshot(&demo()).unwrap().publishers.len(), 1);
+    }
+
+    #[test]
+    fn a_silent_session_delays_a_takeover_only_up_to_the_timeout() {
+        let now = Instant::now();
+        let mut store = Store::new(1);
+        store.apply_table(&table(3, &[1]), now);
+        let live: HashSet<InstanceId> = [9].into();
+        assert!(
+            store
+                .open_ready(&live, now + Duration::from_secs(1), Duration::from_secs(3))
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .open_ready(&live, now + Duration::from_secs(3), Duration::from_secs(3))
+                .len(),
+            8
+        );
+    }
+
+    #[test]
+    fn a_session_sync_replaces_what_that_session_owns() {
+        let mut store = leader(1, 1, &[1]);
+        store.write(put(publisher("c", "stale", "x", 9))).unwrap();
+        store.write(put(publisher("d", "other", "y", 8))).unwrap();
+        let applied = store
+            .session_sync(9, slot_of_demo(), vec![publisher("c", "fresh", "z", 9)])
+            .unwrap();
+        assert_eq!(applied.ops.len(), 2, "one removal, one put");
+        let snap = store.snapshot(&demo()).unwrap();
+        let ids: Vec<&str> = snap
+            .publishers
+            .iter()
+            .map(|p| p.register_id.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            ["fresh", "other"],
+            "ordered by (client_id, register_id)"
+        );
+    }
+
+    #[test]
+    fn followers_apply_in_order_and_fetch_whole_after_a_gap() {
+        let mut lead = leader(1, 1, &[1, 2]);
+        let now = Instant::now();
+        let mut follow = Store::new(2);
+        let change = follow.apply_table(&table(1, &[1, 2]), now);
+        assert_eq!(change.to_fetch.len(), 8);
+
+        let first = lead.write(put(publisher("c", "a", "1", 9))).unwrap();
+        // Without a copy the follower cannot apply: it must fetch the slot.
+        let (_, gaps) = follow.replicate(first.ops.clone());
+        assert_eq!(gaps, vec![slot_of_demo()]);
+        assert!(follow.install_dump(lead.dump(slot_of_demo()).unwrap()));
+        let second = lead.write(put(publisher("c", "b", "2", 9))).unwrap();
+        let third = lead.write(put(publisher("c", "c", "3", 9))).unwrap();
+        // An op already covered by the dump is skipped; the next applies in order.
+        let (changes, gaps) = follow.replicate([first.ops, second.ops].concat());
+        assert!(gaps.is_empty());
+        assert_eq!(changes.len(), 1);
+        assert_eq!(follow.slot_digest(slot_of_demo()).unwrap().digest.count, 2);
+        // Skipping one op (the third) is a gap.
+        let fourth = lead.write(put(publisher("c", "d", "4", 9))).unwrap();
+        let (_, gaps) = follow.replicate(fourth.ops);
+        assert_eq!(gaps, vec![slot_of_demo()]);
+        assert!(follow.out_of_sync().contains(&slot_of_demo()));
+        drop(third);
+        assert!(follow.install_dump(lead.dump(slot_of_demo()).unwrap()));
+        assert_eq!(
+            follow.slot_digest(slot_of_demo()),
+            lead.slot_digest(slot_of_demo())
+        );
+    }
+
+    #[test]
+    fn a_promoted_follower_keeps_its_copy_and_versions_keep_growing() {
+        let mut lead = leader(1, 1, &[1, 2]);
+        let now = Instant::now();
+        let mut follow = Store::new(2);
+        follow.apply_table(&table(1, &[1, 2]), now);
+        follow.install_dump(lead.dump(slot_of_demo()).unwrap());
+        let applied = lead.write(put(publisher("c", "a", "1", 9))).unwrap();
+        let v1 = applied.changes[0].1;
+        follow.replicate(applied.ops);
+        // Node 1 is gone: node 2 leads at epoch 2.
+        follow.apply_table(&table(2, &[2]), now);
+        let digests = [SlotDigest {
+            slot: slot_of_demo(),
+            digest: Digest::of([&publisher("c", "a", "1", 9)]),
+            version: 0,
+        }];
+        assert!(
+            follow.session_digests(9, &digests).is_empty(),
+            "the copy matches the session"
+        );
+        follow.open_ready(&[9].into(), now, Duration::from_secs(3));
+        assert_eq!(follow.snapshot(&demo()).unwrap().version, v1);
+        let v2 = follow
+            .write(put(publisher("c", "b", "2", 9)))
+            .unwrap()
+            .changes[0]
+            .1;
+        assert!(v2 > v1);
+        assert_eq!(v2 >> 32, 2);
+    }
+
+    #[test]
+    fn slots_led_elsewhere_refuse_writes_and_old_tables_are_ignored() {
+        let now = Instant::now();
         let mut store = Store::new(1);
         assert!(matches!(
             store.snapshot(&demo()),
             Err(Error::Unavailable(_))
         ));
-        store.apply_table(&table(1, 2));
-        let err = store
-            .write(WriteOp::Put {
-                publisher: publisher("c", "r", "a", 1),
-            })
-            .unwrap_err();
-        assert!(matches!(err, Error::NotLeader { .. }));
-    }
-
-    #[test]
-    fn a_new_term_keeps_versions_growing_and_old_tables_are_ignored() {
-        let mut store = Store::new(1);
-        store.apply_table(&table(3, 1));
-        let (_, v1) = store
-            .write(WriteOp::Put {
-                publisher: publisher("c", "r", "a", 1),
-            })
-            .unwrap()
-            .unwrap();
-        store.apply_table(&table(4, 2));
-        assert!(
-            store.apply_table(&table(2, 1)).is_empty(),
-            "an older table is ignored"
+        store.apply_table(&table(2, &[2]), now);
+        assert!(matches!(
+            store.write(put(publisher("c", "r", "a", 1))),
+            Err(Error::NotLeader { .. })
+        ));
+        assert_eq!(
+            store.apply_table(&table(1, &[1]), now),
+            TableChange::default()
         );
-        store.apply_table(&table(6, 1));
-        let (_, v2) = store
-            .write(WriteOp::Put {
-                publisher: publisher("c", "r", "a", 1),
-            })
-            .unwrap()
-            .unwrap();
-        assert!(v2 > v1);
-        assert_eq!(v2 >> 32, 6);
     }
 }

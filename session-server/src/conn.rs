@@ -245,6 +245,13 @@ async fn handle_request(
                 .publishers
                 .lock()
                 .insert(register_id.clone(), service.clone());
+            {
+                let mut owned = shared.owned.lock();
+                if let Some(old) = moved_from.as_ref().filter(|old| **old != service) {
+                    owned.remove(old, &client.client_id, &register_id);
+                }
+                owned.put(publisher.clone());
+            }
             if let Some(old) = moved_from.filter(|old| *old != service) {
                 forward(shared, remove_op(shared, client, old, register_id), None).await?;
             }
@@ -259,6 +266,10 @@ async fn handle_request(
                     "no publisher {register_id:?} on this connection"
                 )));
             };
+            shared
+                .owned
+                .lock()
+                .remove(&service, &client.client_id, &register_id);
             let (ack_tx, ack_rx) = oneshot::channel();
             forward(
                 shared,
@@ -392,6 +403,12 @@ async fn cleanup(shared: &Shared, client: &Client, shutdown: &CancellationToken)
         return;
     }
     let publishers: Vec<(RegisterId, ServiceId)> = client.publishers.lock().drain().collect();
+    {
+        let mut owned = shared.owned.lock();
+        for (register_id, service) in &publishers {
+            owned.remove(service, &client.client_id, register_id);
+        }
+    }
     if !publishers.is_empty() {
         info!(
             publishers = publishers.len(),

@@ -16,6 +16,7 @@ mod conn;
 mod forward;
 pub mod hub;
 mod links;
+pub mod owned;
 mod server;
 
 use std::time::Duration;
@@ -47,6 +48,9 @@ pub struct SessionConfig {
     pub zone: String,
     /// How long a closed connection's publishers stay before they are removed. Default 0.
     pub client_grace: Duration,
+    /// How often this session tells each slot leader the digests of its publishers (besides every
+    /// table change), so drift is repaired. Default 10 s.
+    pub repair_interval: Duration,
     /// Deadline for a request to a peer. Default 5 s.
     pub request_timeout: Duration,
     /// Largest accepted frame. Default 1 MiB.
@@ -67,6 +71,7 @@ impl SessionConfig {
             advertise: None,
             zone: String::new(),
             client_grace: Duration::ZERO,
+            repair_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
             client_transport: TransportSettings::default(),

@@ -15,12 +15,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use roster_common::proto::{
     ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot,
 };
-use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, Version, frame, rpc};
+use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId, Version, frame, rpc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,8 @@ pub const LINK_EVENTS: usize = 8192;
 
 /// How often the manager re-checks everything, catching up after failed requests.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How soon a request refused for a moving slot or a missing leader is tried again.
+const RETRY_SOON: Duration = Duration::from_millis(100);
 const FIRST_REDIAL: Duration = Duration::from_millis(100);
 const MAX_REDIAL: Duration = Duration::from_secs(2);
 
@@ -80,6 +82,20 @@ enum Done {
         service: ServiceId,
         result: Result<Snapshot>,
     },
+    /// This session's digests (and syncs where they differed) reached `node`.
+    Reported {
+        node: NodeId,
+        mark: ReportMark,
+        result: Result<usize>,
+    },
+}
+
+/// What a digest report to a data server covered: the table epoch and the watch generation. A new
+/// table or a new stream (a restarted server) calls for a new report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReportMark {
+    epoch: u64,
+    generation: u64,
 }
 
 struct Manager {
@@ -94,6 +110,13 @@ struct Manager {
     stale: HashSet<ServiceId>,
     tasks: JoinSet<Done>,
     link_tasks: TaskTracker,
+    /// What was last reported to each data server, and when.
+    reported: HashMap<NodeId, (ReportMark, Instant)>,
+    /// Data servers with a report in flight.
+    reporting: HashSet<NodeId>,
+    /// Something failed for a reason that passes quickly (a slot moving): try again soon.
+    retry_soon: bool,
+    last_full_pass: Instant,
 }
 
 /// Every watch stream gets a generation from this counter, so stale ups and downs are told apart.
@@ -116,8 +139,12 @@ pub async fn run(
         stale: HashSet::new(),
         tasks: JoinSet::new(),
         link_tasks: TaskTracker::new(),
+        reported: HashMap::new(),
+        reporting: HashSet::new(),
+        retry_soon: false,
+        last_full_pass: Instant::now(),
     };
-    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut tick = tokio::time::interval(RETRY_SOON);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -129,6 +156,7 @@ pub async fn run(
                 let view = views.borrow_and_update().clone();
                 if let Some(view) = view {
                     manager.follow_view(&view, &shutdown);
+                    manager.report_digests();
                     manager.reconcile_all();
                 }
             }
@@ -139,8 +167,13 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
-                manager.refetch_stale();
-                manager.reconcile_all();
+                manager.report_digests();
+                if manager.retry_soon || manager.last_full_pass.elapsed() >= RECONCILE_EVERY {
+                    manager.retry_soon = false;
+                    manager.last_full_pass = Instant::now();
+                    manager.refetch_stale();
+                    manager.reconcile_all();
+                }
             }
         }
     }
@@ -208,6 +241,7 @@ impl Manager {
                 if let Some(link) = self.links.get_mut(&node) {
                     link.up = Some(generation);
                     debug!(node, generation, "data link up");
+                    self.report_digests();
                     self.reconcile_all();
                 }
             }
@@ -257,11 +291,30 @@ impl Manager {
                             }
                         }
                     }
-                    Err(e) => debug!(node, error = %e, "interest not registered; will retry"),
+                    Err(e) => {
+                        debug!(node, error = %e, "interest not registered; will retry");
+                        self.retry_soon = true;
+                    }
                 }
                 self.reconcile(&services);
             }
             Done::InterestOff => {}
+            Done::Reported { node, mark, result } => {
+                self.reporting.remove(&node);
+                match result {
+                    Ok(synced) => {
+                        if synced > 0 {
+                            info!(
+                                node,
+                                slots = synced,
+                                "synced this session's publishers with a data server"
+                            );
+                        }
+                        self.reported.insert(node, (mark, Instant::now()));
+                    }
+                    Err(e) => debug!(node, error = %e, "digest report failed; will retry"),
+                }
+            }
             Done::Fetch { service, result } => {
                 let again = {
                     let mut hub = self.shared.hub.lock();
@@ -274,6 +327,7 @@ impl Manager {
                         Err(e) => {
                             debug!(%service, error = %e, "fetch failed; will retry");
                             self.stale.insert(service.clone());
+                            self.retry_soon = true;
                         }
                     }
                     hub.fetch_done(&service)
@@ -328,6 +382,39 @@ impl Manager {
             {
                 self.fetch(node, service);
             }
+        }
+    }
+
+    /// Tells each data server what this session owns in the slots it leads, when the table or the
+    /// link changed since the last report, or `repair_interval` passed: the data server opens a
+    /// slot it took over once every session reported, and fixes any records that differ.
+    fn report_digests(&mut self) {
+        let Some(view) = self.shared.view() else {
+            return;
+        };
+        let due: Vec<(NodeId, String, ReportMark)> = self
+            .links
+            .iter()
+            .filter_map(|(node, link)| {
+                let mark = ReportMark {
+                    epoch: view.table.epoch,
+                    generation: link.up?,
+                };
+                let fresh = self.reported.get(node).is_some_and(|(last, at)| {
+                    *last == mark && at.elapsed() < self.shared.config.repair_interval
+                });
+                (!fresh && !self.reporting.contains(node)).then(|| (*node, link.addr.clone(), mark))
+            })
+            .collect();
+        for (node, addr, mark) in due {
+            let slots: Vec<SlotId> = view.table.led_by(node).collect();
+            let slot_count = view.table.slot_count;
+            self.reporting.insert(node);
+            let shared = self.shared.clone();
+            self.tasks.spawn(async move {
+                let result = report(&shared, &addr, &slots, slot_count).await;
+                Done::Reported { node, mark, result }
+            });
         }
     }
 
@@ -419,6 +506,34 @@ impl Manager {
             }
         });
     }
+}
+
+/// Sends this session's digests of `slots` to the data server at `addr`, then a full sync of every
+/// slot that differs. Returns how many slots were synced.
+async fn report(shared: &Shared, addr: &str, slots: &[SlotId], slot_count: u32) -> Result<usize> {
+    let digests = shared.owned.lock().digests(slots, slot_count);
+    let request = DataRequest::SessionDigests {
+        instance: shared.instance,
+        digests,
+    };
+    let mismatched = match call(shared, addr, &request).await? {
+        DataResponse::Mismatched { slots } => slots,
+        other => {
+            return Err(Error::UnexpectedMessage(format!(
+                "expected mismatched slots, got {other:?}"
+            )));
+        }
+    };
+    for slot in &mismatched {
+        let publishers = shared.owned.lock().in_slot(*slot, slot_count);
+        let sync = DataRequest::SessionSync {
+            instance: shared.instance,
+            slot: *slot,
+            publishers,
+        };
+        call(shared, addr, &sync).await?;
+    }
+    Ok(mismatched.len())
 }
 
 async fn call(shared: &Shared, addr: &str, request: &DataRequest) -> Result<DataResponse> {

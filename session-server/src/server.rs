@@ -22,6 +22,7 @@ use crate::conn::serve_client;
 use crate::forward::{self, FORWARD_QUEUE, Forward};
 use crate::hub::{ConnId, Hub};
 use crate::links::{self, LINK_EVENTS, LinkEvent};
+use crate::owned::Owned;
 
 /// A session server, built from its config and run until a shutdown signal.
 pub struct SessionServer {
@@ -36,6 +37,8 @@ pub(crate) struct Shared {
     pub config: SessionConfig,
     pub instance: InstanceId,
     pub hub: Mutex<Hub>,
+    /// The publishers of every client connected here: the source copy.
+    pub owned: Mutex<Owned>,
     pub pool: Arc<PeerPool>,
     pub view: ViewRx,
     pub forward_tx: mpsc::Sender<Forward>,
@@ -111,6 +114,7 @@ impl SessionServer {
         let (links_tx, links_rx) = mpsc::channel(LINK_EVENTS);
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub::new(config.max_frame)),
+            owned: Mutex::new(Owned::default()),
             config: config.clone(),
             instance: self.instance,
             pool: pool.clone(),

@@ -14,9 +14,9 @@ pub use client::{
     ClientRequest, ClientResponse, PublisherView, Push, Scope, ServiceSummary, Snapshot,
 };
 pub use peer::{
-    ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, LeaseStatus, Member,
-    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, Publisher, RaftKind, Role, SlotTable,
-    WriteOp,
+    ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, Digest, LeaseStatus, Member,
+    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, Publisher, RaftKind, ReplicatedOp, Role,
+    SlotDigest, SlotDump, SlotTable, WriteOp,
 };
 
 use crate::error::{Error, WireError};

@@ -362,15 +362,129 @@ pub enum DataRequest {
     Fetch { services: Vec<ServiceId> },
     /// Every service this server leads with at least one publisher.
     ListServices {},
+    /// Session → slot leader: the digest of the session's own publishers in each slot the receiver
+    /// leads (empty slots included). Answered with the slots whose records differ, for which the
+    /// session then sends `SessionSync`. A slot taking a new leader opens once every live session
+    /// has been heard from this way (or after a bound).
+    SessionDigests {
+        instance: InstanceId,
+        digests: Vec<SlotDigest>,
+    },
+    /// Session → slot leader: every publisher the session owns in `slot`. The leader makes its
+    /// records of that session in the slot exactly this.
+    SessionSync {
+        instance: InstanceId,
+        slot: SlotId,
+        publishers: Vec<Publisher>,
+    },
+    /// Leader → follower: changes in the order the leader applied them.
+    Replicate { ops: Vec<ReplicatedOp> },
+    /// Follower → leader: a whole slot, to start following it or to repair drift.
+    SlotDump { slot: SlotId },
+    /// Follower → leader: the digests of whole slots, for the periodic drift check.
+    SlotDigests { slots: Vec<SlotId> },
 }
 
 /// The body of a successful reply to a [`DataRequest`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum DataResponse {
-    Written { version: Version },
-    Datums { datums: Vec<Snapshot> },
-    Services { services: Vec<ServiceSummary> },
+    Written {
+        version: Version,
+    },
+    Datums {
+        datums: Vec<Snapshot>,
+    },
+    Services {
+        services: Vec<ServiceSummary>,
+    },
     Done {},
+    /// Answer to `SessionDigests`.
+    Mismatched {
+        slots: Vec<SlotId>,
+    },
+    /// Answer to `Replicate`: slots the follower could not apply in order and will fetch whole.
+    Replicated {
+        resync: Vec<SlotId>,
+    },
+    /// Answer to `SlotDump`.
+    Slot(SlotDump),
+    /// Answer to `SlotDigests`.
+    Digests {
+        digests: Vec<SlotDigest>,
+    },
+}
+
+/// One change as the slot leader applied it: the slot's version before and after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedOp {
+    pub slot: SlotId,
+    pub prev: Version,
+    pub version: Version,
+    pub op: WriteOp,
+}
+
+/// A whole slot as its leader holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotDump {
+    pub slot: SlotId,
+    /// The slot's version: that of its last change.
+    pub version: Version,
+    /// Every service's datum version (services without publishers included).
+    pub datums: Vec<(ServiceId, Version)>,
+    pub publishers: Vec<Publisher>,
+}
+
+/// The fingerprint of a set of publishers: how many, and the wrapping sum of a 64-bit hash of each
+/// one's `(client_id, register_id, client_version)`. Order does not matter, and adding or removing
+/// one publisher updates it in constant time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Digest {
+    pub count: u64,
+    pub hash: u64,
+}
+
+impl Digest {
+    /// The hash of one publisher's identity and version: CRC-32C of
+    /// `client_id 0x00 register_id 0x00 client_version (8 bytes, big-endian)` in the low 32 bits,
+    /// and the CRC-32C of the same bytes continued from 0x9E3779B9 in the high 32 bits.
+    pub fn entry(client_id: &str, register_id: &str, client_version: u64) -> u64 {
+        let mut bytes = Vec::with_capacity(client_id.len() + register_id.len() + 10);
+        bytes.extend_from_slice(client_id.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(register_id.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(&client_version.to_be_bytes());
+        let low = crate::slot::crc32c(&bytes) as u64;
+        let high = crc32c::crc32c_append(0x9E37_79B9, &bytes) as u64;
+        (high << 32) | low
+    }
+
+    pub fn add(&mut self, publisher: &Publisher) {
+        self.count += 1;
+        self.hash = self.hash.wrapping_add(Self::entry(
+            &publisher.client_id,
+            &publisher.register_id,
+            publisher.client_version,
+        ));
+    }
+
+    pub fn of<'a>(publishers: impl IntoIterator<Item = &'a Publisher>) -> Self {
+        let mut digest = Digest::default();
+        for p in publishers {
+            digest.add(p);
+        }
+        digest
+    }
+}
+
+/// A slot's [`Digest`]. Between data servers it also carries the slot's version, so a follower
+/// compares digests only at equal versions; sessions leave it 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotDigest {
+    pub slot: SlotId,
+    pub digest: Digest,
+    #[serde(default)]
+    pub version: Version,
 }
 
 /// A frame on a session's watch stream.

@@ -1,0 +1,116 @@
+//! The publishers this session server owns — the source copy of its clients' registrations — indexed
+//! for the digests and syncs with slot leaders.
+//!
+//! Plain data: the server keeps one behind a mutex, updated with every publish, unpublish and closed
+//! connection, and read when a slot leader must be told what this session holds.
+
+use std::collections::HashMap;
+
+use roster_common::proto::{Digest, Publisher, SlotDigest};
+use roster_common::{ClientId, RegisterId, ServiceId, SlotId, slot::slot_of};
+
+/// Every publisher of every client connected here.
+#[derive(Debug, Default)]
+pub struct Owned {
+    by_service: HashMap<ServiceId, HashMap<(ClientId, RegisterId), Publisher>>,
+}
+
+impl Owned {
+    /// Records (or replaces) a publisher.
+    pub fn put(&mut self, publisher: Publisher) {
+        let key = (publisher.client_id.clone(), publisher.register_id.clone());
+        self.by_service
+            .entry(publisher.service.clone())
+            .or_default()
+            .insert(key, publisher);
+    }
+
+    /// Forgets a publisher.
+    pub fn remove(&mut self, service: &ServiceId, client_id: &str, register_id: &str) {
+        if let Some(publishers) = self.by_service.get_mut(service) {
+            publishers.remove(&(client_id.to_owned(), register_id.to_owned()));
+            if publishers.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
+    }
+
+    /// The digest of what this session owns in each of `slots` (empty slots included).
+    pub fn digests(&self, slots: &[SlotId], slot_count: u32) -> Vec<SlotDigest> {
+        let mut by_slot: HashMap<SlotId, Digest> =
+            slots.iter().map(|s| (*s, Digest::default())).collect();
+        for (service, publishers) in &self.by_service {
+            if let Some(digest) = by_slot.get_mut(&slot_of(service, slot_count)) {
+                for p in publishers.values() {
+                    digest.add(p);
+                }
+            }
+        }
+        let mut out: Vec<SlotDigest> = by_slot
+            .into_iter()
+            .map(|(slot, digest)| SlotDigest {
+                slot,
+                digest,
+                version: 0,
+            })
+            .collect();
+        out.sort_by_key(|d| d.slot);
+        out
+    }
+
+    /// Every publisher this session owns in `slot`.
+    pub fn in_slot(&self, slot: SlotId, slot_count: u32) -> Vec<Publisher> {
+        self.by_service
+            .iter()
+            .filter(|(service, _)| slot_of(service, slot_count) == slot)
+            .flat_map(|(_, publishers)| publishers.values().cloned())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_service.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_service.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publisher(service: &str, reg: &str, version: u64) -> Publisher {
+        Publisher {
+            client_id: "c".into(),
+            register_id: reg.into(),
+            service: service.parse().unwrap(),
+            data: vec![],
+            attributes: Default::default(),
+            client_version: version,
+            session: 1,
+            session_instance: 7,
+        }
+    }
+
+    #[test]
+    fn digests_cover_the_asked_slots_and_follow_changes() {
+        let mut owned = Owned::default();
+        let a = publisher("demo", "r1", 1);
+        let slot = slot_of(&a.service, 256);
+        owned.put(a.clone());
+        let other = (slot + 1) % 256;
+        let digests = owned.digests(&[slot, other], 256);
+        assert_eq!(digests.len(), 2);
+        let of = |s: SlotId| digests.iter().find(|d| d.slot == s).unwrap().digest;
+        assert_eq!(of(slot), Digest::of([&a]));
+        assert_eq!(of(other), Digest::default());
+        // A new client version changes the digest; removal empties it.
+        owned.put(publisher("demo", "r1", 2));
+        assert_ne!(owned.digests(&[slot], 256)[0].digest, Digest::of([&a]));
+        assert_eq!(owned.in_slot(slot, 256).len(), 1);
+        owned.remove(&a.service, "c", "r1");
+        assert!(owned.is_empty());
+        assert_eq!(owned.digests(&[slot], 256)[0].digest, Digest::default());
+    }
+}
