@@ -607,9 +607,23 @@ async fn handle_stream(
         DataRequest::ListServices {} => Ok(DataResponse::Services {
             services: shared.store.lock().services(),
         }),
-        DataRequest::SessionDigests { instance, digests } => Ok(DataResponse::Mismatched {
-            slots: shared.store.lock().session_digests(instance, &digests),
-        }),
+        DataRequest::SessionDigests {
+            instance,
+            epoch,
+            digests,
+        } => {
+            let mut store = shared.store.lock();
+            if store.epoch() < epoch {
+                Err(Error::Unavailable(format!(
+                    "this data server has not applied table epoch {epoch} yet (it is at {})",
+                    store.epoch()
+                )))
+            } else {
+                Ok(DataResponse::Mismatched {
+                    slots: store.session_digests(instance, &digests),
+                })
+            }
+        }
         DataRequest::SessionSync {
             instance,
             slot,

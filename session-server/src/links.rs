@@ -312,7 +312,10 @@ impl Manager {
                         }
                         self.reported.insert(node, (mark, Instant::now()));
                     }
-                    Err(e) => debug!(node, error = %e, "digest report failed; will retry"),
+                    Err(e) => {
+                        debug!(node, error = %e, "digest report failed; will retry");
+                        self.retry_soon = true;
+                    }
                 }
             }
             Done::Fetch { service, result } => {
@@ -412,7 +415,7 @@ impl Manager {
             self.reporting.insert(node);
             let shared = self.shared.clone();
             self.tasks.spawn(async move {
-                let result = report(&shared, &addr, &slots, slot_count).await;
+                let result = report(&shared, &addr, mark.epoch, &slots, slot_count).await;
                 Done::Reported { node, mark, result }
             });
         }
@@ -510,10 +513,17 @@ impl Manager {
 
 /// Sends this session's digests of `slots` to the data server at `addr`, then a full sync of every
 /// slot that differs. Returns how many slots were synced.
-async fn report(shared: &Shared, addr: &str, slots: &[SlotId], slot_count: u32) -> Result<usize> {
+async fn report(
+    shared: &Shared,
+    addr: &str,
+    epoch: u64,
+    slots: &[SlotId],
+    slot_count: u32,
+) -> Result<usize> {
     let digests = shared.owned.lock().digests(slots, slot_count);
     let request = DataRequest::SessionDigests {
         instance: shared.instance,
+        epoch,
         digests,
     };
     let mismatched = match call(shared, addr, &request).await? {

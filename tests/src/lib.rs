@@ -206,3 +206,78 @@ pub fn assert_versions_increase(snapshots: &[Snapshot]) {
         );
     }
 }
+
+/// A publisher's identity in a snapshot: `(client_id, register_id)`.
+pub type PublisherKey = (String, String);
+
+/// The identities of a snapshot's publishers.
+pub fn keys(snapshot: &Snapshot) -> std::collections::BTreeSet<PublisherKey> {
+    snapshot
+        .publishers
+        .iter()
+        .map(|p| (p.client_id.clone(), p.register_id.clone()))
+        .collect()
+}
+
+/// The invariant every fault test checks on what one subscriber saw of one service: versions
+/// strictly increase, and no snapshot lacks a publisher of `stable` (those live throughout).
+/// Returns a description of the first violation.
+pub fn check_history(
+    seen: &[Snapshot],
+    stable: &std::collections::BTreeSet<PublisherKey>,
+) -> Result<(), String> {
+    for pair in seen.windows(2) {
+        if pair[1].version <= pair[0].version {
+            return Err(format!(
+                "{}: version went from {} to {}",
+                pair[0].service, pair[0].version, pair[1].version
+            ));
+        }
+    }
+    for snapshot in seen {
+        let have = keys(snapshot);
+        if let Some(missing) = stable.iter().find(|k| !have.contains(*k)) {
+            return Err(format!(
+                "{} at version {} lacks the live publisher {missing:?} ({} of {} present)",
+                snapshot.service,
+                snapshot.version,
+                stable.iter().filter(|k| have.contains(*k)).count(),
+                stable.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use roster_client::PublisherView;
+
+    use super::*;
+
+    fn snapshot(version: u64, ids: &[&str]) -> Snapshot {
+        Snapshot {
+            service: "demo".parse().unwrap(),
+            version,
+            publishers: ids
+                .iter()
+                .map(|id| PublisherView {
+                    client_id: "c".into(),
+                    register_id: id.to_string(),
+                    data: vec![],
+                    attributes: Default::default(),
+                    client_version: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_invariant_catches_regressions_and_flaps() {
+        let stable: std::collections::BTreeSet<PublisherKey> =
+            [("c".to_string(), "a".to_string())].into();
+        assert!(check_history(&[snapshot(1, &["a"]), snapshot(2, &["a", "b"])], &stable).is_ok());
+        assert!(check_history(&[snapshot(2, &["a"]), snapshot(2, &["a"])], &stable).is_err());
+        assert!(check_history(&[snapshot(1, &["a"]), snapshot(3, &["b"])], &stable).is_err());
+    }
+}

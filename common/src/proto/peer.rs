@@ -368,6 +368,10 @@ pub enum DataRequest {
     /// has been heard from this way (or after a bound).
     SessionDigests {
         instance: InstanceId,
+        /// The table epoch the session computed `digests` for. A data server that has not yet
+        /// applied that table answers `Unavailable`, and the session reports again shortly.
+        #[serde(default)]
+        epoch: Epoch,
         digests: Vec<SlotDigest>,
     },
     /// Session → slot leader: every publisher the session owns in `slot`. The leader makes its
