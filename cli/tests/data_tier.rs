@@ -332,10 +332,28 @@ impl Load {
             if left == 0 {
                 return start.elapsed();
             }
-            assert!(
-                start.elapsed() < deadline,
-                "{what}: {left} subscriptions not converged after {deadline:?}"
-            );
+            if start.elapsed() >= deadline {
+                let details: Vec<String> = self
+                    .subscriptions
+                    .iter()
+                    .filter_map(|(svc, sub)| {
+                        let current = sub.current();
+                        let have = current.as_ref().map(keys).unwrap_or_default();
+                        (have != expected[svc]).then(|| {
+                            format!(
+                                "{svc}: version {:?}, {} held, {} expected, {} missing, {} extra",
+                                current.as_ref().map(|c| c.version),
+                                have.len(),
+                                expected[svc].len(),
+                                expected[svc].difference(&have).count(),
+                                have.difference(&expected[svc]).count()
+                            )
+                        })
+                    })
+                    .take(5)
+                    .collect();
+                panic!("{what}: {left} subscriptions not converged after {deadline:?}: {details:#?}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

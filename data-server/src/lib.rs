@@ -43,7 +43,9 @@ pub struct DataConfig {
     /// Default 5 s.
     pub session_grace: Duration,
     /// How long a slot being taken over waits for every live session to report its publishers
-    /// before it opens without the silent ones (their records arrive when they report). Default 3 s.
+    /// before it opens without the silent ones (their records arrive when they report). A dead
+    /// session stops counting once its lease lapses, so this bound only matters for a session that
+    /// is alive but cannot reach this server. Default 10 s.
     pub takeover_timeout: Duration,
     /// How often followed slots are compared with their leader's. Default 10 s.
     pub repair_interval: Duration,
@@ -64,7 +66,7 @@ impl DataConfig {
             advertise: None,
             zone: String::new(),
             session_grace: Duration::from_secs(5),
-            takeover_timeout: Duration::from_secs(3),
+            takeover_timeout: Duration::from_secs(10),
             repair_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,

@@ -409,6 +409,20 @@ impl Store {
         opened
     }
 
+    /// Live sessions not heard from in a slot whose takeover times out at `now`.
+    pub fn silent_sessions(&self, live: &HashSet<InstanceId>, now: Instant, timeout: Duration) -> Vec<InstanceId> {
+        let mut silent: HashSet<InstanceId> = HashSet::new();
+        for slot in &self.slots {
+            let Some(since) = slot.moving_since else { continue };
+            if now.duration_since(since) >= timeout {
+                silent.extend(live.difference(&slot.heard).copied());
+            }
+        }
+        let mut out: Vec<InstanceId> = silent.into_iter().collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Slots this server leads that are still being taken over.
     pub fn moving(&self) -> usize {
         self.slots

@@ -21,6 +21,7 @@ use roster_common::proto::{
     ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot,
 };
 use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId, Version, frame, rpc};
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,8 @@ pub const LINK_EVENTS: usize = 8192;
 
 /// How often the manager re-checks everything, catching up after failed requests.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// Slot syncs sent to one data server at once.
+const SYNC_CONCURRENCY: usize = 16;
 /// How soon a request refused for a moving slot or a missing leader is tried again.
 const RETRY_SOON: Duration = Duration::from_millis(100);
 const FIRST_REDIAL: Duration = Duration::from_millis(100);
@@ -415,7 +418,7 @@ impl Manager {
             self.reporting.insert(node);
             let shared = self.shared.clone();
             self.tasks.spawn(async move {
-                let result = report(&shared, &addr, mark.epoch, &slots, slot_count).await;
+                let result = report(shared, addr, mark.epoch, slots, slot_count).await;
                 Done::Reported { node, mark, result }
             });
         }
@@ -514,19 +517,19 @@ impl Manager {
 /// Sends this session's digests of `slots` to the data server at `addr`, then a full sync of every
 /// slot that differs. Returns how many slots were synced.
 async fn report(
-    shared: &Shared,
-    addr: &str,
+    shared: Arc<Shared>,
+    addr: String,
     epoch: u64,
-    slots: &[SlotId],
+    slots: Vec<SlotId>,
     slot_count: u32,
 ) -> Result<usize> {
-    let digests = shared.owned.lock().digests(slots, slot_count);
+    let digests = shared.owned.lock().digests(&slots, slot_count);
     let request = DataRequest::SessionDigests {
         instance: shared.instance,
         epoch,
         digests,
     };
-    let mismatched = match call(shared, addr, &request).await? {
+    let mismatched = match call(&shared, &addr, &request).await? {
         DataResponse::Mismatched { slots } => slots,
         other => {
             return Err(Error::UnexpectedMessage(format!(
@@ -534,14 +537,23 @@ async fn report(
             )));
         }
     };
-    for slot in &mismatched {
-        let publishers = shared.owned.lock().in_slot(*slot, slot_count);
+    // Several slots at once: a data server that restarted empty needs every slot synced, and it
+    // waits for this session before it opens them.
+    let syncs = futures_util::stream::iter(mismatched.clone().into_iter().map(|slot| {
+        let publishers = shared.owned.lock().in_slot(slot, slot_count);
         let sync = DataRequest::SessionSync {
             instance: shared.instance,
-            slot: *slot,
+            slot,
             publishers,
         };
-        call(shared, addr, &sync).await?;
+        let (shared, addr) = (shared.clone(), addr.clone());
+        async move { call(&shared, &addr, &sync).await }
+    }))
+    .buffer_unordered(SYNC_CONCURRENCY)
+    .collect::<Vec<_>>()
+    .await;
+    for result in syncs {
+        result?;
     }
     Ok(mismatched.len())
 }
