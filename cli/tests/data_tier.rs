@@ -219,10 +219,13 @@ struct Load {
     /// One subscription handle per (subscriber, service), for reading the current snapshot.
     subscriptions: Vec<(String, roster_client::Subscription)>,
     /// Every snapshot each subscription delivered while recording.
-    seen: Arc<Mutex<HashMap<(usize, String), Vec<Snapshot>>>>,
+    seen: Arc<Mutex<Seen>>,
     recording: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// Snapshots recorded per (subscription index, service).
+type Seen = HashMap<(usize, String), Vec<Snapshot>>;
 
 fn service(i: usize) -> String {
     format!("load/svc/{i}")
@@ -352,7 +355,9 @@ impl Load {
                     })
                     .take(5)
                     .collect();
-                panic!("{what}: {left} subscriptions not converged after {deadline:?}: {details:#?}");
+                panic!(
+                    "{what}: {left} subscriptions not converged after {deadline:?}: {details:#?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -286,11 +286,23 @@ impl Shared {
         if !on {
             return Ok(DataResponse::Done {});
         }
-        match self.snapshots(&services) {
-            Ok(datums) => Ok(DataResponse::Datums { datums }),
-            Err(e) => {
+        let versions = {
+            let store = self.store.lock();
+            services
+                .iter()
+                .map(|s| {
+                    store
+                        .ready_version(s)
+                        .map(|v| (s.clone(), v))
+                        .map_err(|e| (e, s))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        match versions {
+            Ok(versions) => Ok(DataResponse::Versions { versions }),
+            Err((e, service)) => {
                 self.interests.lock().set(instance, &services, false);
-                Err(e)
+                Err(self.with_leader_hint(e, service))
             }
         }
     }

@@ -260,6 +260,12 @@ impl Store {
             .map_or(0, |d| d.version)
     }
 
+    /// The current version of `service`'s datum in a ready slot this server leads.
+    pub fn ready_version(&self, service: &ServiceId) -> Result<Version> {
+        let slot = &self.slots[self.ready_slot(service)?];
+        Ok(slot.services.get(service).map_or(0, |d| d.version))
+    }
+
     /// The current datum of `service` (empty at version 0 if it never had a publisher).
     pub fn snapshot(&self, service: &ServiceId) -> Result<Snapshot> {
         let slot = &self.slots[self.ready_slot(service)?];
@@ -410,10 +416,17 @@ impl Store {
     }
 
     /// Live sessions not heard from in a slot whose takeover times out at `now`.
-    pub fn silent_sessions(&self, live: &HashSet<InstanceId>, now: Instant, timeout: Duration) -> Vec<InstanceId> {
+    pub fn silent_sessions(
+        &self,
+        live: &HashSet<InstanceId>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Vec<InstanceId> {
         let mut silent: HashSet<InstanceId> = HashSet::new();
         for slot in &self.slots {
-            let Some(since) = slot.moving_since else { continue };
+            let Some(since) = slot.moving_since else {
+                continue;
+            };
             if now.duration_since(since) >= timeout {
                 silent.extend(live.difference(&slot.heard).copied());
             }
@@ -504,8 +517,12 @@ impl Store {
         for (service, version) in dump.datums {
             slot.services.entry(service).or_default().version = version;
         }
-        for p in dump.publishers {
+        for mut p in dump.publishers {
             *self.owners.entry(p.session_instance).or_default() += 1;
+            // Every record of a service shares the datum key's service id allocation.
+            if let Some((shared, _)) = slot.services.get_key_value(&p.service) {
+                p.service = shared.clone();
+            }
             let key = (p.client_id.clone(), p.register_id.clone());
             slot.services
                 .entry(p.service.clone())
@@ -584,7 +601,12 @@ fn apply_op(
 ) -> Option<()> {
     match op {
         WriteOp::Put { publisher } => {
-            let datum = slot.services.entry(publisher.service.clone()).or_default();
+            // Every record of a service shares the datum key's service id allocation.
+            let service = match slot.services.get_key_value(&publisher.service) {
+                Some((shared, _)) => shared.clone(),
+                None => publisher.service.clone(),
+            };
+            let datum = slot.services.entry(service.clone()).or_default();
             let key = (publisher.client_id.clone(), publisher.register_id.clone());
             if let Some(current) = datum.publishers.get(&key) {
                 if current == publisher {
@@ -595,7 +617,9 @@ fn apply_op(
                 }
             }
             *owners.entry(publisher.session_instance).or_default() += 1;
-            if let Some(old) = datum.publishers.insert(key, publisher.clone()) {
+            let mut record = publisher.clone();
+            record.service = service;
+            if let Some(old) = datum.publishers.insert(key, record) {
                 release(owners, old.session_instance);
             }
             Some(())

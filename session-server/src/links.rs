@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use roster_common::proto::{
     ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot,
 };
 use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId, Version, frame, rpc};
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +78,7 @@ enum Done {
         node: NodeId,
         generation: u64,
         services: Vec<ServiceId>,
-        result: Result<Vec<Snapshot>>,
+        result: Result<Vec<(ServiceId, Version)>>,
     },
     InterestOff,
     Fetch {
@@ -280,18 +280,25 @@ impl Manager {
                     self.pending.remove(service);
                 }
                 match result {
-                    Ok(datums) => {
+                    Ok(versions) => {
                         let still_up = self.links.get(&node).and_then(|l| l.up) == Some(generation);
                         if still_up {
                             for service in &services {
                                 self.registered.insert(service.clone(), (node, generation));
                             }
                         }
-                        let mut hub = self.shared.hub.lock();
-                        for datum in datums {
-                            if let Err(e) = hub.update(datum) {
-                                warn!(error = %e, "cannot push a datum");
-                            }
+                        // Fetch what this session does not have yet (or never had: version 0 of a
+                        // service nobody published is an empty snapshot to push too).
+                        let wanted: Vec<ServiceId> = {
+                            let mut hub = self.shared.hub.lock();
+                            versions
+                                .into_iter()
+                                .filter(|(service, version)| hub.changed(service, *version))
+                                .map(|(service, _)| service)
+                                .collect()
+                        };
+                        for service in wanted {
+                            self.fetch(node, service);
                         }
                     }
                     Err(e) => {
@@ -499,9 +506,9 @@ impl Manager {
                 return Done::InterestOff;
             }
             let result = result.and_then(|response| match response {
-                DataResponse::Datums { datums } => Ok(datums),
+                DataResponse::Versions { versions } => Ok(versions),
                 other => Err(Error::UnexpectedMessage(format!(
-                    "expected datums, got {other:?}"
+                    "expected versions, got {other:?}"
                 ))),
             });
             Done::Interest {

@@ -352,7 +352,9 @@ pub enum DataRequest {
     /// Applies one publisher change at the slot leader.
     Write { op: WriteOp },
     /// Registers (`on`) or drops interest in services for the session's watch stream. Registering
-    /// answers with the current datums, read atomically with the registration.
+    /// answers with the current version of each service, read after the registration: the session
+    /// fetches those it does not have (datums travel one per `Fetch`, so a batch of large services
+    /// never makes one oversized frame).
     Interest {
         instance: InstanceId,
         services: Vec<ServiceId>,
@@ -397,6 +399,10 @@ pub enum DataResponse {
     },
     Datums {
         datums: Vec<Snapshot>,
+    },
+    /// Answer to `Interest { on: true }`: each service's current version (0: never published).
+    Versions {
+        versions: Vec<(ServiceId, Version)>,
     },
     Services {
         services: Vec<ServiceSummary>,
