@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::UdpSocket;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -50,16 +49,12 @@ pub struct DataServer {
     ready_tx: watch::Sender<bool>,
 }
 
-/// Counters of what this server repaired, for operators.
-#[derive(Debug, Default)]
-pub struct Repairs {
-    /// Followed slots fetched whole because of a gap or a digest mismatch.
-    pub slots_fetched: AtomicU64,
-    /// Drift found by the periodic digest comparison with the leader.
-    pub drift_found: AtomicU64,
-    /// Slots in which a session's records differed and were synced.
-    pub session_syncs: AtomicU64,
-}
+/// Followed slots fetched whole: new copies, gaps in replication, drift.
+const METRIC_SLOTS_FETCHED: &str = "roster_data_slots_fetched_total";
+/// Followed slots found to differ from their leader's at the same version.
+const METRIC_DRIFT: &str = "roster_data_drift_repairs_total";
+/// Slots in which a session's records differed from this leader's and were synced.
+const METRIC_SESSION_SYNCS: &str = "roster_data_session_syncs_total";
 
 struct Shared {
     config: DataConfig,
@@ -70,7 +65,6 @@ struct Shared {
     ready_tx: watch::Sender<bool>,
     pool: Arc<PeerPool>,
     replicators: Mutex<HashMap<NodeId, Replicator>>,
-    repairs: Repairs,
 }
 
 /// The queue of changes for one follower, drained by its own task.
@@ -133,7 +127,6 @@ impl DataServer {
             ready_tx: self.ready_tx,
             pool: pool.clone(),
             replicators: Mutex::new(HashMap::new()),
-            repairs: Repairs::default(),
         });
         info!(id = self.config.id, addr = %advertise, instance = format_args!("{:x}", self.instance), "data server serving");
 
@@ -315,7 +308,7 @@ impl Shared {
     ) -> Result<DataResponse> {
         let applied = self.lead(|store| store.session_sync(instance, slot, publishers))?;
         if !applied.ops.is_empty() {
-            self.repairs.session_syncs.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(METRIC_SESSION_SYNCS).increment(1);
             info!(
                 slot,
                 session_instance = format_args!("{instance:x}"),
@@ -537,7 +530,7 @@ async fn fetch_slot(shared: &Shared, slot: SlotId, addr: &str) -> Result<()> {
     };
     let publishers = dump.publishers.len();
     if shared.store.lock().install_dump(dump) {
-        shared.repairs.slots_fetched.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(METRIC_SLOTS_FETCHED).increment(1);
         debug!(slot, publishers, "fetched a followed slot");
     }
     Ok(())
@@ -580,7 +573,7 @@ async fn check_drift(shared: &Shared, view: &ClusterView) {
                     slot = theirs.slot,
                     leader, "a followed slot drifted from its leader; fetching it again"
                 );
-                shared.repairs.drift_found.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(METRIC_DRIFT).increment(1);
                 store.mark_out_of_sync(theirs.slot);
             }
         }

@@ -314,6 +314,8 @@ impl Manager {
                 match result {
                     Ok(synced) => {
                         if synced > 0 {
+                            metrics::counter!("roster_session_slot_syncs_total")
+                                .increment(synced as u64);
                             info!(
                                 node,
                                 slots = synced,
