@@ -94,27 +94,26 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let data: Vec<Bytes> = args.data.iter().map(|d| Bytes::from(d.clone())).collect();
     let attributes: BTreeMap<String, String> = args.attributes.into_iter().collect();
     let publication = client.publish_with(&args.service, data, attributes).await?;
+    let session = match (client.session_id(), client.session_addr()) {
+        (Some(id), Some(addr)) => format!("session {id} at {addr}"),
+        _ => "no session yet".to_owned(),
+    };
     eprintln!(
-        "published {} [{}] through session {} at {}{}; Ctrl-C unpublishes",
+        "published {} [{}] through {session}{}; Ctrl-C unpublishes",
         publication.service(),
         args.data.join(" "),
-        client.session_id(),
-        client.session_addr(),
         if publication.is_durable() {
             ""
         } else {
-            " (held by the session until the data tier is reachable)"
+            " (not yet durable: held until the registry is reachable)"
         }
     );
-    tokio::select! {
-        _ = shutdown.cancelled() => {
-            publication.unpublish().await.context("unpublish failed")?;
-            client.close().await;
-            eprintln!("unpublished");
-            Ok(())
-        }
-        reason = client.closed() => bail!("lost the session server: {reason}"),
-    }
+    // The client moves to another session server by itself if this one goes away.
+    shutdown.cancelled().await;
+    publication.unpublish().await.context("unpublish failed")?;
+    client.close().await;
+    eprintln!("unpublished");
+    Ok(())
 }
 
 /// Arguments of `roster subscribe`.
@@ -122,6 +121,10 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
 pub struct SubscribeArgs {
     #[command(flatten)]
     connection: Connection,
+    /// Print one JSON object per change of one publisher (`added`, `removed`, `changed`) after the
+    /// snapshots, instead of only snapshots.
+    #[arg(long)]
+    events: bool,
     /// The service: a bare name means default/DEFAULT/NAME; or NAMESPACE/GROUP/NAME.
     service: String,
 }
@@ -161,28 +164,74 @@ pub fn snapshot_json(snapshot: &Snapshot) -> Value {
 
 pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
-    let client = args.connection.connect().await?;
-    let mut subscription = client.subscribe(&args.service).await?;
+    let mut config = args.connection.config()?;
+    // Show what the registry says, an empty service included.
+    config.refuse_empty = false;
+    let client = Client::connect(config)
+        .await
+        .context("cannot connect to a session server")?;
+    let subscription = client.subscribe(&args.service).await?;
+    let mut previous = std::collections::BTreeMap::new();
+    let mut stream = subscription;
     let mut stdout = std::io::stdout().lock();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            next = subscription.next() => match next {
+            next = stream.next() => match next {
                 Some(snapshot) => {
                     serde_json::to_writer(&mut stdout, &snapshot_json(&snapshot))?;
                     writeln!(stdout)?;
+                    if args.events {
+                        let now: std::collections::BTreeMap<_, _> = snapshot
+                            .publishers
+                            .iter()
+                            .map(|p| ((p.client_id.clone(), p.register_id.clone()), p.clone()))
+                            .collect();
+                        for event in roster_client::diff(&previous, &now) {
+                            serde_json::to_writer(&mut stdout, &event_json(&snapshot, &event))?;
+                            writeln!(stdout)?;
+                        }
+                        previous = now;
+                    }
                     stdout.flush()?;
                 }
-                None => bail!("lost the session server: {}", client.closed().await),
+                None => bail!("the client closed"),
             },
         }
     }
     drop(stdout);
-    drop(subscription);
+    drop(stream);
     client.close().await;
     Ok(())
 }
 
+/// One publisher change as a JSON line: `{"event": "added"|"removed"|"changed", "service", "version",
+/// "publisher": {...}}` (`changed` also carries `"old"`).
+fn event_json(snapshot: &Snapshot, event: &roster_client::Event) -> Value {
+    let one = |p: &roster_client::PublisherView| {
+        snapshot_json(&Snapshot {
+            service: snapshot.service.clone(),
+            version: snapshot.version,
+            publishers: vec![p.clone()],
+        })["publishers"][0]
+            .clone()
+    };
+    let (kind, publisher, old) = match event {
+        roster_client::Event::Added(p) => ("added", one(p), None),
+        roster_client::Event::Removed(p) => ("removed", one(p), None),
+        roster_client::Event::Changed { old, new } => ("changed", one(new), Some(one(old))),
+    };
+    let mut value = json!({
+        "event": kind,
+        "service": snapshot.service.as_str(),
+        "version": snapshot.version,
+        "publisher": publisher,
+    });
+    if let Some(old) = old {
+        value["old"] = old;
+    }
+    value
+}
 /// Arguments of `roster ls`.
 #[derive(Args, Debug)]
 pub struct LsArgs {

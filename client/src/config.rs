@@ -49,6 +49,33 @@ pub struct ClientConfig {
     /// Largest frame sent or accepted. Default 1 MiB.
     #[serde(default = "default_max_frame")]
     pub max_frame: u32,
+    /// Withhold a snapshot that would empty a subscription that has publishers, so a registry
+    /// glitch cannot drop every address at once. Default true. A service that really lost every
+    /// publisher then keeps showing its last addresses until one comes back: turn this off where
+    /// "none left" must be seen (the `roster subscribe` command does).
+    #[serde(default = "default_true")]
+    pub refuse_empty: bool,
+    /// Directory for the last snapshot of every subscribed service, so an application restarting
+    /// while the registry is unreachable still gets addresses. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// First pause before reconnecting after losing the session; doubles, with jitter, up to
+    /// `reconnect_max_ms`. Default 50 ms.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Default 2000 ms.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_reconnect_min_ms() -> u64 {
+    50
+}
+fn default_reconnect_max_ms() -> u64 {
+    2_000
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -82,6 +109,10 @@ impl ClientConfig {
             keep_alive_ms: default_keep_alive_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             max_frame: default_max_frame(),
+            refuse_empty: true,
+            cache_dir: None,
+            reconnect_min_ms: default_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
         }
     }
 
@@ -91,10 +122,15 @@ impl ClientConfig {
             .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", path.display())))?;
         let mut config: ClientConfig = toml::from_str(&text)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-        if config.ca.is_relative()
-            && let Some(dir) = path.parent()
-        {
-            config.ca = dir.join(&config.ca);
+        if let Some(dir) = path.parent() {
+            if config.ca.is_relative() {
+                config.ca = dir.join(&config.ca);
+            }
+            if let Some(cache) = config.cache_dir.as_mut()
+                && cache.is_relative()
+            {
+                *cache = dir.join(&*cache);
+            }
         }
         config.validate()?;
         Ok(config)

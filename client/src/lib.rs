@@ -14,182 +14,225 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A [`Client`] holds one QUIC connection to a session server. [`Client::publish`] returns a
-//! [`Publication`]: the registration lasts until it is dropped, [`Publication::unpublish`]ed, or the
-//! connection ends. [`Client::subscribe`] returns a [`Subscription`], a `Stream` of full snapshots
-//! of the service, newest first when the reader falls behind (intermediate snapshots are skipped,
-//! never reordered), with [`Subscription::current`] for the latest one.
+//! A [`Client`] keeps one QUIC connection to one of the configured session servers and rides
+//! through that server's failure: when the connection ends, or the server asks it to move
+//! (`GoAway`), it connects to another one (random order, jittered backoff) and registers every
+//! publication and subscription there at once, under the same ids, so the registry hands them over
+//! without dropping them. [`Client::connection_state`] tells what it is doing.
+//!
+//! [`Client::publish`] returns a [`Publication`]: the registration lasts until it is dropped or
+//! [`Publication::unpublish`]ed. [`Client::subscribe`] returns a [`Subscription`], a `Stream` of
+//! full snapshots (newest first when the reader falls behind, never older), with
+//! [`Subscription::current`], [`Subscription::wait_for`] and [`Subscription::events`] (added,
+//! removed and changed publishers). With `refuse_empty` (the default) a snapshot that would empty a
+//! subscription is withheld. With `cache_dir`, the last snapshot of every subscribed service is kept
+//! on disk and served at start when no session server can be reached.
 //!
 //! Errors are [`Error`]s with a wire code; [`Error::is_retryable`] tells a caller whether trying
-//! again may help.
-//!
-//! Caveats: this client does not reconnect. When its connection ends, subscriptions end (their
-//! streams finish) and publications are gone from the registry; build a new `Client` to continue.
+//! again may help. A publish made while no session server is reachable succeeds as not durable
+//! ([`Publication::is_durable`]) and is registered when the client reconnects.
 
+mod cache;
 mod config;
+mod driver;
+mod subscription;
 
-use std::collections::HashMap;
-use std::pin::Pin;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::Stream;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use quinn::{Connection, Endpoint};
-use roster_common::proto::{
-    ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Scope,
-};
-use roster_common::{NodeId, RegisterId, frame, ids, quic, rpc, tls};
-use tokio::sync::{mpsc, watch};
+use roster_common::proto::{ALPN_CLIENT, ClientRequest, ClientResponse, Scope};
+use roster_common::{NodeId, RegisterId, ids, quic, rpc, tls};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::WatchStream;
-use tracing::{debug, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 pub use config::ClientConfig;
 pub use roster_common::proto::{PublisherView, ServiceSummary, Snapshot};
 pub use roster_common::{Error, ErrorCode, Result, ServiceId};
+pub use subscription::{Event, Events, Subscription, diff};
 
-/// A connection to the registry.
+/// What the client's connection is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// First connection attempt under way.
+    Connecting,
+    /// Connected to session server `session_id` at `addr`, everything registered there.
+    Connected { session_id: NodeId, addr: String },
+    /// The connection was lost (or the server asked the client to move); reconnecting.
+    Reconnecting { attempt: u32 },
+    /// The client was closed.
+    Closed,
+}
+
+/// A connection to the registry. Cheap to clone; the connection closes when the last clone, and
+/// every publication and subscription made from it, is dropped (or on [`Client::close`]).
 #[derive(Clone)]
 pub struct Client {
+    handle: Handle,
+}
+
+/// What every user-facing handle holds: the shared state, and the guard whose last drop stops the
+/// client.
+#[derive(Clone)]
+pub(crate) struct Handle {
     inner: Arc<Inner>,
+    _guard: Arc<Guard>,
 }
 
-type Subscriptions = Arc<Mutex<HashMap<ServiceId, SubEntry>>>;
+/// Stops the client when the last user-facing handle is dropped.
+struct Guard {
+    shutdown: CancellationToken,
+}
 
-struct Inner {
-    endpoint: Endpoint,
-    conn: Connection,
-    max_frame: u32,
-    request_timeout: Duration,
-    client_id: String,
-    session_id: NodeId,
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The connection in use.
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub conn: Connection,
+    pub session_id: NodeId,
+    pub addr: String,
+}
+
+pub(crate) struct PublicationState {
+    pub service: ServiceId,
+    pub data: Vec<Bytes>,
+    pub attributes: BTreeMap<String, String>,
+    pub client_version: u64,
+}
+
+pub(crate) struct SubscriptionState {
+    pub register_id: RegisterId,
+    pub tx: watch::Sender<Option<Snapshot>>,
+    pub handles: usize,
+}
+
+/// What the client has registered: re-registered in full on every new connection.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub publications: HashMap<RegisterId, PublicationState>,
+    pub subscriptions: HashMap<ServiceId, SubscriptionState>,
+}
+
+pub(crate) struct Inner {
+    pub config: ClientConfig,
+    pub quic_config: quinn::ClientConfig,
+    pub endpoint: Endpoint,
+    pub client_id: String,
     next_id: AtomicU64,
-    subs: Subscriptions,
-    /// Removals from dropped handles, carried out by a background task. Unbounded on purpose: a
-    /// `Drop` cannot wait, and each handle sends at most one message, so the queue is bounded by the
-    /// number of handles.
-    background_tx: mpsc::UnboundedSender<ClientRequest>,
-}
-
-struct SubEntry {
-    register_id: RegisterId,
-    tx: watch::Sender<Option<Snapshot>>,
-    handles: usize,
+    pub live: RwLock<Option<Live>>,
+    pub state_tx: watch::Sender<ConnectionState>,
+    pub registry: Mutex<Registry>,
+    /// Removals from dropped handles, sent by the driver. Unbounded on purpose: a `Drop` cannot
+    /// wait, and each handle sends at most one message, so the queue is bounded by the handles.
+    pub background_tx: mpsc::UnboundedSender<ClientRequest>,
+    pub shutdown: CancellationToken,
+    pub go_away: Notify,
+    pub cache: Option<cache::Cache>,
+    /// Empty snapshots withheld by `refuse_empty`.
+    pub refused_empty: AtomicU64,
 }
 
 impl Client {
     /// Connects to one of the configured session servers (tried in random order) and says `Hello`.
+    /// Fails if none answers — unless `cache_dir` is set, in which case the client starts
+    /// disconnected, serves cached snapshots and keeps trying in the background.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
+        roster_common::install_crypto_provider();
+        config.validate()?;
+        let first = quic::resolve(&config.sessions[0]).await.ok();
+        let local = first.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal address"));
+        let endpoint = quic::client_endpoint(local)?;
+        Self::connect_on(endpoint, config).await
+    }
+
+    /// As [`Client::connect`], dialing from `endpoint` — many clients can share one endpoint (one
+    /// UDP socket).
+    pub async fn connect_on(endpoint: Endpoint, config: ClientConfig) -> Result<Client> {
         roster_common::install_crypto_provider();
         config.validate()?;
         let roots = tls::roots_from(&tls::load_certs(&config.ca)?)?;
         let quic_config =
             quic::client_config(tls::client(roots, ALPN_CLIENT)?, &config.transport(), true)?;
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
-
-        let start = rand_index(config.sessions.len());
-        let mut last_error = None;
-        let mut connected = None;
-        for i in 0..config.sessions.len() {
-            let addr = &config.sessions[(start + i) % config.sessions.len()];
-            let attempt = async {
-                let socket_addr = quic::resolve(addr).await?;
-                let endpoint = quic::client_endpoint(socket_addr)?;
-                let conn = quic::connect(
-                    &endpoint,
-                    &quic_config,
-                    addr,
-                    config.server_name.as_deref(),
-                    connect_timeout,
-                )
-                .await?;
-                Ok::<_, Error>((endpoint, conn))
-            };
-            match attempt.await {
-                Ok(pair) => {
-                    connected = Some(pair);
-                    break;
-                }
-                Err(e) => {
-                    debug!(session = %addr, error = %e, "could not connect");
-                    last_error = Some(e);
-                }
+        let cache = config
+            .cache_dir
+            .as_deref()
+            .map(cache::Cache::open)
+            .transpose()?;
+        let shutdown = CancellationToken::new();
+        let (background_tx, background_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            client_id: config.client_id.clone().unwrap_or_else(ids::new_client_id),
+            config,
+            quic_config,
+            endpoint,
+            next_id: AtomicU64::new(1),
+            live: RwLock::new(None),
+            state_tx: watch::channel(ConnectionState::Connecting).0,
+            registry: Mutex::new(Registry::default()),
+            background_tx,
+            shutdown: shutdown.clone(),
+            go_away: Notify::new(),
+            cache,
+            refused_empty: AtomicU64::new(0),
+        });
+        match driver::connect_any(&inner, None).await {
+            Ok(live) => driver::install(&inner, live),
+            Err(e) if inner.cache.is_none() => return Err(e),
+            Err(e) => {
+                debug!(error = %e, "no session server reachable; starting from the snapshot cache")
             }
         }
-        let Some((endpoint, conn)) = connected else {
-            return Err(last_error
-                .unwrap_or_else(|| Error::Connection("no session server configured".into())));
-        };
-
-        let client_id = config.client_id.clone().unwrap_or_else(ids::new_client_id);
-        let hello = ClientRequest::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            client_id: client_id.clone(),
-            client_name: config.client_name.clone(),
-            token: config.token.clone(),
-        };
-        let session_id =
-            match rpc::call(&conn, &hello, config.max_frame, config.request_timeout()).await? {
-                ClientResponse::Welcome { session_id, .. } => session_id,
-                other => {
-                    return Err(Error::UnexpectedMessage(format!(
-                        "expected Welcome, got {other:?}"
-                    )));
-                }
-            };
-
-        let subs: Subscriptions = Arc::default();
-        let (background_tx, background_rx) = mpsc::unbounded_channel();
-        tokio::spawn(read_pushes(conn.clone(), subs.clone(), config.max_frame));
-        tokio::spawn(run_background(
-            conn.clone(),
-            background_rx,
-            config.max_frame,
-            config.request_timeout(),
-        ));
+        tokio::spawn(driver::run(inner.clone(), background_rx));
         Ok(Client {
-            inner: Arc::new(Inner {
-                endpoint,
-                conn,
-                max_frame: config.max_frame,
-                request_timeout: config.request_timeout(),
-                client_id,
-                session_id,
-                next_id: AtomicU64::new(1),
-                subs,
-                background_tx,
-            }),
+            handle: Handle {
+                inner,
+                _guard: Arc::new(Guard { shutdown }),
+            },
         })
     }
 
-    /// This client's id, as sent in `Hello`.
-    pub fn client_id(&self) -> &str {
-        &self.inner.client_id
+    fn inner(&self) -> &Inner {
+        &self.handle.inner
     }
 
-    /// The id of the session server this client is connected to.
-    pub fn session_id(&self) -> NodeId {
-        self.inner.session_id
+    /// This client's id, as sent in `Hello`; the same on every session server it moves to.
+    pub fn client_id(&self) -> &str {
+        &self.inner().client_id
+    }
+
+    /// The id of the session server this client is connected to, if connected.
+    pub fn session_id(&self) -> Option<NodeId> {
+        self.inner().live.read().as_ref().map(|l| l.session_id)
     }
 
     /// The address of that session server.
-    pub fn session_addr(&self) -> std::net::SocketAddr {
-        self.inner.conn.remote_address()
+    pub fn session_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner()
+            .live
+            .read()
+            .as_ref()
+            .map(|l| l.conn.remote_address())
     }
 
-    /// Whether the connection is still up.
-    pub fn is_connected(&self) -> bool {
-        self.inner.conn.close_reason().is_none()
+    /// What the connection is doing now and next.
+    pub fn connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner().state_tx.subscribe()
     }
 
-    /// Waits until the connection ends and says why.
-    pub async fn closed(&self) -> Error {
-        Error::Connection(roster_common::error::describe_close(
-            &self.inner.conn.closed().await,
-        ))
+    /// How many empty snapshots `refuse_empty` withheld so far.
+    pub fn refused_empty_snapshots(&self) -> u64 {
+        self.inner().refused_empty.load(Ordering::Relaxed)
     }
 
     /// Publishes `data` (typically one `host:port`) under `service`. A bare name means
@@ -203,17 +246,15 @@ impl Client {
         &self,
         service: impl AsRef<str>,
         data: Vec<Bytes>,
-        attributes: std::collections::BTreeMap<String, String>,
+        attributes: BTreeMap<String, String>,
     ) -> Result<Publication> {
         let service: ServiceId = service.as_ref().parse()?;
-        let register_id = self.inner.new_register_id("p");
+        let register_id = self.handle.inner.new_register_id("p");
         let mut publication = Publication {
-            inner: self.inner.clone(),
+            handle: self.handle.clone(),
             register_id,
             service,
-            data: Vec::new(),
             attributes,
-            client_version: 0,
             durable: false,
             active: false,
         };
@@ -225,49 +266,57 @@ impl Client {
     /// Subscribes to `service`. Subscribing twice to one service shares one registration.
     pub async fn subscribe(&self, service: impl AsRef<str>) -> Result<Subscription> {
         let service: ServiceId = service.as_ref().parse()?;
-        let existing = {
-            let mut subs = self.inner.subs.lock();
-            subs.get_mut(&service).map(|entry| {
-                entry.handles += 1;
-                entry.tx.subscribe()
-            })
-        };
-        let rx = match existing {
-            Some(rx) => rx,
-            None => {
-                let register_id = self.inner.new_register_id("s");
-                let (tx, rx) = watch::channel(None);
-                self.inner.subs.lock().insert(
-                    service.clone(),
-                    SubEntry {
-                        register_id: register_id.clone(),
-                        tx,
-                        handles: 1,
-                    },
-                );
-                let request = ClientRequest::Subscribe {
-                    register_id,
-                    service: service.clone(),
-                    scope: Scope::Global,
-                };
-                if let Err(e) = self.inner.call(&request).await {
-                    self.inner.subs.lock().remove(&service);
-                    return Err(e);
+        let inner = &self.handle.inner;
+        let (rx, register_id) = {
+            let mut registry = inner.registry.lock();
+            match registry.subscriptions.get_mut(&service) {
+                Some(entry) => {
+                    entry.handles += 1;
+                    (entry.tx.subscribe(), None)
                 }
-                rx
+                None => {
+                    let register_id = inner.new_register_id("s");
+                    let cached = inner.cache.as_ref().and_then(|c| c.load(&service));
+                    let (tx, rx) = watch::channel(cached);
+                    registry.subscriptions.insert(
+                        service.clone(),
+                        SubscriptionState {
+                            register_id: register_id.clone(),
+                            tx,
+                            handles: 1,
+                        },
+                    );
+                    (rx, Some(register_id))
+                }
             }
         };
-        Ok(Subscription {
-            inner: self.inner.clone(),
-            service,
+        let subscription = Subscription {
+            handle: self.handle.clone(),
+            service: service.clone(),
             stream: WatchStream::new(rx.clone()),
             rx,
-        })
+        };
+        if let Some(register_id) = register_id {
+            let request = ClientRequest::Subscribe {
+                register_id,
+                service,
+                scope: Scope::Global,
+            };
+            // Not connected: the subscription is registered when the client reconnects.
+            match inner.call(&request).await {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => {
+                    debug!(error = %e, "subscription will be registered on reconnect")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(subscription)
     }
 
     /// Every service with at least one publisher, with its publisher count.
     pub async fn list_services(&self) -> Result<Vec<ServiceSummary>> {
-        match self.inner.call(&ClientRequest::ListServices {}).await? {
+        match self.inner().call(&ClientRequest::ListServices {}).await? {
             ClientResponse::Services { services } => Ok(services),
             other => Err(Error::UnexpectedMessage(format!(
                 "expected Services, got {other:?}"
@@ -278,15 +327,42 @@ impl Client {
     /// A round trip to the session server.
     pub async fn ping(&self) -> Result<Duration> {
         let start = Instant::now();
-        self.inner.call(&ClientRequest::Ping {}).await?;
+        self.inner().call(&ClientRequest::Ping {}).await?;
         Ok(start.elapsed())
     }
 
-    /// Closes the connection now and waits (briefly) for the close to reach the server, which then
-    /// removes this client's publishers and subscribers.
+    /// Closes the client now — every publication and subscription of it ends — and waits
+    /// (briefly) for the close to reach the session server, which then removes them.
     pub async fn close(self) {
-        self.inner.conn.close(0u32.into(), b"client closed");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
+        let inner = self.handle.inner.clone();
+        inner.shutdown.cancel();
+        let mut state = inner.state_tx.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            state.wait_for(|s| *s == ConnectionState::Closed),
+        )
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), inner.endpoint.wait_idle()).await;
+    }
+}
+
+impl Handle {
+    /// Drops one handle of the subscription to `service`; the last one unsubscribes.
+    pub(crate) fn release_subscription(&self, service: &ServiceId) {
+        let mut registry = self.inner.registry.lock();
+        let Some(entry) = registry.subscriptions.get_mut(service) else {
+            return;
+        };
+        entry.handles -= 1;
+        if entry.handles == 0 {
+            let entry = registry
+                .subscriptions
+                .remove(service)
+                .expect("present above");
+            let _ = self.inner.background_tx.send(ClientRequest::Unsubscribe {
+                register_id: entry.register_id,
+            });
+        }
     }
 }
 
@@ -295,26 +371,59 @@ impl Inner {
         format!("{kind}{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    async fn call(&self, request: &ClientRequest) -> Result<ClientResponse> {
-        rpc::call(&self.conn, request, self.max_frame, self.request_timeout).await
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The background task closes the connection once it has sent every queued removal.
-        debug!(client = %self.client_id, "client dropped");
+    /// Sends `request` on the current connection. If there is none, or it breaks, waits (up to
+    /// the request timeout) for the next one and tries once more there.
+    pub(crate) async fn call(&self, request: &ClientRequest) -> Result<ClientResponse> {
+        let timeout = self.config.request_timeout();
+        let deadline = Instant::now() + timeout;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let live = self.live.read().clone();
+            let result = match &live {
+                Some(live) => rpc::call(&live.conn, request, self.config.max_frame, timeout).await,
+                None => Err(Error::Unavailable(
+                    "not connected to a session server".into(),
+                )),
+            };
+            match result {
+                Err(Error::Connection(_) | Error::Unavailable(_))
+                    if attempts < 3 && Instant::now() < deadline =>
+                {
+                    // Wait for a different connection than the one that failed.
+                    let failed = live.map(|l| l.conn.stable_id());
+                    let mut state = self.state_tx.subscribe();
+                    let next = async {
+                        loop {
+                            if self.shutdown.is_cancelled() {
+                                return false;
+                            }
+                            let current = self.live.read().as_ref().map(|l| l.conn.stable_id());
+                            if current.is_some() && current != failed {
+                                return true;
+                            }
+                            if state.changed().await.is_err() {
+                                return false;
+                            }
+                        }
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if !matches!(tokio::time::timeout(left, next).await, Ok(true)) {
+                        return Err(Error::Unavailable("no session server reachable".into()));
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 }
 
 /// One registration of this client. Dropping it unpublishes in the background.
 pub struct Publication {
-    inner: Arc<Inner>,
+    handle: Handle,
     register_id: RegisterId,
     service: ServiceId,
-    data: Vec<Bytes>,
-    attributes: std::collections::BTreeMap<String, String>,
-    client_version: u64,
+    attributes: BTreeMap<String, String>,
     durable: bool,
     active: bool,
 }
@@ -328,50 +437,70 @@ impl Publication {
         &self.register_id
     }
 
-    /// The data last published.
-    pub fn data(&self) -> &[Bytes] {
-        &self.data
-    }
-
     /// True when the slot leader applied the last change; false when the session server holds it
-    /// and keeps retrying because the data tier was unreachable.
+    /// (the data tier was unreachable) or the client was not connected: it is registered when
+    /// either comes back.
     pub fn is_durable(&self) -> bool {
         self.durable
     }
 
     /// Replaces the published data.
     pub async fn update(&mut self, data: Vec<Bytes>) -> Result<()> {
-        self.client_version += 1;
-        let request = ClientRequest::Publish {
-            register_id: self.register_id.clone(),
-            service: self.service.clone(),
-            data: data.clone(),
-            attributes: self.attributes.clone(),
-            client_version: self.client_version,
+        let inner = &self.handle.inner;
+        let request = {
+            let mut registry = inner.registry.lock();
+            let state = registry
+                .publications
+                .entry(self.register_id.clone())
+                .or_insert_with(|| PublicationState {
+                    service: self.service.clone(),
+                    data: Vec::new(),
+                    attributes: self.attributes.clone(),
+                    client_version: 0,
+                });
+            state.client_version += 1;
+            state.data = data;
+            publish_request(&self.register_id, state)
         };
-        match self.inner.call(&request).await? {
-            ClientResponse::Accepted { durable } => {
+        match inner.call(&request).await {
+            Ok(ClientResponse::Accepted { durable }) => {
                 self.durable = durable;
-                self.data = data;
                 Ok(())
             }
-            other => Err(Error::UnexpectedMessage(format!(
+            Ok(other) => Err(Error::UnexpectedMessage(format!(
                 "expected Accepted, got {other:?}"
             ))),
+            Err(e) if e.is_retryable() => {
+                // Held by the client: registered on the next connection.
+                debug!(error = %e, "publication will be registered on reconnect");
+                self.durable = false;
+                Ok(())
+            }
+            Err(e) => {
+                if !self.active {
+                    inner.registry.lock().publications.remove(&self.register_id);
+                }
+                Err(e)
+            }
         }
     }
 
     /// Removes the registration and waits for the session server to accept the removal.
     pub async fn unpublish(mut self) -> Result<()> {
         self.active = false;
+        let inner = self.handle.inner.clone();
+        inner.registry.lock().publications.remove(&self.register_id);
         let request = ClientRequest::Unpublish {
             register_id: self.register_id.clone(),
         };
-        match self.inner.call(&request).await? {
-            ClientResponse::Accepted { .. } => Ok(()),
-            other => Err(Error::UnexpectedMessage(format!(
+        match inner.call(&request).await {
+            Ok(ClientResponse::Accepted { .. }) => Ok(()),
+            // Not registered where we are now (it never made it, or the server restarted): gone.
+            Err(Error::NotFound(_)) => Ok(()),
+            Ok(other) => Err(Error::UnexpectedMessage(format!(
                 "expected Accepted, got {other:?}"
             ))),
+            Err(e) => Err(e),
         }
     }
 }
@@ -379,125 +508,29 @@ impl Publication {
 impl Drop for Publication {
     fn drop(&mut self) {
         if self.active {
-            let _ = self.inner.background_tx.send(ClientRequest::Unpublish {
-                register_id: self.register_id.clone(),
-            });
+            self.handle
+                .inner
+                .registry
+                .lock()
+                .publications
+                .remove(&self.register_id);
+            let _ = self
+                .handle
+                .inner
+                .background_tx
+                .send(ClientRequest::Unpublish {
+                    register_id: self.register_id.clone(),
+                });
         }
     }
 }
 
-/// Snapshots of one service, as a `Stream`. Dropping the last handle of a service unsubscribes.
-pub struct Subscription {
-    inner: Arc<Inner>,
-    service: ServiceId,
-    rx: watch::Receiver<Option<Snapshot>>,
-    stream: WatchStream<Option<Snapshot>>,
-}
-
-impl Subscription {
-    pub fn service(&self) -> &ServiceId {
-        &self.service
+pub(crate) fn publish_request(register_id: &str, state: &PublicationState) -> ClientRequest {
+    ClientRequest::Publish {
+        register_id: register_id.to_owned(),
+        service: state.service.clone(),
+        data: state.data.clone(),
+        attributes: state.attributes.clone(),
+        client_version: state.client_version,
     }
-
-    /// The latest snapshot received, if any yet.
-    pub fn current(&self) -> Option<Snapshot> {
-        self.rx.borrow().clone()
-    }
-}
-
-impl Stream for Subscription {
-    type Item = Snapshot;
-
-    /// The next snapshot newer than the last one returned; `None` once the connection has ended.
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Snapshot>> {
-        loop {
-            match Pin::new(&mut self.stream).poll_next(cx) {
-                Poll::Ready(Some(Some(snapshot))) => return Poll::Ready(Some(snapshot)),
-                Poll::Ready(Some(None)) => continue,
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut subs = self.inner.subs.lock();
-        let Some(entry) = subs.get_mut(&self.service) else {
-            return;
-        };
-        entry.handles -= 1;
-        if entry.handles == 0 {
-            let entry = subs.remove(&self.service).expect("present above");
-            let _ = self.inner.background_tx.send(ClientRequest::Unsubscribe {
-                register_id: entry.register_id,
-            });
-        }
-    }
-}
-
-/// Reads the push stream into the subscriptions until the connection ends, then ends them.
-async fn read_pushes(conn: Connection, subs: Subscriptions, max_frame: u32) {
-    let result = async {
-        let mut push = conn.accept_uni().await?;
-        loop {
-            let body = match frame::read_frame_bytes(&mut push, max_frame).await? {
-                Some(body) => body,
-                None => return Ok::<_, Error>(()),
-            };
-            match frame::decode::<Push>(&body) {
-                Ok(Push::Snapshot(snapshot)) => {
-                    let subs = subs.lock();
-                    if let Some(entry) = subs.get(&snapshot.service) {
-                        entry.tx.send_if_modified(|current| {
-                            let newer = current
-                                .as_ref()
-                                .is_none_or(|c| c.version < snapshot.version);
-                            if newer {
-                                *current = Some(snapshot);
-                            }
-                            newer
-                        });
-                    }
-                }
-                // A push this version does not know: skip it, newer servers may add kinds.
-                Err(Error::UnexpectedMessage(e)) => debug!(error = %e, "skipped an unknown push"),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    .await;
-    if let Err(e) = result {
-        if conn.close_reason().is_none() {
-            warn!(error = %e, "push stream failed; closing the connection");
-            conn.close(0u32.into(), b"bad push stream");
-        } else {
-            debug!(error = %e, "push stream ended");
-        }
-    }
-    // Ending every subscription ends their streams.
-    subs.lock().clear();
-}
-
-/// Sends the removals of dropped handles; closes the connection once the client is gone.
-async fn run_background(
-    conn: Connection,
-    mut rx: mpsc::UnboundedReceiver<ClientRequest>,
-    max_frame: u32,
-    timeout: Duration,
-) {
-    while let Some(request) = rx.recv().await {
-        if conn.close_reason().is_some() {
-            continue;
-        }
-        if let Err(e) = rpc::call::<_, ClientResponse>(&conn, &request, max_frame, timeout).await {
-            debug!(error = %e, "background removal failed");
-        }
-    }
-    conn.close(0u32.into(), b"client dropped");
-}
-
-fn rand_index(len: usize) -> usize {
-    rand::random_range(0..len.max(1))
 }

@@ -256,7 +256,9 @@ mod tests {
     fn pushed_versions(rx: &mut mpsc::Receiver<Bytes>) -> Vec<Version> {
         let mut out = Vec::new();
         while let Ok(frame) = rx.try_recv() {
-            let Push::Snapshot(s) = decode::<Push>(&frame[HEADER_LEN..]).unwrap();
+            let Ok(Push::Snapshot(s)) = decode::<Push>(&frame[HEADER_LEN..]) else {
+                panic!("not a snapshot")
+            };
             out.push(s.version);
         }
         out

@@ -115,12 +115,14 @@ impl Cluster {
         }
     }
 
-    /// A client config for the first session server.
+    /// A client config for the first session server, delivering empty snapshots too.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig::new(
+        let mut config = ClientConfig::new(
             vec![self.session_addrs[0].to_string()],
             self.dir.path().join(CA_CERT_FILE),
-        )
+        );
+        config.refuse_empty = false;
+        config
     }
 
     /// Signals every server to stop and waits for each to finish cleanly.

@@ -92,6 +92,10 @@ pub enum Scope {
 pub enum Push {
     /// The full current set of publishers of a service the connection subscribes to.
     Snapshot(Snapshot),
+    /// The session server asks the client to move to another session server: it is draining for
+    /// shutdown, or has more than its share of connections. The client connects elsewhere,
+    /// registers everything there, then closes this connection.
+    GoAway { reason: String },
 }
 
 /// All live publishers of one service at one version. Also the datum a data server returns.

@@ -1,0 +1,292 @@
+//! Keeping the client connected: dialing a session server, registering everything there, reading
+//! its pushes, and moving to another one when the connection ends or the server says `GoAway`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use quinn::Connection;
+use rand::seq::SliceRandom;
+use roster_common::proto::{
+    ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Scope, Snapshot,
+};
+use roster_common::{Error, Result, frame, quic, rpc};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{ConnectionState, Inner, Live, publish_request};
+
+/// Registrations sent at once on a new connection.
+const REGISTER_CONCURRENCY: usize = 64;
+
+/// Dials the configured session servers in random order (`avoid` last) until one accepts `Hello`
+/// and every publication and subscription is registered there.
+pub(crate) async fn connect_any(inner: &Inner, avoid: Option<&str>) -> Result<Live> {
+    let mut order = inner.config.sessions.clone();
+    order.shuffle(&mut rand::rng());
+    if let Some(avoid) = avoid
+        && order.len() > 1
+        && let Some(pos) = order.iter().position(|a| a == avoid)
+    {
+        let addr = order.remove(pos);
+        order.push(addr);
+    }
+    let mut last_error = None;
+    for addr in order {
+        match connect(inner, &addr).await {
+            Ok(live) => return Ok(live),
+            Err(e) => {
+                debug!(session = %addr, error = %e, "could not use this session server");
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| Error::Unavailable("no session server configured".into())))
+}
+
+async fn connect(inner: &Inner, addr: &str) -> Result<Live> {
+    let timeout = Duration::from_millis(inner.config.connect_timeout_ms);
+    let conn = quic::connect(
+        &inner.endpoint,
+        &inner.quic_config,
+        addr,
+        inner.config.server_name.as_deref(),
+        timeout,
+    )
+    .await?;
+    let hello = ClientRequest::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_id: inner.client_id.clone(),
+        client_name: inner.config.client_name.clone(),
+        token: inner.config.token.clone(),
+    };
+    let session_id = match rpc::call(
+        &conn,
+        &hello,
+        inner.config.max_frame,
+        inner.config.request_timeout(),
+    )
+    .await?
+    {
+        ClientResponse::Welcome { session_id, .. } => session_id,
+        other => {
+            return Err(Error::UnexpectedMessage(format!(
+                "expected Welcome, got {other:?}"
+            )));
+        }
+    };
+    register_all(inner, &conn).await?;
+    Ok(Live {
+        conn,
+        session_id,
+        addr: addr.to_owned(),
+    })
+}
+
+/// Registers every publication and subscription on `conn`, concurrently. A transport failure fails
+/// the whole (the caller tries another server); a refusal of one registration is logged and the
+/// rest go on.
+async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
+    let requests: Vec<ClientRequest> =
+        {
+            let registry = inner.registry.lock();
+            registry
+                .publications
+                .iter()
+                .map(|(id, state)| publish_request(id, state))
+                .chain(registry.subscriptions.iter().map(|(service, sub)| {
+                    ClientRequest::Subscribe {
+                        register_id: sub.register_id.clone(),
+                        service: service.clone(),
+                        scope: Scope::Global,
+                    }
+                }))
+                .collect()
+        };
+    let count = requests.len();
+    let results: Vec<Result<ClientResponse>> =
+        futures_util::stream::iter(requests.into_iter().map(|request| async move {
+            rpc::call(
+                conn,
+                &request,
+                inner.config.max_frame,
+                inner.config.request_timeout(),
+            )
+            .await
+        }))
+        .buffer_unordered(REGISTER_CONCURRENCY)
+        .collect()
+        .await;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err(e @ (Error::Connection(_) | Error::Timeout(_))) => return Err(e),
+            Err(e) => warn!(error = %e, "the session server refused a registration"),
+        }
+    }
+    if count > 0 {
+        debug!(
+            registrations = count,
+            "registered everything on the new connection"
+        );
+    }
+    Ok(())
+}
+
+/// Makes `live` the connection in use and starts reading its pushes.
+pub(crate) fn install(inner: &Arc<Inner>, live: Live) {
+    info!(session = live.session_id, addr = %live.addr, "connected to a session server");
+    tokio::spawn(read_pushes(inner.clone(), live.conn.clone()));
+    inner.state_tx.send_replace(ConnectionState::Connected {
+        session_id: live.session_id,
+        addr: live.addr.clone(),
+    });
+    *inner.live.write() = Some(live);
+}
+
+/// The pause before reconnect attempt `attempt`: doubling from the minimum, capped, with jitter.
+fn backoff(inner: &Inner, attempt: u32) -> Duration {
+    let min = inner.config.reconnect_min_ms.max(1);
+    let max = inner.config.reconnect_max_ms.max(min);
+    let base = min
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(max);
+    Duration::from_millis(rand::random_range(base / 2..=base))
+}
+
+/// Keeps the client connected until it is shut down, then sends pending removals and closes.
+pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiver<ClientRequest>) {
+    let mut attempt = 0u32;
+    let mut avoid: Option<String> = None;
+    loop {
+        let live = inner.live.read().clone();
+        match live {
+            None => {
+                attempt += 1;
+                inner
+                    .state_tx
+                    .send_replace(ConnectionState::Reconnecting { attempt });
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff(&inner, attempt)) => {}
+                }
+                match connect_any(&inner, avoid.as_deref()).await {
+                    Ok(live) => {
+                        install(&inner, live);
+                        attempt = 0;
+                    }
+                    Err(e) => debug!(attempt, error = %e, "still no session server"),
+                }
+            }
+            Some(live) => {
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => break,
+                    reason = live.conn.closed() => {
+                        warn!(session = live.session_id, reason = %roster_common::error::describe_close(&reason), "lost the session server; reconnecting");
+                        let mut current = inner.live.write();
+                        if current.as_ref().is_some_and(|l| l.conn.stable_id() == live.conn.stable_id()) {
+                            *current = None;
+                        }
+                        avoid = Some(live.addr.clone());
+                    }
+                    _ = inner.go_away.notified() => {
+                        match connect_any(&inner, Some(&live.addr)).await {
+                            Ok(next) if next.addr != live.addr || inner.config.sessions.len() == 1 => {
+                                install(&inner, next);
+                                live.conn.close(0u32.into(), b"moved to another session server");
+                            }
+                            Ok(same) => {
+                                // Only the same server would take us: stay, keeping one connection.
+                                same.conn.close(0u32.into(), b"duplicate");
+                            }
+                            Err(e) => warn!(error = %e, "asked to move, but no other session server answered"),
+                        }
+                    }
+                    request = background.recv() => {
+                        if let Some(request) = request
+                            && let Err(e) = rpc::call::<_, ClientResponse>(&live.conn, &request, inner.config.max_frame, inner.config.request_timeout()).await
+                        {
+                            debug!(error = %e, "background removal failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Shut down: send what is still queued, then close.
+    let live = inner.live.write().take();
+    if let Some(live) = live {
+        while let Ok(request) = background.try_recv() {
+            let _ = rpc::call::<_, ClientResponse>(
+                &live.conn,
+                &request,
+                inner.config.max_frame,
+                Duration::from_secs(1),
+            )
+            .await;
+        }
+        live.conn.close(0u32.into(), b"client closed");
+    }
+    inner.registry.lock().subscriptions.clear();
+    inner.state_tx.send_replace(ConnectionState::Closed);
+}
+
+/// Reads one connection's push stream into the subscriptions until the connection ends.
+async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
+    let result = async {
+        let mut push = conn.accept_uni().await?;
+        loop {
+            let body = match frame::read_frame_bytes(&mut push, inner.config.max_frame).await? {
+                Some(body) => body,
+                None => return Ok::<_, Error>(()),
+            };
+            match frame::decode::<Push>(&body) {
+                Ok(Push::Snapshot(snapshot)) => deliver(&inner, snapshot),
+                Ok(Push::GoAway { reason }) => {
+                    info!(%reason, "the session server asks us to move");
+                    inner.go_away.notify_one();
+                }
+                // A push this version does not know: skip it, newer servers may add kinds.
+                Err(Error::UnexpectedMessage(e)) => debug!(error = %e, "skipped an unknown push"),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result
+        && conn.close_reason().is_none()
+    {
+        warn!(error = %e, "push stream failed; closing the connection");
+        conn.close(0u32.into(), b"bad push stream");
+    }
+}
+
+/// Hands a snapshot to its subscription if it is newer — and, with `refuse_empty`, not an empty
+/// one replacing publishers.
+fn deliver(inner: &Inner, snapshot: Snapshot) {
+    let registry = inner.registry.lock();
+    let Some(entry) = registry.subscriptions.get(&snapshot.service) else {
+        return;
+    };
+    let mut stored = None;
+    entry.tx.send_if_modified(|current| {
+        let newer = current.as_ref().is_none_or(|c| c.version < snapshot.version);
+        if !newer {
+            return false;
+        }
+        let emptying = snapshot.publishers.is_empty() && current.as_ref().is_some_and(|c| !c.publishers.is_empty());
+        if emptying && inner.config.refuse_empty {
+            inner.refused_empty.fetch_add(1, Ordering::Relaxed);
+            warn!(service = %snapshot.service, version = snapshot.version, "withheld an empty snapshot (refuse_empty)");
+            return false;
+        }
+        stored = Some(snapshot.clone());
+        *current = Some(snapshot);
+        true
+    });
+    drop(registry);
+    if let (Some(cache), Some(snapshot)) = (&inner.cache, stored) {
+        cache.store(&snapshot);
+    }
+}
