@@ -292,6 +292,28 @@ pub struct SessionArgs {
     /// How long a closed client connection's publishers stay, in milliseconds [default: 0].
     #[arg(long, env = "ROSTER_CLIENT_GRACE_MS", value_name = "MS")]
     client_grace_ms: Option<u64>,
+    /// On SIGTERM, how long to wait for clients to move after GoAway, in milliseconds
+    /// [default: 10000].
+    #[arg(long, env = "ROSTER_DRAIN_TIMEOUT_MS", value_name = "MS")]
+    drain_timeout_ms: Option<u64>,
+    /// Client connections accepted [default: 100000].
+    #[arg(long, env = "ROSTER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Publishers per connection [default: 10000].
+    #[arg(long, env = "ROSTER_MAX_PUBLISHERS_PER_CONNECTION")]
+    max_publishers_per_connection: Option<usize>,
+    /// Subscriptions per connection [default: 10000].
+    #[arg(long, env = "ROSTER_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
+    max_subscriptions_per_connection: Option<usize>,
+    /// Requests outstanding per connection [default: 256].
+    #[arg(long, env = "ROSTER_MAX_REQUESTS_PER_CONNECTION")]
+    max_requests_per_connection: Option<u32>,
+    /// Bytes per publisher: data plus attributes [default: 65536].
+    #[arg(long, env = "ROSTER_MAX_PUBLISHER_BYTES")]
+    max_publisher_bytes: Option<usize>,
+    /// How long changes of one service are gathered before one push, in milliseconds [default: 2].
+    #[arg(long, env = "ROSTER_COALESCE_MS", value_name = "MS")]
+    coalesce_ms: Option<u64>,
 }
 
 const META_LISTEN: &str = "0.0.0.0:7100";
@@ -437,11 +459,25 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
 }
 
 pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
-    let keys = [&MEMBER_KEYS[..], &["client-grace-ms"]].concat();
+    let keys = [
+        &MEMBER_KEYS[..],
+        &[
+            "client-grace-ms",
+            "drain-timeout-ms",
+            "max-connections",
+            "max-publishers-per-connection",
+            "max-subscriptions-per-connection",
+            "max-requests-per-connection",
+            "max-publisher-bytes",
+            "coalesce-ms",
+        ],
+    ]
+    .concat();
     let file: SessionArgs = read_config_file(args.common.config.as_deref(), &keys)?;
     args.common.layer(file.common);
     args.member.layer(file.member);
-    layer!(args, file; client_grace_ms);
+    layer!(args, file; client_grace_ms, drain_timeout_ms, max_connections, max_publishers_per_connection,
+        max_subscriptions_per_connection, max_requests_per_connection, max_publisher_bytes, coalesce_ms);
 
     let mut config = SessionConfig::new(args.common.id()?, args.member.metas()?);
     config.advertise = args.member.advertise;
@@ -452,6 +488,25 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     if let Some(ms) = args.client_grace_ms {
         config.client_grace = Duration::from_millis(ms);
     }
+    if let Some(ms) = args.drain_timeout_ms {
+        config.drain_timeout = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.coalesce_ms {
+        config.coalesce_window = Duration::from_millis(ms);
+    }
+    config.max_connections = args.max_connections.unwrap_or(config.max_connections);
+    config.max_publishers_per_connection = args
+        .max_publishers_per_connection
+        .unwrap_or(config.max_publishers_per_connection);
+    config.max_subscriptions_per_connection = args
+        .max_subscriptions_per_connection
+        .unwrap_or(config.max_subscriptions_per_connection);
+    config.max_requests_per_connection = args
+        .max_requests_per_connection
+        .unwrap_or(config.max_requests_per_connection);
+    config.max_publisher_bytes = args
+        .max_publisher_bytes
+        .unwrap_or(config.max_publisher_bytes);
     info!(?config, "starting session server");
     let id = config.id;
     let server = SessionServer::new(config, args.common.identity()?)?;

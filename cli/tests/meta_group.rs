@@ -680,6 +680,7 @@ fn self_preservation_holds_session_expiry_when_too_many_lapse_at_once() {
                         role: m.role,
                         id,
                         instance: m.instance,
+                        load: None,
                     });
                 }
                 std::thread::sleep(Duration::from_millis(100));

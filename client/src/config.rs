@@ -40,9 +40,13 @@ pub struct ClientConfig {
     /// Deadline for one request. Default 10000 ms.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
-    /// Keep-alive interval. Default 1000 ms.
+    /// Keep-alive interval. Default 500 ms.
     #[serde(default = "default_keep_alive_ms")]
     pub keep_alive_ms: u64,
+    /// A session server that sends nothing for this long is taken for dead and left for another
+    /// one (its keep-alive answers normally arrive every `keep_alive_ms`). Default 1500 ms.
+    #[serde(default = "default_dead_after_ms")]
+    pub dead_after_ms: u64,
     /// Silence after which the connection is declared dead. Default 4000 ms.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
@@ -85,7 +89,10 @@ fn default_request_timeout_ms() -> u64 {
     10_000
 }
 fn default_keep_alive_ms() -> u64 {
-    1_000
+    500
+}
+fn default_dead_after_ms() -> u64 {
+    1_500
 }
 fn default_idle_timeout_ms() -> u64 {
     4_000
@@ -107,6 +114,7 @@ impl ClientConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             request_timeout_ms: default_request_timeout_ms(),
             keep_alive_ms: default_keep_alive_ms(),
+            dead_after_ms: default_dead_after_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             max_frame: default_max_frame(),
             refuse_empty: true,

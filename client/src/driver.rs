@@ -155,10 +155,18 @@ fn backoff(inner: &Inner, attempt: u32) -> Duration {
     Duration::from_millis(rand::random_range(base / 2..=base))
 }
 
+/// How often the connection's liveness is checked.
+const LIVENESS_CHECK: Duration = Duration::from_millis(100);
+
 /// Keeps the client connected until it is shut down, then sends pending removals and closes.
 pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiver<ClientRequest>) {
     let mut attempt = 0u32;
     let mut avoid: Option<String> = None;
+    let dead_after = Duration::from_millis(inner.config.dead_after_ms);
+    let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (connection, datagrams received when last seen growing, when)
+    let mut heard: Option<(usize, u64, tokio::time::Instant)> = None;
     loop {
         let live = inner.live.read().clone();
         match live {
@@ -201,6 +209,23 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                                 same.conn.close(0u32.into(), b"duplicate");
                             }
                             Err(e) => warn!(error = %e, "asked to move, but no other session server answered"),
+                        }
+                    }
+                    _ = liveness.tick() => {
+                        // A session server killed outright sends no close: notice its silence well
+                        // before the idle timeout, and move.
+                        let received = live.conn.stats().udp_rx.datagrams;
+                        let id = live.conn.stable_id();
+                        let now = tokio::time::Instant::now();
+                        match heard {
+                            Some((conn, count, since)) if conn == id && count == received => {
+                                if now.duration_since(since) >= dead_after {
+                                    warn!(session = live.session_id, silent = ?now.duration_since(since), "the session server went silent; moving");
+                                    live.conn.close(0u32.into(), b"server silent");
+                                    heard = None;
+                                }
+                            }
+                            _ => heard = Some((id, received, now)),
                         }
                     }
                     request = background.recv() => {

@@ -8,6 +8,7 @@
 //! lease does not have to lapse.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -36,6 +37,9 @@ pub struct MemberConfig {
     pub member: Member,
     pub max_frame: u32,
     pub request_timeout: Duration,
+    /// A session server's load to report with every renewal (its connection count), and where to
+    /// put the mean load the meta tier answers with.
+    pub load: Option<(Arc<AtomicU64>, Arc<AtomicU64>)>,
 }
 
 /// The latest committed view, or `None` before the first one arrives.
@@ -141,10 +145,11 @@ async fn session(
 
     let mut renew = tokio::time::interval(renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let renew_request = MetaRequest::Renew {
+    let renew_request = |load: Option<u64>| MetaRequest::Renew {
         role: member.role,
         id: member.id,
         instance: member.instance,
+        load,
     };
     loop {
         tokio::select! {
@@ -153,8 +158,14 @@ async fn session(
                 // A renewal must not outlast the interval: a meta node that died silently has to be
                 // noticed well within the lease.
                 let timeout = renew_every.min(config.request_timeout);
-                match rpc::call::<_, MetaResponse>(&conn, &renew_request, config.max_frame, timeout).await {
-                    Ok(_) => last_renewed = tokio::time::Instant::now(),
+                let load = config.load.as_ref().map(|(ours, _)| ours.load(Ordering::Relaxed));
+                match rpc::call::<_, MetaResponse>(&conn, &renew_request(load), config.max_frame, timeout).await {
+                    Ok(answer) => {
+                        last_renewed = tokio::time::Instant::now();
+                        if let (MetaResponse::Renewed { mean_session_load: Some(mean) }, Some((_, out))) = (answer, &config.load) {
+                            out.store(mean, Ordering::Relaxed);
+                        }
+                    }
                     Err(Error::UnknownMember(why)) => {
                         warn!(member = %member.key(), %why, "lease was lost; registering again");
                         register(config, &conn, cluster_id).await?;

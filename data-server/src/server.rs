@@ -114,6 +114,7 @@ impl DataServer {
                 member,
                 max_frame: self.config.max_frame,
                 request_timeout: self.config.request_timeout,
+                load: None,
             },
             pool.clone(),
             agent_shutdown.clone(),

@@ -55,10 +55,28 @@ struct Node {
 /// The leader's lease clocks. Empty, and unused, while not leading.
 struct LeaseBook {
     leader_term: Option<u64>,
+    /// The last load each session server reported with its renewal.
+    loads: BTreeMap<MemberKey, u64>,
     /// The table epoch last seen by this leader and since when, to rebalance once it has settled.
     table_since: (u64, Instant),
     leases: Leases,
     preservation: Preservation,
+}
+
+impl LeaseBook {
+    /// The mean load of the session servers that hold a lease and reported one.
+    fn mean_session_load(&self) -> Option<u64> {
+        let now = Instant::now();
+        let loads: Vec<u64> = self
+            .loads
+            .iter()
+            .filter(|(key, _)| {
+                key.role == Role::Session && self.leases.remaining(key, now).is_some()
+            })
+            .map(|(_, load)| *load)
+            .collect();
+        (!loads.is_empty()).then(|| loads.iter().sum::<u64>() / loads.len() as u64)
+    }
 }
 
 impl MetaServer {
@@ -124,6 +142,7 @@ impl MetaServer {
         let node = Arc::new(Node {
             leases: Mutex::new(LeaseBook {
                 leader_term: None,
+                loads: BTreeMap::new(),
                 table_since: (0, Instant::now()),
                 leases: Leases::new(config.lease_timeout),
                 preservation: Preservation::new(
@@ -399,9 +418,12 @@ impl Node {
         }
         match request {
             MetaRequest::Register { member, cluster_id } => self.register(member, cluster_id).await,
-            MetaRequest::Renew { role, id, instance } => {
-                self.renew(MemberKey { role, id }, instance)
-            }
+            MetaRequest::Renew {
+                role,
+                id,
+                instance,
+                load,
+            } => self.renew(MemberKey { role, id }, instance, load),
             MetaRequest::Leave { role, id, instance } => {
                 self.leave(MemberKey { role, id }, instance).await
             }
@@ -497,11 +519,17 @@ impl Node {
         })
     }
 
-    fn renew(&self, key: MemberKey, instance: u64) -> Result<MetaResponse> {
+    fn renew(&self, key: MemberKey, instance: u64, load: Option<u64>) -> Result<MetaResponse> {
         let now = Instant::now();
         let mut book = self.leases.lock();
+        if let Some(load) = load {
+            book.loads.insert(key, load);
+        }
+        let mean = book.mean_session_load();
         if book.leases.renew(key, instance, now) {
-            return Ok(MetaResponse::Renewed {});
+            return Ok(MetaResponse::Renewed {
+                mean_session_load: mean,
+            });
         }
         // A member committed by the previous leader's term and not yet in our book.
         let known = self.raft.state_machine().read(|m| {
@@ -512,7 +540,9 @@ impl Node {
         });
         if known {
             book.leases.grant(key, instance, now);
-            return Ok(MetaResponse::Renewed {});
+            return Ok(MetaResponse::Renewed {
+                mean_session_load: mean,
+            });
         }
         Err(Error::UnknownMember(format!(
             "{key} instance {instance:x} has no lease here; register again"
@@ -878,7 +908,9 @@ async fn expire(node: &Node, key: MemberKey, instance: u64) -> bool {
     match node.raft.write(Command::Remove { key, instance }).await {
         Ok(_) => {
             info!(member = %key, "lease expired");
-            node.leases.lock().leases.remove(&key);
+            let mut book = node.leases.lock();
+            book.leases.remove(&key);
+            book.loads.remove(&key);
             true
         }
         Err(e) => {

@@ -17,7 +17,7 @@ use roster_common::proto::{
     WriteOp,
 };
 use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -26,7 +26,7 @@ use crate::forward::Forward;
 use crate::hub::ConnId;
 use crate::links::LinkEvent;
 use crate::server::Shared;
-use crate::{CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER, PUSH_QUEUE};
+use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER, PUSH_QUEUE};
 
 /// The longest register id accepted, in bytes.
 pub const MAX_REGISTER_ID_LEN: usize = 256;
@@ -37,6 +37,8 @@ struct Client {
     client_id: ClientId,
     /// The publishers this connection registered, by register id.
     publishers: Mutex<HashMap<RegisterId, ServiceId>>,
+    /// Permits for requests in progress: at most `max_requests_per_connection`.
+    requests: Arc<Semaphore>,
 }
 
 /// Serves one client connection until it ends or the server shuts down.
@@ -62,14 +64,18 @@ pub async fn serve_client(
         };
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         shared.hub.lock().attach(id, push_tx);
-        tracker
-            .spawn(write_pushes(conn.clone(), push, push_rx, shutdown.clone()).in_current_span());
+        tracker.spawn(
+            write_pushes(conn.clone(), push, push_rx, shared.draining.clone()).in_current_span(),
+        );
         debug!("client connected");
 
         let client = Arc::new(Client {
             id,
             client_id,
             publishers: Mutex::new(HashMap::new()),
+            requests: Arc::new(Semaphore::new(
+                shared.config.max_requests_per_connection as usize,
+            )),
         });
         serve::serve_streams(&conn, &shutdown, &tracker, |send, recv| {
             handle_stream(shared.clone(), client.clone(), send, recv).in_current_span()
@@ -82,7 +88,7 @@ pub async fn serve_client(
         if shutdown.is_cancelled() {
             conn.close(0u32.into(), b"session server shutting down");
         }
-        cleanup(&shared, &client, &shutdown).await;
+        cleanup(&shared, &client).await;
         debug!(%reason, "client disconnected");
     }
     .instrument(span)
@@ -108,7 +114,9 @@ async fn await_hello(
                 protocol_version,
                 client_id,
                 ..
-            }) => match check_hello(protocol_version, &client_id) {
+            }) => match check_hello(protocol_version, &client_id)
+                .and_then(|()| check_capacity(shared))
+            {
                 Ok(()) => (
                     Ok(ClientResponse::Welcome {
                         protocol_version: roster_common::proto::PROTOCOL_VERSION,
@@ -133,12 +141,18 @@ async fn await_hello(
         if let Err(e) = &result {
             debug!(error = %e, "refused a request before Hello");
         }
-        let fatal = matches!(&result, Err(Error::UnsupportedVersion(_)));
+        let fatal = match &result {
+            Err(Error::UnsupportedVersion(_)) => {
+                Some((CLOSE_PROTOCOL, &b"unsupported protocol version"[..]))
+            }
+            Err(Error::LimitExceeded(_)) => Some((CLOSE_FULL, &b"too many connections"[..])),
+            _ => None,
+        };
         let _ = rpc::send_reply(&mut send, result, max_frame).await;
-        if fatal {
+        if let Some((code, reason)) = fatal {
             // Give the reply a moment to leave before the connection goes.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-            conn.close(CLOSE_PROTOCOL, b"unsupported protocol version");
+            conn.close(code, reason);
             return None;
         }
         if client_id.is_some() {
@@ -157,6 +171,18 @@ fn check_hello(protocol_version: u32, client_id: &str) -> Result<()> {
     if client_id.is_empty() || client_id.len() > MAX_REGISTER_ID_LEN {
         return Err(Error::InvalidArgument(format!(
             "client_id must be 1 to {MAX_REGISTER_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a connection beyond `max_connections`.
+fn check_capacity(shared: &Shared) -> Result<()> {
+    let connections = shared.hub.lock().counts().0;
+    if connections >= shared.config.max_connections {
+        return Err(Error::LimitExceeded(format!(
+            "this session server holds its maximum of {} connections; try another",
+            shared.config.max_connections
         )));
     }
     Ok(())
@@ -202,8 +228,16 @@ async fn handle_stream(
     mut recv: RecvStream,
 ) {
     let max_frame = shared.config.max_frame;
+    // A request holds its slot from the moment its stream opens until it is answered.
+    let permit = client.requests.clone().try_acquire_owned();
     let result = match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
-        Ok(request) => handle_request(&shared, &client, request).await,
+        Ok(request) => match permit {
+            Ok(_permit) => handle_request(&shared, &client, request).await,
+            Err(_) => Err(Error::LimitExceeded(format!(
+                "more than {} requests outstanding on this connection",
+                shared.config.max_requests_per_connection
+            ))),
+        },
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
@@ -231,6 +265,28 @@ async fn handle_request(
             client_version,
         } => {
             check_register_id(&register_id)?;
+            let size: usize = data.iter().map(Bytes::len).sum::<usize>()
+                + attributes
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
+            if size > shared.config.max_publisher_bytes {
+                return Err(Error::LimitExceeded(format!(
+                    "publisher of {size} bytes exceeds the limit of {} bytes",
+                    shared.config.max_publisher_bytes
+                )));
+            }
+            {
+                let publishers = client.publishers.lock();
+                if !publishers.contains_key(&register_id)
+                    && publishers.len() >= shared.config.max_publishers_per_connection
+                {
+                    return Err(Error::LimitExceeded(format!(
+                        "this connection holds its maximum of {} publishers",
+                        shared.config.max_publishers_per_connection
+                    )));
+                }
+            }
             let publisher = Publisher {
                 client_id: client.client_id.clone(),
                 register_id: register_id.clone(),
@@ -286,10 +342,19 @@ async fn handle_request(
             scope: _,
         } => {
             check_register_id(&register_id)?;
-            let outcome = shared
-                .hub
-                .lock()
-                .subscribe(client.id, register_id, service.clone());
+            let outcome = {
+                let mut hub = shared.hub.lock();
+                if !hub.is_subscribed(client.id, &register_id)
+                    && hub.subscriptions_of(client.id)
+                        >= shared.config.max_subscriptions_per_connection
+                {
+                    return Err(Error::LimitExceeded(format!(
+                        "this connection holds its maximum of {} subscriptions",
+                        shared.config.max_subscriptions_per_connection
+                    )));
+                }
+                hub.subscribe(client.id, register_id, service.clone())
+            };
             if let Some(abandoned) = outcome.abandoned {
                 shared.link_event(LinkEvent::Unwant(abandoned)).await;
             }
@@ -385,7 +450,8 @@ async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
 
 /// After the connection ends: forget its subscribers and, unless the server is shutting down,
 /// remove its publishers from the data tier once `client_grace` has passed.
-async fn cleanup(shared: &Shared, client: &Client, shutdown: &CancellationToken) {
+async fn cleanup(shared: &Shared, client: &Client) {
+    let shutdown = &shared.draining;
     let abandoned = shared.hub.lock().detach(client.id);
     for service in abandoned {
         shared.link_event(LinkEvent::Unwant(service)).await;

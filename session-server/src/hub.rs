@@ -224,6 +224,54 @@ impl Hub {
         false
     }
 
+    /// Pushes the cached datum to every subscriber that has not had it (a push that failed, or a
+    /// subscriber that came while its connection was being cut): the periodic safety net. Returns
+    /// how many were pushed.
+    pub fn rescan(&mut self) -> usize {
+        let mut pushed = 0;
+        for state in self.services.values_mut() {
+            let Some(datum) = &state.datum else { continue };
+            for (key, last) in state.subscribers.iter_mut() {
+                if last.is_some_and(|l| l >= datum.version) {
+                    continue;
+                }
+                if let Some(tx) = self.push.get(&key.0)
+                    && try_push(tx, &datum.frame)
+                {
+                    *last = Some(datum.version);
+                    pushed += 1;
+                }
+            }
+        }
+        pushed
+    }
+
+    /// Asks up to `n` connections to move to another session server; returns how many were asked.
+    pub fn go_away(&mut self, n: usize, reason: &str) -> usize {
+        let frame = match frame::encode(
+            &Push::GoAway {
+                reason: reason.to_owned(),
+            },
+            self.max_frame,
+        ) {
+            Ok(frame) => frame,
+            Err(_) => return 0,
+        };
+        let mut conns: Vec<ConnId> = self.push.keys().copied().collect();
+        // The newest connections move first: they have the least history here.
+        conns.sort_unstable_by(|a, b| b.cmp(a));
+        conns.truncate(n);
+        conns
+            .iter()
+            .filter(|c| try_push(&self.push[c], &frame))
+            .count()
+    }
+
+    /// Subscriptions held by connection `conn`.
+    pub fn subscriptions_of(&self, conn: ConnId) -> usize {
+        self.conn_subs.get(&conn).map_or(0, Vec::len)
+    }
+
     /// Counts for status reporting: (connections, subscribers, services).
     pub fn counts(&self) -> (usize, usize, usize) {
         (self.push.len(), self.subs.len(), self.services.len())

@@ -33,6 +33,8 @@ pub const PUSH_QUEUE: usize = 1024;
 pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(0x10);
 /// Application close code: the client broke the protocol (unsupported version).
 pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x11);
+/// Application close code: the server holds its maximum of connections.
+pub const CLOSE_FULL: VarInt = VarInt::from_u32(0x12);
 
 /// How a session server runs. Every field's default is given in its comment.
 #[derive(Clone, Debug)]
@@ -60,6 +62,22 @@ pub struct SessionConfig {
     pub client_transport: TransportSettings,
     /// QUIC settings towards meta and data servers. Defaults 1 s and 4 s.
     pub peer_transport: TransportSettings,
+    /// How long a shutting-down server waits for its clients to move after `GoAway`. Default 10 s.
+    pub drain_timeout: Duration,
+    /// Client connections this server accepts; `Hello` beyond it answers `LimitExceeded`.
+    /// Default 100,000.
+    pub max_connections: usize,
+    /// Publishers one connection may hold. Default 10,000.
+    pub max_publishers_per_connection: usize,
+    /// Subscriptions one connection may hold. Default 10,000.
+    pub max_subscriptions_per_connection: usize,
+    /// Requests one connection may have outstanding at once. Default 256.
+    pub max_requests_per_connection: u32,
+    /// Largest publisher: its data plus attribute keys and values, in bytes. Default 64 KiB.
+    pub max_publisher_bytes: usize,
+    /// How long a change waits for more changes of the same service before it is fetched and
+    /// pushed, so bursts cost one push. Default 2 ms.
+    pub coalesce_window: Duration,
 }
 
 impl SessionConfig {
@@ -76,6 +94,13 @@ impl SessionConfig {
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
             client_transport: TransportSettings::default(),
             peer_transport: TransportSettings::default(),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            max_publishers_per_connection: 10_000,
+            max_subscriptions_per_connection: 10_000,
+            max_requests_per_connection: 256,
+            max_publisher_bytes: 64 << 10,
+            coalesce_window: Duration::from_millis(2),
         }
     }
 

@@ -176,6 +176,10 @@ pub async fn run(
                     manager.last_full_pass = Instant::now();
                     manager.refetch_stale();
                     manager.reconcile_all();
+                    let behind = manager.shared.hub.lock().rescan();
+                    if behind > 0 {
+                        debug!(subscribers = behind, "re-pushed to subscribers that were behind");
+                    }
                 }
             }
         }
@@ -366,6 +370,11 @@ impl Manager {
         let shared = self.shared.clone();
         let addr = link.addr.clone();
         self.tasks.spawn(async move {
+            // Let a burst of changes of this service land first: one fetch, one push for all.
+            let window = shared.config.coalesce_window;
+            if !window.is_zero() {
+                tokio::time::sleep(window).await;
+            }
             let request = DataRequest::Fetch {
                 services: vec![service.clone()],
             };

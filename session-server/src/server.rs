@@ -15,7 +15,7 @@ use roster_common::{InstanceId, Result, ids, quic, serve};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::SessionConfig;
 use crate::conn::serve_client;
@@ -44,6 +44,11 @@ pub(crate) struct Shared {
     pub forward_tx: mpsc::Sender<Forward>,
     links_tx: mpsc::Sender<LinkEvent>,
     next_conn: AtomicU64,
+    /// Cancelled when the server starts shutting down: clients are asked to move, and a closing
+    /// connection's publishers are left for the data tier to hand over, not removed.
+    pub draining: CancellationToken,
+    /// The mean of the session servers' connection counts, as the meta tier last reported it.
+    pub mean_load: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -77,12 +82,18 @@ impl SessionServer {
         self.ready_tx.subscribe()
     }
 
-    /// Serves clients on `socket` until `shutdown` fires.
+    /// Serves clients on `socket` until `shutdown` fires, then drains: refuses new clients, asks
+    /// every connected client to move (`GoAway`), waits up to `drain_timeout` for them to go, and
+    /// stops.
     pub async fn run(self, socket: UdpSocket, shutdown: CancellationToken) -> Result<()> {
         let config = self.config;
         let advertise = quic::advertised_addr(config.advertise.as_deref(), &socket)?;
         let server_tls = tls::client_facing_server(&self.identity, ALPN_CLIENT)?;
-        let server_config = quic::server_config(server_tls, &config.client_transport)?;
+        let mut client_transport = config.client_transport.clone();
+        // Let a client open more streams than it may use at once, so exceeding the request limit
+        // gets a clear LimitExceeded instead of a silent stall.
+        client_transport.max_concurrent_requests = config.max_requests_per_connection + 16;
+        let server_config = quic::server_config(server_tls, &client_transport)?;
         let peer_tls = tls::peer_client(&self.identity, ALPN_PEER)?;
         let peer_config = quic::client_config(peer_tls, &config.peer_transport, false)?;
         let endpoint = quic::endpoint(socket, Some(server_config))?;
@@ -93,8 +104,11 @@ impl SessionServer {
         ));
 
         let agent_shutdown = CancellationToken::new();
+        let load = Arc::new(AtomicU64::new(0));
+        let mean_load = Arc::new(AtomicU64::new(0));
         let (view, agent) = member::spawn(
             MemberConfig {
+                load: Some((load.clone(), mean_load.clone())),
                 metas: config.metas.clone(),
                 member: Member {
                     role: Role::Session,
@@ -122,35 +136,66 @@ impl SessionServer {
             forward_tx,
             links_tx: links_tx.clone(),
             next_conn: AtomicU64::new(1),
+            draining: shutdown.clone(),
+            mean_load,
         });
         info!(id = config.id, addr = %advertise, instance = format_args!("{:x}", self.instance), "session server serving clients");
 
+        // `stop` ends everything once draining is done; until then connections keep being served.
+        let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(forward::run(shared.clone(), forward_rx, shutdown.clone()));
-        tracker.spawn(links::run(
-            shared.clone(),
-            links_tx,
-            links_rx,
-            shutdown.clone(),
-        ));
+        tracker.spawn(forward::run(shared.clone(), forward_rx, stop.clone()));
+        tracker.spawn(links::run(shared.clone(), links_tx, links_rx, stop.clone()));
         tracker.spawn(track_readiness(
             shared.clone(),
             self.ready_tx,
             self.instance,
-            shutdown.clone(),
+            stop.clone(),
         ));
+        tracker.spawn(balance(shared.clone(), load, stop.clone()));
         let conn_shared = shared.clone();
-        let conn_shutdown = shutdown.clone();
+        let conn_stop = stop.clone();
         let conn_tracker = tracker.clone();
         serve::accept_loop(&endpoint, &shutdown, &tracker, move |conn| {
             serve_client(
                 conn_shared.clone(),
                 conn,
-                conn_shutdown.clone(),
+                conn_stop.clone(),
                 conn_tracker.clone(),
             )
         })
         .await;
+
+        // Drain: no new clients; ask those here to move, and give them time to.
+        endpoint.set_server_config(None);
+        let elsewhere = shared.view().is_some_and(|v| {
+            v.members_of(Role::Session)
+                .any(|m| m.instance != self.instance)
+        });
+        let asked = if elsewhere {
+            shared
+                .hub
+                .lock()
+                .go_away(usize::MAX, "the session server is shutting down")
+        } else {
+            info!("no other session server to move clients to; closing their connections");
+            0
+        };
+        if asked > 0 {
+            info!(clients = asked, timeout = ?config.drain_timeout, "draining: asked every client to move");
+            let deadline = tokio::time::Instant::now() + config.drain_timeout;
+            while shared.hub.lock().counts().0 > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = shared.hub.lock().counts().0;
+            if left > 0 {
+                warn!(
+                    clients = left,
+                    "clients still connected after the drain timeout"
+                );
+            }
+        }
+        stop.cancel();
         agent_shutdown.cancel();
         let _ = agent.await;
         serve::drain(&endpoint, &tracker, Some(&pool), Duration::from_secs(2)).await;
@@ -158,6 +203,40 @@ impl SessionServer {
         Ok(())
     }
 }
+
+/// Moves clients off this server when it holds well more than the mean: every
+/// [`BALANCE_EVERY`], if the connections here exceed the mean by more than a quarter (and by more
+/// than [`BALANCE_SLACK`]), asks half the excess to move. Also reports the count for the meta tier.
+async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(BALANCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let here = shared.hub.lock().counts().0 as u64;
+        load.store(here, Ordering::Relaxed);
+        let mean = shared.mean_load.load(Ordering::Relaxed);
+        if mean == 0 || here <= mean + mean / 4 || here - mean <= BALANCE_SLACK {
+            continue;
+        }
+        let excess = (here - mean) / 2;
+        let asked = shared.hub.lock().go_away(
+            excess as usize,
+            "rebalancing: this session server holds more than its share",
+        );
+        info!(
+            connections = here,
+            mean, asked, "asked clients to move to less loaded session servers"
+        );
+    }
+}
+
+/// How often a session server compares its load with the mean.
+const BALANCE_EVERY: Duration = Duration::from_secs(5);
+/// Connections above the mean that never trigger rebalancing.
+const BALANCE_SLACK: u64 = 10;
 
 async fn track_readiness(
     shared: Arc<Shared>,

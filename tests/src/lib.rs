@@ -36,6 +36,8 @@ pub fn bind_loopback() -> UdpSocket {
 pub struct ClusterOptions {
     pub datas: usize,
     pub sessions: usize,
+    /// Applied to every session server's config before it starts.
+    pub session: fn(&mut SessionConfig),
 }
 
 impl Default for ClusterOptions {
@@ -43,6 +45,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             datas: 1,
             sessions: 1,
+            session: |_| {},
         }
     }
 }
@@ -92,7 +95,8 @@ impl Cluster {
         }
         let mut session_addrs = Vec::new();
         for i in 0..options.sessions {
-            let config = SessionConfig::new(i as u64 + 1, metas.clone());
+            let mut config = SessionConfig::new(i as u64 + 1, metas.clone());
+            (options.session)(&mut config);
             let socket = bind_loopback();
             session_addrs.push(socket.local_addr().unwrap());
             let server = SessionServer::new(config, identity.clone()).expect("session");

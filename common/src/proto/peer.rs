@@ -152,10 +152,13 @@ pub enum MetaRequest {
         cluster_id: Option<String>,
     },
     /// Renews the lease of a registered member. `UnknownMember` means it expired: register again.
+    /// A session server reports its client connection count as `load`.
     Renew {
         role: Role,
         id: NodeId,
         instance: InstanceId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        load: Option<u64>,
     },
     /// Leaves the cluster at once, without waiting for the lease to lapse.
     Leave {
@@ -221,7 +224,11 @@ pub enum MetaResponse {
         lease_timeout_ms: u64,
         renew_interval_ms: u64,
     },
-    Renewed {},
+    /// `mean_session_load`: the mean of the loads session servers reported, for balancing.
+    Renewed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mean_session_load: Option<u64>,
+    },
     Done {},
     View {
         view: ClusterView,
