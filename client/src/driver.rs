@@ -20,41 +20,54 @@ use crate::{ConnectionState, Inner, Live, publish_request};
 /// Registrations sent at once on a new connection.
 const REGISTER_CONCURRENCY: usize = 64;
 
-/// Dials the configured session servers in random order (`avoid` last) until one accepts `Hello`
-/// and every publication and subscription is registered there.
+/// Dials the configured session servers at once (`avoid` only if no other answers), takes the
+/// first whose QUIC handshake completes, then says `Hello` and registers everything there. Dialing
+/// in parallel keeps a dead address — which answers nothing until the handshake times out — from
+/// delaying the move.
 pub(crate) async fn connect_any(inner: &Inner, avoid: Option<&str>) -> Result<Live> {
     let mut order = inner.config.sessions.clone();
     order.shuffle(&mut rand::rng());
-    if let Some(avoid) = avoid
-        && order.len() > 1
-        && let Some(pos) = order.iter().position(|a| a == avoid)
-    {
-        let addr = order.remove(pos);
-        order.push(addr);
-    }
+    let (mut preferred, fallback): (Vec<String>, Vec<String>) = order
+        .into_iter()
+        .partition(|a| avoid != Some(a.as_str()) || inner.config.sessions.len() == 1);
     let mut last_error = None;
-    for addr in order {
-        match connect(inner, &addr).await {
-            Ok(live) => return Ok(live),
-            Err(e) => {
-                debug!(session = %addr, error = %e, "could not use this session server");
-                last_error = Some(e);
+    for round in [std::mem::take(&mut preferred), fallback] {
+        if round.is_empty() {
+            continue;
+        }
+        let timeout = Duration::from_millis(inner.config.connect_timeout_ms);
+        let mut dials: futures_util::stream::FuturesUnordered<_> = round
+            .into_iter()
+            .map(|addr| async move {
+                let conn = quic::connect(
+                    &inner.endpoint,
+                    &inner.quic_config,
+                    &addr,
+                    inner.config.server_name.as_deref(),
+                    timeout,
+                )
+                .await;
+                (addr, conn)
+            })
+            .collect();
+        while let Some((addr, conn)) = dials.next().await {
+            let attempt = match conn {
+                Ok(conn) => hello_and_register(inner, &addr, conn).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(live) => return Ok(live),
+                Err(e) => {
+                    debug!(session = %addr, error = %e, "could not use this session server");
+                    last_error = Some(e);
+                }
             }
         }
     }
     Err(last_error.unwrap_or_else(|| Error::Unavailable("no session server configured".into())))
 }
 
-async fn connect(inner: &Inner, addr: &str) -> Result<Live> {
-    let timeout = Duration::from_millis(inner.config.connect_timeout_ms);
-    let conn = quic::connect(
-        &inner.endpoint,
-        &inner.quic_config,
-        addr,
-        inner.config.server_name.as_deref(),
-        timeout,
-    )
-    .await?;
+async fn hello_and_register(inner: &Inner, addr: &str, conn: Connection) -> Result<Live> {
     let hello = ClientRequest::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id: inner.client_id.clone(),
