@@ -26,7 +26,7 @@ use crate::forward::Forward;
 use crate::hub::ConnId;
 use crate::links::LinkEvent;
 use crate::server::Shared;
-use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER, PUSH_QUEUE};
+use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER};
 
 /// The longest register id accepted, in bytes.
 pub const MAX_REGISTER_ID_LEN: usize = 256;
@@ -62,11 +62,10 @@ pub async fn serve_client(
                 return;
             }
         };
-        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
-        shared.hub.lock().attach(id, push_tx);
-        tracker.spawn(
-            write_pushes(conn.clone(), push, push_rx, shared.draining.clone()).in_current_span(),
-        );
+        let (push_tx, push_rx) = mpsc::channel(shared.config.push_queue.max(1));
+        let cut = CancellationToken::new();
+        shared.hub.lock().attach(id, push_tx, cut.clone());
+        tracker.spawn(write_pushes(conn.clone(), push, push_rx, cut).in_current_span());
         debug!("client connected");
 
         let client = Arc::new(Client {
@@ -200,22 +199,32 @@ fn request_name(request: &ClientRequest) -> &'static str {
     }
 }
 
-/// Drains the push queue into the push stream. When the queue closes while the connection is up
-/// and the server is not stopping, the hub cut it off for falling behind, so the connection is
-/// closed for the client to resync.
+/// Drains the push queue into the push stream until the queue closes. When the hub cuts the
+/// connection off (`cut`: its queue was full), the connection is closed for the client to resync —
+/// also if this task is stuck writing to a peer that stopped reading.
 async fn write_pushes(
     conn: Connection,
     mut push: SendStream,
     mut rx: mpsc::Receiver<Bytes>,
-    shutdown: CancellationToken,
+    cut: CancellationToken,
 ) {
-    while let Some(frame) = rx.recv().await {
-        if let Err(e) = push.write_all(&frame).await {
-            debug!(error = %e, "push stream failed");
-            return;
+    loop {
+        let frame = tokio::select! {
+            _ = cut.cancelled() => break,
+            frame = rx.recv() => match frame {
+                Some(frame) => frame,
+                None => return,
+            },
+        };
+        tokio::select! {
+            _ = cut.cancelled() => break,
+            written = push.write_all(&frame) => if let Err(e) = written {
+                debug!(error = %e, "push stream failed");
+                return;
+            },
         }
     }
-    if conn.close_reason().is_none() && !shutdown.is_cancelled() {
+    if conn.close_reason().is_none() {
         warn!("client fell behind on pushes; disconnecting it");
         conn.close(CLOSE_SLOW_CONSUMER, b"push queue full");
     }

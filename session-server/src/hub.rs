@@ -9,9 +9,10 @@
 //! pushed, and the cached datum of a service never goes back to an older version, so every
 //! subscriber sees versions strictly increase.
 //!
-//! Overflow policy: a connection whose push queue is full loses its queue sender. Its writer task
-//! sees the queue close and closes the connection with [`crate::CLOSE_SLOW_CONSUMER`]; the client
-//! reconnects and resubscribes, getting fresh snapshots, rather than slowing the session down.
+//! Overflow policy: a connection whose push queue is full is cut off: the hub drops its queue and
+//! cancels its token, and its writer task — even one stuck on a peer that grants no more flow
+//! control — closes the connection with [`crate::CLOSE_SLOW_CONSUMER`]; the client reconnects and
+//! resubscribes, getting fresh snapshots, rather than slowing the session down.
 
 use std::collections::HashMap;
 
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use roster_common::proto::{Push, Snapshot};
 use roster_common::{RegisterId, Result, ServiceId, Version, frame};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A client connection's number within this session server.
 pub type ConnId = u64;
@@ -52,7 +54,7 @@ pub struct Subscribed {
 pub struct Hub {
     max_frame: u32,
     /// Push queues of live connections; a connection cut off for falling behind is absent.
-    push: HashMap<ConnId, mpsc::Sender<Bytes>>,
+    push: HashMap<ConnId, PushQueue>,
     services: HashMap<ServiceId, ServiceState>,
     subs: HashMap<SubKey, ServiceId>,
     /// The register ids each connection subscribes with.
@@ -71,8 +73,8 @@ impl Hub {
     }
 
     /// Registers a connection's push queue.
-    pub fn attach(&mut self, conn: ConnId, push: mpsc::Sender<Bytes>) {
-        self.push.insert(conn, push);
+    pub fn attach(&mut self, conn: ConnId, tx: mpsc::Sender<Bytes>, cut: CancellationToken) {
+        self.push.insert(conn, PushQueue { tx, cut });
     }
 
     /// Forgets a connection and its subscribers; returns services no one here subscribes to now.
@@ -278,9 +280,23 @@ impl Hub {
     }
 }
 
-/// False when the queue is full or its reader is gone.
-fn try_push(tx: &mpsc::Sender<Bytes>, frame: &Bytes) -> bool {
-    tx.try_send(frame.clone()).is_ok()
+/// A connection's push queue, and the token that cuts the connection off when the queue is full.
+struct PushQueue {
+    tx: mpsc::Sender<Bytes>,
+    cut: CancellationToken,
+}
+
+/// Queues `frame`; false when the queue is full (the connection is then cut off) or its writer is
+/// gone.
+fn try_push(queue: &PushQueue, frame: &Bytes) -> bool {
+    match queue.tx.try_send(frame.clone()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            queue.cut.cancel();
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
 }
 
 #[cfg(test)]
@@ -316,7 +332,7 @@ mod tests {
     fn subscribers_get_only_newer_versions() {
         let mut hub = Hub::new(DEFAULT_MAX_FRAME);
         let (tx, mut rx) = mpsc::channel(16);
-        hub.attach(1, tx);
+        hub.attach(1, tx, CancellationToken::new());
         assert!(hub.subscribe(1, "s".into(), svc("a")).first);
         assert!(hub.update(snapshot("a", 5)).unwrap());
         assert!(
@@ -333,8 +349,8 @@ mod tests {
         let mut hub = Hub::new(DEFAULT_MAX_FRAME);
         let (tx1, _rx1) = mpsc::channel(16);
         let (tx2, mut rx2) = mpsc::channel(16);
-        hub.attach(1, tx1);
-        hub.attach(2, tx2);
+        hub.attach(1, tx1, CancellationToken::new());
+        hub.attach(2, tx2, CancellationToken::new());
         hub.subscribe(1, "s".into(), svc("a"));
         hub.update(snapshot("a", 3)).unwrap();
         assert!(!hub.subscribe(2, "s".into(), svc("a")).first);
@@ -345,7 +361,7 @@ mod tests {
     fn the_last_subscriber_leaving_abandons_the_service() {
         let mut hub = Hub::new(DEFAULT_MAX_FRAME);
         let (tx, _rx) = mpsc::channel(16);
-        hub.attach(1, tx);
+        hub.attach(1, tx, CancellationToken::new());
         hub.subscribe(1, "s1".into(), svc("a"));
         hub.subscribe(1, "s2".into(), svc("a"));
         assert_eq!(hub.unsubscribe(1, "s1"), None);
@@ -368,7 +384,7 @@ mod tests {
     fn fetches_are_coalesced() {
         let mut hub = Hub::new(DEFAULT_MAX_FRAME);
         let (tx, _rx) = mpsc::channel(16);
-        hub.attach(1, tx);
+        hub.attach(1, tx, CancellationToken::new());
         hub.subscribe(1, "s".into(), svc("a"));
         assert!(hub.changed(&svc("a"), 1));
         assert!(!hub.changed(&svc("a"), 2), "one fetch at a time");
@@ -387,7 +403,7 @@ mod tests {
     fn a_full_push_queue_cuts_the_connection_off() {
         let mut hub = Hub::new(DEFAULT_MAX_FRAME);
         let (tx, mut rx) = mpsc::channel(1);
-        hub.attach(1, tx);
+        hub.attach(1, tx, CancellationToken::new());
         hub.subscribe(1, "s".into(), svc("a"));
         hub.update(snapshot("a", 1)).unwrap();
         hub.update(snapshot("a", 2)).unwrap();

@@ -27,7 +27,7 @@ use roster_common::{Error, NodeId, Result};
 
 pub use server::SessionServer;
 
-/// Push frames queued per connection before it is cut off as too slow.
+/// Push frames queued per connection before it is cut off as too slow, by default.
 pub const PUSH_QUEUE: usize = 1024;
 /// Application close code: the client did not read its pushes fast enough.
 pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(0x10);
@@ -78,6 +78,9 @@ pub struct SessionConfig {
     /// How long a change waits for more changes of the same service before it is fetched and
     /// pushed, so bursts cost one push. Default 2 ms.
     pub coalesce_window: Duration,
+    /// Push frames queued for one connection (beyond what QUIC flow control holds) before the
+    /// client is disconnected as too slow; it reconnects and resyncs. Default 1024.
+    pub push_queue: usize,
 }
 
 impl SessionConfig {
@@ -101,6 +104,7 @@ impl SessionConfig {
             max_requests_per_connection: 256,
             max_publisher_bytes: 64 << 10,
             coalesce_window: Duration::from_millis(2),
+            push_queue: PUSH_QUEUE,
         }
     }
 
