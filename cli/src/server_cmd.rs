@@ -305,7 +305,7 @@ pub struct SessionArgs {
     /// Subscriptions per connection [default: 10000].
     #[arg(long, env = "ROSTER_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
     max_subscriptions_per_connection: Option<usize>,
-    /// Requests outstanding per connection [default: 256].
+    /// Requests outstanding per connection [default: 64].
     #[arg(long, env = "ROSTER_MAX_REQUESTS_PER_CONNECTION")]
     max_requests_per_connection: Option<u32>,
     /// Bytes per publisher: data plus attributes [default: 65536].

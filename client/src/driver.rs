@@ -17,8 +17,9 @@ use tracing::{debug, info, warn};
 
 use crate::{ConnectionState, Inner, Live, publish_request};
 
-/// Registrations sent at once on a new connection.
-const REGISTER_CONCURRENCY: usize = 64;
+/// Registrations sent at once on a new connection. With `MAX_APP_REQUESTS`, one `Hello` and one
+/// background removal this stays within the session server's default of 64 outstanding requests.
+const REGISTER_CONCURRENCY: usize = 31;
 
 /// Dials the configured session servers at once (`avoid` only if no other answers), takes the
 /// first whose QUIC handshake completes, then says `Hello` and registers everything there. Dialing

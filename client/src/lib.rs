@@ -141,7 +141,14 @@ pub(crate) struct Inner {
     pub cache: Option<cache::Cache>,
     /// Empty snapshots withheld by `refuse_empty`.
     pub refused_empty: AtomicU64,
+    /// Application requests in flight, at most [`MAX_APP_REQUESTS`]. With the driver's own
+    /// (registrations and removals) this keeps a client within the session server's default limit
+    /// of 64 outstanding requests per connection.
+    pub app_requests: tokio::sync::Semaphore,
 }
+
+/// Application requests (publish, subscribe, unpublish …) one client sends at once; more wait.
+pub(crate) const MAX_APP_REQUESTS: usize = 31;
 
 impl Client {
     /// Connects to one of the configured session servers (tried in random order) and says `Hello`.
@@ -185,6 +192,7 @@ impl Client {
             go_away: Notify::new(),
             cache,
             refused_empty: AtomicU64::new(0),
+            app_requests: tokio::sync::Semaphore::new(MAX_APP_REQUESTS),
         });
         match driver::connect_any(&inner, None).await {
             Ok(live) => driver::install(&inner, live),
@@ -376,6 +384,10 @@ impl Inner {
     pub(crate) async fn call(&self, request: &ClientRequest) -> Result<ClientResponse> {
         let timeout = self.config.request_timeout();
         let deadline = Instant::now() + timeout;
+        let _permit = tokio::time::timeout(timeout, self.app_requests.acquire())
+            .await
+            .map_err(|_| Error::Timeout(format!("{MAX_APP_REQUESTS} requests already in flight")))?
+            .map_err(|_| Error::Unavailable("client closed".into()))?;
         let mut attempts = 0;
         loop {
             attempts += 1;

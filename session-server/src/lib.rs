@@ -71,7 +71,7 @@ pub struct SessionConfig {
     pub max_publishers_per_connection: usize,
     /// Subscriptions one connection may hold. Default 10,000.
     pub max_subscriptions_per_connection: usize,
-    /// Requests one connection may have outstanding at once. Default 256.
+    /// Requests one connection may have outstanding at once. Default 64.
     pub max_requests_per_connection: u32,
     /// Largest publisher: its data plus attribute keys and values, in bytes. Default 64 KiB.
     pub max_publisher_bytes: usize,
@@ -101,7 +101,7 @@ impl SessionConfig {
             max_connections: 100_000,
             max_publishers_per_connection: 10_000,
             max_subscriptions_per_connection: 10_000,
-            max_requests_per_connection: 256,
+            max_requests_per_connection: 64,
             max_publisher_bytes: 64 << 10,
             coalesce_window: Duration::from_millis(2),
             push_queue: PUSH_QUEUE,

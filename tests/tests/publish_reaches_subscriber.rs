@@ -106,3 +106,38 @@ async fn unpublish_update_and_list_services() {
 
     cluster.stop().await;
 }
+
+/// An application may fire many requests at once; the SDK queues them so the session server's
+/// per-connection request limit (64 by default) is never what fails them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_requests_from_one_client_all_succeed() {
+    let cluster = Cluster::start().await;
+    let client = Client::connect(cluster.client_config()).await.unwrap();
+    let publishes = (0..300).map(|i| {
+        let client = client.clone();
+        async move {
+            client
+                .publish(
+                    &format!("burst-{i}"),
+                    vec![format!("10.0.0.{}:80", i % 250).into()],
+                )
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(publishes).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 300 publishes failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let services = client.list_services().await.unwrap();
+    assert_eq!(
+        services
+            .iter()
+            .filter(|s| s.service.as_str().contains("burst-"))
+            .count(),
+        300
+    );
+}
