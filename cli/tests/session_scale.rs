@@ -1,5 +1,5 @@
 //! One session server process holding many client connections — `ROSTER_TEST_SESSION_CONNECTIONS`
-//! (default 2,000; the figures in the notes use 10,000) — opened by this test process over several
+//! (default 2,000; run it with 10,000 and `--release` for figures) — opened by this test process over 32
 //! endpoints, each with a subscriber. One change must reach every one of them. Prints the push
 //! latency (p50/p99/max) and the session server's resident memory.
 
@@ -12,7 +12,7 @@ use roster_client::{Client, ClientConfig};
 use support::{cluster_status, free_udp_addr, roster, run, wait_for};
 
 const START: Duration = Duration::from_secs(120);
-const ENDPOINTS: usize = 8;
+const ENDPOINTS: usize = 32;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
