@@ -1,7 +1,7 @@
-//! One session server process holding many client connections — `ROSTER_TEST_SESSION_CONNECTIONS`
-//! (default 2,000; run it with 10,000 and `--release` for figures) — opened by this test process over 32
-//! endpoints, each with a subscriber. One change must reach every one of them. Prints the push
-//! latency (p50/p99/max) and the session server's resident memory.
+//! One session server process holding many client connections, each with a subscriber, opened by
+//! this test process over 32 endpoints: `ROSTER_TEST_SESSION_CONNECTIONS` of them (default 2,000;
+//! run it with 10,000 and `--release` for figures). One change must reach every subscriber. Prints
+//! the push latency (p50/p99/max) and the session server's resident memory.
 
 mod support;
 
