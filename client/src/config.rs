@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// How a client reaches the registry. Loaded from `client.toml` or built in code.
 ///
 /// ```toml
-/// sessions = ["127.0.0.1:7300"]   # session server addresses; one is picked at random
+/// sessions = ["127.0.0.1:7300"]   # session servers; a DNS name counts with each of its addresses
 /// ca = "ca.pem"                   # the cluster CA, relative to this file
 /// # server_name = "localhost"     # name checked in the server certificate (default: the host)
 /// # token = "..."                 # presented in Hello (servers of this version ignore it)
@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Session server addresses, `host:port`. At least one.
+    /// Session server addresses, `host:port`; a DNS name stands for every address it resolves to.
+    /// At least one.
     pub sessions: Vec<String>,
     /// The cluster CA certificate (PEM) the session's certificate must chain to.
     pub ca: PathBuf,

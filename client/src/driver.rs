@@ -1,6 +1,7 @@
 //! Keeping the client connected: dialing a session server, registering everything there, reading
 //! its pushes, and moving to another one when the connection ends or the server says `GoAway`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -21,39 +22,80 @@ use crate::{ConnectionState, Inner, Live, publish_request};
 /// background removal this stays within the session server's default of 64 outstanding requests.
 const REGISTER_CONCURRENCY: usize = 31;
 
-/// Dials the configured session servers at once (`avoid` only if no other answers), takes the
-/// first whose QUIC handshake completes, then says `Hello` and registers everything there. Dialing
-/// in parallel keeps a dead address — which answers nothing until the handshake times out — from
-/// delaying the move.
-pub(crate) async fn connect_any(inner: &Inner, avoid: Option<&str>) -> Result<Live> {
-    let mut order = inner.config.sessions.clone();
-    order.shuffle(&mut rand::rng());
-    let (mut preferred, fallback): (Vec<String>, Vec<String>) = order
-        .into_iter()
-        .partition(|a| avoid != Some(a.as_str()) || inner.config.sessions.len() == 1);
+/// One address to dial: a configured session address, or one of the addresses its DNS name
+/// resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    pub addr: SocketAddr,
+    /// The name the server's certificate must be valid for.
+    pub name: String,
+}
+
+/// Every address of every configured session, each once, in configuration order.
+pub(crate) fn candidates(
+    resolved: impl IntoIterator<Item = (String, Vec<SocketAddr>)>,
+    server_name: Option<&str>,
+) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    for (configured, addrs) in resolved {
+        let name = server_name.unwrap_or_else(|| quic::host_of(&configured));
+        for addr in addrs {
+            if !out.iter().any(|c| c.addr == addr) {
+                out.push(Candidate {
+                    addr,
+                    name: name.to_owned(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Dials every address of the configured session servers at once (a DNS name counts with each of
+/// its addresses; `avoid` only if no other answers), takes the first whose QUIC handshake
+/// completes, then says `Hello` and registers everything there. Dialing in parallel keeps a dead
+/// address — which answers nothing until the handshake times out — from delaying the move. The
+/// returned connection's `only_choice` is true when there was no other address to try.
+pub(crate) async fn connect_any(inner: &Inner, avoid: Option<SocketAddr>) -> Result<Live> {
     let mut last_error = None;
-    for round in [std::mem::take(&mut preferred), fallback] {
+    let mut resolved = Vec::new();
+    for configured in &inner.config.sessions {
+        match quic::resolve_all(configured).await {
+            Ok(addrs) => resolved.push((configured.clone(), addrs)),
+            Err(e) => {
+                debug!(session = %configured, error = %e, "could not resolve a session address");
+                last_error = Some(e);
+            }
+        }
+    }
+    let mut order = candidates(resolved, inner.config.server_name.as_deref());
+    order.shuffle(&mut rand::rng());
+    let only_choice = order.len() == 1;
+    let (preferred, fallback): (Vec<Candidate>, Vec<Candidate>) = order
+        .into_iter()
+        .partition(|c| avoid != Some(c.addr) || only_choice);
+    for round in [preferred, fallback] {
         if round.is_empty() {
             continue;
         }
         let timeout = Duration::from_millis(inner.config.connect_timeout_ms);
         let mut dials: futures_util::stream::FuturesUnordered<_> = round
             .into_iter()
-            .map(|addr| async move {
-                let conn = quic::connect(
+            .map(|candidate| async move {
+                let conn = quic::connect_to(
                     &inner.endpoint,
                     &inner.quic_config,
-                    &addr,
-                    inner.config.server_name.as_deref(),
+                    candidate.addr,
+                    &candidate.name,
                     timeout,
                 )
                 .await;
-                (addr, conn)
+                (candidate.addr, conn)
             })
             .collect();
         while let Some((addr, conn)) = dials.next().await {
             let attempt = match conn {
-                Ok(conn) => hello_and_register(inner, &addr, conn).await,
+                Ok(conn) => hello_and_register(inner, conn, only_choice).await,
                 Err(e) => Err(e),
             };
             match attempt {
@@ -68,7 +110,7 @@ pub(crate) async fn connect_any(inner: &Inner, avoid: Option<&str>) -> Result<Li
     Err(last_error.unwrap_or_else(|| Error::Unavailable("no session server configured".into())))
 }
 
-async fn hello_and_register(inner: &Inner, addr: &str, conn: Connection) -> Result<Live> {
+async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) -> Result<Live> {
     let hello = ClientRequest::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id: inner.client_id.clone(),
@@ -94,7 +136,7 @@ async fn hello_and_register(inner: &Inner, addr: &str, conn: Connection) -> Resu
     Ok(Live {
         conn,
         session_id,
-        addr: addr.to_owned(),
+        only_choice,
     })
 }
 
@@ -150,11 +192,12 @@ async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
 
 /// Makes `live` the connection in use and starts reading its pushes.
 pub(crate) fn install(inner: &Arc<Inner>, live: Live) {
-    info!(session = live.session_id, addr = %live.addr, "connected to a session server");
+    let addr = live.conn.remote_address();
+    info!(session = live.session_id, %addr, "connected to a session server");
     tokio::spawn(read_pushes(inner.clone(), live.conn.clone()));
     inner.state_tx.send_replace(ConnectionState::Connected {
         session_id: live.session_id,
-        addr: live.addr.clone(),
+        addr: addr.to_string(),
     });
     *inner.live.write() = Some(live);
 }
@@ -175,7 +218,7 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(100);
 /// Keeps the client connected until it is shut down, then sends pending removals and closes.
 pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiver<ClientRequest>) {
     let mut attempt = 0u32;
-    let mut avoid: Option<String> = None;
+    let mut avoid: Option<SocketAddr> = None;
     let dead_after = Duration::from_millis(inner.config.dead_after_ms);
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,7 +236,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                     _ = inner.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff(&inner, attempt)) => {}
                 }
-                match connect_any(&inner, avoid.as_deref()).await {
+                match connect_any(&inner, avoid).await {
                     Ok(live) => {
                         install(&inner, live);
                         attempt = 0;
@@ -210,11 +253,12 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                         if current.as_ref().is_some_and(|l| l.conn.stable_id() == live.conn.stable_id()) {
                             *current = None;
                         }
-                        avoid = Some(live.addr.clone());
+                        avoid = Some(live.conn.remote_address());
                     }
                     _ = inner.go_away.notified() => {
-                        match connect_any(&inner, Some(&live.addr)).await {
-                            Ok(next) if next.addr != live.addr || inner.config.sessions.len() == 1 => {
+                        let here = live.conn.remote_address();
+                        match connect_any(&inner, Some(here)).await {
+                            Ok(next) if next.conn.remote_address() != here || next.only_choice => {
                                 install(&inner, next);
                                 live.conn.close(0u32.into(), b"moved to another session server");
                             }
@@ -327,5 +371,51 @@ fn deliver(inner: &Inner, snapshot: Snapshot) {
     drop(registry);
     if let (Some(cache), Some(snapshot)) = (&inner.cache, stored) {
         cache.store(&snapshot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_address_of_every_name_is_a_candidate_once() {
+        let resolved = vec![
+            (
+                "sessions.example:7300".to_owned(),
+                vec![
+                    addr("10.0.0.1:7300"),
+                    addr("10.0.0.2:7300"),
+                    addr("[::1]:7300"),
+                ],
+            ),
+            ("10.0.0.2:7300".to_owned(), vec![addr("10.0.0.2:7300")]),
+            ("10.0.0.3:7300".to_owned(), vec![addr("10.0.0.3:7300")]),
+        ];
+        let found = candidates(resolved.clone(), None);
+        let addrs: Vec<SocketAddr> = found.iter().map(|c| c.addr).collect();
+        assert_eq!(
+            addrs,
+            [
+                addr("10.0.0.1:7300"),
+                addr("10.0.0.2:7300"),
+                addr("[::1]:7300"),
+                addr("10.0.0.3:7300")
+            ]
+        );
+        // Each address is checked against the name it was configured under.
+        assert_eq!(found[0].name, "sessions.example");
+        assert_eq!(found[2].name, "sessions.example");
+        assert_eq!(found[3].name, "10.0.0.3");
+        // A configured server name wins.
+        assert!(
+            candidates(resolved, Some("roster"))
+                .iter()
+                .all(|c| c.name == "roster")
+        );
     }
 }

@@ -62,7 +62,8 @@ pub use subscription::{Event, Events, Subscription, diff};
 pub enum ConnectionState {
     /// First connection attempt under way.
     Connecting,
-    /// Connected to session server `session_id` at `addr`, everything registered there.
+    /// Connected to session server `session_id` at socket address `addr`, everything registered
+    /// there.
     Connected { session_id: NodeId, addr: String },
     /// The connection was lost (or the server asked the client to move); reconnecting.
     Reconnecting { attempt: u32 },
@@ -101,7 +102,8 @@ impl Drop for Guard {
 pub(crate) struct Live {
     pub conn: Connection,
     pub session_id: NodeId,
-    pub addr: String,
+    /// The session server was the only address there was to dial.
+    pub only_choice: bool,
 }
 
 pub(crate) struct PublicationState {
@@ -271,7 +273,9 @@ impl Client {
         Ok(publication)
     }
 
-    /// Subscribes to `service`. Subscribing twice to one service shares one registration.
+    /// Subscribes to `service`. Subscribing twice to one service shares one registration. While
+    /// the client is not connected this returns at once — with the cached snapshot as the current
+    /// value when `cache_dir` has one — and the subscription is registered on connecting.
     pub async fn subscribe(&self, service: impl AsRef<str>) -> Result<Subscription> {
         let service: ServiceId = service.as_ref().parse()?;
         let inner = &self.handle.inner;
@@ -310,7 +314,18 @@ impl Client {
                 service,
                 scope: Scope::Global,
             };
-            // Not connected: the subscription is registered when the client reconnects.
+            if inner.live.read().is_none() {
+                // Not connected: return at once (with the cached snapshot, if any) and register
+                // as soon as a connection is up. Registering from here too closes the gap where
+                // the driver has listed what to register just before this subscription existed.
+                let inner = self.handle.inner.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = inner.call(&request).await {
+                        debug!(error = %e, "subscription will be registered on reconnect");
+                    }
+                });
+                return Ok(subscription);
+            }
             match inner.call(&request).await {
                 Ok(_) => {}
                 Err(e) if e.is_retryable() => {

@@ -160,6 +160,18 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
         .ok_or_else(|| Error::Connection(format!("{addr} resolves to no address")))
 }
 
+/// Resolves `addr` (`host:port`) to every socket address it names, in the resolver's order.
+pub async fn resolve_all(addr: &str) -> Result<Vec<SocketAddr>> {
+    let found: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::Connection(format!("cannot resolve {addr}: {e}")))?
+        .collect();
+    if found.is_empty() {
+        return Err(Error::Connection(format!("{addr} resolves to no address")));
+    }
+    Ok(found)
+}
+
 /// Dials `addr`, checking the server's certificate for `server_name` (the host part of `addr` when
 /// not given), within `timeout`.
 pub async fn connect(
@@ -171,14 +183,28 @@ pub async fn connect(
 ) -> Result<Connection> {
     let socket_addr = resolve(addr).await?;
     let name = server_name.unwrap_or_else(|| host_of(addr));
+    connect_to(endpoint, config, socket_addr, name, timeout).await
+}
+
+/// Dials the resolved `socket_addr`, checking the server's certificate for `name`, within
+/// `timeout`.
+pub async fn connect_to(
+    endpoint: &Endpoint,
+    config: &quinn::ClientConfig,
+    socket_addr: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection> {
     let connecting = endpoint
         .connect_with(config.clone(), socket_addr, name)
-        .map_err(|e| Error::Connection(format!("cannot dial {addr}: {e}")))?;
+        .map_err(|e| Error::Connection(format!("cannot dial {socket_addr}: {e}")))?;
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(Error::Connection(format!("cannot connect to {addr}: {e}"))),
+        Ok(Err(e)) => Err(Error::Connection(format!(
+            "cannot connect to {socket_addr}: {e}"
+        ))),
         Err(_) => Err(Error::Timeout(format!(
-            "no QUIC handshake with {addr} within {timeout:?}"
+            "no QUIC handshake with {socket_addr} within {timeout:?}"
         ))),
     }
 }

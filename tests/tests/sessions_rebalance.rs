@@ -1,0 +1,128 @@
+//! Balancing: a session server holding well more than the mean connection count asks some clients
+//! to move (`GoAway`); they move to the less loaded server without any subscriber seeing their
+//! publishers disappear.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use futures_util::StreamExt;
+use roster_client::Client;
+use roster_session::{SessionConfig, SessionServer};
+use roster_tests::{
+    Cluster, DEADLINE, PublisherKey, bind_loopback, check_history, eventually, keys,
+};
+use tokio_util::sync::CancellationToken;
+
+const CLIENTS: usize = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
+    let cluster = Cluster::start().await;
+    // The second session server's address is known from the start, so clients list both, but
+    // nothing answers there yet: every client lands on the first.
+    let second_socket = bind_loopback();
+    let second_addr = second_socket.local_addr().unwrap();
+    let mut config = cluster.client_config();
+    config.sessions.push(second_addr.to_string());
+    config.connect_timeout_ms = 1000;
+
+    let mut clients = Vec::new();
+    let mut publications = Vec::new();
+    for i in 0..CLIENTS {
+        let client = Client::connect(config.clone()).await.unwrap();
+        assert_eq!(client.session_addr(), Some(cluster.session_addrs[0]));
+        publications.push(
+            client
+                .publish("balanced", vec![format!("10.0.0.{i}:80").into()])
+                .await
+                .unwrap(),
+        );
+        clients.push(client);
+    }
+    let stable: BTreeSet<PublisherKey> = clients
+        .iter()
+        .zip(&publications)
+        .map(|(c, p)| (c.client_id().to_owned(), p.register_id().to_owned()))
+        .collect();
+
+    // A watcher on the first session records every snapshot while clients move.
+    let mut watcher_config = cluster.client_config();
+    watcher_config.connect_timeout_ms = 1000;
+    let watcher = Client::connect(watcher_config).await.unwrap();
+    let mut sub = watcher.subscribe("balanced").await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(snapshot) = sub.next().await {
+                seen.lock().push(snapshot);
+            }
+        }
+    });
+    eventually(DEADLINE, "every publisher seen", || async {
+        seen.lock()
+            .last()
+            .is_some_and(|s| keys(s) == stable)
+            .then_some(())
+    })
+    .await;
+
+    // Start the second session server on the reserved socket.
+    let stop_second = CancellationToken::new();
+    let second = SessionServer::new(
+        SessionConfig::new(2, vec![cluster.meta_addr.to_string()]),
+        cluster.identity.clone(),
+    )
+    .unwrap();
+    let mut ready = second.ready();
+    let second_task = tokio::spawn(second.run(second_socket, stop_second.clone()));
+    tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
+        .await
+        .expect("second session ready")
+        .unwrap();
+
+    // Balancing runs every 5 s and needs the meta tier's mean of both loads (renewed every 1 s).
+    let moved = eventually(Duration::from_secs(30), "some clients moved", || async {
+        let moved = clients
+            .iter()
+            .filter(|c| c.session_addr() == Some(second_addr))
+            .count();
+        (moved >= 5).then_some(moved)
+    })
+    .await;
+    // The first server asks half its excess over the mean to move, and stops once within 25 %
+    // (plus 10 connections) of it: far from all of them move.
+    assert!(moved < CLIENTS, "{moved} of {CLIENTS} moved");
+
+    // Every client, moved or not, still publishes: a change made through the first session
+    // after the move reaches the watcher, and nobody saw a publisher disappear on the way.
+    for client in &clients {
+        assert!(client.ping().await.is_ok(), "every client connected");
+    }
+    let _marker = watcher
+        .publish("balanced", vec!["marker".into()])
+        .await
+        .unwrap();
+    eventually(DEADLINE, "the marker", || async {
+        seen.lock()
+            .last()
+            .is_some_and(|s| s.publishers.len() == CLIENTS + 1)
+            .then_some(())
+    })
+    .await;
+    recorder.abort();
+    let seen = seen.lock().clone();
+    check_history(&seen, &stable).unwrap();
+
+    drop(publications);
+    for client in clients {
+        client.close().await;
+    }
+    watcher.close().await;
+    stop_second.cancel();
+    second_task.await.unwrap().unwrap();
+    cluster.stop().await;
+}
