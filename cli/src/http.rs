@@ -1,45 +1,156 @@
-//! The HTTP admin port: `/healthz` (the process is up) and `/readyz` (the server can do its job).
+//! The HTTP admin port: `/healthz` (the process is up), `/readyz` (the server can do its job),
+//! `/metrics` (Prometheus text format) and the JSON admin API under `/admin/`.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use roster_common::admin::Admin;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+/// Latency buckets, in seconds, for every `*_seconds` histogram: 100 µs to 10 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The process-wide metrics recorder, installed on first use.
+fn recorder() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("non-empty buckets");
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    warn!(error = %e, "metrics are not recorded");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+#[derive(Clone)]
+struct AppState {
+    ready: watch::Receiver<bool>,
+    admin: Admin,
+}
 
 /// Binds `addr` and serves the admin routes until `shutdown`. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     ready: watch::Receiver<bool>,
+    admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind the HTTP admin port {addr}"))?;
     let local = listener.local_addr()?;
+    if let Some(handle) = recorder() {
+        let handle = handle.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => handle.run_upkeep(),
+                }
+            }
+        });
+    }
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = *ready.borrow();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                }
-            }),
-        );
-    info!(addr = %local, "HTTP admin port serving /healthz and /readyz");
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin", get(admin_index))
+        .route("/admin/{section}", get(admin_section))
+        .with_state(AppState { ready, admin });
+    info!(addr = %local, "HTTP admin port serving /healthz, /readyz, /metrics and /admin");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
     });
     Ok((local, task))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if *state.ready.borrow() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(handle) = recorder() else {
+        return (StatusCode::NOT_FOUND, "metrics are not recorded\n").into_response();
+    };
+    if let Some(source) = state.admin.source() {
+        source.refresh_metrics();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+async fn status_of(state: &AppState) -> Option<serde_json::Value> {
+    let source = state.admin.source()?;
+    Some(source.status().await)
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    let mut body = serde_json::to_string_pretty(&value).unwrap_or_default();
+    body.push('\n');
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `/admin`: the whole status of the server.
+async fn admin_index(State(state): State<AppState>) -> Response {
+    match status_of(&state).await {
+        Some(status) => json(StatusCode::OK, status),
+        None => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "the server is still starting"}),
+        ),
+    }
+}
+
+/// `/admin/{section}`: one top-level section of the status.
+async fn admin_section(State(state): State<AppState>, Path(section): Path<String>) -> Response {
+    let Some(status) = status_of(&state).await else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "the server is still starting"}),
+        );
+    };
+    match status.get(&section) {
+        Some(value) => json(StatusCode::OK, value.clone()),
+        None => {
+            let sections: Vec<&String> = status
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": format!("no section {section:?}"), "sections": sections}),
+            )
+        }
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use roster_common::admin::Admin;
 use roster_common::quic::{TransportSettings, bind_udp};
 use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
@@ -118,7 +119,8 @@ pub struct CommonArgs {
     /// UDP address to accept QUIC connections on.
     #[arg(long, env = "ROSTER_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TCP address of the HTTP admin port (/healthz, /readyz).
+    /// TCP address of the HTTP admin port: /healthz, /readyz, /metrics (Prometheus) and the JSON
+    /// admin API under /admin.
     #[arg(long, env = "ROSTER_HTTP", value_name = "ADDR")]
     http: Option<SocketAddr>,
     /// Directory with ca.pem, node.pem and node-key.pem (made by `roster certs`). Required.
@@ -327,10 +329,12 @@ const SESSION_HTTP: &str = "0.0.0.0:7380";
 /// SIGTERM. Prints where it listens on stdout, so scripts can find ports the system chose
 /// (`--listen 127.0.0.1:0`).
 async fn run_server<F, Fut>(
+    role: &'static str,
     who: &str,
     listen: SocketAddr,
     http: SocketAddr,
     ready: watch::Receiver<bool>,
+    admin: Admin,
     run: F,
 ) -> anyhow::Result<()>
 where
@@ -340,7 +344,8 @@ where
     let socket = bind_udp(listen)?;
     let quic = socket.local_addr()?;
     let shutdown = shutdown_on_signal();
-    let (http, http_task) = http::serve(http, ready, shutdown.clone()).await?;
+    let (http, http_task) = http::serve(http, ready, admin, shutdown.clone()).await?;
+    roster_common::admin::build_info(role);
     println!("roster {who} listening: quic={quic} http={http}");
     let result = run(socket, shutdown.clone()).await;
     // Also stops the admin port when the server ended on its own.
@@ -418,15 +423,21 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     info!(?config, "starting meta node");
     let identity = args.common.identity()?;
     let server = MetaServer::open(config, identity)?;
-    // A single meta node that is up serves; it is always ready.
-    let ready = tokio::sync::watch::channel(true).1;
+    let ready = server.ready();
+    let admin = server.admin();
     let listen = addr_or(args.common.listen, META_LISTEN);
     let http = addr_or(args.common.http, META_HTTP);
     let cluster = server.cluster_id().unwrap_or_else(|| "(new)".into());
     let who = format!("meta {id} of cluster {cluster}");
-    run_server(&who, listen, http, ready, |socket, shutdown| {
-        server.run(socket, shutdown)
-    })
+    run_server(
+        "meta",
+        &who,
+        listen,
+        http,
+        ready,
+        admin,
+        |socket, shutdown| server.run(socket, shutdown),
+    )
     .await
 }
 
@@ -451,10 +462,17 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
     let listen = addr_or(args.common.listen, DATA_LISTEN);
     let http = addr_or(args.common.http, DATA_HTTP);
     let ready = server.ready();
+    let admin = server.admin();
     let who = format!("data {id}");
-    run_server(&who, listen, http, ready, |socket, shutdown| {
-        server.run(socket, shutdown)
-    })
+    run_server(
+        "data",
+        &who,
+        listen,
+        http,
+        ready,
+        admin,
+        |socket, shutdown| server.run(socket, shutdown),
+    )
     .await
 }
 
@@ -513,9 +531,16 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     let listen = addr_or(args.common.listen, SESSION_LISTEN);
     let http = addr_or(args.common.http, SESSION_HTTP);
     let ready = server.ready();
+    let admin = server.admin();
     let who = format!("session {id}");
-    run_server(&who, listen, http, ready, |socket, shutdown| {
-        server.run(socket, shutdown)
-    })
+    run_server(
+        "session",
+        &who,
+        listen,
+        http,
+        ready,
+        admin,
+        |socket, shutdown| server.run(socket, shutdown),
+    )
     .await
 }

@@ -19,6 +19,7 @@
 //! Caveats: the member agent talks to one meta address at a time and follows pushed leader changes; it
 //! does not probe the meta tier for a better node by itself.
 
+pub mod admin;
 pub mod error;
 pub mod frame;
 pub mod ids;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream};
+use roster_common::admin::{Admin, AdminSource};
 use roster_common::member::{self, MemberConfig, ViewRx};
 use roster_common::peers::PeerPool;
 use roster_common::proto::{
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::DataConfig;
 use crate::interest::Interests;
 use crate::owners::OwnerSweep;
-use crate::store::{Applied, Change, Store};
+use crate::store::{Applied, Change, SlotState, Store};
 
 /// How often publishers of departed sessions are looked for.
 const SWEEP_PERIOD: Duration = Duration::from_millis(250);
@@ -47,14 +48,13 @@ pub struct DataServer {
     identity: NodeIdentity,
     instance: InstanceId,
     ready_tx: watch::Sender<bool>,
+    admin: Admin,
 }
 
-/// Followed slots fetched whole: new copies, gaps in replication, drift.
-const METRIC_SLOTS_FETCHED: &str = "roster_data_slots_fetched_total";
-/// Followed slots found to differ from their leader's at the same version.
-const METRIC_DRIFT: &str = "roster_data_drift_repairs_total";
-/// Slots in which a session's records differed from this leader's and were synced.
-const METRIC_SESSION_SYNCS: &str = "roster_data_session_syncs_total";
+/// Repairs, by kind: `slot_fetch` (a followed slot fetched whole: a new copy, a gap in
+/// replication, drift), `drift` (a followed slot found to differ from its leader's at the same
+/// version), `session_sync` (a session's records in a slot differed from this leader's).
+const METRIC_REPAIRS: &str = "roster_data_repairs_total";
 
 struct Shared {
     config: DataConfig,
@@ -65,6 +65,8 @@ struct Shared {
     ready_tx: watch::Sender<bool>,
     pool: Arc<PeerPool>,
     replicators: Mutex<HashMap<NodeId, Replicator>>,
+    /// Repairs made since start, by kind (also counted in `roster_data_repairs_total`).
+    repairs: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// The queue of changes for one follower, drained by its own task.
@@ -81,7 +83,13 @@ impl DataServer {
             identity,
             instance: ids::new_instance_id(),
             ready_tx: watch::channel(false).0,
+            admin: Admin::default(),
         })
+    }
+
+    /// Where the HTTP admin port finds this server's status and gauges once it runs.
+    pub fn admin(&self) -> Admin {
+        self.admin.clone()
     }
 
     /// True once the server is a member of the cluster and every slot it leads is open.
@@ -128,7 +136,12 @@ impl DataServer {
             ready_tx: self.ready_tx,
             pool: pool.clone(),
             replicators: Mutex::new(HashMap::new()),
+            repairs: Mutex::new(std::collections::BTreeMap::new()),
         });
+        self.admin.install(Arc::new(DataAdmin {
+            shared: shared.clone(),
+            advertise: advertise.clone(),
+        }));
         info!(id = self.config.id, addr = %advertise, instance = format_args!("{:x}", self.instance), "data server serving");
 
         let tracker = TaskTracker::new();
@@ -249,6 +262,7 @@ impl Shared {
                     None => self.store.lock().version(&service),
                 };
                 debug!(%service, version, "applied");
+                metrics::counter!("roster_data_writes_total").increment(1);
                 Ok(DataResponse::Written { version })
             }
             Err(e) => Err(self.with_leader_hint(e, &service)),
@@ -309,7 +323,7 @@ impl Shared {
     ) -> Result<DataResponse> {
         let applied = self.lead(|store| store.session_sync(instance, slot, publishers))?;
         if !applied.ops.is_empty() {
-            metrics::counter!(METRIC_SESSION_SYNCS).increment(1);
+            self.repaired("session_sync");
             info!(
                 slot,
                 session_instance = format_args!("{instance:x}"),
@@ -357,6 +371,11 @@ impl Shared {
                 .retain(|id, r| view.data_addr(*id) == Some(r.addr.as_str()));
         }
         self.update_readiness(Some(view));
+    }
+
+    fn repaired(&self, kind: &'static str) {
+        metrics::counter!(METRIC_REPAIRS, "kind" => kind).increment(1);
+        *self.repairs.lock().entry(kind).or_default() += 1;
     }
 
     fn update_readiness(&self, view: Option<&ClusterView>) {
@@ -531,7 +550,7 @@ async fn fetch_slot(shared: &Shared, slot: SlotId, addr: &str) -> Result<()> {
     };
     let publishers = dump.publishers.len();
     if shared.store.lock().install_dump(dump) {
-        metrics::counter!(METRIC_SLOTS_FETCHED).increment(1);
+        shared.repaired("slot_fetch");
         debug!(slot, publishers, "fetched a followed slot");
     }
     Ok(())
@@ -574,7 +593,7 @@ async fn check_drift(shared: &Shared, view: &ClusterView) {
                     slot = theirs.slot,
                     leader, "a followed slot drifted from its leader; fetching it again"
                 );
-                metrics::counter!(METRIC_DRIFT).increment(1);
+                shared.repaired("drift");
                 store.mark_out_of_sync(theirs.slot);
             }
         }
@@ -596,6 +615,7 @@ async fn handle_stream(
             return;
         }
     };
+    let name = request_name(&request);
     let result = match request {
         DataRequest::Watch { session, instance } => {
             stream_events(&shared, send, session, instance, shutdown).await;
@@ -639,8 +659,24 @@ async fn handle_stream(
         DataRequest::SlotDump { slot } => shared.store.lock().dump(slot).map(DataResponse::Slot),
         DataRequest::SlotDigests { slots } => Ok(shared.handle_slot_digests(&slots)),
     };
+    roster_common::admin::count_request("data", name, &result);
     if let Err(e) = rpc::send_reply(&mut send, result, max_frame).await {
         debug!(error = %e, "could not send reply");
+    }
+}
+
+fn request_name(request: &DataRequest) -> &'static str {
+    match request {
+        DataRequest::Watch { .. } => "Watch",
+        DataRequest::Write { .. } => "Write",
+        DataRequest::Interest { .. } => "Interest",
+        DataRequest::Fetch { .. } => "Fetch",
+        DataRequest::ListServices {} => "ListServices",
+        DataRequest::SessionDigests { .. } => "SessionDigests",
+        DataRequest::SessionSync { .. } => "SessionSync",
+        DataRequest::Replicate { .. } => "Replicate",
+        DataRequest::SlotDump { .. } => "SlotDump",
+        DataRequest::SlotDigests { .. } => "SlotDigests",
     }
 }
 
@@ -691,4 +727,72 @@ async fn stream_events(
     }
     shared.interests.lock().detach(instance, stream);
     debug!(session, "session watch detached");
+}
+
+/// The data server's admin view: slots, counts, repairs, and its gauges.
+struct DataAdmin {
+    shared: Arc<Shared>,
+    advertise: String,
+}
+
+impl AdminSource for DataAdmin {
+    fn refresh_metrics(&self) {
+        let slots = self.shared.store.lock().slot_summaries();
+        for state in SlotState::ALL {
+            let n = slots.iter().filter(|s| s.state == state).count();
+            metrics::gauge!("roster_data_slots", "state" => state.name()).set(n as f64);
+        }
+        let led = slots
+            .iter()
+            .filter(|s| matches!(s.state, SlotState::Leading | SlotState::Moving));
+        let (services, publishers) =
+            led.fold((0, 0), |(v, p), s| (v + s.services, p + s.publishers));
+        metrics::gauge!("roster_data_services").set(services as f64);
+        metrics::gauge!("roster_data_publishers").set(publishers as f64);
+    }
+
+    fn status(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send + '_>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let (epoch, slots) = {
+                let store = shared.store.lock();
+                (store.epoch(), store.slot_summaries())
+            };
+            let count = |state: SlotState| slots.iter().filter(|s| s.state == state).count();
+            let led: Vec<&crate::store::SlotSummary> = slots
+                .iter()
+                .filter(|s| matches!(s.state, SlotState::Leading | SlotState::Moving))
+                .collect();
+            let view = shared.view.borrow().clone();
+            serde_json::json!({
+                "server": {
+                    "role": "data",
+                    "id": shared.config.id,
+                    "instance": format!("{:x}", shared.instance),
+                    "addr": self.advertise,
+                    "zone": shared.config.zone,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "ready": *shared.ready_tx.borrow(),
+                },
+                "cluster": {
+                    "cluster_id": view.as_ref().map(|v| v.cluster_id.clone()),
+                    "table_epoch_applied": epoch,
+                    "meta_leader": view.as_ref().and_then(|v| v.meta_leader.clone()),
+                },
+                "counts": {
+                    "leading": count(SlotState::Leading),
+                    "moving": count(SlotState::Moving),
+                    "following": count(SlotState::Following),
+                    "fetching": count(SlotState::Fetching),
+                    "services": led.iter().map(|s| s.services).sum::<usize>(),
+                    "publishers": led.iter().map(|s| s.publishers).sum::<usize>(),
+                    "followers": shared.replicators.lock().len(),
+                },
+                "repairs": *shared.repairs.lock(),
+                "slots": slots,
+            })
+        })
+    }
 }

@@ -64,6 +64,16 @@ struct Slot {
 }
 
 impl Slot {
+    fn state(&self) -> SlotState {
+        match self.role {
+            Role::Leader if self.moving_since.is_some() => SlotState::Moving,
+            Role::Leader => SlotState::Leading,
+            Role::Follower if self.in_sync => SlotState::Following,
+            Role::Follower => SlotState::Fetching,
+            Role::None => SlotState::None,
+        }
+    }
+
     fn next_version(&mut self) -> Version {
         // A slot would need 2^32 changes within one term to exhaust the counter; saturating keeps
         // versions from wrapping backwards should that ever happen.
@@ -82,6 +92,47 @@ impl Slot {
     fn publishers(&self) -> impl Iterator<Item = &Publisher> {
         self.services.values().flat_map(|d| d.publishers.values())
     }
+}
+
+/// What this server does with a slot: leads it (`Moving` while taking it over), follows it with a
+/// copy in step (`Following`) or without one yet (`Fetching`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    None,
+    Leading,
+    Moving,
+    Following,
+    Fetching,
+}
+
+impl SlotState {
+    pub const ALL: [SlotState; 4] = [
+        SlotState::Leading,
+        SlotState::Moving,
+        SlotState::Following,
+        SlotState::Fetching,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::None => "none",
+            SlotState::Leading => "leading",
+            SlotState::Moving => "moving",
+            SlotState::Following => "following",
+            SlotState::Fetching => "fetching",
+        }
+    }
+}
+
+/// One slot held by this server.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlotSummary {
+    pub slot: SlotId,
+    pub state: SlotState,
+    pub version: Version,
+    pub services: usize,
+    pub publishers: usize,
 }
 
 /// A service whose datum changed, and its new version.
@@ -308,6 +359,26 @@ impl Store {
             }
         }
         applied
+    }
+
+    /// One line per slot this server holds, in slot order, for the admin view.
+    pub fn slot_summaries(&self) -> Vec<SlotSummary> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.role != Role::None)
+            .map(|(index, s)| SlotSummary {
+                slot: index as SlotId,
+                state: s.state(),
+                version: s.version,
+                services: s
+                    .services
+                    .values()
+                    .filter(|d| !d.publishers.is_empty())
+                    .count(),
+                publishers: s.services.values().map(|d| d.publishers.len()).sum(),
+            })
+            .collect()
     }
 
     /// Every service with at least one publisher in the slots this server leads.

@@ -2,12 +2,15 @@
 //! clocks while leading, and streams every new view to watchers.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::UdpSocket;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use quinn::{RecvStream, SendStream};
+use roster_common::admin::{Admin, AdminSource};
 use roster_common::peers::PeerPool;
 use roster_common::proto::{
     ClusterStatus, ClusterView, LeaseStatus, Member, MemberKey, MetaNodeStatus, MetaRequest,
@@ -36,6 +39,8 @@ pub struct MetaServer {
     config: MetaConfig,
     identity: NodeIdentity,
     disk: Disk,
+    ready_tx: watch::Sender<bool>,
+    admin: Admin,
 }
 
 struct Node {
@@ -106,7 +111,19 @@ impl MetaServer {
             config,
             identity,
             disk,
+            ready_tx: watch::channel(false).0,
+            admin: Admin::default(),
         })
+    }
+
+    /// True while this node belongs to a cluster whose Raft group has a leader.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready_tx.subscribe()
+    }
+
+    /// Where the HTTP admin port finds this node's status and gauges once it runs.
+    pub fn admin(&self) -> Admin {
+        self.admin.clone()
     }
 
     /// The id of the cluster this node belongs to, once known.
@@ -166,7 +183,14 @@ impl MetaServer {
             "meta node serving"
         );
 
+        self.admin
+            .install(Arc::new(MetaAdmin { node: node.clone() }));
         let tracker = TaskTracker::new();
+        tracker.spawn(track_readiness(
+            node.clone(),
+            self.ready_tx,
+            shutdown.clone(),
+        ));
         tracker.spawn(publish_views(node.clone(), shutdown.clone()));
         tracker.spawn(keep_leases(node.clone(), shutdown.clone()));
         tracker.spawn(raft.clone().step_down_without_quorum(shutdown.clone()));
@@ -527,6 +551,8 @@ impl Node {
         }
         let mean = book.mean_session_load();
         if book.leases.renew(key, instance, now) {
+            metrics::counter!("roster_lease_renewals_total", "role" => key.role.name())
+                .increment(1);
             return Ok(MetaResponse::Renewed {
                 mean_session_load: mean,
             });
@@ -701,7 +727,9 @@ async fn handle_stream(
         stream_views(&node, send, shutdown).await;
         return;
     }
+    let name = request.name();
     let result = node.handle(request, false).await;
+    roster_common::admin::count_request("meta", name, &result);
     if let Err(e) = rpc::send_reply(&mut send, result, max_frame).await {
         debug!(error = %e, "could not send reply");
     }
@@ -734,6 +762,92 @@ async fn stream_views(node: &Node, mut send: SendStream, shutdown: CancellationT
             _ = send.stopped() => return,
             changed = views.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+/// Ready: the node belongs to a cluster and knows a Raft leader.
+async fn track_readiness(
+    node: Arc<Node>,
+    ready_tx: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = node.raft.changes();
+    loop {
+        let has_leader = changes.borrow_and_update().current_leader.is_some();
+        let ready = has_leader && node.cluster_id.read().is_some();
+        ready_tx.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                ready_tx.send_replace(false);
+                return;
+            }
+            changed = changes.changed() => if changed.is_err() { return },
+            // The cluster id is learnt from the log, not from a metrics change.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// The meta node's admin view: the Raft group, members, slot table, and its gauges.
+struct MetaAdmin {
+    node: Arc<Node>,
+}
+
+impl AdminSource for MetaAdmin {
+    fn refresh_metrics(&self) {
+        let raft = self.node.raft.view();
+        metrics::gauge!("roster_raft_term").set(raft.term as f64);
+        metrics::gauge!("roster_raft_leader_id").set(raft.leader.unwrap_or(0) as f64);
+        metrics::gauge!("roster_raft_is_leader").set(if raft.is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("roster_raft_last_log_index").set(raft.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("roster_raft_applied_index").set(raft.last_applied.unwrap_or(0) as f64);
+        let (data, sessions, epoch, preservation) = self.node.raft.state_machine().read(|m| {
+            let count = |role| m.state.members.values().filter(|x| x.role == role).count();
+            (
+                count(Role::Data),
+                count(Role::Session),
+                m.state.table.epoch,
+                m.state.self_preservation,
+            )
+        });
+        metrics::gauge!("roster_meta_members", "role" => "data").set(data as f64);
+        metrics::gauge!("roster_meta_members", "role" => "session").set(sessions as f64);
+        metrics::gauge!("roster_meta_table_epoch").set(epoch as f64);
+        metrics::gauge!("roster_self_preservation").set(if preservation { 1.0 } else { 0.0 });
+    }
+
+    fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {
+        Box::pin(async move {
+            let node = &self.node;
+            // The leader's status (with replication lag and leases) when it answers in time;
+            // this node's own otherwise.
+            let status = match tokio::time::timeout(
+                FORWARD_TIMEOUT,
+                node.handle(MetaRequest::Status { local: false }, false),
+            )
+            .await
+            {
+                Ok(Ok(MetaResponse::Status(status))) => status,
+                _ => node.status(true),
+            };
+            let (members, table) = node.raft.state_machine().read(|m| {
+                (
+                    m.state.members.values().cloned().collect::<Vec<_>>(),
+                    m.state.table.clone(),
+                )
+            });
+            serde_json::json!({
+                "server": {
+                    "role": "meta",
+                    "id": node.config.id,
+                    "addr": node.advertise,
+                    "version": env!("CARGO_PKG_VERSION"),
+                },
+                "raft": status,
+                "members": members,
+                "table": table,
+            })
+        })
     }
 }
 
@@ -908,6 +1022,8 @@ async fn expire(node: &Node, key: MemberKey, instance: u64) -> bool {
     match node.raft.write(Command::Remove { key, instance }).await {
         Ok(_) => {
             info!(member = %key, "lease expired");
+            metrics::counter!("roster_lease_expiries_total", "role" => key.role.name())
+                .increment(1);
             let mut book = node.leases.lock();
             book.leases.remove(&key);
             book.loads.remove(&key);

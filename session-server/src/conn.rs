@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::forward::Forward;
-use crate::hub::ConnId;
+use crate::hub::{ConnId, Outgoing};
 use crate::links::LinkEvent;
 use crate::server::Shared;
 use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER};
@@ -137,6 +137,7 @@ async fn await_hello(
             ),
             Err(e) => (Err(e), None),
         };
+        roster_common::admin::count_request("session", "Hello", &result);
         if let Err(e) = &result {
             debug!(error = %e, "refused a request before Hello");
         }
@@ -205,23 +206,27 @@ fn request_name(request: &ClientRequest) -> &'static str {
 async fn write_pushes(
     conn: Connection,
     mut push: SendStream,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Outgoing>,
     cut: CancellationToken,
 ) {
     loop {
-        let frame = tokio::select! {
+        let outgoing = tokio::select! {
             _ = cut.cancelled() => break,
-            frame = rx.recv() => match frame {
-                Some(frame) => frame,
+            outgoing = rx.recv() => match outgoing {
+                Some(outgoing) => outgoing,
                 None => return,
             },
         };
         tokio::select! {
             _ = cut.cancelled() => break,
-            written = push.write_all(&frame) => if let Err(e) = written {
+            written = push.write_all(&outgoing.frame) => if let Err(e) = written {
                 debug!(error = %e, "push stream failed");
                 return;
             },
+        }
+        metrics::counter!("roster_session_pushes_total").increment(1);
+        if let Some(since) = outgoing.since {
+            metrics::histogram!("roster_session_push_seconds").record(since.elapsed());
         }
     }
     if conn.close_reason().is_none() {
@@ -239,16 +244,21 @@ async fn handle_stream(
     let max_frame = shared.config.max_frame;
     // A request holds its slot from the moment its stream opens until it is answered.
     let permit = client.requests.clone().try_acquire_owned();
-    let result = match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
-        Ok(request) => match permit {
-            Ok(_permit) => handle_request(&shared, &client, request).await,
-            Err(_) => Err(Error::LimitExceeded(format!(
-                "more than {} requests outstanding on this connection",
-                shared.config.max_requests_per_connection
-            ))),
-        },
-        Err(e) => Err(e),
+    let (name, result) = match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
+        Ok(request) => {
+            let name = request_name(&request);
+            let result = match permit {
+                Ok(_permit) => handle_request(&shared, &client, request).await,
+                Err(_) => Err(Error::LimitExceeded(format!(
+                    "more than {} requests outstanding on this connection",
+                    shared.config.max_requests_per_connection
+                ))),
+            };
+            (name, result)
+        }
+        Err(e) => ("Unreadable", Err(e)),
     };
+    roster_common::admin::count_request("session", name, &result);
     if let Err(e) = &result {
         debug!(error = %e, "request failed");
     }

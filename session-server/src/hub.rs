@@ -15,6 +15,7 @@
 //! resubscribes, getting fresh snapshots, rather than slowing the session down.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use bytes::Bytes;
 use roster_common::proto::{Push, Snapshot};
@@ -34,6 +35,8 @@ struct Cached {
 
 #[derive(Default)]
 struct ServiceState {
+    /// When the first change not yet pushed was announced: where push latency is measured from.
+    changed_at: Option<Instant>,
     /// Each subscriber and the version it was last pushed (`None`: nothing yet).
     subscribers: HashMap<SubKey, Option<Version>>,
     datum: Option<Cached>,
@@ -48,6 +51,14 @@ pub struct Subscribed {
     pub first: bool,
     /// The register id was subscribed to another service, which now has no subscriber left.
     pub abandoned: Option<ServiceId>,
+}
+
+/// One frame in a connection's push queue, with the moment its change reached this server
+/// (`None` for frames that carry no change, like `GoAway`).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub frame: Bytes,
+    pub since: Option<Instant>,
 }
 
 /// Subscribers and cached datums of one session server.
@@ -73,7 +84,7 @@ impl Hub {
     }
 
     /// Registers a connection's push queue.
-    pub fn attach(&mut self, conn: ConnId, tx: mpsc::Sender<Bytes>, cut: CancellationToken) {
+    pub fn attach(&mut self, conn: ConnId, tx: mpsc::Sender<Outgoing>, cut: CancellationToken) {
         self.push.insert(conn, PushQueue { tx, cut });
     }
 
@@ -110,7 +121,7 @@ impl Hub {
         if let Some(datum) = &state.datum
             && let Some(tx) = self.push.get(&conn)
         {
-            if try_push(tx, &datum.frame) {
+            if try_push(tx, &datum.frame, None) {
                 last = Some(datum.version);
             } else {
                 self.push.remove(&conn);
@@ -180,12 +191,13 @@ impl Hub {
         }
         let version = snapshot.version;
         let frame = frame::encode(&Push::Snapshot(snapshot), self.max_frame)?;
+        let since = Some(state.changed_at.take().unwrap_or_else(Instant::now));
         for (key, last) in state.subscribers.iter_mut() {
             if last.is_some_and(|l| l >= version) {
                 continue;
             }
             if let Some(tx) = self.push.get(&key.0) {
-                if try_push(tx, &frame) {
+                if try_push(tx, &frame, since) {
                     *last = Some(version);
                 } else {
                     self.push.remove(&key.0);
@@ -205,6 +217,7 @@ impl Hub {
         if state.datum.as_ref().is_some_and(|d| d.version >= version) {
             return false;
         }
+        state.changed_at.get_or_insert_with(Instant::now);
         if state.fetching {
             state.refetch = true;
             return false;
@@ -238,7 +251,7 @@ impl Hub {
                     continue;
                 }
                 if let Some(tx) = self.push.get(&key.0)
-                    && try_push(tx, &datum.frame)
+                    && try_push(tx, &datum.frame, None)
                 {
                     *last = Some(datum.version);
                     pushed += 1;
@@ -263,15 +276,42 @@ impl Hub {
         // The newest connections move first: they have the least history here.
         conns.sort_unstable_by(|a, b| b.cmp(a));
         conns.truncate(n);
-        conns
+        let asked = conns
             .iter()
-            .filter(|c| try_push(&self.push[c], &frame))
-            .count()
+            .filter(|c| try_push(&self.push[c], &frame, None))
+            .count();
+        metrics::counter!("roster_session_goaways_total").increment(asked as u64);
+        asked
     }
 
     /// Subscriptions held by connection `conn`.
     pub fn subscriptions_of(&self, conn: ConnId) -> usize {
         self.conn_subs.get(&conn).map_or(0, Vec::len)
+    }
+
+    /// Frames queued for all connections, not yet written.
+    pub fn queued_frames(&self) -> usize {
+        self.push
+            .values()
+            .map(|q| q.tx.max_capacity() - q.tx.capacity())
+            .sum()
+    }
+
+    /// Each service with its subscriber count and cached version, sorted by service.
+    pub fn services(&self) -> Vec<(ServiceId, usize, Option<Version>)> {
+        let mut out: Vec<_> = self
+            .services
+            .iter()
+            .map(|(service, state)| {
+                (
+                    service.clone(),
+                    state.subscribers.len(),
+                    state.datum.as_ref().map(|d| d.version),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Counts for status reporting: (connections, subscribers, services).
@@ -282,16 +322,23 @@ impl Hub {
 
 /// A connection's push queue, and the token that cuts the connection off when the queue is full.
 struct PushQueue {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
     cut: CancellationToken,
 }
 
 /// Queues `frame`; false when the queue is full (the connection is then cut off) or its writer is
 /// gone.
-fn try_push(queue: &PushQueue, frame: &Bytes) -> bool {
-    match queue.tx.try_send(frame.clone()) {
+fn try_push(queue: &PushQueue, frame: &Bytes, since: Option<Instant>) -> bool {
+    let outgoing = Outgoing {
+        frame: frame.clone(),
+        since,
+    };
+    match queue.tx.try_send(outgoing) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
+            if !queue.cut.is_cancelled() {
+                metrics::counter!("roster_session_slow_consumers_total").increment(1);
+            }
             queue.cut.cancel();
             false
         }
@@ -317,9 +364,9 @@ mod tests {
         }
     }
 
-    fn pushed_versions(rx: &mut mpsc::Receiver<Bytes>) -> Vec<Version> {
+    fn pushed_versions(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<Version> {
         let mut out = Vec::new();
-        while let Ok(frame) = rx.try_recv() {
+        while let Ok(Outgoing { frame, .. }) = rx.try_recv() {
             let Ok(Push::Snapshot(s)) = decode::<Push>(&frame[HEADER_LEN..]) else {
                 panic!("not a snapshot")
             };

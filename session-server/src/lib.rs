@@ -12,6 +12,7 @@
 //! fetch are folded into one more fetch), no periodic comparison of the session's publishers with
 //! the data tier, and no per-connection limits beyond the frame size and QUIC's stream limit.
 
+mod admin;
 mod conn;
 mod forward;
 pub mod hub;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use roster_common::admin::Admin;
 use roster_common::member::{self, MemberConfig, ViewRx};
 use roster_common::peers::PeerPool;
 use roster_common::proto::{ALPN_CLIENT, ALPN_PEER, ClusterView, Member, Role};
@@ -30,6 +31,7 @@ pub struct SessionServer {
     identity: NodeIdentity,
     instance: InstanceId,
     ready_tx: watch::Sender<bool>,
+    admin: Admin,
 }
 
 /// What every task of a session server shares.
@@ -49,6 +51,8 @@ pub(crate) struct Shared {
     pub draining: CancellationToken,
     /// The mean of the session servers' connection counts, as the meta tier last reported it.
     pub mean_load: Arc<AtomicU64>,
+    /// Data servers in the slot table, and those with a watch stream up (set by the link manager).
+    pub data_links: Mutex<(usize, usize)>,
 }
 
 impl Shared {
@@ -74,7 +78,13 @@ impl SessionServer {
             identity,
             instance: ids::new_instance_id(),
             ready_tx: watch::channel(false).0,
+            admin: Admin::default(),
         })
+    }
+
+    /// Where the HTTP admin port finds this server's status and gauges once it runs.
+    pub fn admin(&self) -> Admin {
+        self.admin.clone()
     }
 
     /// True while the server is a member of the cluster with a slot table.
@@ -138,7 +148,12 @@ impl SessionServer {
             next_conn: AtomicU64::new(1),
             draining: shutdown.clone(),
             mean_load,
+            data_links: Mutex::new((0, 0)),
         });
+        self.admin.install(Arc::new(crate::admin::SessionAdmin {
+            shared: shared.clone(),
+            advertise: advertise.clone(),
+        }));
         info!(id = config.id, addr = %advertise, instance = format_args!("{:x}", self.instance), "session server serving clients");
 
         // `stop` ends everything once draining is done; until then connections keep being served.
@@ -238,6 +253,8 @@ const BALANCE_EVERY: Duration = Duration::from_secs(5);
 /// Connections above the mean that never trigger rebalancing.
 const BALANCE_SLACK: u64 = 10;
 
+/// Ready: a member of the cluster (so connected to the meta tier), with a watch stream up to every
+/// data server of the slot table, and not draining.
 async fn track_readiness(
     shared: Arc<Shared>,
     ready_tx: watch::Sender<bool>,
@@ -245,16 +262,24 @@ async fn track_readiness(
     shutdown: CancellationToken,
 ) {
     let mut views = shared.view.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let ready = views
+        let member = views
             .borrow_and_update()
             .as_ref()
             .and_then(|v| v.member(Role::Session, shared.config.id))
             .is_some_and(|m| m.instance == instance);
+        let (wanted, up) = *shared.data_links.lock();
+        let ready = member && wanted > 0 && up == wanted && !shared.draining.is_cancelled();
         ready_tx.send_if_modified(|r| std::mem::replace(r, ready) != ready);
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                ready_tx.send_replace(false);
+                return;
+            }
             changed = views.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }

@@ -17,6 +17,15 @@ pub enum Role {
     Session,
 }
 
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Data => "data",
+            Role::Session => "session",
+        }
+    }
+}
+
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -205,6 +214,27 @@ pub enum MetaRequest {
     Campaign {},
     /// Meta ↔ meta: a request a follower passes to the leader. Never forwarded again.
     Forwarded { request: Box<MetaRequest> },
+}
+
+impl MetaRequest {
+    /// The variant's name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MetaRequest::Register { .. } => "Register",
+            MetaRequest::Renew { .. } => "Renew",
+            MetaRequest::Leave { .. } => "Leave",
+            MetaRequest::Watch {} => "Watch",
+            MetaRequest::GetView { .. } => "GetView",
+            MetaRequest::Status { .. } => "Status",
+            MetaRequest::AddMeta { .. } => "AddMeta",
+            MetaRequest::RemoveMeta { .. } => "RemoveMeta",
+            MetaRequest::TransferLeader { .. } => "TransferLeader",
+            MetaRequest::NodeInfo {} => "NodeInfo",
+            MetaRequest::Raft { .. } => "Raft",
+            MetaRequest::Campaign {} => "Campaign",
+            MetaRequest::Forwarded { .. } => "Forwarded",
+        }
+    }
 }
 
 /// The kind of a [`MetaRequest::Raft`] message.

@@ -232,6 +232,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        if let Some(id) = &committed {
+            metrics::gauge!("roster_raft_commit_index").set(id.index as f64);
+        }
         let bytes = encode(&committed);
         self.disk
             .blocking(move |disk| disk.put_meta(KEY_COMMITTED, &bytes).map_err(write_err))
@@ -253,6 +256,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| (e.log_id.index, encode(&e)))
             .collect();
+        let started = std::time::Instant::now();
         let result = self
             .disk
             .blocking(move |disk| {
@@ -267,6 +271,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await;
         // The transaction committed with an fsync before this point: the entries are durable.
+        metrics::histogram!("roster_raft_append_seconds").record(started.elapsed());
         match &result {
             Ok(()) => callback.log_io_completed(Ok(())),
             Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),

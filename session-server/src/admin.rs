@@ -1,0 +1,87 @@
+//! The session server's admin view: connections, services and links, and its gauges.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use roster_common::admin::AdminSource;
+use roster_common::proto::Role;
+use serde_json::json;
+
+use crate::server::Shared;
+
+pub(crate) struct SessionAdmin {
+    pub shared: Arc<Shared>,
+    pub advertise: String,
+}
+
+impl AdminSource for SessionAdmin {
+    fn refresh_metrics(&self) {
+        let (connections, subscribers, _, queued) = {
+            let hub = self.shared.hub.lock();
+            let (c, s, v) = hub.counts();
+            (c, s, v, hub.queued_frames())
+        };
+        let publishers = self.shared.owned.lock().len();
+        metrics::gauge!("roster_session_connections").set(connections as f64);
+        metrics::gauge!("roster_session_subscribers").set(subscribers as f64);
+        metrics::gauge!("roster_session_publishers").set(publishers as f64);
+        metrics::gauge!("roster_session_push_queue_frames").set(queued as f64);
+    }
+
+    fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let config = &shared.config;
+            let (connections, subscribers, services) = {
+                let hub = shared.hub.lock();
+                let (c, s, _) = hub.counts();
+                (c, s, hub.services())
+            };
+            let publishers = shared.owned.lock().len();
+            let (data_servers, links_up) = *shared.data_links.lock();
+            let view = shared.view();
+            json!({
+                "server": {
+                    "role": "session",
+                    "id": config.id,
+                    "instance": format!("{:x}", shared.instance),
+                    "addr": self.advertise,
+                    "zone": config.zone,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "draining": shared.draining.is_cancelled(),
+                },
+                "cluster": {
+                    "cluster_id": view.as_ref().map(|v| v.cluster_id.clone()),
+                    "table_epoch": view.as_ref().map(|v| v.table.epoch),
+                    "meta_leader": view.as_ref().and_then(|v| v.meta_leader.clone()),
+                    "sessions": view.as_ref().map_or(0, |v| v.members_of(Role::Session).count()),
+                    "data_servers": data_servers,
+                    "data_links_up": links_up,
+                    "mean_session_load": shared.mean_load.load(std::sync::atomic::Ordering::Relaxed),
+                },
+                "connections": {
+                    "count": connections,
+                    "max": config.max_connections,
+                    "subscribers": subscribers,
+                    "publishers": publishers,
+                    "limits": {
+                        "publishers_per_connection": config.max_publishers_per_connection,
+                        "subscriptions_per_connection": config.max_subscriptions_per_connection,
+                        "requests_per_connection": config.max_requests_per_connection,
+                        "publisher_bytes": config.max_publisher_bytes,
+                        "push_queue": config.push_queue,
+                    },
+                },
+                "services": services
+                    .into_iter()
+                    .map(|(service, subscribers, version)| json!({
+                        "service": service,
+                        "subscribers": subscribers,
+                        "version": version,
+                    }))
+                    .collect::<Vec<_>>(),
+            })
+        })
+    }
+}
