@@ -1,8 +1,9 @@
-//! `roster dev`: a whole cluster in this process on 127.0.0.1, with its CA and a client config
-//! written where the client commands look by default.
+//! `roster dev`: a whole cluster on 127.0.0.1 — every server a child process of its own, as in
+//! production — with its CA and a client config written where the client commands look by default.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -10,11 +11,9 @@ use clap::Args;
 use roster_client::ClientConfig;
 use roster_common::quic::bind_udp;
 use roster_common::tls::{self, CA_CERT_FILE, Pki};
-use roster_data::{DataConfig, DataServer};
-use roster_meta::{MetaConfig, MetaServer, Start};
-use roster_session::{SessionConfig, SessionServer};
-use tokio::task::JoinSet;
-use tracing::info;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
 
 use crate::shutdown_on_signal;
 
@@ -22,12 +21,19 @@ use crate::shutdown_on_signal;
 pub const CLIENT_CONFIG_FILE: &str = "client.toml";
 /// Where `roster dev` writes, and client commands look, by default.
 pub const DEFAULT_DIR: &str = ".roster";
+/// The Prometheus file-based service discovery list `roster dev` writes: every server's admin port.
+pub const TARGETS_FILE: &str = "targets.json";
+/// How long the cluster may take to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long servers get to stop after SIGTERM before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Arguments of `roster dev`.
 #[derive(Args)]
 pub struct DevArgs {
-    /// Directory for the cluster CA (ca.pem), the client config (client.toml) and node state.
-    /// Client commands run from the same working directory find the config without flags.
+    /// Directory for the cluster CA (ca.pem), the client config (client.toml), the Prometheus
+    /// targets (targets.json) and node state. Client commands run from the same working directory
+    /// find the config without flags.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
     /// Meta nodes to run (a Raft group; 3 or 5 tolerate the loss of 1 or 2).
@@ -41,93 +47,124 @@ pub struct DevArgs {
     sessions: usize,
 }
 
+/// One server process of the dev cluster.
+struct Server {
+    role: &'static str,
+    id: u64,
+    child: Child,
+    quic: String,
+    http: String,
+}
+
+impl Server {
+    fn name(&self) -> String {
+        format!("{} {}", self.role, self.id)
+    }
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.metas == 0 || args.datas == 0 || args.sessions == 0 {
         bail!("a cluster needs at least one meta, one data and one session server");
     }
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let tls_dir = dir.join("tls");
     let pki = Pki::generate(&[])?;
-    pki.write_to(&dir.join("tls"))?;
+    pki.write_to(&tls_dir)?;
     tls::write_file(&dir.join(CA_CERT_FILE), &pki.ca_cert_pem, false)?;
-    let identity = pki.node_identity()?;
-
     let shutdown = shutdown_on_signal();
-    let mut servers: JoinSet<(String, roster_common::Result<()>)> = JoinSet::new();
-    let mut ready = Vec::new();
-    let localhost = "127.0.0.1:0".parse().expect("literal address");
 
-    // A dev cluster starts empty every time: the certificates above are new, so is the cluster.
-    let mut meta_sockets = Vec::new();
-    for id in 1..=args.metas as u64 {
-        let socket = bind_udp(localhost)?;
-        meta_sockets.push((id, socket.local_addr()?.to_string(), socket));
+    // The meta group's voters must know each other's addresses up front: reserve ports.
+    let mut voters = BTreeMap::new();
+    {
+        let localhost = "127.0.0.1:0".parse().expect("literal address");
+        let mut reserved = Vec::new();
+        for id in 1..=args.metas as u64 {
+            let socket = bind_udp(localhost)?;
+            voters.insert(id, socket.local_addr()?.to_string());
+            reserved.push(socket);
+        }
     }
-    let voters: BTreeMap<u64, String> = meta_sockets
+    let bootstrap = voters
         .iter()
-        .map(|(id, addr, _)| (*id, addr.clone()))
+        .map(|(id, addr)| format!("{id}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let meta_list = voters.values().cloned().collect::<Vec<_>>().join(",");
+    let tls_arg = tls_dir.to_string_lossy().into_owned();
+
+    let mut servers: Vec<Server> = Vec::new();
+    let started = async {
+        for (id, addr) in &voters {
+            // A dev cluster starts empty every time: the certificates are new, so is the cluster.
+            let meta_dir = dir.join(format!("meta-{id}"));
+            if meta_dir.exists() {
+                std::fs::remove_dir_all(&meta_dir)
+                    .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
+            }
+            let meta_dir = meta_dir.to_string_lossy().into_owned();
+            servers.push(
+                spawn(
+                    "meta",
+                    *id,
+                    &[
+                        "--listen",
+                        addr,
+                        "--data-dir",
+                        &meta_dir,
+                        "--bootstrap",
+                        &bootstrap,
+                    ],
+                    &tls_arg,
+                )
+                .await?,
+            );
+        }
+        for id in 1..=args.datas as u64 {
+            servers.push(spawn("data", id, &["--meta", &meta_list], &tls_arg).await?);
+        }
+        for id in 1..=args.sessions as u64 {
+            let extra = ["--meta", &meta_list, "--drain-timeout-ms", "2000"];
+            servers.push(spawn("session", id, &extra, &tls_arg).await?);
+        }
+        anyhow::Ok(())
+    };
+    let started = tokio::select! {
+        started = started => started,
+        _ = shutdown.cancelled() => Ok(()),
+    };
+    if let Err(e) = started {
+        stop_all(&mut servers).await;
+        return Err(e);
+    }
+
+    let session_addrs: Vec<String> = servers
+        .iter()
+        .filter(|s| s.role == "session")
+        .map(|s| s.quic.clone())
         .collect();
-    let meta_addrs: Vec<String> = voters.values().cloned().collect();
-    for (id, _, socket) in meta_sockets {
-        let meta_dir = dir.join(format!("meta-{id}"));
-        if meta_dir.exists() {
-            std::fs::remove_dir_all(&meta_dir)
-                .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
-        }
-        let mut config = MetaConfig::new(id, meta_dir);
-        config.start = Start::Bootstrap(voters.clone());
-        let meta = MetaServer::open(config, identity.clone())?;
-        let token = shutdown.clone();
-        servers.spawn(async move { (format!("meta {id}"), meta.run(socket, token).await) });
-    }
-
-    for id in 1..=args.datas as u64 {
-        let server = DataServer::new(DataConfig::new(id, meta_addrs.clone()), identity.clone())?;
-        ready.push(server.ready());
-        let socket = bind_udp(localhost)?;
-        let token = shutdown.clone();
-        servers.spawn(async move { (format!("data {id}"), server.run(socket, token).await) });
-    }
-    let mut session_addrs = Vec::new();
-    for id in 1..=args.sessions as u64 {
-        let server =
-            SessionServer::new(SessionConfig::new(id, meta_addrs.clone()), identity.clone())?;
-        ready.push(server.ready());
-        let socket = bind_udp(localhost)?;
-        session_addrs.push(socket.local_addr()?.to_string());
-        let token = shutdown.clone();
-        servers.spawn(async move { (format!("session {id}"), server.run(socket, token).await) });
-    }
-
-    let client_config = ClientConfig::new(session_addrs.clone(), CA_CERT_FILE);
     let config_path = dir.join(CLIENT_CONFIG_FILE);
-    tls::write_file(&config_path, &client_config.to_toml(), false)?;
-    let cluster_config = crate::cluster_cmd::ClusterConfig {
-        meta: meta_addrs.clone(),
-        tls_dir: "tls".into(),
-    };
-    tls::write_file(
-        &dir.join(crate::cluster_cmd::CLUSTER_CONFIG_FILE),
-        &cluster_config.to_toml(),
-        false,
-    )?;
+    write_files(&dir, &servers, &session_addrs, &meta_list)?;
 
-    let all_ready = async {
-        for mut rx in ready {
-            let _ = rx.wait_for(|r| *r).await;
-        }
+    let admin_ports: Vec<String> = servers.iter().map(|s| s.http.clone()).collect();
+    let all_ready = wait_ready(&admin_ports);
+    let outcome = tokio::select! {
+        ready = all_ready => ready,
+        _ = shutdown.cancelled() => Ok(()),
+        _ = tokio::time::sleep(START_TIMEOUT) => Err(anyhow::anyhow!("the dev cluster did not become ready within {START_TIMEOUT:?}")),
+        exited = first_exit(&mut servers) => Err(exited),
     };
-    tokio::select! {
-        _ = all_ready => {}
-        Some(done) = servers.join_next() => {
-            let (name, result) = done?;
-            result.with_context(|| format!("{name} failed to start"))?;
-            bail!("{name} stopped during start-up");
-        }
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(Duration::from_secs(30)) => bail!("the dev cluster did not become ready within 30 s"),
+    if let Err(e) = outcome {
+        stop_all(&mut servers).await;
+        return Err(e);
     }
     if !shutdown.is_cancelled() {
+        for s in &servers {
+            println!("roster dev: {} quic={} http={}", s.name(), s.quic, s.http);
+        }
         println!(
             "roster dev ready: clients connect to {} (config {}, CA {}); Ctrl-C stops",
             session_addrs.join(","),
@@ -136,27 +173,203 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut failure = None;
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        Some(done) = servers.join_next() => {
-            let (name, result) = done?;
-            failure = Some(match result {
-                Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly"),
-                Err(e) => anyhow::Error::new(e).context(format!("{name} failed")),
-            });
-            shutdown.cancel();
-        }
-    }
-    while let Some(done) = servers.join_next().await {
-        let (name, result) = done?;
-        if let Err(e) = result {
-            failure.get_or_insert(anyhow::Error::new(e).context(format!("{name} failed")));
-        }
-    }
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        exited = first_exit(&mut servers) => Some(exited),
+    };
+    let unclean = stop_all(&mut servers).await;
     info!("dev cluster stopped");
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match (failure, unclean) {
+        (Some(e), _) => Err(e),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(()),
     }
+}
+
+/// Starts `roster ROLE --id ID` with `extra` flags on 127.0.0.1 and reads where it listens. Its
+/// log lines are copied to our stderr, each prefixed with the server's name.
+async fn spawn(
+    role: &'static str,
+    id: u64,
+    extra: &[&str],
+    tls_dir: &str,
+) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe().context("cannot find the roster binary")?;
+    let id_arg = id.to_string();
+    let mut command = Command::new(exe);
+    command
+        .arg(role)
+        .args([
+            "--id",
+            &id_arg,
+            "--tls-dir",
+            tls_dir,
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if !extra.contains(&"--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        command.pre_exec(|| {
+            // The server stops when `roster dev` dies, even by SIGKILL.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {role} {id}"))?;
+    let name = format!("{role} {id}");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let prefix = format!("[{name}] ");
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{prefix}{line}");
+        }
+    });
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let line = tokio::time::timeout(START_TIMEOUT, stdout.next_line())
+        .await
+        .with_context(|| format!("{name} did not say where it listens"))?
+        .with_context(|| format!("cannot read from {name}"))?
+        .with_context(|| format!("{name} exited during start-up (its log above says why)"))?;
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    let (Some(quic), Some(http)) = (field("quic="), field("http=")) else {
+        bail!("{name} printed an unexpected first line: {line}");
+    };
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    Ok(Server {
+        role,
+        id,
+        child,
+        quic,
+        http,
+    })
+}
+
+/// Writes client.toml, cluster.toml and targets.json into `dir`.
+fn write_files(
+    dir: &Path,
+    servers: &[Server],
+    session_addrs: &[String],
+    meta_list: &str,
+) -> anyhow::Result<()> {
+    let client_config = ClientConfig::new(session_addrs.to_vec(), CA_CERT_FILE);
+    tls::write_file(
+        &dir.join(CLIENT_CONFIG_FILE),
+        &client_config.to_toml(),
+        false,
+    )?;
+    let cluster_config = crate::cluster_cmd::ClusterConfig {
+        meta: meta_list.split(',').map(str::to_owned).collect(),
+        tls_dir: "tls".into(),
+    };
+    tls::write_file(
+        &dir.join(crate::cluster_cmd::CLUSTER_CONFIG_FILE),
+        &cluster_config.to_toml(),
+        false,
+    )?;
+    let targets: Vec<serde_json::Value> = servers
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "targets": [s.http],
+                "labels": {"role": s.role, "server_id": s.id.to_string()},
+            })
+        })
+        .collect();
+    let json = serde_json::to_string_pretty(&targets)? + "\n";
+    tls::write_file(&dir.join(TARGETS_FILE), &json, false)?;
+    Ok(())
+}
+
+/// Waits until every server answers 200 on `/readyz`.
+async fn wait_ready(admin_ports: &[String]) -> anyhow::Result<()> {
+    for port in admin_ports {
+        let url = format!("http://{port}/readyz");
+        loop {
+            let probe = url.clone();
+            let ready = tokio::task::spawn_blocking(move || {
+                ureq::get(&probe)
+                    .config()
+                    .timeout_global(Some(Duration::from_secs(1)))
+                    .build()
+                    .call()
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves when the first server exits, with an error naming it.
+async fn first_exit(servers: &mut [Server]) -> anyhow::Error {
+    if servers.is_empty() {
+        return std::future::pending().await;
+    }
+    let futures = servers.iter_mut().map(|s| {
+        let name = s.name();
+        Box::pin(async move {
+            let status = s.child.wait().await;
+            (name, status)
+        })
+    });
+    let ((name, status), _, _) = futures_util::future::select_all(futures).await;
+    match status {
+        Ok(status) => anyhow::anyhow!("{name} stopped unexpectedly ({status})"),
+        Err(e) => anyhow::anyhow!("lost track of {name}: {e}"),
+    }
+}
+
+/// Sends SIGTERM to every server still running — sessions first, then data, then meta — and
+/// waits for them; kills any that outlast [`STOP_TIMEOUT`]. Returns an error naming the servers
+/// that did not stop cleanly.
+async fn stop_all(servers: &mut [Server]) -> Option<anyhow::Error> {
+    let mut unclean = Vec::new();
+    for role in ["session", "data", "meta"] {
+        for s in servers.iter_mut().filter(|s| s.role == role) {
+            if let (Ok(None), Some(pid)) = (s.child.try_wait(), s.child.id()) {
+                // SAFETY: signalling a child process we spawned and have not reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+        for s in servers.iter_mut().filter(|s| s.role == role) {
+            match tokio::time::timeout(STOP_TIMEOUT, s.child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => unclean.push(format!("{} ({status})", s.name())),
+                Ok(Err(e)) => unclean.push(format!("{} ({e})", s.name())),
+                Err(_) => {
+                    warn!(server = s.name(), "did not stop in time; killing it");
+                    let _ = s.child.kill().await;
+                    unclean.push(format!("{} (killed after {STOP_TIMEOUT:?})", s.name()));
+                }
+            }
+        }
+    }
+    (!unclean.is_empty())
+        .then(|| anyhow::anyhow!("servers did not stop cleanly: {}", unclean.join(", ")))
 }

@@ -80,7 +80,8 @@ fn main() -> ExitCode {
     init_logging(
         cli.log_format,
         if cli.command.is_server() {
-            "info"
+            // openraft narrates every step of its own life at info.
+            "info,openraft=warn"
         } else {
             "warn"
         },

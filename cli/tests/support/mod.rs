@@ -282,3 +282,28 @@ impl MetaClient {
         ))
     }
 }
+
+/// `GET http://{url}`: the status and body, or `None` if nothing answered within a second.
+pub fn http_get(url: &str) -> Option<(u16, String)> {
+    let mut response = ureq::get(&format!("http://{url}"))
+        .config()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(1)))
+        .build()
+        .call()
+        .ok()?;
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string().ok()?;
+    Some((status, body))
+}
+
+/// The `quic=` and `http=` addresses a server prints when it starts.
+pub fn listening(line: &str) -> (String, String) {
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .to_owned()
+    };
+    (field("quic="), field("http="))
+}

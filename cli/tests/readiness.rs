@@ -1,0 +1,110 @@
+//! `/readyz` says whether a server can do its job: a data server taking slots over is not ready
+//! until they are open. Real processes; a session server is paused (SIGSTOP) so the takeover
+//! cannot complete until it resumes.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{free_udp_addr, http_get, listening, roster, run, wait_for};
+
+const START: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_data_server_is_not_ready_while_its_slots_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
+    assert!(ok, "{err}");
+    let meta_addr = free_udp_addr();
+    // Long leases: the paused session stays a member, so the takeover waits for it.
+    let meta = roster(
+        "meta",
+        cwd,
+        &[
+            "meta",
+            "--id",
+            "1",
+            "--listen",
+            &meta_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            "meta-1",
+            "--tls-dir",
+            "tls",
+            "--bootstrap",
+            &format!("1={meta_addr}"),
+            "--lease-timeout-ms",
+            "15000",
+        ],
+    );
+    let (_, meta_http) =
+        listening(&meta.line_matching(START, "meta listening", |l| l.contains("listening")));
+    let server = |role: &str, id: &str| {
+        let p = roster(
+            &format!("{role} {id}"),
+            cwd,
+            &[
+                role,
+                "--id",
+                id,
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--meta",
+                &meta_addr,
+                "--tls-dir",
+                "tls",
+            ],
+        );
+        let (_, http) =
+            listening(&p.line_matching(START, "listening", |l| l.contains("listening")));
+        (p, http)
+    };
+    let (data1, http1) = server("data", "1");
+    let (_data2, http2) = server("data", "2");
+    let (session, session_http) = server("session", "1");
+    for (what, http) in [
+        ("meta", &meta_http),
+        ("data 1", &http1),
+        ("data 2", &http2),
+        ("session", &session_http),
+    ] {
+        wait_for(START, &format!("{what} ready"), || {
+            (http_get(&format!("{http}/readyz"))?.0 == 200).then_some(())
+        });
+    }
+    assert_eq!(http_get(&format!("{http2}/healthz")).unwrap().0, 200);
+
+    // Pause the session, then let data 1 leave: data 2 takes its slots over and must hear from
+    // every live session before serving them.
+    session.signal("STOP");
+    data1.signal("TERM");
+    let moving = wait_for(Duration::from_secs(10), "data 2 not ready", || {
+        let (status, _) = http_get(&format!("{http2}/readyz"))?;
+        if status != 503 {
+            return None;
+        }
+        let (_, body) = http_get(&format!("{http2}/admin/counts"))?;
+        let counts: serde_json::Value = serde_json::from_str(&body).ok()?;
+        counts["moving"].as_u64()
+    });
+    assert!(moving > 0, "not ready because slots are moving");
+    assert_eq!(
+        http_get(&format!("{http2}/healthz")).unwrap().0,
+        200,
+        "alive while not ready"
+    );
+
+    // The session resumes, reports what it holds, and the slots open.
+    session.signal("CONT");
+    wait_for(Duration::from_secs(10), "data 2 ready again", || {
+        (http_get(&format!("{http2}/readyz"))?.0 == 200).then_some(())
+    });
+    let (_, body) = http_get(&format!("{http2}/admin/counts")).unwrap();
+    let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(counts["moving"], 0, "{counts}");
+    assert_eq!(counts["leading"], 256, "data 2 leads every slot: {counts}");
+}
