@@ -63,8 +63,257 @@ pub fn count_request<T>(role: &'static str, request: &'static str, result: &crat
     .increment(1);
 }
 
-/// Sets `roster_build_info{version}` to 1.
+/// Registers `role`'s metrics and sets `roster_build_info{version, role}` to 1.
 pub fn build_info(role: &'static str) {
+    register_metrics(role);
     metrics::gauge!("roster_build_info", "version" => env!("CARGO_PKG_VERSION"), "role" => role)
         .set(1.0);
+}
+
+/// What a metric is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric a server exports: the list docs/OPERATIONS.md documents and dashboards may use.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    /// The server role that exports it, or `"all"`.
+    pub role: &'static str,
+    /// Labels whose values are known in advance, with those values (zeroed at start).
+    pub labels: &'static [(&'static str, &'static [&'static str])],
+    pub help: &'static str,
+}
+
+const ROLES: &[&str] = &["data", "session"];
+
+use MetricKind::{Counter, Gauge, Histogram};
+
+/// Every metric Roster's servers export.
+pub const METRICS: &[MetricDef] = &[
+    MetricDef {
+        name: "roster_build_info",
+        kind: Gauge,
+        role: "all",
+        labels: &[],
+        help: "1, labelled with the version and role of the running server",
+    },
+    MetricDef {
+        name: "roster_requests_total",
+        kind: Counter,
+        role: "all",
+        labels: &[],
+        help: "requests served, by role, request and result (ok or the error code name)",
+    },
+    MetricDef {
+        name: "roster_raft_term",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "current Raft term",
+    },
+    MetricDef {
+        name: "roster_raft_leader_id",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "id of the meta node this node believes leads (0: none)",
+    },
+    MetricDef {
+        name: "roster_raft_is_leader",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "1 on the leading meta node",
+    },
+    MetricDef {
+        name: "roster_raft_last_log_index",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "index of the last Raft log entry stored",
+    },
+    MetricDef {
+        name: "roster_raft_commit_index",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "index of the last Raft log entry known committed",
+    },
+    MetricDef {
+        name: "roster_raft_applied_index",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "index of the last Raft log entry applied to the state",
+    },
+    MetricDef {
+        name: "roster_raft_append_seconds",
+        kind: Histogram,
+        role: "meta",
+        labels: &[],
+        help: "time to append entries to the Raft log, fsync included",
+    },
+    MetricDef {
+        name: "roster_meta_members",
+        kind: Gauge,
+        role: "meta",
+        labels: &[("role", ROLES)],
+        help: "data and session servers in the committed membership",
+    },
+    MetricDef {
+        name: "roster_meta_table_epoch",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "epoch of the committed slot table",
+    },
+    MetricDef {
+        name: "roster_lease_renewals_total",
+        kind: Counter,
+        role: "meta",
+        labels: &[("role", ROLES)],
+        help: "lease renewals accepted (by the leader)",
+    },
+    MetricDef {
+        name: "roster_lease_expiries_total",
+        kind: Counter,
+        role: "meta",
+        labels: &[("role", ROLES)],
+        help: "members removed because their lease lapsed (by the leader)",
+    },
+    MetricDef {
+        name: "roster_self_preservation",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "1 while self-preservation holds off session expiries",
+    },
+    MetricDef {
+        name: "roster_data_slots",
+        kind: Gauge,
+        role: "data",
+        labels: &[("state", &["leading", "moving", "following", "fetching"])],
+        help: "slots held, by state",
+    },
+    MetricDef {
+        name: "roster_data_services",
+        kind: Gauge,
+        role: "data",
+        labels: &[],
+        help: "services with publishers in the slots this server leads",
+    },
+    MetricDef {
+        name: "roster_data_publishers",
+        kind: Gauge,
+        role: "data",
+        labels: &[],
+        help: "publishers in the slots this server leads",
+    },
+    MetricDef {
+        name: "roster_data_writes_total",
+        kind: Counter,
+        role: "data",
+        labels: &[],
+        help: "publisher changes applied as slot leader",
+    },
+    MetricDef {
+        name: "roster_data_repairs_total",
+        kind: Counter,
+        role: "data",
+        labels: &[("kind", &["slot_fetch", "drift", "session_sync"])],
+        help: "repairs: followed slots fetched whole, drift found, session records synced",
+    },
+    MetricDef {
+        name: "roster_session_connections",
+        kind: Gauge,
+        role: "session",
+        labels: &[],
+        help: "client connections",
+    },
+    MetricDef {
+        name: "roster_session_publishers",
+        kind: Gauge,
+        role: "session",
+        labels: &[],
+        help: "publishers of this server's clients",
+    },
+    MetricDef {
+        name: "roster_session_subscribers",
+        kind: Gauge,
+        role: "session",
+        labels: &[],
+        help: "subscriptions of this server's clients",
+    },
+    MetricDef {
+        name: "roster_session_push_seconds",
+        kind: Histogram,
+        role: "session",
+        labels: &[],
+        help: "from a change notification reaching the session to the snapshot written to a subscriber's stream",
+    },
+    MetricDef {
+        name: "roster_session_push_queue_frames",
+        kind: Gauge,
+        role: "session",
+        labels: &[],
+        help: "push frames queued for all connections, not yet written",
+    },
+    MetricDef {
+        name: "roster_session_pushes_total",
+        kind: Counter,
+        role: "session",
+        labels: &[],
+        help: "push frames written to clients",
+    },
+    MetricDef {
+        name: "roster_session_slow_consumers_total",
+        kind: Counter,
+        role: "session",
+        labels: &[],
+        help: "connections cut off because their push queue filled",
+    },
+    MetricDef {
+        name: "roster_session_goaways_total",
+        kind: Counter,
+        role: "session",
+        labels: &[],
+        help: "GoAway pushes sent (draining or rebalancing)",
+    },
+    MetricDef {
+        name: "roster_session_slot_syncs_total",
+        kind: Counter,
+        role: "session",
+        labels: &[],
+        help: "slots whose records this session synced to a slot leader",
+    },
+];
+
+/// Describes every metric of `role` to the recorder and zeroes the counters whose labels are
+/// known, so series exist from the start (a `rate()` over them works before the first event).
+pub fn register_metrics(role: &'static str) {
+    for m in METRICS.iter().filter(|m| m.role == role || m.role == "all") {
+        match m.kind {
+            Counter => metrics::describe_counter!(m.name, m.help),
+            Gauge => metrics::describe_gauge!(m.name, m.help),
+            Histogram => metrics::describe_histogram!(m.name, metrics::Unit::Seconds, m.help),
+        }
+        if m.kind != Counter {
+            continue;
+        }
+        match m.labels {
+            [] if m.name != "roster_requests_total" => metrics::counter!(m.name).absolute(0),
+            [(label, values)] => {
+                for value in *values {
+                    metrics::counter!(m.name, *label => *value).absolute(0);
+                }
+            }
+            _ => {}
+        }
+    }
 }
