@@ -77,6 +77,15 @@ impl Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !cli.command.is_server() {
+        // A client command piped into `head` ends quietly when the pipe closes, as Unix tools
+        // do, instead of panicking in `println!`. Servers keep ignoring SIGPIPE.
+        #[cfg(unix)]
+        // SAFETY: called before any other thread exists; restores the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(
         cli.log_format,
         if cli.command.is_server() {
