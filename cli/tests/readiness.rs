@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{free_udp_addr, http_get, listening, roster, run, wait_for};
+use support::{http_get, run, start_meta, start_server, wait_for};
 
 const START: Duration = Duration::from_secs(20);
 
@@ -16,51 +16,10 @@ fn a_data_server_is_not_ready_while_its_slots_move() {
     let cwd = dir.path();
     let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
     assert!(ok, "{err}");
-    let meta_addr = free_udp_addr();
     // Long leases: the paused session stays a member, so the takeover waits for it.
-    let meta = roster(
-        "meta",
-        cwd,
-        &[
-            "meta",
-            "--id",
-            "1",
-            "--listen",
-            &meta_addr,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "meta-1",
-            "--tls-dir",
-            "tls",
-            "--bootstrap",
-            &format!("1={meta_addr}"),
-            "--lease-timeout-ms",
-            "15000",
-        ],
-    );
-    let (_, meta_http) =
-        listening(&meta.line_matching(START, "meta listening", |l| l.contains("listening")));
+    let (_meta, meta_addr, meta_http) = start_meta(cwd, &["--lease-timeout-ms", "15000"]);
     let server = |role: &str, id: &str| {
-        let p = roster(
-            &format!("{role} {id}"),
-            cwd,
-            &[
-                role,
-                "--id",
-                id,
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--meta",
-                &meta_addr,
-                "--tls-dir",
-                "tls",
-            ],
-        );
-        let (_, http) =
-            listening(&p.line_matching(START, "listening", |l| l.contains("listening")));
+        let (p, _, http) = start_server(cwd, role, id, &["--meta", &meta_addr]);
         (p, http)
     };
     let (data1, http1) = server("data", "1");

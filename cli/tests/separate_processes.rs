@@ -4,67 +4,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Proc, roster, run};
+use support::{roster, run, start_meta, start_server};
 
 const START: Duration = Duration::from_secs(30);
-
-/// Starts a server with `--listen 127.0.0.1:0 --http 127.0.0.1:0` and returns it with the addresses
-/// it printed.
-fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, String, String) {
-    let mut args = vec![
-        role,
-        "--id",
-        id,
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--tls-dir",
-        "tls",
-    ];
-    args.extend_from_slice(extra);
-    let proc = roster(&format!("{role} {id}"), cwd, &args);
-    let line = proc.line_matching(START, "its listen addresses", |l| l.contains("listening:"));
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {line}"))
-            .to_owned()
-    };
-    (proc, field("quic"), field("http"))
-}
-
-/// Starts a single-node meta group on a free loopback port; returns it, its address and its HTTP
-/// address.
-fn start_meta(cwd: &Path) -> (Proc, String, String) {
-    let addr = support::free_udp_addr();
-    let voters = format!("1={addr}");
-    let args = [
-        "meta",
-        "--id",
-        "1",
-        "--listen",
-        &addr,
-        "--http",
-        "127.0.0.1:0",
-        "--tls-dir",
-        "tls",
-        "--data-dir",
-        "meta-1",
-        "--bootstrap",
-        &voters,
-    ];
-    let proc = roster("meta 1", cwd, &args);
-    let line = proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let http = line.split("http=").nth(1).expect("http=").trim().to_owned();
-    (proc, addr, http)
-}
 
 /// Configuration layers: file, then `ROSTER_*` environment, then flags, later winning.
 #[test]
@@ -72,7 +18,7 @@ fn settings_come_from_file_environment_and_flags_in_that_order() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta_addr, _) = start_meta(cwd);
+    let (_meta, meta_addr, _) = start_meta(cwd, &[]);
     std::fs::write(
         cwd.join("data.toml"),
         format!("id = 5\nmeta = [\"{meta_addr}\"]\ntls-dir = \"tls\"\nlisten = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:0\"\n"),
@@ -98,28 +44,14 @@ fn settings_come_from_file_environment_and_flags_in_that_order() {
     wait_ready(&http);
 }
 
-fn http_get(addr: &str, path: &str) -> u16 {
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin port");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
+fn status(addr: &str, path: &str) -> u16 {
+    support::http_get(&format!("{addr}{path}")).map_or(0, |(status, _)| status)
 }
 
 fn wait_ready(http: &str) {
-    let deadline = Instant::now() + START;
-    while http_get(http, "/readyz") != 200 {
-        assert!(Instant::now() < deadline, "{http} never became ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_for(START, &format!("{http} ready"), || {
+        (status(http, "/readyz") == 200).then_some(())
+    });
 }
 
 fn client_config(cwd: &Path, name: &str, session: &str) -> String {
@@ -144,8 +76,8 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
     let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
     assert!(ok, "{err}");
 
-    let (mut meta, meta_addr, meta_http) = start_meta(cwd);
-    assert_eq!(http_get(&meta_http, "/healthz"), 200);
+    let (mut meta, meta_addr, meta_http) = start_meta(cwd, &[]);
+    assert_eq!(status(&meta_http, "/healthz"), 200);
     let (mut data, _, data_http) = start_server(
         cwd,
         "data",
@@ -159,7 +91,7 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
     for http in [&data_http, &session1_http, &session2_http] {
         wait_ready(http);
     }
-    assert_eq!(http_get(&data_http, "/nope"), 404);
+    assert_eq!(status(&data_http, "/nope"), 404);
 
     let via1 = client_config(cwd, "via1", &session1_addr);
     let via2 = client_config(cwd, "via2", &session2_addr);

@@ -307,3 +307,58 @@ pub fn listening(line: &str) -> (String, String) {
     };
     (field("quic="), field("http="))
 }
+
+/// How long a server may take to print where it listens.
+const LISTEN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Starts `roster ROLE --id ID --listen 127.0.0.1:0 --http 127.0.0.1:0 --tls-dir tls EXTRA...` and
+/// returns it with the QUIC and HTTP addresses it printed.
+pub fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, String, String) {
+    let mut args = vec![
+        role,
+        "--id",
+        id,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--tls-dir",
+        "tls",
+    ];
+    args.extend_from_slice(extra);
+    let proc = roster(&format!("{role} {id}"), cwd, &args);
+    let line = proc.line_matching(LISTEN_WITHIN, "its listen addresses", |l| {
+        l.contains("listening:")
+    });
+    let (quic, http) = listening(&line);
+    (proc, quic, http)
+}
+
+/// Starts a single-node meta group (data in `meta-1`) on a free loopback port, with `extra` flags;
+/// returns it, its address and its HTTP address.
+pub fn start_meta(cwd: &Path, extra: &[&str]) -> (Proc, String, String) {
+    let addr = free_udp_addr();
+    let voters = format!("1={addr}");
+    let mut args = vec![
+        "meta",
+        "--id",
+        "1",
+        "--listen",
+        &addr,
+        "--http",
+        "127.0.0.1:0",
+        "--tls-dir",
+        "tls",
+        "--data-dir",
+        "meta-1",
+        "--bootstrap",
+        &voters,
+    ];
+    args.extend_from_slice(extra);
+    let proc = roster("meta 1", cwd, &args);
+    let line = proc.line_matching(LISTEN_WITHIN, "its listen line", |l| {
+        l.contains("listening:")
+    });
+    let (_, http) = listening(&line);
+    (proc, addr, http)
+}
