@@ -62,122 +62,164 @@ impl Server {
     }
 }
 
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if args.metas == 0 || args.datas == 0 || args.sessions == 0 {
-        bail!("a cluster needs at least one meta, one data and one session server");
-    }
-    let dir = &args.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
-    let tls_dir = dir.join("tls");
-    let pki = Pki::generate(&[])?;
-    pki.write_to(&tls_dir)?;
-    tls::write_file(&dir.join(CA_CERT_FILE), &pki.ca_cert_pem, false)?;
-    let shutdown = shutdown_on_signal();
+/// A cluster of `roster` server processes on 127.0.0.1, its CA and config files in `dir`.
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    servers: Vec<Server>,
+}
 
-    // The meta group's voters must know each other's addresses up front: reserve ports.
-    let mut voters = BTreeMap::new();
-    {
-        let localhost = "127.0.0.1:0".parse().expect("literal address");
-        let mut reserved = Vec::new();
-        for id in 1..=args.metas as u64 {
-            let socket = bind_udp(localhost)?;
-            voters.insert(id, socket.local_addr()?.to_string());
-            reserved.push(socket);
+impl LocalCluster {
+    /// Starts `metas` meta nodes, `datas` data servers and `sessions` session servers, writes the
+    /// CA, client.toml, cluster.toml and targets.json into `dir`, and waits until every server is
+    /// ready. `log` is the `RUST_LOG` of the servers (`None`: inherit). Gives up on `cancel`.
+    pub async fn start(
+        dir: &Path,
+        metas: usize,
+        datas: usize,
+        sessions: usize,
+        log: Option<&str>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<LocalCluster> {
+        if metas == 0 || datas == 0 || sessions == 0 {
+            bail!("a cluster needs at least one meta, one data and one session server");
         }
-    }
-    let bootstrap = voters
-        .iter()
-        .map(|(id, addr)| format!("{id}={addr}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let meta_list = voters.values().cloned().collect::<Vec<_>>().join(",");
-    let tls_arg = tls_dir.to_string_lossy().into_owned();
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let tls_dir = dir.join("tls");
+        let pki = Pki::generate(&[])?;
+        pki.write_to(&tls_dir)?;
+        tls::write_file(&dir.join(CA_CERT_FILE), &pki.ca_cert_pem, false)?;
 
-    let mut servers: Vec<Server> = Vec::new();
-    let started = async {
-        for (id, addr) in &voters {
-            // A dev cluster starts empty every time: the certificates are new, so is the cluster.
-            let meta_dir = dir.join(format!("meta-{id}"));
-            if meta_dir.exists() {
-                std::fs::remove_dir_all(&meta_dir)
-                    .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
+        // The meta group's voters must know each other's addresses up front: reserve ports.
+        let mut voters = BTreeMap::new();
+        {
+            let localhost = "127.0.0.1:0".parse().expect("literal address");
+            let mut reserved = Vec::new();
+            for id in 1..=metas as u64 {
+                let socket = bind_udp(localhost)?;
+                voters.insert(id, socket.local_addr()?.to_string());
+                reserved.push(socket);
             }
-            let meta_dir = meta_dir.to_string_lossy().into_owned();
-            servers.push(
-                spawn(
-                    "meta",
-                    *id,
-                    &[
-                        "--listen",
-                        addr,
-                        "--data-dir",
-                        &meta_dir,
-                        "--bootstrap",
-                        &bootstrap,
-                    ],
-                    &tls_arg,
-                )
-                .await?,
-            );
         }
-        for id in 1..=args.datas as u64 {
-            servers.push(spawn("data", id, &["--meta", &meta_list], &tls_arg).await?);
+        let bootstrap = voters
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let meta_list = voters.values().cloned().collect::<Vec<_>>().join(",");
+        let tls_arg = tls_dir.to_string_lossy().into_owned();
+
+        let mut cluster = LocalCluster {
+            dir: dir.clone(),
+            servers: Vec::new(),
+        };
+        let servers = &mut cluster.servers;
+        let started = async {
+            for (id, addr) in &voters {
+                // A local cluster starts empty every time: the certificates are new, so is the
+                // cluster.
+                let meta_dir = dir.join(format!("meta-{id}"));
+                if meta_dir.exists() {
+                    std::fs::remove_dir_all(&meta_dir)
+                        .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
+                }
+                let meta_dir = meta_dir.to_string_lossy().into_owned();
+                let extra = [
+                    "--listen",
+                    addr,
+                    "--data-dir",
+                    &meta_dir,
+                    "--bootstrap",
+                    &bootstrap,
+                ];
+                servers.push(spawn("meta", *id, &extra, &tls_arg, log).await?);
+            }
+            for id in 1..=datas as u64 {
+                servers.push(spawn("data", id, &["--meta", &meta_list], &tls_arg, log).await?);
+            }
+            for id in 1..=sessions as u64 {
+                let extra = ["--meta", &meta_list, "--drain-timeout-ms", "2000"];
+                servers.push(spawn("session", id, &extra, &tls_arg, log).await?);
+            }
+            write_files(&dir, servers, &meta_list)?;
+            let admin_ports: Vec<String> = servers.iter().map(|s| s.http.clone()).collect();
+            tokio::select! {
+                ready = wait_ready(&admin_ports) => ready,
+                _ = tokio::time::sleep(START_TIMEOUT) => Err(anyhow::anyhow!("the cluster did not become ready within {START_TIMEOUT:?}")),
+            }
+        };
+        let started = tokio::select! {
+            started = started => started,
+            _ = cancel.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
+        };
+        if let Err(e) = started {
+            cluster.stop().await;
+            return Err(e);
         }
-        for id in 1..=args.sessions as u64 {
-            let extra = ["--meta", &meta_list, "--drain-timeout-ms", "2000"];
-            servers.push(spawn("session", id, &extra, &tls_arg).await?);
-        }
-        anyhow::Ok(())
-    };
-    let started = tokio::select! {
-        started = started => started,
-        _ = shutdown.cancelled() => Ok(()),
-    };
-    if let Err(e) = started {
-        stop_all(&mut servers).await;
-        return Err(e);
+        Ok(cluster)
     }
 
-    let session_addrs: Vec<String> = servers
-        .iter()
-        .filter(|s| s.role == "session")
-        .map(|s| s.quic.clone())
-        .collect();
-    let config_path = dir.join(CLIENT_CONFIG_FILE);
-    write_files(&dir, &servers, &session_addrs, &meta_list)?;
+    /// The session servers' client addresses.
+    pub fn session_addrs(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|s| s.role == "session")
+            .map(|s| s.quic.clone())
+            .collect()
+    }
 
-    let admin_ports: Vec<String> = servers.iter().map(|s| s.http.clone()).collect();
-    let all_ready = wait_ready(&admin_ports);
-    let outcome = tokio::select! {
-        ready = all_ready => ready,
-        _ = shutdown.cancelled() => Ok(()),
-        _ = tokio::time::sleep(START_TIMEOUT) => Err(anyhow::anyhow!("the dev cluster did not become ready within {START_TIMEOUT:?}")),
-        exited = first_exit(&mut servers) => Err(exited),
+    /// Each server's name (`meta 1`, …) and process id.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        self.servers
+            .iter()
+            .filter_map(|s| Some((s.name(), s.child.id()?)))
+            .collect()
+    }
+
+    /// Resolves when the first server exits, with an error naming it.
+    pub async fn first_exit(&mut self) -> anyhow::Error {
+        first_exit(&mut self.servers).await
+    }
+
+    /// Stops every server (SIGTERM; sessions, then data, then meta). Returns an error naming any
+    /// that did not stop cleanly.
+    pub async fn stop(&mut self) -> Option<anyhow::Error> {
+        stop_all(&mut self.servers).await
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    let mut cluster = match LocalCluster::start(
+        &args.dir,
+        args.metas,
+        args.datas,
+        args.sessions,
+        None,
+        &shutdown,
+    )
+    .await
+    {
+        Ok(cluster) => cluster,
+        Err(_) if shutdown.is_cancelled() => return Ok(()),
+        Err(e) => return Err(e),
     };
-    if let Err(e) = outcome {
-        stop_all(&mut servers).await;
-        return Err(e);
+    for s in &cluster.servers {
+        println!("roster dev: {} quic={} http={}", s.name(), s.quic, s.http);
     }
-    if !shutdown.is_cancelled() {
-        for s in &servers {
-            println!("roster dev: {} quic={} http={}", s.name(), s.quic, s.http);
-        }
-        println!(
-            "roster dev ready: clients connect to {} (config {}, CA {}); Ctrl-C stops",
-            session_addrs.join(","),
-            config_path.display(),
-            dir.join(CA_CERT_FILE).display()
-        );
-    }
-
+    println!(
+        "roster dev ready: clients connect to {} (config {}, CA {}); Ctrl-C stops",
+        cluster.session_addrs().join(","),
+        cluster.dir.join(CLIENT_CONFIG_FILE).display(),
+        cluster.dir.join(CA_CERT_FILE).display()
+    );
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
-        exited = first_exit(&mut servers) => Some(exited),
+        exited = cluster.first_exit() => Some(exited),
     };
-    let unclean = stop_all(&mut servers).await;
+    let unclean = cluster.stop().await;
     info!("dev cluster stopped");
     match (failure, unclean) {
         (Some(e), _) => Err(e),
@@ -193,6 +235,7 @@ async fn spawn(
     id: u64,
     extra: &[&str],
     tls_dir: &str,
+    log: Option<&str>,
 ) -> anyhow::Result<Server> {
     let exe = std::env::current_exe().context("cannot find the roster binary")?;
     let id_arg = id.to_string();
@@ -212,6 +255,9 @@ async fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(log) = log {
+        command.env("RUST_LOG", log);
+    }
     if !extra.contains(&"--listen") {
         command.args(["--listen", "127.0.0.1:0"]);
     }
@@ -264,13 +310,13 @@ async fn spawn(
 }
 
 /// Writes client.toml, cluster.toml and targets.json into `dir`.
-fn write_files(
-    dir: &Path,
-    servers: &[Server],
-    session_addrs: &[String],
-    meta_list: &str,
-) -> anyhow::Result<()> {
-    let client_config = ClientConfig::new(session_addrs.to_vec(), CA_CERT_FILE);
+fn write_files(dir: &Path, servers: &[Server], meta_list: &str) -> anyhow::Result<()> {
+    let session_addrs: Vec<String> = servers
+        .iter()
+        .filter(|s| s.role == "session")
+        .map(|s| s.quic.clone())
+        .collect();
+    let client_config = ClientConfig::new(session_addrs, CA_CERT_FILE);
     tls::write_file(
         &dir.join(CLIENT_CONFIG_FILE),
         &client_config.to_toml(),

@@ -1,0 +1,539 @@
+//! `roster bench`: the registry workload against a target — Roster, or (with the `peers` feature)
+//! etcd or ZooKeeper — printing one JSON object with every parameter and figure, and a table.
+//!
+//! Phases: initial load (registration throughput), subscribers (convergence), churn (notify
+//! latency), failure (a holder process killed without unregistering), then the servers' memory
+//! and CPU read from /proc. Every target is driven through [`Target`] and [`Conn`], so the
+//! workload is defined once.
+
+mod proc_stats;
+mod roster;
+mod track;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+use track::Tracker;
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Called with a service and its current instances whenever a watch fires.
+pub type OnChange = Arc<dyn Fn(&str, Vec<String>) + Send + Sync>;
+
+/// A registry under test.
+pub trait Target: Send + Sync {
+    /// A description for the report, e.g. `roster 1/1/1`.
+    fn describe(&self) -> String;
+    /// A new client connection.
+    fn connect(&self) -> BoxFut<'_, anyhow::Result<Arc<dyn Conn>>>;
+    /// The server processes to measure: name and pid.
+    fn processes(&self) -> Vec<(String, u32)>;
+    /// Flags that let `roster bench-holder` reach the same target.
+    fn holder_args(&self) -> Vec<String>;
+    /// Stops what the target started.
+    fn stop(&mut self) -> BoxFut<'_, ()>;
+}
+
+/// One client connection to a registry.
+pub trait Conn: Send + Sync {
+    /// Registers `instance` of `service`; returns once the registry acknowledged it.
+    fn register<'a>(
+        &'a self,
+        service: &'a str,
+        instance: &'a str,
+    ) -> BoxFut<'a, anyhow::Result<()>>;
+    /// Removes an instance this connection registered.
+    fn unregister<'a>(
+        &'a self,
+        service: &'a str,
+        instance: &'a str,
+    ) -> BoxFut<'a, anyhow::Result<()>>;
+    /// Watches `service`: `on_change` gets its whole instance list after every change.
+    fn watch<'a>(&'a self, service: &'a str, on_change: OnChange)
+    -> BoxFut<'a, anyhow::Result<()>>;
+    /// Closes the connection, unregistering what it holds.
+    fn close(&self) -> BoxFut<'_, ()>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TargetKind {
+    Roster,
+    Etcd,
+    Zookeeper,
+}
+
+/// Arguments of `roster bench`.
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// The registry to measure: `roster` starts a cluster of separate processes (or uses
+    /// `--config`); `etcd` and `zookeeper` need a build with the `peers` feature and a running
+    /// server (see bench/README.md).
+    #[arg(long, value_enum, default_value = "roster")]
+    target: TargetKind,
+    /// Roster cluster to start, as METAS/DATAS/SESSIONS.
+    #[arg(long, default_value = "1/1/1")]
+    cluster: String,
+    /// Use a running Roster cluster through this client config instead of starting one (server
+    /// memory and CPU are then not reported).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Services registered.
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Instances registered per service.
+    #[arg(long, default_value_t = 100)]
+    instances_per_service: usize,
+    /// Client connections that register the instances.
+    #[arg(long, default_value_t = 20)]
+    connections: usize,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 50)]
+    subscribers: usize,
+    /// Services each subscriber watches.
+    #[arg(long, default_value_t = 100)]
+    watch_services: usize,
+    /// Churn: registrations and unregistrations per second.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// Churn: seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Failure: instances held by the client that is killed.
+    #[arg(long, default_value_t = 100)]
+    failure_instances: usize,
+    /// Print only the JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How long any one phase may wait for the notifications it expects.
+const SETTLE: Duration = Duration::from_secs(60);
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.services == 0 || args.instances_per_service == 0 || args.connections == 0 {
+        bail!("--services, --instances-per-service and --connections must be at least 1");
+    }
+    if args.watch_services > args.services {
+        bail!(
+            "--watch-services ({}) cannot exceed --services ({})",
+            args.watch_services,
+            args.services
+        );
+    }
+    let dir = tempfile::tempdir().context("cannot create a working directory")?;
+    let mut target: Box<dyn Target> = match args.target {
+        TargetKind::Roster => Box::new(roster::RosterTarget::start(&args, dir.path()).await?),
+        other => bail!(
+            "--target {other:?} is not built in: this build of roster drives Roster only \
+             (see bench/README.md)"
+        ),
+    };
+    let result = workload(&args, target.as_ref()).await;
+    target.stop().await;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn service_name(i: usize) -> String {
+    format!("bench/svc/{i}")
+}
+
+/// The services subscriber `s` watches.
+fn watched(args: &BenchArgs, s: usize) -> Vec<usize> {
+    (0..args.watch_services)
+        .map(|j| (s + j) % args.services)
+        .collect()
+}
+
+fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde_json::Value> {
+    let quiet = args.json;
+    let total = args.services * args.instances_per_service;
+
+    // Connections.
+    let mut conns = Vec::new();
+    for _ in 0..args.connections {
+        conns.push(target.connect().await?);
+    }
+
+    // Initial load: every instance registered, the connections in parallel.
+    let progress = bar(total as u64, "register", quiet);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, conn) in conns.iter().enumerate() {
+        let conn = conn.clone();
+        let progress = progress.clone();
+        let (services, per) = (args.services, args.instances_per_service);
+        let connections = args.connections;
+        tasks.spawn(async move {
+            // Connection c registers every instance whose number is c modulo the connections,
+            // up to 32 at a time.
+            let mine: Vec<(String, String)> = (0..services * per)
+                .filter(|n| n % connections == c)
+                .map(|n| (service_name(n / per), format!("i{n}")))
+                .collect();
+            let mut stream = futures_util::stream::iter(mine)
+                .map(|(s, i)| {
+                    let conn = conn.clone();
+                    async move { conn.register(&s, &i).await }
+                })
+                .buffer_unordered(32);
+            while let Some(result) = futures_util::StreamExt::next(&mut stream).await {
+                result?;
+                progress.inc(1);
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let load_seconds = started.elapsed().as_secs_f64();
+    progress.finish();
+
+    // Subscribers: each watches its services until it has seen every instance of each.
+    let tracker = Tracker::new();
+    let expected_subscriptions = args.subscribers * args.watch_services;
+    let progress = bar(expected_subscriptions as u64, "subscribe", quiet);
+    let started = Instant::now();
+    let mut subscribers = Vec::new();
+    let mut expectations = Vec::new();
+    for s in 0..args.subscribers {
+        for svc in watched(args, s) {
+            let instances: Vec<String> = (0..args.instances_per_service)
+                .map(|j| format!("i{}", svc * args.instances_per_service + j))
+                .collect();
+            expectations.push(tracker.expect_all(s, &service_name(svc), instances, started));
+        }
+    }
+    for s in 0..args.subscribers {
+        let conn = target.connect().await?;
+        for svc in watched(args, s) {
+            conn.watch(&service_name(svc), tracker.callback(s)).await?;
+        }
+        subscribers.push(conn);
+    }
+    let converged = tracker.wait(&expectations, SETTLE, &progress).await;
+    progress.finish();
+    let convergence_seconds = converged.iter().flatten().max().map(|d| d.as_secs_f64());
+    let subscribe_seen = converged.iter().filter(|c| c.is_some()).count();
+
+    // Churn: alternately register and unregister one instance per service at `rate` per second.
+    let ops = (args.rate * args.duration) as usize;
+    let progress = bar(ops as u64, "churn", quiet);
+    let churn_conn = target.connect().await?;
+    let mut churn_expect = Vec::new();
+    let mut present = vec![false; args.services];
+    let mut errors = 0usize;
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let churn_started = Instant::now();
+    for k in 0..ops {
+        tick.tick().await;
+        let svc = k % args.services;
+        let service = service_name(svc);
+        let instance = format!("churn{svc}");
+        let now = Instant::now();
+        let watchers: Vec<usize> = (0..args.subscribers)
+            .filter(|s| watched(args, *s).contains(&svc))
+            .collect();
+        for s in &watchers {
+            churn_expect.push(tracker.expect_one(*s, &service, &instance, !present[svc], now));
+        }
+        let result = if present[svc] {
+            churn_conn.unregister(&service, &instance).await
+        } else {
+            churn_conn.register(&service, &instance).await
+        };
+        match result {
+            Ok(()) => present[svc] = !present[svc],
+            Err(_) => errors += 1,
+        }
+        progress.inc(1);
+    }
+    let churn_seconds = churn_started.elapsed().as_secs_f64();
+    progress.finish();
+    let progress = bar(churn_expect.len() as u64, "notified", quiet);
+    let churn_seen = tracker.wait(&churn_expect, SETTLE, &progress).await;
+    progress.finish();
+    let mut latencies: Vec<Duration> = churn_seen.iter().flatten().copied().collect();
+    latencies.sort();
+    let pct = |p: f64| -> Option<f64> {
+        (!latencies.is_empty()).then(|| {
+            let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+            millis(latencies[i])
+        })
+    };
+
+    // Failure: a holder process registers instances on service 0, then is killed outright.
+    let failure = failure_phase(args, target, &tracker, quiet).await?;
+
+    // Servers' memory and CPU.
+    let servers: Vec<serde_json::Value> = target
+        .processes()
+        .into_iter()
+        .map(|(name, pid)| {
+            let stats = proc_stats::read(pid);
+            json!({
+                "name": name,
+                "pid": pid,
+                "rss_kib": stats.as_ref().map(|s| s.rss_kib),
+                "peak_rss_kib": stats.as_ref().map(|s| s.peak_rss_kib),
+                "cpu_seconds": stats.as_ref().map(|s| s.cpu_seconds),
+            })
+        })
+        .collect();
+    let rss_total: u64 = servers.iter().filter_map(|s| s["rss_kib"].as_u64()).sum();
+
+    for conn in subscribers.iter().chain(conns.iter()) {
+        conn.close().await;
+    }
+    churn_conn.close().await;
+
+    Ok(json!({
+        "target": target.describe(),
+        "parameters": {
+            "services": args.services,
+            "instances_per_service": args.instances_per_service,
+            "instances": total,
+            "connections": args.connections,
+            "subscribers": args.subscribers,
+            "watch_services": args.watch_services,
+            "rate": args.rate,
+            "duration_seconds": args.duration,
+            "failure_instances": args.failure_instances,
+        },
+        "initial_load": {
+            "instances": total,
+            "seconds": load_seconds,
+            "per_second": total as f64 / load_seconds,
+        },
+        "subscribe": {
+            "subscriptions": expected_subscriptions,
+            "convergence_seconds": convergence_seconds,
+            "notifications_expected": expected_subscriptions,
+            "notifications_seen": subscribe_seen,
+            "updates_delivered": tracker.updates(),
+        },
+        "churn": {
+            "changes": ops,
+            "seconds": churn_seconds,
+            "errors": errors,
+            "notifications_expected": churn_expect.len(),
+            "notifications_seen": latencies.len(),
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": latencies.last().map(|d| millis(*d))},
+        },
+        "failure": failure,
+        "servers": servers,
+        "server_rss_kib_total": (rss_total > 0).then_some(rss_total),
+        "server_bytes_per_instance": (rss_total > 0).then(|| rss_total as f64 * 1024.0 / total as f64),
+    }))
+}
+
+async fn failure_phase(
+    args: &BenchArgs,
+    target: &dyn Target,
+    tracker: &Tracker,
+    quiet: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let service = service_name(0);
+    let watchers: Vec<usize> = (0..args.subscribers)
+        .filter(|s| watched(args, *s).contains(&0))
+        .collect();
+    let held: Vec<String> = (0..args.failure_instances)
+        .map(|j| format!("held{j}"))
+        .collect();
+    let exe = std::env::current_exe().context("cannot find the roster binary")?;
+    let mut holder = tokio::process::Command::new(exe)
+        .arg("bench-holder")
+        .args(target.holder_args())
+        .args([
+            "--service",
+            &service,
+            "--count",
+            &args.failure_instances.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the holder process")?;
+    let mut lines = tokio::io::BufReader::new(holder.stdout.take().expect("piped")).lines();
+    let line = tokio::time::timeout(SETTLE, lines.next_line())
+        .await
+        .context("the holder did not register in time")??;
+    if line.as_deref() != Some("held") {
+        bail!("the holder failed to register its instances");
+    }
+    let now = Instant::now();
+    let appeared: Vec<_> = watchers
+        .iter()
+        .map(|s| tracker.expect_all(*s, &service, held.clone(), now))
+        .collect();
+    let progress = bar(appeared.len() as u64, "hold", quiet);
+    tracker.wait(&appeared, SETTLE, &progress).await;
+    progress.finish();
+
+    // SIGKILL: no goodbye; the registry must notice on its own.
+    let killed_at = Instant::now();
+    let gone: Vec<_> = watchers
+        .iter()
+        .map(|s| tracker.expect_none_of(*s, &service, held.clone(), killed_at))
+        .collect();
+    holder.start_kill().context("cannot kill the holder")?;
+    let _ = holder.wait().await;
+    let progress = bar(gone.len() as u64, "failure", quiet);
+    let seen = tracker.wait(&gone, SETTLE, &progress).await;
+    progress.finish();
+    let detect = seen.iter().flatten().max().map(|d| d.as_secs_f64());
+    Ok(json!({
+        "instances": args.failure_instances,
+        "watchers": watchers.len(),
+        "notifications_expected": gone.len(),
+        "notifications_seen": seen.iter().filter(|s| s.is_some()).count(),
+        "detect_seconds": detect,
+    }))
+}
+
+fn print_table(report: &serde_json::Value) {
+    let f = |v: &serde_json::Value| match v {
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            if x.fract() == 0.0 {
+                format!("{x}")
+            } else {
+                format!("{x:.3}")
+            }
+        }
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let r = report;
+    println!(
+        "target                     {}",
+        r["target"].as_str().unwrap_or("?")
+    );
+    println!(
+        "instances                  {}",
+        f(&r["parameters"]["instances"])
+    );
+    println!(
+        "registration /s            {}",
+        f(&r["initial_load"]["per_second"])
+    );
+    println!(
+        "convergence s              {}",
+        f(&r["subscribe"]["convergence_seconds"])
+    );
+    println!(
+        "subscribe notified         {} of {}",
+        f(&r["subscribe"]["notifications_seen"]),
+        f(&r["subscribe"]["notifications_expected"])
+    );
+    println!(
+        "churn notified             {} of {}",
+        f(&r["churn"]["notifications_seen"]),
+        f(&r["churn"]["notifications_expected"])
+    );
+    for p in ["p50", "p99", "max"] {
+        println!(
+            "notify latency {p:<4} ms      {}",
+            f(&r["churn"]["latency_ms"][p])
+        );
+    }
+    println!(
+        "failure detected s         {}",
+        f(&r["failure"]["detect_seconds"])
+    );
+    println!(
+        "server RSS total KiB       {}",
+        f(&r["server_rss_kib_total"])
+    );
+    println!(
+        "server bytes / instance    {}",
+        f(&r["server_bytes_per_instance"])
+    );
+    if let Some(servers) = r["servers"].as_array() {
+        for s in servers {
+            println!(
+                "  {:<12} rss {:>8} KiB  peak {:>8} KiB  cpu {:>7} s",
+                s["name"].as_str().unwrap_or("?"),
+                f(&s["rss_kib"]),
+                f(&s["peak_rss_kib"]),
+                f(&s["cpu_seconds"])
+            );
+        }
+    }
+}
+
+/// Arguments of the hidden `roster bench-holder`: registers instances and holds them until killed.
+#[derive(Args)]
+pub struct HolderArgs {
+    #[arg(long, value_enum, default_value = "roster")]
+    target: TargetKind,
+    /// Client config of the Roster cluster.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    #[arg(long)]
+    service: String,
+    #[arg(long)]
+    count: usize,
+}
+
+pub async fn holder(args: HolderArgs) -> anyhow::Result<()> {
+    let conn: Arc<dyn Conn> = match args.target {
+        TargetKind::Roster => {
+            let config = args.config.context("--config is required")?;
+            roster::connect(&config).await?
+        }
+        other => bail!("--target {other:?} is not built in"),
+    };
+    let mut registering = futures_util::stream::iter(0..args.count)
+        .map(|j| {
+            let conn = conn.clone();
+            let service = args.service.clone();
+            async move { conn.register(&service, &format!("held{j}")).await }
+        })
+        .buffer_unordered(32);
+    while let Some(result) = futures_util::StreamExt::next(&mut registering).await {
+        result?;
+    }
+    println!("held");
+    // Held until killed.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+use futures_util::StreamExt as _;
