@@ -129,7 +129,8 @@ pub struct CommonArgs {
     /// QUIC keep-alive interval in milliseconds [default: 1000].
     #[arg(long, env = "ROSTER_KEEP_ALIVE_MS", value_name = "MS")]
     keep_alive_ms: Option<u64>,
-    /// QUIC idle timeout in milliseconds: a peer silent this long is dead [default: 4000].
+    /// QUIC idle timeout in milliseconds: a peer silent this long is dead [default: 4000; a
+    /// session server's connections to clients: 3000].
     #[arg(long, env = "ROSTER_IDLE_TIMEOUT_MS", value_name = "MS")]
     idle_timeout_ms: Option<u64>,
     /// Largest frame accepted, in bytes [default: 1048576].
@@ -500,7 +501,13 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     let mut config = SessionConfig::new(args.common.id()?, args.member.metas()?);
     config.advertise = args.member.advertise;
     config.zone = args.member.zone.unwrap_or_default();
-    config.client_transport = args.common.transport();
+    config.client_transport = TransportSettings {
+        idle_timeout: args
+            .common
+            .idle_timeout_ms
+            .map_or(config.client_transport.idle_timeout, Duration::from_millis),
+        ..args.common.transport()
+    };
     config.peer_transport = args.common.transport();
     config.max_frame = args.common.max_frame();
     if let Some(ms) = args.client_grace_ms {

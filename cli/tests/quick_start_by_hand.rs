@@ -68,7 +68,7 @@ fn publish_subscribe_ctrl_c_and_kill_9() {
         "publish exits 0 on Ctrl-C"
     );
 
-    // kill -9: no goodbye; the session notices within its idle timeout (4 s by default).
+    // kill -9: no goodbye; the session notices within its idle timeout (3 s by default).
     let killed = roster("roster publish", cwd, &["publish", "demo", "10.0.0.2:9090"]);
     sub.line_matching(START, "the second address", |l| {
         addresses(l) == ["10.0.0.2:9090"]

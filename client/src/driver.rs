@@ -364,7 +364,9 @@ fn deliver(inner: &Inner, snapshot: Snapshot) {
             warn!(service = %snapshot.service, version = snapshot.version, "withheld an empty snapshot (refuse_empty)");
             return false;
         }
-        stored = Some(snapshot.clone());
+        if inner.cache.is_some() {
+            stored = Some(snapshot.clone());
+        }
         *current = Some(snapshot);
         true
     });

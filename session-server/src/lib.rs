@@ -58,8 +58,9 @@ pub struct SessionConfig {
     pub request_timeout: Duration,
     /// Largest accepted frame. Default 1 MiB.
     pub max_frame: u32,
-    /// QUIC settings towards clients: a dead client is detected within the idle timeout.
-    /// Defaults 1 s keep-alive, 4 s idle timeout.
+    /// QUIC settings towards clients: a dead client is detected within the idle timeout (plus up
+    /// to one keep-alive interval: a keep-alive sent into the silence restarts the timer).
+    /// Defaults 1 s keep-alive, 3 s idle timeout.
     pub client_transport: TransportSettings,
     /// QUIC settings towards meta and data servers. Defaults 1 s and 4 s.
     pub peer_transport: TransportSettings,
@@ -96,7 +97,10 @@ impl SessionConfig {
             repair_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
-            client_transport: TransportSettings::default(),
+            client_transport: TransportSettings {
+                idle_timeout: Duration::from_secs(3),
+                ..TransportSettings::default()
+            },
             peer_transport: TransportSettings::default(),
             drain_timeout: Duration::from_secs(10),
             max_connections: 100_000,
