@@ -325,7 +325,7 @@ async fn handle_request(
                 if let Some(old) = moved_from.as_ref().filter(|old| **old != service) {
                     owned.remove(old, &client.client_id, &register_id);
                 }
-                owned.put(publisher.clone());
+                owned.put(publisher.clone(), client.id);
             }
             if let Some(old) = moved_from.filter(|old| *old != service) {
                 forward(shared, remove_op(shared, client, old, register_id), None).await?;
@@ -487,13 +487,17 @@ async fn cleanup(shared: &Shared, client: &Client) {
         // what this session owned after its own grace. Removing now would flap subscribers.
         return;
     }
-    let publishers: Vec<(RegisterId, ServiceId)> = client.publishers.lock().drain().collect();
-    {
+    let publishers: Vec<(RegisterId, ServiceId)> = {
+        let held: Vec<(RegisterId, ServiceId)> = client.publishers.lock().drain().collect();
         let mut owned = shared.owned.lock();
-        for (register_id, service) in &publishers {
-            owned.remove(service, &client.client_id, register_id);
-        }
-    }
+        // Those the client registered again on a newer connection here are not this one's to
+        // remove.
+        held.into_iter()
+            .filter(|(register_id, service)| {
+                owned.remove_held_by(service, &client.client_id, register_id, client.id)
+            })
+            .collect()
+    };
     if !publishers.is_empty() {
         info!(
             publishers = publishers.len(),

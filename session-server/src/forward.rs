@@ -194,6 +194,11 @@ async fn send_once(shared: &Shared, op: &WriteOp) -> Result<()> {
     let addr = view
         .data_addr(leader)
         .ok_or_else(|| Error::Unavailable(format!("data server {leader} has no address")))?;
+    // Not while a sync of the slot is being built or is in flight (see `gate`).
+    let _pass = shared
+        .slot_gate
+        .write(roster_common::slot::slot_of(service, view.table.slot_count))
+        .await;
     let conn = shared.pool.get(addr).await?;
     let request = DataRequest::Write { op: op.clone() };
     rpc::call::<_, DataResponse>(

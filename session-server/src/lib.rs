@@ -15,6 +15,7 @@
 mod admin;
 mod conn;
 mod forward;
+mod gate;
 pub mod hub;
 mod links;
 pub mod owned;

@@ -561,14 +561,18 @@ async fn report(
     // Several slots at once: a data server that restarted empty needs every slot synced, and it
     // waits for this session before it opens them.
     let syncs = futures_util::stream::iter(mismatched.clone().into_iter().map(|slot| {
-        let publishers = shared.owned.lock().in_slot(slot, slot_count);
-        let sync = DataRequest::SessionSync {
-            instance: shared.instance,
-            slot,
-            publishers,
-        };
         let (shared, addr) = (shared.clone(), addr.clone());
-        async move { call(&shared, &addr, &sync).await }
+        async move {
+            // Built and sent while no write of the slot is in flight (see `gate`).
+            let _pass = shared.slot_gate.sync(slot).await;
+            let publishers = shared.owned.lock().in_slot(slot, slot_count);
+            let sync = DataRequest::SessionSync {
+                instance: shared.instance,
+                slot,
+                publishers,
+            };
+            call(&shared, &addr, &sync).await
+        }
     }))
     .buffer_unordered(SYNC_CONCURRENCY)
     .collect::<Vec<_>>()

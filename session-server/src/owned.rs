@@ -9,20 +9,48 @@ use std::collections::HashMap;
 use roster_common::proto::{Digest, Publisher, SlotDigest};
 use roster_common::{ClientId, RegisterId, ServiceId, SlotId, slot::slot_of};
 
+use crate::hub::ConnId;
+
+/// The publishers of one service, by client and register id, each with the connection that
+/// registered it last.
+type ServicePublishers = HashMap<(ClientId, RegisterId), (Publisher, ConnId)>;
+
 /// Every publisher of every client connected here.
 #[derive(Debug, Default)]
 pub struct Owned {
-    by_service: HashMap<ServiceId, HashMap<(ClientId, RegisterId), Publisher>>,
+    by_service: HashMap<ServiceId, ServicePublishers>,
 }
 
 impl Owned {
-    /// Records (or replaces) a publisher.
-    pub fn put(&mut self, publisher: Publisher) {
+    /// Records (or replaces) a publisher registered on connection `conn`.
+    pub fn put(&mut self, publisher: Publisher, conn: ConnId) {
         let key = (publisher.client_id.clone(), publisher.register_id.clone());
         self.by_service
             .entry(publisher.service.clone())
             .or_default()
-            .insert(key, publisher);
+            .insert(key, (publisher, conn));
+    }
+
+    /// Forgets a publisher if connection `conn` registered it last, and says whether it did. A
+    /// client that reconnected to this same server registers everything again on its new
+    /// connection before closing the old one; the old one's end must not remove any of it.
+    pub fn remove_held_by(
+        &mut self,
+        service: &ServiceId,
+        client_id: &str,
+        register_id: &str,
+        conn: ConnId,
+    ) -> bool {
+        let key = (client_id.to_owned(), register_id.to_owned());
+        let held = self
+            .by_service
+            .get(service)
+            .and_then(|publishers| publishers.get(&key))
+            .is_some_and(|(_, holder)| *holder == conn);
+        if held {
+            self.remove(service, client_id, register_id);
+        }
+        held
     }
 
     /// Forgets a publisher.
@@ -41,7 +69,7 @@ impl Owned {
             slots.iter().map(|s| (*s, Digest::default())).collect();
         for (service, publishers) in &self.by_service {
             if let Some(digest) = by_slot.get_mut(&slot_of(service, slot_count)) {
-                for p in publishers.values() {
+                for (p, _) in publishers.values() {
                     digest.add(p);
                 }
             }
@@ -63,7 +91,7 @@ impl Owned {
         self.by_service
             .iter()
             .filter(|(service, _)| slot_of(service, slot_count) == slot)
-            .flat_map(|(_, publishers)| publishers.values().cloned())
+            .flat_map(|(_, publishers)| publishers.values().map(|(p, _)| p.clone()))
             .collect()
     }
 
@@ -98,7 +126,7 @@ mod tests {
         let mut owned = Owned::default();
         let a = publisher("demo", "r1", 1);
         let slot = slot_of(&a.service, 256);
-        owned.put(a.clone());
+        owned.put(a.clone(), 1);
         let other = (slot + 1) % 256;
         let digests = owned.digests(&[slot, other], 256);
         assert_eq!(digests.len(), 2);
@@ -106,11 +134,24 @@ mod tests {
         assert_eq!(of(slot), Digest::of([&a]));
         assert_eq!(of(other), Digest::default());
         // A new client version changes the digest; removal empties it.
-        owned.put(publisher("demo", "r1", 2));
+        owned.put(publisher("demo", "r1", 2), 1);
         assert_ne!(owned.digests(&[slot], 256)[0].digest, Digest::of([&a]));
         assert_eq!(owned.in_slot(slot, 256).len(), 1);
         owned.remove(&a.service, "c", "r1");
         assert!(owned.is_empty());
         assert_eq!(owned.digests(&[slot], 256)[0].digest, Digest::default());
+    }
+
+    #[test]
+    fn only_the_connection_that_registered_last_removes_on_closing() {
+        let mut owned = Owned::default();
+        let a = publisher("demo", "r1", 1);
+        owned.put(a.clone(), 1);
+        // The client reconnected to this server and registered again on connection 2.
+        owned.put(a.clone(), 2);
+        assert!(!owned.remove_held_by(&a.service, "c", "r1", 1));
+        assert_eq!(owned.len(), 1, "the old connection's end leaves it");
+        assert!(owned.remove_held_by(&a.service, "c", "r1", 2));
+        assert!(owned.is_empty());
     }
 }

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::SessionConfig;
 use crate::conn::serve_client;
 use crate::forward::{self, FORWARD_QUEUE, Forward};
+use crate::gate::SlotGate;
 use crate::hub::{ConnId, Hub};
 use crate::links::{self, LINK_EVENTS, LinkEvent};
 use crate::owned::Owned;
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
     pub mean_load: Arc<AtomicU64>,
     /// Data servers in the slot table, and those with a watch stream up (set by the link manager).
     pub data_links: Mutex<(usize, usize)>,
+    /// Keeps a slot's writes and syncs from overtaking each other.
+    pub slot_gate: SlotGate,
 }
 
 impl Shared {
@@ -149,6 +152,7 @@ impl SessionServer {
             draining: shutdown.clone(),
             mean_load,
             data_links: Mutex::new((0, 0)),
+            slot_gate: SlotGate::default(),
         });
         self.admin.install(Arc::new(crate::admin::SessionAdmin {
             shared: shared.clone(),
@@ -231,8 +235,18 @@ async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationTo
             _ = tick.tick() => {}
         }
         let here = shared.hub.lock().counts().0 as u64;
-        load.store(here, Ordering::Relaxed);
+        // What the meta tier last heard from us: the load set at the previous tick.
+        let reported = load.swap(here, Ordering::Relaxed);
+        let sessions = shared
+            .view()
+            .map_or(0, |v| v.members_of(Role::Session).count()) as u64;
+        if sessions < 2 {
+            // Nowhere to move to: asking clients to move would only reconnect them here.
+            continue;
+        }
+        // The mean counts our load as last reported; count it as it is now.
         let mean = shared.mean_load.load(Ordering::Relaxed);
+        let mean = (mean * sessions + here).saturating_sub(reported) / sessions;
         if mean == 0 || here <= mean + mean / 4 || here - mean <= BALANCE_SLACK {
             continue;
         }

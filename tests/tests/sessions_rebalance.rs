@@ -126,3 +126,96 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
     second_task.await.unwrap().unwrap();
     cluster.stop().await;
 }
+
+/// Clients that know only the overloaded session are asked to move, find nowhere else, and
+/// reconnect to the same server: the end of each old connection must not remove what the client
+/// has just registered again on its new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_asked_to_move_back_to_the_same_session_keep_their_publishers() {
+    let cluster = roster_tests::Cluster::start_with(roster_tests::ClusterOptions {
+        sessions: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut config = cluster.client_config();
+    config.connect_timeout_ms = 1000;
+    let mut clients = Vec::new();
+    let mut publications = Vec::new();
+    let mut states = Vec::new();
+    for i in 0..CLIENTS {
+        let client = Client::connect(config.clone()).await.unwrap();
+        publications.push(
+            client
+                .publish("stays", vec![format!("10.0.1.{i}:80").into()])
+                .await
+                .unwrap(),
+        );
+        let mut state = client.connection_state();
+        state.mark_unchanged();
+        states.push(state);
+        clients.push(client);
+    }
+    let stable: BTreeSet<PublisherKey> = clients
+        .iter()
+        .zip(&publications)
+        .map(|(c, p)| (c.client_id().to_owned(), p.register_id().to_owned()))
+        .collect();
+
+    let watcher = Client::connect(config.clone()).await.unwrap();
+    let mut sub = watcher.subscribe("stays").await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(snapshot) = sub.next().await {
+                seen.lock().push(snapshot);
+            }
+        }
+    });
+    eventually(DEADLINE, "every publisher seen", || async {
+        seen.lock()
+            .last()
+            .is_some_and(|s| keys(s) == stable)
+            .then_some(())
+    })
+    .await;
+
+    // Session 2 holds nobody: session 1 asks some clients to move; they come back to it.
+    let moved = eventually(Duration::from_secs(30), "clients reconnected", || async {
+        let moved = states
+            .iter()
+            .filter(|s| s.has_changed().unwrap_or(false))
+            .count();
+        (moved >= 5).then_some(moved)
+    })
+    .await;
+    assert!(
+        clients
+            .iter()
+            .all(|c| c.session_addr() == Some(cluster.session_addrs[0]))
+    );
+
+    // A change after the moves reaches the watcher, and every publisher is still there.
+    let _marker = watcher
+        .publish("stays", vec!["marker".into()])
+        .await
+        .unwrap();
+    eventually(DEADLINE, "the marker", || async {
+        seen.lock()
+            .last()
+            .is_some_and(|s| s.publishers.len() == CLIENTS + 1)
+            .then_some(())
+    })
+    .await;
+    recorder.abort();
+    let seen = seen.lock().clone();
+    check_history(&seen, &stable)
+        .unwrap_or_else(|e| panic!("after {moved} clients reconnected: {e}"));
+
+    drop(publications);
+    for client in clients {
+        client.close().await;
+    }
+    watcher.close().await;
+    cluster.stop().await;
+}

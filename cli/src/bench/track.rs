@@ -42,6 +42,8 @@ struct Wait {
 struct State {
     /// (subscriber, service) → the instances it last saw.
     sets: HashMap<(usize, String), HashSet<String>>,
+    /// (subscriber, service) → when its last update arrived.
+    last_update: HashMap<(usize, String), Instant>,
     waits: HashMap<(usize, String), Vec<Wait>>,
     results: Vec<Option<Duration>>,
     updates: u64,
@@ -155,6 +157,7 @@ impl Tracker {
             for (id, took) in met {
                 state.results[id] = Some(took);
             }
+            state.last_update.insert(key.clone(), now);
             state.sets.insert(key, set);
             drop(state);
             tracker.changed.notify_waiters();
@@ -187,6 +190,40 @@ impl Tracker {
             )
             .await;
         }
+    }
+
+    /// Up to `limit` expectations not met yet, described, for diagnosing a shortfall.
+    pub fn unmet(&self, limit: usize) -> Vec<String> {
+        let guard = self.state.lock();
+        let state = &*guard;
+        let mut out: Vec<String> = state
+            .waits
+            .iter()
+            .flat_map(|((sub, service), waits)| {
+                waits.iter().map(move |w| {
+                    let what = match &w.cond {
+                        Cond::All(want) => format!("all {} instances", want.len()),
+                        Cond::NoneOf(gone) => format!("none of {} instances", gone.len()),
+                        Cond::One { instance, present } => {
+                            format!("{instance} {}", if *present { "present" } else { "absent" })
+                        }
+                    };
+                    let key = (*sub, service.clone());
+                    let seen = state.sets.get(&key).map_or(0, |s| s.len());
+                    let last = match state.last_update.get(&key) {
+                        Some(t) if *t >= w.since => {
+                            format!("{:?} after", t.duration_since(w.since))
+                        }
+                        Some(t) => format!("{:?} before", w.since.duration_since(*t)),
+                        None => "never".into(),
+                    };
+                    format!("subscriber {sub} {service}: {what} (sees {seen}; last update {last})")
+                })
+            })
+            .take(limit)
+            .collect();
+        out.sort();
+        out
     }
 
     /// Watch updates delivered so far.

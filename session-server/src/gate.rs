@@ -1,0 +1,145 @@
+//! Orders this session's writes and slot syncs, slot by slot.
+//!
+//! A slot sync replaces the slot leader's records of this session with the session's copy as it
+//! was when the sync was built. A write of the same slot applied by the leader between the build
+//! and the sync's arrival would be undone by it: a live publisher would vanish (or a removed one
+//! return) until the next repair. So a sync first closes its slot to new writes, waits for the
+//! writes in flight to be answered, and only then builds its copy and sends it; writes of the slot
+//! wait until the sync is answered. Writes waiting meanwhile are already in the copy (the session
+//! records a change before forwarding it), so sending them afterwards changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use roster_common::SlotId;
+
+/// How often a waiting write or sync looks again.
+const POLL: Duration = Duration::from_millis(1);
+
+#[derive(Default)]
+struct State {
+    writes: HashMap<SlotId, usize>,
+    syncing: HashSet<SlotId>,
+}
+
+#[derive(Clone, Default)]
+pub struct SlotGate {
+    state: Arc<Mutex<State>>,
+}
+
+/// Held while a write of a slot is in flight.
+pub struct WritePass {
+    gate: SlotGate,
+    slot: SlotId,
+}
+
+/// Held while a sync of a slot is built and in flight.
+pub struct SyncPass {
+    gate: SlotGate,
+    slot: SlotId,
+}
+
+impl SlotGate {
+    fn try_write(&self, slot: SlotId) -> Option<WritePass> {
+        let mut state = self.state.lock();
+        if state.syncing.contains(&slot) {
+            return None;
+        }
+        *state.writes.entry(slot).or_default() += 1;
+        Some(WritePass {
+            gate: self.clone(),
+            slot,
+        })
+    }
+
+    /// Waits until writes of `slot` may be sent.
+    pub async fn write(&self, slot: SlotId) -> WritePass {
+        loop {
+            if let Some(pass) = self.try_write(slot) {
+                return pass;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Closes `slot` to new writes, waits for those in flight, and returns the pass for the sync.
+    /// Syncs of one slot take turns.
+    pub async fn sync(&self, slot: SlotId) -> SyncPass {
+        loop {
+            if self.state.lock().syncing.insert(slot) {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let pass = SyncPass {
+            gate: self.clone(),
+            slot,
+        };
+        while self.state.lock().writes.get(&slot).is_some_and(|n| *n > 0) {
+            tokio::time::sleep(POLL).await;
+        }
+        pass
+    }
+}
+
+impl Drop for WritePass {
+    fn drop(&mut self) {
+        let mut state = self.gate.state.lock();
+        if let Some(n) = state.writes.get_mut(&self.slot) {
+            *n -= 1;
+            if *n == 0 {
+                state.writes.remove(&self.slot);
+            }
+        }
+    }
+}
+
+impl Drop for SyncPass {
+    fn drop(&mut self) {
+        self.gate.state.lock().syncing.remove(&self.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sync_waits_for_writes_in_flight_and_holds_new_ones() {
+        let gate = SlotGate::default();
+        let write = gate.write(7).await;
+        let other_slot = gate.write(8).await;
+
+        let sync = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.sync(7).await }
+        });
+        // The slot is closed to new writes as soon as the sync asks, even before it may go.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while gate.try_write(7).is_some_and(|p| {
+            drop(p);
+            true
+        }) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the sync never closed the slot"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !sync.is_finished(),
+            "the sync waits for the write in flight"
+        );
+        drop(write);
+        let pass = sync.await.unwrap();
+        assert!(gate.try_write(7).is_none(), "writes wait for the sync");
+        drop(other_slot);
+        drop(pass);
+        assert!(
+            gate.try_write(7).is_some(),
+            "the slot opens again after the sync"
+        );
+    }
+}
