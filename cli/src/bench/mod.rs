@@ -6,9 +6,13 @@
 //! and CPU read from /proc. Every target is driven through [`Target`] and [`Conn`], so the
 //! workload is defined once.
 
+#[cfg(feature = "peers")]
+mod etcd;
 mod proc_stats;
 mod roster;
 mod track;
+#[cfg(feature = "peers")]
+mod zookeeper;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -85,6 +89,21 @@ pub struct BenchArgs {
     /// memory and CPU are then not reported).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// etcd or ZooKeeper: the server's client address [default: 127.0.0.1:2379 for etcd,
+    /// 127.0.0.1:2181 for ZooKeeper].
+    #[arg(long)]
+    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
+    endpoint: Option<String>,
+    /// etcd or ZooKeeper: the server's process id, whose memory and CPU are then reported (the
+    /// bench/start-*.sh scripts write it to their pid file).
+    #[arg(long)]
+    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
+    server_pid: Option<u32>,
+    /// etcd or ZooKeeper: seconds a client that stopped answering keeps its instances, i.e. the
+    /// lease TTL (etcd) or the session timeout (ZooKeeper).
+    #[arg(long, default_value_t = DEFAULT_TTL)]
+    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
+    ttl: u64,
     /// Services registered.
     #[arg(long, default_value_t = 100)]
     services: usize,
@@ -117,6 +136,20 @@ pub struct BenchArgs {
 /// How long any one phase may wait for the notifications it expects.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// The peers' failure window, in seconds: etcd's lease TTL, ZooKeeper's session timeout. 10 s is
+/// the TTL service registries on etcd commonly grant (go-zero's, for one), and well inside the
+/// session timeouts a default ZooKeeper server accepts (2 to 20 ticks of 2 s).
+const DEFAULT_TTL: u64 = 10;
+
+/// The peer server's address: the one given, or the usual one.
+#[cfg(feature = "peers")]
+fn endpoint(kind: TargetKind, given: Option<&str>) -> &str {
+    given.unwrap_or(match kind {
+        TargetKind::Zookeeper => "127.0.0.1:2181",
+        _ => "127.0.0.1:2379",
+    })
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.services == 0 || args.instances_per_service == 0 || args.connections == 0 {
         bail!("--services, --instances-per-service and --connections must be at least 1");
@@ -128,12 +161,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.services
         );
     }
+    if args.ttl == 0 {
+        bail!("--ttl must be at least 1");
+    }
     let dir = tempfile::tempdir().context("cannot create a working directory")?;
     let mut target: Box<dyn Target> = match args.target {
         TargetKind::Roster => Box::new(roster::RosterTarget::start(&args, dir.path()).await?),
+        #[cfg(feature = "peers")]
+        TargetKind::Etcd => {
+            let endpoint = endpoint(args.target, args.endpoint.as_deref());
+            Box::new(etcd::EtcdTarget::new(endpoint, args.server_pid, args.ttl).await?)
+        }
+        #[cfg(feature = "peers")]
+        TargetKind::Zookeeper => {
+            let endpoint = endpoint(args.target, args.endpoint.as_deref());
+            Box::new(zookeeper::ZkTarget::new(endpoint, args.server_pid, args.ttl).await?)
+        }
+        #[cfg(not(feature = "peers"))]
         other => bail!(
-            "--target {other:?} is not built in: this build of roster drives Roster only \
-             (see bench/README.md)"
+            "--target {other:?} is not built in: this build of roster drives Roster only; build \
+             it with `--features peers` (see bench/README.md)"
         ),
     };
     let result = workload(&args, target.as_ref()).await;
@@ -356,6 +403,7 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": latencies.last().map(|d| millis(*d))},
         },
         "failure": failure,
+        "unmet_sample": tracker.unmet(10),
         "servers": servers,
         "server_rss_kib_total": (rss_total > 0).then_some(rss_total),
         "server_bytes_per_instance": (rss_total > 0).then(|| rss_total as f64 * 1024.0 / total as f64),
@@ -506,6 +554,14 @@ pub struct HolderArgs {
     /// Client config of the Roster cluster.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// The etcd or ZooKeeper server's client address.
+    #[arg(long)]
+    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
+    endpoint: Option<String>,
+    /// The etcd lease TTL or ZooKeeper session timeout, in seconds.
+    #[arg(long, default_value_t = DEFAULT_TTL)]
+    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
+    ttl: u64,
     #[arg(long)]
     service: String,
     #[arg(long)]
@@ -518,6 +574,17 @@ pub async fn holder(args: HolderArgs) -> anyhow::Result<()> {
             let config = args.config.context("--config is required")?;
             roster::connect(&config).await?
         }
+        #[cfg(feature = "peers")]
+        TargetKind::Etcd => {
+            let endpoint = endpoint(args.target, args.endpoint.as_deref());
+            etcd::connect(endpoint, args.ttl).await?
+        }
+        #[cfg(feature = "peers")]
+        TargetKind::Zookeeper => {
+            let endpoint = endpoint(args.target, args.endpoint.as_deref());
+            zookeeper::connect(endpoint, args.ttl).await?
+        }
+        #[cfg(not(feature = "peers"))]
         other => bail!("--target {other:?} is not built in"),
     };
     let mut registering = futures_util::stream::iter(0..args.count)
