@@ -244,13 +244,14 @@ async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationTo
             // Nowhere to move to: asking clients to move would only reconnect them here.
             continue;
         }
-        // The mean counts our load as last reported; count it as it is now.
+        // The mean was computed with the load we reported, not with ours now: compare like with
+        // like. (Comparing today's load with a mean of stale ones would have every server moving
+        // clients while they all still fill up.)
         let mean = shared.mean_load.load(Ordering::Relaxed);
-        let mean = (mean * sessions + here).saturating_sub(reported) / sessions;
-        if mean == 0 || here <= mean + mean / 4 || here - mean <= BALANCE_SLACK {
+        if mean == 0 || reported <= mean + mean / 4 || reported - mean <= BALANCE_SLACK {
             continue;
         }
-        let excess = (here - mean) / 2;
+        let excess = ((reported - mean) / 2).min(here);
         let asked = shared.hub.lock().go_away(
             excess as usize,
             "rebalancing: this session server holds more than its share",
