@@ -186,6 +186,42 @@ pub async fn next_matching(
     }
 }
 
+/// Every snapshot a subscription delivers, recorded by a background task, for checking a whole
+/// history afterwards.
+pub struct SnapshotLog {
+    seen: std::sync::Arc<parking_lot::Mutex<Vec<Snapshot>>>,
+    task: JoinHandle<()>,
+}
+
+impl SnapshotLog {
+    pub fn start(mut sub: Subscription) -> Self {
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                while let Some(snapshot) = sub.next().await {
+                    seen.lock().push(snapshot);
+                }
+            }
+        });
+        SnapshotLog { seen, task }
+    }
+
+    /// Waits (up to [`DEADLINE`]) until the latest snapshot satisfies `pred`.
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&Snapshot) -> bool) {
+        eventually(DEADLINE, what, || async {
+            self.seen.lock().last().is_some_and(&pred).then_some(())
+        })
+        .await
+    }
+
+    /// Stops recording and returns every snapshot seen.
+    pub fn finish(self) -> Vec<Snapshot> {
+        self.task.abort();
+        self.seen.lock().clone()
+    }
+}
+
 /// The data strings of a snapshot's publishers, sorted.
 pub fn addresses(snapshot: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = snapshot

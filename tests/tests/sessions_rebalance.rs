@@ -3,16 +3,12 @@
 //! publishers disappear.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
-use futures_util::StreamExt;
 use roster_client::Client;
 use roster_session::{SessionConfig, SessionServer};
 use roster_tests::{
-    Cluster, DEADLINE, PublisherKey, bind_loopback, check_history, eventually, keys,
+    Cluster, DEADLINE, PublisherKey, SnapshotLog, bind_loopback, check_history, eventually, keys,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -52,23 +48,10 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
     let mut watcher_config = cluster.client_config();
     watcher_config.connect_timeout_ms = 1000;
     let watcher = Client::connect(watcher_config).await.unwrap();
-    let mut sub = watcher.subscribe("balanced").await.unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let recorder = tokio::spawn({
-        let seen = seen.clone();
-        async move {
-            while let Some(snapshot) = sub.next().await {
-                seen.lock().push(snapshot);
-            }
-        }
-    });
-    eventually(DEADLINE, "every publisher seen", || async {
-        seen.lock()
-            .last()
-            .is_some_and(|s| keys(s) == stable)
-            .then_some(())
-    })
-    .await;
+    let sub = watcher.subscribe("balanced").await.unwrap();
+    let log = SnapshotLog::start(sub);
+    log.wait_for("every publisher seen", |s| keys(s) == stable)
+        .await;
 
     // Start the second session server on the reserved socket.
     let stop_second = CancellationToken::new();
@@ -106,15 +89,9 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
         .publish("balanced", vec!["marker".into()])
         .await
         .unwrap();
-    eventually(DEADLINE, "the marker", || async {
-        seen.lock()
-            .last()
-            .is_some_and(|s| s.publishers.len() == CLIENTS + 1)
-            .then_some(())
-    })
-    .await;
-    recorder.abort();
-    let seen = seen.lock().clone();
+    log.wait_for("the marker", |s| s.publishers.len() == CLIENTS + 1)
+        .await;
+    let seen = log.finish();
     check_history(&seen, &stable).unwrap();
 
     drop(publications);
@@ -162,23 +139,10 @@ async fn clients_asked_to_move_back_to_the_same_session_keep_their_publishers() 
         .collect();
 
     let watcher = Client::connect(config.clone()).await.unwrap();
-    let mut sub = watcher.subscribe("stays").await.unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let recorder = tokio::spawn({
-        let seen = seen.clone();
-        async move {
-            while let Some(snapshot) = sub.next().await {
-                seen.lock().push(snapshot);
-            }
-        }
-    });
-    eventually(DEADLINE, "every publisher seen", || async {
-        seen.lock()
-            .last()
-            .is_some_and(|s| keys(s) == stable)
-            .then_some(())
-    })
-    .await;
+    let sub = watcher.subscribe("stays").await.unwrap();
+    let log = SnapshotLog::start(sub);
+    log.wait_for("every publisher seen", |s| keys(s) == stable)
+        .await;
 
     // Session 2 holds nobody: session 1 asks some clients to move; they come back to it.
     let moved = eventually(Duration::from_secs(30), "clients reconnected", || async {
@@ -200,15 +164,9 @@ async fn clients_asked_to_move_back_to_the_same_session_keep_their_publishers() 
         .publish("stays", vec!["marker".into()])
         .await
         .unwrap();
-    eventually(DEADLINE, "the marker", || async {
-        seen.lock()
-            .last()
-            .is_some_and(|s| s.publishers.len() == CLIENTS + 1)
-            .then_some(())
-    })
-    .await;
-    recorder.abort();
-    let seen = seen.lock().clone();
+    log.wait_for("the marker", |s| s.publishers.len() == CLIENTS + 1)
+        .await;
+    let seen = log.finish();
     check_history(&seen, &stable)
         .unwrap_or_else(|e| panic!("after {moved} clients reconnected: {e}"));
 

@@ -20,12 +20,10 @@ use etcd_client::{
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxFut, Conn, OnChange, Target};
+use super::{BoxFut, Conn, OnChange, PeerServer, Target, TargetKind};
 
 pub struct EtcdTarget {
-    endpoint: String,
-    server_pid: Option<u32>,
-    ttl: u64,
+    server: PeerServer,
     version: String,
 }
 
@@ -38,9 +36,12 @@ impl EtcdTarget {
             .await
             .with_context(|| format!("etcd at {endpoint} does not answer"))?;
         Ok(EtcdTarget {
-            endpoint: endpoint.to_owned(),
-            server_pid,
-            ttl,
+            server: PeerServer {
+                kind: TargetKind::Etcd,
+                endpoint: endpoint.to_owned(),
+                pid: server_pid,
+                ttl,
+            },
             version: status.version().to_owned(),
         })
     }
@@ -48,34 +49,19 @@ impl EtcdTarget {
 
 impl Target for EtcdTarget {
     fn describe(&self) -> String {
-        format!("etcd {} (lease TTL {} s)", self.version, self.ttl)
+        format!("etcd {} (lease TTL {} s)", self.version, self.server.ttl)
     }
 
     fn connect(&self) -> BoxFut<'_, anyhow::Result<Arc<dyn Conn>>> {
-        Box::pin(async move { connect(&self.endpoint, self.ttl).await })
+        Box::pin(async move { connect(&self.server.endpoint, self.server.ttl).await })
     }
 
     fn processes(&self) -> Vec<(String, u32)> {
-        self.server_pid
-            .map(|pid| ("etcd".to_owned(), pid))
-            .into_iter()
-            .collect()
+        self.server.processes()
     }
 
     fn holder_args(&self) -> Vec<String> {
-        vec![
-            "--target".into(),
-            "etcd".into(),
-            "--endpoint".into(),
-            self.endpoint.clone(),
-            "--ttl".into(),
-            self.ttl.to_string(),
-        ]
-    }
-
-    fn stop(&mut self) -> BoxFut<'_, ()> {
-        // The server is not ours to stop.
-        Box::pin(async {})
+        self.server.holder_args()
     }
 }
 

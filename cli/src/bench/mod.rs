@@ -42,8 +42,53 @@ pub trait Target: Send + Sync {
     fn processes(&self) -> Vec<(String, u32)>;
     /// Flags that let `roster bench-holder` reach the same target.
     fn holder_args(&self) -> Vec<String>;
-    /// Stops what the target started.
-    fn stop(&mut self) -> BoxFut<'_, ()>;
+    /// Stops what the target started; by default nothing (a server run by someone else).
+    fn stop(&mut self) -> BoxFut<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A peer registry server the bench connects to but does not run: where it listens, its process
+/// (for memory and CPU, when given) and the TTL its clients ask for.
+#[cfg(feature = "peers")]
+pub struct PeerServer {
+    pub kind: TargetKind,
+    pub endpoint: String,
+    pub pid: Option<u32>,
+    pub ttl: u64,
+}
+
+#[cfg(feature = "peers")]
+impl PeerServer {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            TargetKind::Roster => "roster",
+            TargetKind::Etcd => "etcd",
+            TargetKind::Zookeeper => "zookeeper",
+        }
+    }
+
+    /// For [`Target::processes`].
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        self.pid
+            .map(|pid| (self.name().to_owned(), pid))
+            .into_iter()
+            .collect()
+    }
+
+    /// For [`Target::holder_args`].
+    pub fn holder_args(&self) -> Vec<String> {
+        [
+            "--target",
+            self.name(),
+            "--endpoint",
+            &self.endpoint,
+            "--ttl",
+            &self.ttl.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
 }
 
 /// One client connection to a registry.

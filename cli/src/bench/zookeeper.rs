@@ -13,13 +13,11 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
 
-use super::{BoxFut, Conn, OnChange, Target};
+use super::{BoxFut, Conn, OnChange, PeerServer, Target, TargetKind};
 
 pub struct ZkTarget {
-    endpoint: String,
-    server_pid: Option<u32>,
-    /// The session timeout asked for, in seconds.
-    timeout: u64,
+    /// Its `ttl` is the session timeout asked for, in seconds.
+    server: PeerServer,
     /// The one the server granted.
     negotiated: Duration,
     version: Option<String>,
@@ -34,9 +32,12 @@ impl ZkTarget {
     ) -> anyhow::Result<Self> {
         let probe = session(endpoint, timeout).await?;
         Ok(ZkTarget {
-            endpoint: endpoint.to_owned(),
-            server_pid,
-            timeout,
+            server: PeerServer {
+                kind: TargetKind::Zookeeper,
+                endpoint: endpoint.to_owned(),
+                pid: server_pid,
+                ttl: timeout,
+            },
             negotiated: probe.session_timeout(),
             version: version(endpoint).await,
         })
@@ -74,30 +75,15 @@ impl Target for ZkTarget {
     }
 
     fn connect(&self) -> BoxFut<'_, anyhow::Result<Arc<dyn Conn>>> {
-        Box::pin(async move { connect(&self.endpoint, self.timeout).await })
+        Box::pin(async move { connect(&self.server.endpoint, self.server.ttl).await })
     }
 
     fn processes(&self) -> Vec<(String, u32)> {
-        self.server_pid
-            .map(|pid| ("zookeeper".to_owned(), pid))
-            .into_iter()
-            .collect()
+        self.server.processes()
     }
 
     fn holder_args(&self) -> Vec<String> {
-        vec![
-            "--target".into(),
-            "zookeeper".into(),
-            "--endpoint".into(),
-            self.endpoint.clone(),
-            "--ttl".into(),
-            self.timeout.to_string(),
-        ]
-    }
-
-    fn stop(&mut self) -> BoxFut<'_, ()> {
-        // The server is not ours to stop.
-        Box::pin(async {})
+        self.server.holder_args()
     }
 }
 
