@@ -7,7 +7,8 @@
 //! - [`proto`] holds one request enum and one response enum per link (client↔session, member↔meta,
 //!   session↔data), plus the push and event streams. `docs/PROTOCOL.md` is their specification.
 //! - [`frame`] is the codec: a 4-byte big-endian length, then MessagePack with named fields. Frames above
-//!   a configured limit are refused before they are read.
+//!   a configured limit are refused before they are read. [`push`] assembles push frames from
+//!   publishers encoded once.
 //! - [`error`] is the one error type whose code crosses the wire, with the classification callers act on
 //!   (`is_retryable`, `NotLeader { leader }`, `SlotMoving { retry_after }`).
 //! - [`quic`] and [`tls`] build QUIC endpoints (quinn with rustls and the ring provider) and the dev PKI.
@@ -26,6 +27,7 @@ pub mod ids;
 pub mod member;
 pub mod peers;
 pub mod proto;
+pub mod push;
 pub mod quic;
 pub mod rpc;
 pub mod serve;

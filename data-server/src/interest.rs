@@ -1,5 +1,8 @@
 //! Which sessions want to hear about which services, and the channel to each session's watch stream.
 //!
+//! Each event is the change itself (the publisher put or removed, and the versions before and
+//! after), so a session applies it to its copy of the datum without fetching.
+//!
 //! Overflow policy: each session's notification queue holds [`NOTIFY_QUEUE`] events. A session that
 //! falls that far behind is detached: its queue is dropped, which ends its watch stream; the session
 //! reconnects the stream, registers its interest again and refetches, so it resyncs rather than
@@ -8,11 +11,15 @@
 use std::collections::{HashMap, HashSet};
 
 use roster_common::proto::DataEvent;
-use roster_common::{InstanceId, ServiceId, Version};
+use roster_common::{InstanceId, ServiceId};
 use tokio::sync::mpsc;
 
-/// Notifications queued per session before it is detached.
-pub const NOTIFY_QUEUE: usize = 4096;
+use crate::store::Change;
+
+/// Notifications queued per session before it is detached: a burst of this many changes (a
+/// few MiB of publishers) while the session's stream is slow is absorbed; beyond it the session
+/// resyncs by fetching.
+pub const NOTIFY_QUEUE: usize = 32_768;
 
 struct Watcher {
     /// Identifies one attachment, so a stale stream's cleanup cannot detach its replacement.
@@ -97,18 +104,20 @@ impl Interests {
         true
     }
 
-    /// Queues a `Changed` event for every session interested in `service`; sessions whose queue is
-    /// full are detached (see the module docs). Returns how many were detached.
-    pub fn notify(&mut self, service: &ServiceId, version: Version) -> usize {
-        let Some(sessions) = self.by_service.get(service) else {
+    /// Queues a `Changed` event for every session interested in the changed service; sessions whose
+    /// queue is full are detached (see the module docs). Returns how many were detached.
+    pub fn notify(&mut self, change: &Change) -> usize {
+        let Some(sessions) = self.by_service.get(&change.service) else {
             return 0;
         };
         let mut overflowed = Vec::new();
         for instance in sessions {
             let watcher = &self.watchers[instance];
             let event = DataEvent::Changed {
-                service: service.clone(),
-                version,
+                service: change.service.clone(),
+                version: change.version,
+                prev: Some(change.prev),
+                change: Some(change.change.clone()),
             };
             if watcher.tx.try_send(event).is_err() {
                 overflowed.push(*instance);
@@ -123,10 +132,35 @@ impl Interests {
 
 #[cfg(test)]
 mod tests {
+    use roster_common::Version;
+    use roster_common::proto::{PublisherChange, PublisherId};
+
     use super::*;
 
     fn svc(name: &str) -> ServiceId {
         name.parse().unwrap()
+    }
+
+    fn removal(service: &str, version: Version) -> Change {
+        Change {
+            service: svc(service),
+            prev: version.saturating_sub(1),
+            version,
+            change: PublisherChange::Remove(PublisherId {
+                client_id: "c".into(),
+                register_id: "r".into(),
+            }),
+        }
+    }
+
+    fn event(service: &str, version: Version) -> DataEvent {
+        let change = removal(service, version);
+        DataEvent::Changed {
+            service: change.service,
+            version,
+            prev: Some(change.prev),
+            change: Some(change.change),
+        }
     }
 
     #[test]
@@ -140,17 +174,11 @@ mod tests {
             !interests.set(3, &[svc("a")], true),
             "no watch stream, no interest"
         );
-        interests.notify(&svc("a"), 7);
-        assert_eq!(
-            rx1.try_recv().unwrap(),
-            DataEvent::Changed {
-                service: svc("a"),
-                version: 7
-            }
-        );
+        interests.notify(&removal("a", 7));
+        assert_eq!(rx1.try_recv().unwrap(), event("a", 7));
         assert!(rx2.try_recv().is_err());
         interests.set(1, &[svc("a")], false);
-        interests.notify(&svc("a"), 8);
+        interests.notify(&removal("a", 8));
         assert!(rx1.try_recv().is_err());
     }
 
@@ -160,9 +188,9 @@ mod tests {
         let (_, mut rx) = interests.attach(1);
         interests.set(1, &[svc("a")], true);
         for v in 0..NOTIFY_QUEUE as u64 {
-            assert_eq!(interests.notify(&svc("a"), v), 0);
+            assert_eq!(interests.notify(&removal("a", v)), 0);
         }
-        assert_eq!(interests.notify(&svc("a"), 1 << 40), 1);
+        assert_eq!(interests.notify(&removal("a", 1 << 40)), 1);
         assert!(!interests.set(1, &[svc("b")], true), "detached");
         let mut drained = 0;
         while rx.try_recv().is_ok() {

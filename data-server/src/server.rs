@@ -6,6 +6,7 @@ use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream};
 use roster_common::admin::{Admin, AdminSource};
@@ -41,6 +42,9 @@ pub const REPLICATION_QUEUE: usize = 65_536;
 const REPLICATION_BATCH: usize = 1_024;
 /// Slots fetched at once.
 const FETCH_CONCURRENCY: usize = 8;
+/// Notifications written to a session's watch stream in one write, at most (a little more when
+/// one event is larger).
+const EVENT_BATCH_BYTES: usize = 64 << 10;
 
 /// A data server, built from its config and run until a shutdown signal.
 pub struct DataServer {
@@ -187,10 +191,10 @@ impl Shared {
             return;
         }
         let mut interests = self.interests.lock();
-        for (service, version) in changes {
-            let detached = interests.notify(service, *version);
+        for change in changes {
+            let detached = interests.notify(change);
             if detached > 0 {
-                warn!(%service, detached, "sessions fell behind on notifications and were detached; they will resync");
+                warn!(service = %change.service, detached, "sessions fell behind on notifications and were detached; they will resync");
             }
         }
     }
@@ -258,7 +262,7 @@ impl Shared {
         match self.lead(|store| store.write(op)) {
             Ok(applied) => {
                 let version = match applied.changes.first() {
-                    Some((_, v)) => *v,
+                    Some(change) => change.version,
                     None => self.store.lock().version(&service),
                 };
                 debug!(%service, version, "applied");
@@ -267,6 +271,36 @@ impl Shared {
             }
             Err(e) => Err(self.with_leader_hint(e, &service)),
         }
+    }
+
+    /// Applies a batch of session changes under one store lock; each op succeeds or fails on
+    /// its own.
+    fn handle_write_batch(&self, ops: Vec<WriteOp>) -> Result<DataResponse> {
+        if ops.iter().any(|op| match op {
+            WriteOp::Put { publisher } => {
+                publisher.register_id.is_empty() || publisher.client_id.is_empty()
+            }
+            WriteOp::Remove { .. } => false,
+        }) {
+            return Err(Error::InvalidArgument(
+                "every publisher needs a client id and a register id".into(),
+            ));
+        }
+        let services: Vec<ServiceId> = ops.iter().map(|op| op.service().clone()).collect();
+        let mut results = Vec::new();
+        self.lead(|store| {
+            let (each, applied) = store.write_batch(ops);
+            results = each;
+            Ok(applied)
+        })?;
+        let written = results.iter().filter(|r| r.is_ok()).count();
+        metrics::counter!("roster_data_writes_total").increment(written as u64);
+        let results = results
+            .into_iter()
+            .zip(&services)
+            .map(|(result, service)| reply(result.map_err(|e| self.with_leader_hint(e, service))))
+            .collect();
+        Ok(DataResponse::WrittenBatch { results })
     }
 
     fn snapshots(&self, services: &[ServiceId]) -> Result<Vec<Snapshot>> {
@@ -622,6 +656,7 @@ async fn handle_stream(
             return;
         }
         DataRequest::Write { op } => shared.handle_write(op),
+        DataRequest::WriteBatch { ops } => shared.handle_write_batch(ops),
         DataRequest::Interest {
             instance,
             services,
@@ -669,6 +704,7 @@ fn request_name(request: &DataRequest) -> &'static str {
     match request {
         DataRequest::Watch { .. } => "Watch",
         DataRequest::Write { .. } => "Write",
+        DataRequest::WriteBatch { .. } => "WriteBatch",
         DataRequest::Interest { .. } => "Interest",
         DataRequest::Fetch { .. } => "Fetch",
         DataRequest::ListServices {} => "ListServices",
@@ -681,6 +717,7 @@ fn request_name(request: &DataRequest) -> &'static str {
 }
 
 /// Serves a session's watch stream: `Ready`, then its notifications, until either side ends it.
+/// Events queued meanwhile go out together, in one write of up to [`EVENT_BATCH_BYTES`].
 async fn stream_events(
     shared: &Shared,
     mut send: SendStream,
@@ -696,16 +733,24 @@ async fn stream_events(
         "session watch attached"
     );
     let mut next = Some(DataEvent::Ready {});
-    loop {
+    let mut batch = BytesMut::new();
+    'stream: loop {
         if let Some(event) = next.take() {
-            let frame = match frame::encode(&reply::<DataEvent>(Ok(event)), max_frame) {
-                Ok(frame) => frame,
-                Err(e) => {
-                    warn!(error = %e, "event does not fit in a frame");
-                    break;
+            batch.clear();
+            let mut event = Some(event);
+            while let Some(current) = event.take() {
+                match frame::encode(&reply::<DataEvent>(Ok(current)), max_frame) {
+                    Ok(frame) => batch.extend_from_slice(&frame),
+                    Err(e) => {
+                        warn!(error = %e, "event does not fit in a frame");
+                        break 'stream;
+                    }
                 }
-            };
-            if send.write_all(&frame).await.is_err() {
+                if batch.len() < EVENT_BATCH_BYTES {
+                    event = events.try_recv().ok();
+                }
+            }
+            if send.write_all(&batch).await.is_err() {
                 break;
             }
         }

@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use roster_common::proto::{
-    Digest, Publisher, ReplicatedOp, ServiceSummary, SlotDigest, SlotDump, SlotTable, Snapshot,
-    WriteOp,
+    Digest, Publisher, PublisherChange, PublisherId, ReplicatedOp, ServiceSummary, SlotDigest,
+    SlotDump, SlotTable, Snapshot, WriteOp,
 };
 use roster_common::{
     ClientId, Epoch, Error, InstanceId, NodeId, RegisterId, Result, ServiceId, SlotId, Version,
@@ -135,8 +135,15 @@ pub struct SlotSummary {
     pub publishers: usize,
 }
 
-/// A service whose datum changed, and its new version.
-pub type Change = (ServiceId, Version);
+/// One change of a service's datum, as interested sessions are told of it: the publisher change
+/// that took the datum from version `prev` to `version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub service: ServiceId,
+    pub prev: Version,
+    pub version: Version,
+    pub change: PublisherChange,
+}
 
 /// What a leader-side change produced: the ops for the followers and the changes to notify.
 #[derive(Debug, Default, PartialEq)]
@@ -146,9 +153,14 @@ pub struct Applied {
 }
 
 impl Applied {
-    fn push(&mut self, op: ReplicatedOp, service: ServiceId) {
-        self.changes.push((service, op.version));
+    fn push(&mut self, (op, change): (ReplicatedOp, Change)) {
+        self.changes.push(change);
         self.ops.push(op);
+    }
+
+    fn extend(&mut self, other: Applied) {
+        self.ops.extend(other.ops);
+        self.changes.extend(other.changes);
     }
 }
 
@@ -277,30 +289,58 @@ impl Store {
     }
 
     /// Applies `op` to slot `index` as its leader; `None` if it changes nothing.
-    fn lead(&mut self, index: usize, op: WriteOp) -> Option<ReplicatedOp> {
+    fn lead(&mut self, index: usize, op: WriteOp) -> Option<(ReplicatedOp, Change)> {
         let slot = &mut self.slots[index];
         let owners = &mut self.owners;
-        apply_op(slot, owners, &op, None)?;
+        let datum_prev = slot.services.get(op.service()).map_or(0, |d| d.version);
+        let change = apply_op(slot, owners, &op, None)?;
         let prev = slot.version;
         let version = slot.next_version();
-        set_version(slot, op.service(), version);
-        Some(ReplicatedOp {
-            slot: index as SlotId,
-            prev,
-            version,
-            op,
-        })
+        let service = set_version(slot, op.service(), version);
+        Some((
+            ReplicatedOp {
+                slot: index as SlotId,
+                prev,
+                version,
+                op,
+            },
+            Change {
+                service,
+                prev: datum_prev,
+                version,
+                change,
+            },
+        ))
     }
 
     /// Applies one session change as slot leader.
     pub fn write(&mut self, op: WriteOp) -> Result<Applied> {
         let index = self.ready_slot(op.service())?;
         let mut applied = Applied::default();
-        let service = op.service().clone();
-        if let Some(replicated) = self.lead(index, op) {
-            applied.push(replicated, service);
+        if let Some(led) = self.lead(index, op) {
+            applied.push(led);
         }
         Ok(applied)
+    }
+
+    /// Applies session changes in order, each on its own: for each, the datum version it produced
+    /// (or found, when it changed nothing) or why it was refused.
+    pub fn write_batch(&mut self, ops: Vec<WriteOp>) -> (Vec<Result<Version>>, Applied) {
+        let mut applied = Applied::default();
+        let results = ops
+            .into_iter()
+            .map(|op| {
+                let service = op.service().clone();
+                let done = self.write(op)?;
+                let version = match done.changes.first() {
+                    Some(change) => change.version,
+                    None => self.version(&service),
+                };
+                applied.extend(done);
+                Ok(version)
+            })
+            .collect();
+        (results, applied)
     }
 
     /// The current version of `service`'s datum, 0 if none.
@@ -352,9 +392,8 @@ impl Store {
                 .map(remove_op)
                 .collect();
             for op in doomed {
-                let service = op.service().clone();
-                if let Some(replicated) = self.lead(index, op) {
-                    applied.push(replicated, service);
+                if let Some(led) = self.lead(index, op) {
+                    applied.push(led);
                 }
             }
         }
@@ -456,9 +495,8 @@ impl Store {
         }
         let mut applied = Applied::default();
         for op in ops {
-            let service = op.service().clone();
-            if let Some(replicated) = self.lead(index, op) {
-                applied.push(replicated, service);
+            if let Some(led) = self.lead(index, op) {
+                applied.push(led);
             }
         }
         self.slots[index].heard.insert(instance);
@@ -515,10 +553,10 @@ impl Store {
             .count()
     }
 
-    /// Applies the leader's changes as follower. Returns the changes, and the slots that showed a
-    /// gap (not applied: to fetch whole).
-    pub fn replicate(&mut self, ops: Vec<ReplicatedOp>) -> (Vec<Change>, Vec<SlotId>) {
-        let mut changes = Vec::new();
+    /// Applies the leader's changes as follower. Returns how many applied, and the slots that
+    /// showed a gap (not applied: to fetch whole).
+    pub fn replicate(&mut self, ops: Vec<ReplicatedOp>) -> (usize, Vec<SlotId>) {
+        let mut applied = 0;
         let mut gaps: Vec<SlotId> = Vec::new();
         for r in ops {
             let Some(slot) = self.slots.get_mut(r.slot as usize) else {
@@ -539,15 +577,14 @@ impl Store {
                 gaps.push(r.slot);
                 continue;
             }
-            let service = r.op.service().clone();
             let _ = apply_op(slot, &mut self.owners, &r.op, Some(r.version));
             slot.version = r.version;
-            set_version(slot, &service, r.version);
-            changes.push((service, r.version));
+            set_version(slot, r.op.service(), r.version);
+            applied += 1;
         }
         gaps.sort_unstable();
         gaps.dedup();
-        (changes, gaps)
+        (applied, gaps)
     }
 
     /// A whole slot, for a follower. Only a ready leader gives one.
@@ -661,15 +698,15 @@ fn remove_op(p: &Publisher) -> WriteOp {
     }
 }
 
-/// Applies `op` to `slot`'s records; `None` when it changes nothing. A put older (by
-/// `client_version`) than the record is ignored — unless replayed from the leader (`forced`),
-/// which decided already.
+/// Applies `op` to `slot`'s records and returns the change as subscribers see it; `None` when it
+/// changes nothing. A put older (by `client_version`) than the record is ignored — unless replayed
+/// from the leader (`forced`), which decided already.
 fn apply_op(
     slot: &mut Slot,
     owners: &mut HashMap<InstanceId, usize>,
     op: &WriteOp,
     forced: Option<Version>,
-) -> Option<()> {
+) -> Option<PublisherChange> {
     match op {
         WriteOp::Put { publisher } => {
             // Every record of a service shares the datum key's service id allocation.
@@ -690,10 +727,11 @@ fn apply_op(
             *owners.entry(publisher.session_instance).or_default() += 1;
             let mut record = publisher.clone();
             record.service = service;
+            let view = record.view();
             if let Some(old) = datum.publishers.insert(key, record) {
                 release(owners, old.session_instance);
             }
-            Some(())
+            Some(PublisherChange::Put(view))
         }
         WriteOp::Remove {
             service,
@@ -709,14 +747,28 @@ fn apply_op(
             }
             datum.publishers.remove(&key);
             release(owners, *session_instance);
-            Some(())
+            Some(PublisherChange::Remove(PublisherId {
+                client_id: key.0,
+                register_id: key.1,
+            }))
         }
     }
 }
 
-fn set_version(slot: &mut Slot, service: &ServiceId, version: Version) {
+/// Sets the slot's and `service`'s datum version; returns the datum's (shared) service id.
+fn set_version(slot: &mut Slot, service: &ServiceId, version: Version) -> ServiceId {
     slot.version = version;
-    slot.services.entry(service.clone()).or_default().version = version;
+    match slot.services.get_key_value(service) {
+        Some((shared, _)) => {
+            let shared = shared.clone();
+            slot.services.get_mut(service).expect("present").version = version;
+            shared
+        }
+        None => {
+            slot.services.entry(service.clone()).or_default().version = version;
+            service.clone()
+        }
+    }
 }
 
 fn release(owners: &mut HashMap<InstanceId, usize>, instance: InstanceId) {
@@ -781,7 +833,8 @@ mod tests {
     fn versions_grow_with_every_change_and_carry_the_term() {
         let mut store = leader(1, 5, &[1]);
         let a = store.write(put(publisher("c", "r1", "a", 9))).unwrap();
-        let v1 = a.changes[0].1;
+        let v1 = a.changes[0].version;
+        assert_eq!(a.changes[0].prev, 0, "a new datum starts from version 0");
         assert_eq!(v1 >> 32, 5);
         assert!(
             store
@@ -791,12 +844,17 @@ mod tests {
                 .is_empty(),
             "identical put"
         );
-        let v2 = store
-            .write(put(publisher("c", "r1", "b", 9)))
-            .unwrap()
-            .changes[0]
-            .1;
+        let second = store.write(put(publisher("c", "r1", "b", 9))).unwrap();
+        let v2 = second.changes[0].version;
         assert!(v2 > v1);
+        assert_eq!(
+            second.changes[0].prev, v1,
+            "each change names the version it applies to"
+        );
+        assert_eq!(
+            second.changes[0].change,
+            PublisherChange::Put(publisher("c", "r1", "b", 9).view())
+        );
         let snap = store.snapshot(&demo()).unwrap();
         assert_eq!(snap.version, v2);
         assert_eq!(snap.publishers[0].data[0], Bytes::from_static(b"b"));
@@ -815,6 +873,43 @@ mod tests {
             store.snapshot(&demo()).unwrap().publishers[0].data[0],
             Bytes::from_static(b"new")
         );
+    }
+
+    #[test]
+    fn a_batch_applies_each_op_on_its_own_and_changes_chain() {
+        let now = Instant::now();
+        let mut store = Store::new(1);
+        let mut t = table(1, &[1]);
+        let other: ServiceId = (0..)
+            .map(|i| format!("svc{i}").parse::<ServiceId>().unwrap())
+            .find(|s| roster_common::slot::slot_of(s, 8) != slot_of_demo())
+            .unwrap();
+        t.slots[roster_common::slot::slot_of(&other, 8) as usize] = vec![2];
+        store.apply_table(&t, now);
+        store.open_ready(&HashSet::new(), now, Duration::ZERO);
+        let mut elsewhere = publisher("c", "x", "1", 9);
+        elsewhere.service = other;
+        let (results, applied) = store.write_batch(vec![
+            put(publisher("c", "a", "1", 9)),
+            put(elsewhere),
+            put(publisher("c", "b", "2", 9)),
+            put(publisher("c", "a", "1", 9)),
+        ]);
+        assert!(matches!(results[1], Err(Error::NotLeader { .. })));
+        let (v1, v2) = (*results[0].as_ref().unwrap(), *results[2].as_ref().unwrap());
+        assert!(v2 > v1);
+        assert_eq!(
+            results[3].as_ref().unwrap(),
+            &v2,
+            "an op that changes nothing answers the current version"
+        );
+        assert_eq!(applied.ops.len(), 2);
+        let chain: Vec<(Version, Version)> = applied
+            .changes
+            .iter()
+            .map(|c| (c.prev, c.version))
+            .collect();
+        assert_eq!(chain, vec![(0, v1), (v1, v2)]);
     }
 
     #[test]
@@ -958,9 +1053,9 @@ mod tests {
         let second = lead.write(put(publisher("c", "b", "2", 9))).unwrap();
         let third = lead.write(put(publisher("c", "c", "3", 9))).unwrap();
         // An op already covered by the dump is skipped; the next applies in order.
-        let (changes, gaps) = follow.replicate([first.ops, second.ops].concat());
+        let (applied, gaps) = follow.replicate([first.ops, second.ops].concat());
         assert!(gaps.is_empty());
-        assert_eq!(changes.len(), 1);
+        assert_eq!(applied, 1);
         assert_eq!(follow.slot_digest(slot_of_demo()).unwrap().digest.count, 2);
         // Skipping one op (the third) is a gap.
         let fourth = lead.write(put(publisher("c", "d", "4", 9))).unwrap();
@@ -983,7 +1078,7 @@ mod tests {
         follow.apply_table(&table(1, &[1, 2]), now);
         follow.install_dump(lead.dump(slot_of_demo()).unwrap());
         let applied = lead.write(put(publisher("c", "a", "1", 9))).unwrap();
-        let v1 = applied.changes[0].1;
+        let v1 = applied.changes[0].version;
         follow.replicate(applied.ops);
         // Node 1 is gone: node 2 leads at epoch 2.
         follow.apply_table(&table(2, &[2]), now);
@@ -998,13 +1093,14 @@ mod tests {
         );
         follow.open_ready(&[9].into(), now, Duration::from_secs(3));
         assert_eq!(follow.snapshot(&demo()).unwrap().version, v1);
-        let v2 = follow
-            .write(put(publisher("c", "b", "2", 9)))
-            .unwrap()
-            .changes[0]
-            .1;
+        let next = follow.write(put(publisher("c", "b", "2", 9))).unwrap();
+        let v2 = next.changes[0].version;
         assert!(v2 > v1);
         assert_eq!(v2 >> 32, 2);
+        assert_eq!(
+            next.changes[0].prev, v1,
+            "the promoted copy's versions chain on"
+        );
     }
 
     #[test]

@@ -17,16 +17,16 @@ pub(crate) struct SessionAdmin {
 
 impl AdminSource for SessionAdmin {
     fn refresh_metrics(&self) {
-        let (connections, subscribers, _, queued) = {
+        let (connections, subscribers, _, pending) = {
             let hub = self.shared.hub.lock();
             let (c, s, v) = hub.counts();
-            (c, s, v, hub.queued_frames())
+            (c, s, v, hub.pending())
         };
         let publishers = self.shared.owned.lock().len();
         metrics::gauge!("roster_session_connections").set(connections as f64);
         metrics::gauge!("roster_session_subscribers").set(subscribers as f64);
         metrics::gauge!("roster_session_publishers").set(publishers as f64);
-        metrics::gauge!("roster_session_push_queue_frames").set(queued as f64);
+        metrics::gauge!("roster_session_push_pending").set(pending as f64);
     }
 
     fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {
@@ -70,7 +70,7 @@ impl AdminSource for SessionAdmin {
                         "subscriptions_per_connection": config.max_subscriptions_per_connection,
                         "requests_per_connection": config.max_requests_per_connection,
                         "publisher_bytes": config.max_publisher_bytes,
-                        "push_queue": config.push_queue,
+                        "push_stall_ms": config.push_stall_timeout.as_millis() as u64,
                     },
                 },
                 "services": services

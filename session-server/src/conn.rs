@@ -1,31 +1,34 @@
 //! One client connection: `Hello`, then requests, then cleanup when it ends.
 //!
 //! The connection's publishers are the source copy of what its client published: they are kept
-//! here, forwarded to the slot leaders, and removed from the data tier when the connection ends
-//! (after `client_grace`). Subscriptions live in the [`crate::hub::Hub`]. Pushes go out on one
-//! unidirectional stream the server opens after `Hello`, written by a task that drains the
-//! connection's bounded push queue.
+//! here, forwarded to the slot leaders, and removed from the data tier when the connection ends —
+//! at once when the client closed it, after `client_grace` when it was lost. A client that says
+//! `Hello` again within that grace (the same `client_id`) takes the lost connection's publishers
+//! over, so they are never removed in between. Subscriptions live in the [`crate::hub::Hub`].
+//! Pushes go out on one unidirectional stream the server opens after `Hello`, written by a task
+//! that takes from the hub whatever is due each time it is free to write.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use roster_common::proto::{
-    ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role, ServiceSummary,
-    WriteOp,
+    CAPABILITY_DELTA, ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role,
+    ServiceSummary, WriteOp,
 };
 use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::forward::Forward;
-use crate::hub::{ConnId, Outgoing};
+use crate::hub::ConnId;
 use crate::links::LinkEvent;
-use crate::server::Shared;
+use crate::server::{Orphan, Shared};
 use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER};
 
 /// The longest register id accepted, in bytes.
@@ -51,10 +54,10 @@ pub async fn serve_client(
     let id = shared.next_conn_id();
     let span = info_span!("client", conn = id, remote = %conn.remote_address(), client = tracing::field::Empty);
     async move {
-        let Some(client_id) = await_hello(&shared, &conn, &shutdown).await else {
+        let Some(hello) = await_hello(&shared, &conn, &shutdown).await else {
             return;
         };
-        tracing::Span::current().record("client", client_id.as_str());
+        tracing::Span::current().record("client", hello.client_id.as_str());
         let push = match conn.open_uni().await {
             Ok(push) => push,
             Err(e) => {
@@ -62,16 +65,15 @@ pub async fn serve_client(
                 return;
             }
         };
-        let (push_tx, push_rx) = mpsc::channel(shared.config.push_queue.max(1));
-        let cut = CancellationToken::new();
-        shared.hub.lock().attach(id, push_tx, cut.clone());
-        tracker.spawn(write_pushes(conn.clone(), push, push_rx, cut).in_current_span());
-        debug!("client connected");
+        let wake = Arc::new(Notify::new());
+        shared.hub.lock().attach(id, hello.deltas, wake.clone());
+        tracker.spawn(write_pushes(shared.clone(), id, conn.clone(), push, wake).in_current_span());
+        debug!(deltas = hello.deltas, "client connected");
 
         let client = Arc::new(Client {
             id,
-            client_id,
-            publishers: Mutex::new(HashMap::new()),
+            publishers: Mutex::new(adopt(&shared, &hello.client_id, id)),
+            client_id: hello.client_id,
             requests: Arc::new(Semaphore::new(
                 shared.config.max_requests_per_connection as usize,
             )),
@@ -80,27 +82,54 @@ pub async fn serve_client(
             handle_stream(shared.clone(), client.clone(), send, recv).in_current_span()
         })
         .await;
-        let reason = conn
-            .close_reason()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "server shutting down".into());
+        let reason = conn.close_reason();
         if shutdown.is_cancelled() {
             conn.close(0u32.into(), b"session server shutting down");
         }
-        cleanup(&shared, &client).await;
-        debug!(%reason, "client disconnected");
+        cleanup(&shared, &client, reason.as_ref()).await;
     }
     .instrument(span)
     .await
 }
 
+/// What a client said in its `Hello`.
+struct Hello {
+    client_id: ClientId,
+    /// It takes `Delta` pushes.
+    deltas: bool,
+}
+
+/// The publishers of this client's lost connections still within their grace, now this
+/// connection's: they are not removed, and the client's registering them again replaces them.
+fn adopt(shared: &Shared, client_id: &str, conn: ConnId) -> HashMap<RegisterId, ServiceId> {
+    let orphans = shared.orphans.lock().remove(client_id).unwrap_or_default();
+    let mut adopted = HashMap::new();
+    if orphans.is_empty() {
+        return adopted;
+    }
+    let mut owned = shared.owned.lock();
+    for orphan in orphans {
+        for (register_id, service) in orphan.publishers {
+            owned.reassign(&service, client_id, &register_id, orphan.conn, conn);
+            adopted.insert(register_id, service);
+        }
+    }
+    drop(owned);
+    metrics::counter!("roster_session_client_returns_total").increment(1);
+    info!(
+        publishers = adopted.len(),
+        "the client came back within its grace; its publishers stay"
+    );
+    adopted
+}
+
 /// Serves requests until a valid `Hello` arrives; everything before it is refused with
-/// `HelloRequired`. Returns the client's id, or `None` if the connection ended first.
+/// `HelloRequired`. Returns what the client said, or `None` if the connection ended first.
 async fn await_hello(
     shared: &Shared,
     conn: &Connection,
     shutdown: &CancellationToken,
-) -> Option<ClientId> {
+) -> Option<Hello> {
     let max_frame = shared.config.max_frame;
     loop {
         let (mut send, mut recv) = tokio::select! {
@@ -108,24 +137,36 @@ async fn await_hello(
             stream = conn.accept_bi() => stream.ok()?,
         };
         let request = rpc::read_request::<ClientRequest>(&mut recv, max_frame).await;
-        let (result, client_id) = match request {
+        let (result, hello) = match request {
             Ok(ClientRequest::Hello {
                 protocol_version,
                 client_id,
+                capabilities,
                 ..
             }) => match check_hello(protocol_version, &client_id)
                 .and_then(|()| check_capacity(shared))
             {
-                Ok(()) => (
-                    Ok(ClientResponse::Welcome {
-                        protocol_version: roster_common::proto::PROTOCOL_VERSION,
-                        session_id: shared.config.id,
-                        max_frame,
-                        idle_timeout_ms: shared.config.client_transport.idle_timeout.as_millis()
-                            as u64,
-                    }),
-                    Some(client_id),
-                ),
+                Ok(()) => {
+                    // The capabilities this server grants: those asked for that it has.
+                    let granted: Vec<String> = capabilities
+                        .into_iter()
+                        .filter(|c| c == CAPABILITY_DELTA)
+                        .take(1)
+                        .collect();
+                    let deltas = !granted.is_empty();
+                    (
+                        Ok(ClientResponse::Welcome {
+                            protocol_version: roster_common::proto::PROTOCOL_VERSION,
+                            session_id: shared.config.id,
+                            max_frame,
+                            idle_timeout_ms: shared.config.client_transport.idle_timeout.as_millis()
+                                as u64,
+                            capabilities: granted,
+                            max_requests: Some(shared.config.max_requests_per_connection),
+                        }),
+                        Some(Hello { client_id, deltas }),
+                    )
+                }
                 Err(e) => (Err(e), None),
             },
             Ok(other) => (
@@ -155,8 +196,8 @@ async fn await_hello(
             conn.close(code, reason);
             return None;
         }
-        if client_id.is_some() {
-            return client_id;
+        if hello.is_some() {
+            return hello;
         }
     }
 }
@@ -200,38 +241,53 @@ fn request_name(request: &ClientRequest) -> &'static str {
     }
 }
 
-/// Drains the push queue into the push stream until the queue closes. When the hub cuts the
-/// connection off (`cut`: its queue was full), the connection is closed for the client to resync —
-/// also if this task is stuck writing to a peer that stopped reading.
+/// Writes the connection's pushes: whenever it is woken (something became due) it takes from the
+/// hub what is due and writes it, so changes that arrive while it writes are merged into its next
+/// take. A write that makes no progress for `push_stall_timeout` — the client reads nothing and
+/// flow control holds the stream — closes the connection with [`CLOSE_SLOW_CONSUMER`]. Ends when
+/// the connection does or the hub forgets it.
 async fn write_pushes(
+    shared: Arc<Shared>,
+    id: ConnId,
     conn: Connection,
     mut push: SendStream,
-    mut rx: mpsc::Receiver<Outgoing>,
-    cut: CancellationToken,
+    wake: Arc<Notify>,
 ) {
+    let stall = shared.config.push_stall_timeout;
     loop {
-        let outgoing = tokio::select! {
-            _ = cut.cancelled() => break,
-            outgoing = rx.recv() => match outgoing {
-                Some(outgoing) => outgoing,
-                None => return,
-            },
+        let Some(pull) = shared.hub.lock().take_pushes(id, Instant::now()) else {
+            return;
         };
-        tokio::select! {
-            _ = cut.cancelled() => break,
-            written = push.write_all(&outgoing.frame) => if let Err(e) = written {
-                debug!(error = %e, "push stream failed");
-                return;
-            },
+        if pull.frames.is_empty() {
+            let deadline = pull.wake_at.map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = conn.closed() => return,
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
+            }
+            continue;
         }
-        metrics::counter!("roster_session_pushes_total").increment(1);
-        if let Some(since) = outgoing.since {
-            metrics::histogram!("roster_session_push_seconds").record(since.elapsed());
+        for out in pull.frames {
+            match tokio::time::timeout(stall, push.write_all(&out.frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "push stream failed");
+                    return;
+                }
+                Err(_) => {
+                    warn!(stalled = ?stall, "the client read none of its pushes; disconnecting it");
+                    metrics::counter!("roster_session_slow_consumers_total").increment(1);
+                    conn.close(CLOSE_SLOW_CONSUMER, b"push stream stalled");
+                    return;
+                }
+            }
+            metrics::counter!("roster_session_pushes_total", "kind" => out.kind.name())
+                .increment(1);
+            metrics::counter!("roster_session_push_bytes_total").increment(out.frame.len() as u64);
+            if let Some(since) = out.since {
+                metrics::histogram!("roster_session_push_seconds").record(since.elapsed());
+            }
         }
-    }
-    if conn.close_reason().is_none() {
-        warn!("client fell behind on pushes; disconnecting it");
-        conn.close(CLOSE_SLOW_CONSUMER, b"push queue full");
     }
 }
 
@@ -468,27 +524,59 @@ async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
 }
 
 /// After the connection ends: forget its subscribers and, unless the server is shutting down,
-/// remove its publishers from the data tier once `client_grace` has passed.
-async fn cleanup(shared: &Shared, client: &Client) {
+/// remove its publishers from the data tier — at once if the client closed the connection itself
+/// (it left, or moved and registered them elsewhere first), after `client_grace` if it was lost,
+/// unless the same client comes back within the grace and takes them over (see [`adopt`]).
+async fn cleanup(shared: &Shared, client: &Client, reason: Option<&ConnectionError>) {
     let shutdown = &shared.draining;
     let abandoned = shared.hub.lock().detach(client.id);
     for service in abandoned {
         shared.link_event(LinkEvent::Unwant(service)).await;
     }
-    let grace = shared.config.client_grace;
-    if !grace.is_zero() {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(grace) => {}
-        }
-    }
+    let held: HashMap<RegisterId, ServiceId> = client.publishers.lock().drain().collect();
+    let closed_by_client = matches!(reason, Some(ConnectionError::ApplicationClosed(_)));
+    let reason_text = reason.map_or_else(
+        || "server shutting down".to_owned(),
+        roster_common::error::describe_close,
+    );
+    debug!(reason = %reason_text, "client disconnected");
     if shutdown.is_cancelled() {
         // The session is going away: its clients re-register elsewhere, and the data tier drops
         // what this session owned after its own grace. Removing now would flap subscribers.
         return;
     }
+    let grace = shared.config.client_grace;
+    let held = if closed_by_client || grace.is_zero() || held.is_empty() {
+        held
+    } else {
+        shared
+            .orphans
+            .lock()
+            .entry(client.client_id.clone())
+            .or_default()
+            .push(Orphan {
+                conn: client.id,
+                publishers: held,
+            });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(grace) => {}
+        }
+        // Still there: the client did not come back.
+        let mut orphans = shared.orphans.lock();
+        let Some(mine) = orphans.get_mut(&client.client_id) else {
+            return;
+        };
+        let Some(at) = mine.iter().position(|o| o.conn == client.id) else {
+            return;
+        };
+        let orphan = mine.swap_remove(at);
+        if mine.is_empty() {
+            orphans.remove(&client.client_id);
+        }
+        orphan.publishers
+    };
     let publishers: Vec<(RegisterId, ServiceId)> = {
-        let held: Vec<(RegisterId, ServiceId)> = client.publishers.lock().drain().collect();
         let mut owned = shared.owned.lock();
         // Those the client registered again on a newer connection here are not this one's to
         // remove.
@@ -501,6 +589,7 @@ async fn cleanup(shared: &Shared, client: &Client) {
     if !publishers.is_empty() {
         info!(
             publishers = publishers.len(),
+            reason = %reason_text,
             "removing the publishers of a closed connection"
         );
     }

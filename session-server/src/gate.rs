@@ -42,7 +42,8 @@ pub struct SyncPass {
 }
 
 impl SlotGate {
-    fn try_write(&self, slot: SlotId) -> Option<WritePass> {
+    /// A pass for a write of `slot` now, unless a sync of it is under way.
+    pub fn try_write(&self, slot: SlotId) -> Option<WritePass> {
         let mut state = self.state.lock();
         if state.syncing.contains(&slot) {
             return None;
@@ -52,16 +53,6 @@ impl SlotGate {
             gate: self.clone(),
             slot,
         })
-    }
-
-    /// Waits until writes of `slot` may be sent.
-    pub async fn write(&self, slot: SlotId) -> WritePass {
-        loop {
-            if let Some(pass) = self.try_write(slot) {
-                return pass;
-            }
-            tokio::time::sleep(POLL).await;
-        }
     }
 
     /// Closes `slot` to new writes, waits for those in flight, and returns the pass for the sync.
@@ -109,8 +100,8 @@ mod tests {
     #[tokio::test]
     async fn a_sync_waits_for_writes_in_flight_and_holds_new_ones() {
         let gate = SlotGate::default();
-        let write = gate.write(7).await;
-        let other_slot = gate.write(8).await;
+        let write = gate.try_write(7).unwrap();
+        let other_slot = gate.try_write(8).unwrap();
 
         let sync = tokio::spawn({
             let gate = gate.clone();

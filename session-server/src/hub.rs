@@ -1,47 +1,143 @@
-//! The subscriber registry: who subscribes to what, the last datum of each service, and what each
-//! subscriber was last pushed.
+//! The subscriber registry: who subscribes to what, this session's copy of every subscribed
+//! service's datum with its recent history, and the version each subscription was last pushed.
 //!
-//! Plain data and functions: the server keeps one `Hub` behind a mutex that is never held across an
-//! `.await`. Pushing is a non-blocking send of a pre-encoded frame into the connection's bounded push
-//! queue; a datum is encoded once however many subscribers get it.
+//! Plain data and functions, no I/O, time passed in: the server keeps one `Hub` behind a mutex
+//! that is never held across an `.await`.
 //!
-//! Ordering: a subscriber is pushed a datum only if its version is newer than the last one it was
-//! pushed, and the cached datum of a service never goes back to an older version, so every
-//! subscriber sees versions strictly increase.
+//! **Changes in, deltas out.** The slot leader tells this session each change of a subscribed
+//! service (the publisher put or removed, with the versions before and after it); [`Hub::apply`]
+//! applies it to the cached datum and records it as a step of the datum's history. Each publisher
+//! is kept MessagePack-encoded, as it will be pushed, so a push is assembled from bytes that are
+//! already there. A change that does not follow the cached version (a gap: a lost stream, a new
+//! slot leader) asks the caller to fetch the whole datum; changes arriving meanwhile are held and
+//! replayed on top of it, and the fetched datum enters the history as one step — the difference
+//! from the copy it replaces — so subscribers still get a delta.
 //!
-//! Overflow policy: a connection whose push queue is full is cut off: the hub drops its queue and
-//! cancels its token, and its writer task — even one stuck on a peer that grants no more flow
-//! control — closes the connection with [`crate::CLOSE_SLOW_CONSUMER`]; the client reconnects and
-//! resubscribes, getting fresh snapshots, rather than slowing the session down.
+//! **Pull, not queue.** A change marks each watching connection as due for that service and wakes
+//! its writer; the writer calls [`Hub::take_pushes`] when it is free to write, and gets, for each
+//! due subscription, one frame taking it from the version it was last pushed to the current one:
+//! a `Delta` (the history's steps from its version, squashed) for clients that asked for deltas,
+//! unless the full `Snapshot` is smaller or the history no longer reaches back that far. So the
+//! first change of a quiet service goes out at once, and changes that arrive while a connection's
+//! writer is still busy are merged into its next push: a slow reader gets fewer, larger pushes,
+//! never a backlog, and never slows anyone else. Frames for one version are built once per base
+//! version and shared by every subscriber at that base.
+//!
+//! With a coalescing window set ([`Hub::new`]), a service pushed to a connection less than the
+//! window ago waits until the window has passed: a ceiling on pushes per service per connection.
+//! It is zero by default.
+//!
+//! Ordering: a subscription is pushed only versions newer than the last it was pushed; the cached
+//! datum never goes back to an older version; so every subscriber sees versions strictly increase,
+//! and every delta's `base` is exactly the version that subscription holds.
+//!
+//! Bounds: the history of a service is kept while its encoded size is within twice the datum's
+//! (changes squash, so a delta over a longer history is rarely smaller than the snapshot), at
+//! least [`MIN_STEPS`] steps and at most [`MAX_STEPS`]; what
+//! is due per connection is a set of services, bounded by its subscriptions; a pull returns about
+//! [`PULL_BUDGET`] bytes at most. Changes held during a fetch are bounded by [`MAX_HELD`]; past it
+//! the service is fetched again instead.
 
-use std::collections::HashMap;
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use roster_common::proto::{Push, Snapshot};
-use roster_common::{RegisterId, Result, ServiceId, Version, frame};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use roster_common::push::{delta_frame, encode_publisher, removed_len, snapshot_frame};
+use roster_common::{ClientId, RegisterId, Result, ServiceId, Version, frame};
+use tokio::sync::Notify;
+use tracing::warn;
 
 /// A client connection's number within this session server.
 pub type ConnId = u64;
 /// One subscriber: its connection and the register id its client chose.
 pub type SubKey = (ConnId, RegisterId);
+/// A publisher's identity within a datum.
+pub type PubKey = (ClientId, RegisterId);
 
-struct Cached {
-    version: Version,
-    frame: Bytes,
+/// Steps of history kept per service at most.
+pub const MAX_STEPS: usize = 4096;
+/// Steps of history kept per service whatever their size.
+pub const MIN_STEPS: usize = 16;
+/// Bytes of frames one [`Hub::take_pushes`] returns, about (a frame is never split).
+pub const PULL_BUDGET: usize = 256 << 10;
+/// Changes held per service while its datum is being fetched; more and it is fetched again.
+pub const MAX_HELD: usize = 65_536;
+
+/// One publisher change as the hub applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Added or replaced: the publisher encoded as it is pushed.
+    Put(PubKey, Bytes),
+    Removed(PubKey),
 }
 
-#[derive(Default)]
-struct ServiceState {
-    /// When the first change not yet pushed was announced: where push latency is measured from.
-    changed_at: Option<Instant>,
-    /// Each subscriber and the version it was last pushed (`None`: nothing yet).
-    subscribers: HashMap<SubKey, Option<Version>>,
-    datum: Option<Cached>,
-    fetching: bool,
-    refetch: bool,
+impl Op {
+    fn key(&self) -> &PubKey {
+        match self {
+            Op::Put(key, _) | Op::Removed(key) => key,
+        }
+    }
+
+    /// What this op adds to a delta, in bytes.
+    fn weight(&self) -> usize {
+        match self {
+            Op::Put(_, bytes) => bytes.len(),
+            Op::Removed((c, r)) => removed_len(c, r),
+        }
+    }
+}
+
+/// A change of one service's datum from version `prev` to `version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub service: ServiceId,
+    pub prev: Version,
+    pub version: Version,
+    pub op: Op,
+}
+
+/// A datum fetched whole from the slot leader, its publishers encoded.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub service: ServiceId,
+    pub version: Version,
+    pub entries: BTreeMap<PubKey, Bytes>,
+}
+
+impl Fetched {
+    /// Encodes a fetched snapshot's publishers (done outside the hub's lock).
+    pub fn encode(snapshot: Snapshot) -> Fetched {
+        let entries = snapshot
+            .publishers
+            .into_iter()
+            .map(|p| {
+                let bytes = encode_publisher(&p);
+                ((p.client_id, p.register_id), bytes)
+            })
+            .collect();
+        Fetched {
+            service: snapshot.service,
+            version: snapshot.version,
+            entries,
+        }
+    }
+}
+
+/// What [`Hub::apply`] did with a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; the subscribers are due a push.
+    Done,
+    /// Already covered by the cached datum.
+    Stale,
+    /// Held until the fetch under way completes.
+    Held,
+    /// The change does not follow the cached datum (or there is none): fetch the datum now.
+    Fetch,
+    /// Nobody here subscribes to the service.
+    Unwanted,
 }
 
 /// What [`Hub::subscribe`] changed in the set of wanted services.
@@ -53,46 +149,310 @@ pub struct Subscribed {
     pub abandoned: Option<ServiceId>,
 }
 
-/// One frame in a connection's push queue, with the moment its change reached this server
-/// (`None` for frames that carry no change, like `GoAway`).
+/// One frame for a connection's push stream, with the moment the oldest change it carries reached
+/// this server (`None` for frames that carry no change: a first snapshot, a `GoAway`).
 #[derive(Debug)]
 pub struct Outgoing {
     pub frame: Bytes,
     pub since: Option<Instant>,
+    pub kind: PushKind,
+}
+
+/// What a push frame is, for the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushKind {
+    Snapshot,
+    Delta,
+    GoAway,
+}
+
+impl PushKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PushKind::Snapshot => "snapshot",
+            PushKind::Delta => "delta",
+            PushKind::GoAway => "goaway",
+        }
+    }
+}
+
+/// What a connection's writer gets from [`Hub::take_pushes`].
+#[derive(Debug, Default)]
+pub struct Pull {
+    /// Frames to write now, in order.
+    pub frames: Vec<Outgoing>,
+    /// Pushes held back by the coalescing window are due at this moment: wake then.
+    pub wake_at: Option<Instant>,
+}
+
+/// One recorded change of a datum (several ops when it stands for a fetched datum).
+#[derive(Debug)]
+struct Step {
+    prev: Version,
+    version: Version,
+    at: Instant,
+    ops: Vec<Op>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Datum {
+    version: Version,
+    entries: BTreeMap<PubKey, Bytes>,
+    /// Encoded size of every publisher.
+    bytes: usize,
+    /// Oldest first; each step's `prev` is the previous step's `version`, the last's `version` is
+    /// the datum's.
+    history: VecDeque<Step>,
+    history_bytes: usize,
+    /// Frames taking a subscription to this version, by the version it starts from (`None`: the
+    /// full snapshot).
+    frames: HashMap<Option<Version>, (Bytes, PushKind)>,
+}
+
+impl Datum {
+    fn new(version: Version, entries: BTreeMap<PubKey, Bytes>) -> Self {
+        let bytes = entries.values().map(Bytes::len).sum();
+        Datum {
+            version,
+            entries,
+            bytes,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            frames: HashMap::new(),
+        }
+    }
+
+    /// Applies `ops` as the step from the current version to `version`.
+    fn step(&mut self, version: Version, ops: Vec<Op>, at: Instant) {
+        debug_assert!(
+            self.history
+                .back()
+                .is_none_or(|s| s.version == self.version),
+            "the history ends at the datum's version"
+        );
+        let mut weight = 0;
+        for op in &ops {
+            weight += op.weight();
+            match op {
+                Op::Put(key, bytes) => {
+                    self.bytes += bytes.len();
+                    if let Some(old) = self.entries.insert(key.clone(), bytes.clone()) {
+                        self.bytes -= old.len();
+                    }
+                }
+                Op::Removed(key) => {
+                    if let Some(old) = self.entries.remove(key) {
+                        self.bytes -= old.len();
+                    }
+                }
+            }
+        }
+        self.history.push_back(Step {
+            prev: self.version,
+            version,
+            at,
+            ops,
+            bytes: weight,
+        });
+        self.history_bytes += weight;
+        self.version = version;
+        self.frames.clear();
+        while self.history.len() > MAX_STEPS
+            || (self.history.len() > MIN_STEPS && self.history_bytes > 2 * self.bytes)
+        {
+            let old = self.history.pop_front().expect("not empty");
+            self.history_bytes -= old.bytes;
+        }
+    }
+
+    /// Replaces the publishers with a fetched set at a newer `version`, recording the difference
+    /// as one step.
+    fn replace(&mut self, version: Version, entries: BTreeMap<PubKey, Bytes>, at: Instant) {
+        let mut ops = Vec::new();
+        for (key, bytes) in &entries {
+            if self.entries.get(key) != Some(bytes) {
+                ops.push(Op::Put(key.clone(), bytes.clone()));
+            }
+        }
+        for key in self.entries.keys() {
+            if !entries.contains_key(key) {
+                ops.push(Op::Removed(key.clone()));
+            }
+        }
+        self.step(version, ops, at);
+    }
+
+    /// Where the history continues from `base`, if it reaches back that far.
+    fn steps_from(&self, base: Version) -> Option<usize> {
+        let i = self.history.partition_point(|s| s.prev < base);
+        (self.history.get(i)?.prev == base).then_some(i)
+    }
+
+    /// When the oldest change after `last` reached this server.
+    fn since(&self, last: Option<Version>) -> Option<Instant> {
+        let i = self.steps_from(last?)?;
+        Some(self.history[i].at)
+    }
+
+    /// The frame taking a subscription at `base` (`None`: nothing yet) to the current version:
+    /// a delta when allowed, reachable and smaller than the snapshot, else the snapshot.
+    fn frame(
+        &mut self,
+        service: &ServiceId,
+        base: Option<Version>,
+        deltas: bool,
+        max_frame: u32,
+    ) -> Result<(Bytes, PushKind)> {
+        let key = if deltas { base } else { None };
+        if let Some(frame) = self.frames.get(&key) {
+            return Ok(frame.clone());
+        }
+        // A delta too large for one frame falls back to the snapshot.
+        if let Some(base) = key
+            && let Ok(Some(frame)) = self.delta(service, base, max_frame)
+        {
+            // Cached under the base; the snapshot, when chosen instead, under `None`.
+            self.frames
+                .insert(Some(base), (frame.clone(), PushKind::Delta));
+            return Ok((frame, PushKind::Delta));
+        }
+        let frame = snapshot_frame(service, self.version, self.entries.values(), max_frame)?;
+        self.frames
+            .insert(None, (frame.clone(), PushKind::Snapshot));
+        if let Some(base) = key {
+            self.frames
+                .insert(Some(base), (frame.clone(), PushKind::Snapshot));
+        }
+        Ok((frame, PushKind::Snapshot))
+    }
+
+    /// The delta from `base`, or `None` when the history does not reach it or the snapshot would
+    /// be smaller.
+    fn delta(&self, service: &ServiceId, base: Version, max_frame: u32) -> Result<Option<Bytes>> {
+        let Some(first) = self.steps_from(base) else {
+            return Ok(None);
+        };
+        // Squash: the last op on each publisher wins.
+        let mut last: BTreeMap<&PubKey, &Op> = BTreeMap::new();
+        for step in self.history.range(first..) {
+            for op in &step.ops {
+                last.insert(op.key(), op);
+            }
+        }
+        let weight: usize = last.values().map(|op| op.weight()).sum();
+        if weight > self.bytes {
+            return Ok(None);
+        }
+        let mut put = Vec::new();
+        let mut removed = Vec::new();
+        for op in last.values() {
+            match op {
+                Op::Put(_, bytes) => put.push(bytes),
+                Op::Removed((c, r)) => removed.push((c.as_str(), r.as_str())),
+            }
+        }
+        delta_frame(service, base, self.version, &put, &removed, max_frame).map(Some)
+    }
+}
+
+/// One subscription of a connection to a service.
+#[derive(Debug)]
+struct Watch {
+    register_id: RegisterId,
+    /// The version last pushed; `None`: nothing yet (or a resync was asked for).
+    last: Option<Version>,
+}
+
+#[derive(Debug, Default)]
+struct ServiceState {
+    datum: Option<Datum>,
+    /// The subscriptions of each connection to this service.
+    watchers: HashMap<ConnId, Vec<Watch>>,
+    fetching: bool,
+    /// Fetch again once the fetch under way completes.
+    refetch: bool,
+    /// Changes that arrived while fetching, replayed on the fetched datum.
+    held: Vec<(Change, Instant)>,
+}
+
+impl ServiceState {
+    fn subscribers(&self) -> usize {
+        self.watchers.values().map(Vec::len).sum()
+    }
+}
+
+/// A connection's side of the hub: what is due to it and how to wake its writer.
+struct ConnPush {
+    deltas: bool,
+    wake: Arc<Notify>,
+    /// Services with a push due, in the order they became due.
+    due: VecDeque<ServiceId>,
+    due_set: HashSet<ServiceId>,
+    /// Frames that are not service pushes (`GoAway`), sent first.
+    control: VecDeque<Bytes>,
+    /// Its subscriptions' register ids.
+    subs: HashSet<RegisterId>,
+    /// When each service was last pushed here (only with a coalescing window).
+    pushed_at: HashMap<ServiceId, Instant>,
+}
+
+impl ConnPush {
+    fn mark_due(&mut self, service: &ServiceId) {
+        if self.due_set.insert(service.clone()) {
+            self.due.push_back(service.clone());
+            self.wake.notify_one();
+        }
+    }
 }
 
 /// Subscribers and cached datums of one session server.
 pub struct Hub {
     max_frame: u32,
-    /// Push queues of live connections; a connection cut off for falling behind is absent.
-    push: HashMap<ConnId, PushQueue>,
+    coalesce: Duration,
+    conns: HashMap<ConnId, ConnPush>,
     services: HashMap<ServiceId, ServiceState>,
     subs: HashMap<SubKey, ServiceId>,
-    /// The register ids each connection subscribes with.
-    conn_subs: HashMap<ConnId, Vec<RegisterId>>,
 }
 
 impl Hub {
-    pub fn new(max_frame: u32) -> Self {
+    /// A hub whose frames stay within `max_frame`, pushing a service to one connection at most
+    /// once per `coalesce` (zero: whenever its writer is free).
+    pub fn new(max_frame: u32, coalesce: Duration) -> Self {
         Hub {
             max_frame,
-            push: HashMap::new(),
+            coalesce,
+            conns: HashMap::new(),
             services: HashMap::new(),
             subs: HashMap::new(),
-            conn_subs: HashMap::new(),
         }
     }
 
-    /// Registers a connection's push queue.
-    pub fn attach(&mut self, conn: ConnId, tx: mpsc::Sender<Outgoing>, cut: CancellationToken) {
-        self.push.insert(conn, PushQueue { tx, cut });
+    /// Registers a connection: whether its client takes deltas, and how to wake its writer.
+    pub fn attach(&mut self, conn: ConnId, deltas: bool, wake: Arc<Notify>) {
+        self.conns.insert(
+            conn,
+            ConnPush {
+                deltas,
+                wake,
+                due: VecDeque::new(),
+                due_set: HashSet::new(),
+                control: VecDeque::new(),
+                subs: HashSet::new(),
+                pushed_at: HashMap::new(),
+            },
+        );
     }
 
-    /// Forgets a connection and its subscribers; returns services no one here subscribes to now.
+    /// Forgets a connection and its subscribers (its writer, woken, finds it gone and stops);
+    /// returns the services no one here subscribes to now.
     pub fn detach(&mut self, conn: ConnId) -> Vec<ServiceId> {
-        self.push.remove(&conn);
-        let register_ids = self.conn_subs.remove(&conn).unwrap_or_default();
-        let mut abandoned: Vec<ServiceId> = register_ids
+        let Some(push) = self.conns.remove(&conn) else {
+            return Vec::new();
+        };
+        push.wake.notify_one();
+        let mut abandoned: Vec<ServiceId> = push
+            .subs
             .into_iter()
             .filter_map(|register_id| self.remove_sub(&(conn, register_id)))
             .collect();
@@ -101,7 +461,8 @@ impl Hub {
         abandoned
     }
 
-    /// Subscribes `(conn, register_id)` to `service`, pushing the cached datum at once if there is one.
+    /// Subscribes `(conn, register_id)` to `service`. Subscribing again to the same service asks
+    /// for a resync: the next push is the full snapshot.
     pub fn subscribe(
         &mut self,
         conn: ConnId,
@@ -111,24 +472,37 @@ impl Hub {
         let key = (conn, register_id);
         let mut outcome = Subscribed::default();
         match self.subs.get(&key) {
-            Some(current) if *current == service => return outcome,
+            Some(current) if *current == service => {
+                if let Some(state) = self.services.get_mut(&service) {
+                    for watch in state.watchers.get_mut(&conn).into_iter().flatten() {
+                        if watch.register_id == key.1 {
+                            watch.last = None;
+                        }
+                    }
+                    if state.datum.is_some()
+                        && let Some(push) = self.conns.get_mut(&conn)
+                    {
+                        push.mark_due(&service);
+                    }
+                }
+                return outcome;
+            }
             Some(_) => outcome.abandoned = self.remove_sub(&key),
             None => {}
         }
         let state = self.services.entry(service.clone()).or_default();
-        outcome.first = state.subscribers.is_empty();
-        let mut last = None;
-        if let Some(datum) = &state.datum
-            && let Some(tx) = self.push.get(&conn)
-        {
-            if try_push(tx, &datum.frame, None) {
-                last = Some(datum.version);
-            } else {
-                self.push.remove(&conn);
+        outcome.first = state.watchers.is_empty();
+        state.watchers.entry(conn).or_default().push(Watch {
+            register_id: key.1.clone(),
+            last: None,
+        });
+        let has_datum = state.datum.is_some();
+        if let Some(push) = self.conns.get_mut(&conn) {
+            push.subs.insert(key.1.clone());
+            if has_datum {
+                push.mark_due(&service);
             }
         }
-        state.subscribers.insert(key.clone(), last);
-        self.conn_subs.entry(conn).or_default().push(key.1.clone());
         self.subs.insert(key, service);
         outcome
     }
@@ -136,7 +510,11 @@ impl Hub {
     /// Ends a subscription; returns the service if no one here subscribes to it now. `None` also
     /// when the subscription did not exist: see [`Hub::is_subscribed`].
     pub fn unsubscribe(&mut self, conn: ConnId, register_id: &str) -> Option<ServiceId> {
-        self.remove_sub(&(conn, register_id.to_owned()))
+        let key = (conn, register_id.to_owned());
+        if let Some(push) = self.conns.get_mut(&conn) {
+            push.subs.remove(register_id);
+        }
+        self.remove_sub(&key)
     }
 
     pub fn is_subscribed(&self, conn: ConnId, register_id: &str) -> bool {
@@ -145,12 +523,14 @@ impl Hub {
 
     fn remove_sub(&mut self, key: &SubKey) -> Option<ServiceId> {
         let service = self.subs.remove(key)?;
-        if let Some(ids) = self.conn_subs.get_mut(&key.0) {
-            ids.retain(|id| *id != key.1);
-        }
         let state = self.services.get_mut(&service)?;
-        state.subscribers.remove(key);
-        if state.subscribers.is_empty() {
+        if let Some(watches) = state.watchers.get_mut(&key.0) {
+            watches.retain(|w| w.register_id != key.1);
+            if watches.is_empty() {
+                state.watchers.remove(&key.0);
+            }
+        }
+        if state.watchers.is_empty() {
             self.services.remove(&service);
             return Some(service);
         }
@@ -176,40 +556,41 @@ impl Hub {
             .map(|d| d.version)
     }
 
-    /// Takes a datum from the slot leader: caches it if newer than the cached one, and pushes it to
-    /// every subscriber that has not had it. Returns whether it was newer.
-    pub fn update(&mut self, snapshot: Snapshot) -> Result<bool> {
-        let Some(state) = self.services.get_mut(&snapshot.service) else {
-            return Ok(false);
+    /// Takes one change from the slot leader (see [`Applied`]).
+    pub fn apply(&mut self, change: Change, now: Instant) -> Applied {
+        let Some(state) = self.services.get_mut(&change.service) else {
+            return Applied::Unwanted;
         };
-        if state
-            .datum
-            .as_ref()
-            .is_some_and(|d| d.version >= snapshot.version)
-        {
-            return Ok(false);
-        }
-        let version = snapshot.version;
-        let frame = frame::encode(&Push::Snapshot(snapshot), self.max_frame)?;
-        let since = Some(state.changed_at.take().unwrap_or_else(Instant::now));
-        for (key, last) in state.subscribers.iter_mut() {
-            if last.is_some_and(|l| l >= version) {
-                continue;
+        if state.fetching {
+            if state.held.len() < MAX_HELD {
+                state.held.push((change, now));
+            } else {
+                state.refetch = true;
             }
-            if let Some(tx) = self.push.get(&key.0) {
-                if try_push(tx, &frame, since) {
-                    *last = Some(version);
-                } else {
-                    self.push.remove(&key.0);
-                }
-            }
+            return Applied::Held;
         }
-        state.datum = Some(Cached { version, frame });
-        Ok(true)
+        let Some(datum) = state.datum.as_mut() else {
+            state.fetching = true;
+            state.held.push((change, now));
+            return Applied::Fetch;
+        };
+        if change.version <= datum.version {
+            return Applied::Stale;
+        }
+        if change.prev != datum.version {
+            // A gap: fetch the datum, and replay this change (and those after it) on top.
+            state.fetching = true;
+            state.held.push((change, now));
+            return Applied::Fetch;
+        }
+        datum.step(change.version, vec![change.op], now);
+        mark_watchers_due(&mut self.conns, &change.service, state);
+        Applied::Done
     }
 
-    /// Notes that the leader has `service` at `version`. Returns true if the caller should fetch it
-    /// now; while a fetch is under way, further changes only mark it to be repeated.
+    /// Notes that the slot leader has `service` at `version` (a registration's answer, or a
+    /// change announced without its content). True: fetch it now. While a fetch is under way,
+    /// it is only marked to be repeated.
     pub fn changed(&mut self, service: &ServiceId, version: Version) -> bool {
         let Some(state) = self.services.get_mut(service) else {
             return false;
@@ -217,7 +598,6 @@ impl Hub {
         if state.datum.as_ref().is_some_and(|d| d.version >= version) {
             return false;
         }
-        state.changed_at.get_or_insert_with(Instant::now);
         if state.fetching {
             state.refetch = true;
             return false;
@@ -226,39 +606,133 @@ impl Hub {
         true
     }
 
-    /// Ends a fetch of `service`. Returns true if the caller should fetch again at once.
-    pub fn fetch_done(&mut self, service: &ServiceId) -> bool {
-        let Some(state) = self.services.get_mut(service) else {
+    /// Takes a fetched datum: installs it if newer, replays the changes held meanwhile, and
+    /// pushes. True: fetch again now (a change was missed, or it was asked for meanwhile).
+    pub fn fetched(&mut self, fetched: Fetched, now: Instant) -> bool {
+        let Some(state) = self.services.get_mut(&fetched.service) else {
             return false;
         };
-        if state.refetch {
-            state.refetch = false;
-            return true;
+        let before = state.datum.as_ref().map(|d| d.version);
+        match state.datum.as_mut() {
+            None => state.datum = Some(Datum::new(fetched.version, fetched.entries)),
+            Some(datum) if fetched.version > datum.version => {
+                datum.replace(fetched.version, fetched.entries, now)
+            }
+            Some(_) => {}
         }
-        state.fetching = false;
-        false
+        let datum = state.datum.as_mut().expect("installed above");
+        let mut again = std::mem::take(&mut state.refetch);
+        let mut held = std::mem::take(&mut state.held);
+        held.sort_by_key(|(c, _)| c.version);
+        for (change, at) in held {
+            if change.version <= datum.version {
+                continue;
+            }
+            if change.prev != datum.version {
+                again = true;
+                break;
+            }
+            datum.step(change.version, vec![change.op], at);
+        }
+        state.fetching = again;
+        if before != Some(datum.version) {
+            mark_watchers_due(&mut self.conns, &fetched.service, state);
+        }
+        again
     }
 
-    /// Pushes the cached datum to every subscriber that has not had it (a push that failed, or a
-    /// subscriber that came while its connection was being cut): the periodic safety net. Returns
-    /// how many were pushed.
-    pub fn rescan(&mut self) -> usize {
-        let mut pushed = 0;
-        for state in self.services.values_mut() {
-            let Some(datum) = &state.datum else { continue };
-            for (key, last) in state.subscribers.iter_mut() {
-                if last.is_some_and(|l| l >= datum.version) {
+    /// A fetch of `service` failed: forget what was held for it; the caller retries later.
+    pub fn fetch_failed(&mut self, service: &ServiceId) {
+        if let Some(state) = self.services.get_mut(service) {
+            state.fetching = false;
+            state.refetch = false;
+            state.held.clear();
+        }
+    }
+
+    /// The frames due on connection `conn` now, up to about [`PULL_BUDGET`] bytes (the rest stays
+    /// due and the writer is woken again). `None` once the connection is detached.
+    pub fn take_pushes(&mut self, conn: ConnId, now: Instant) -> Option<Pull> {
+        let push = self.conns.get_mut(&conn)?;
+        let mut pull = Pull::default();
+        let mut bytes = 0;
+        while let Some(frame) = push.control.pop_front() {
+            bytes += frame.len();
+            pull.frames.push(Outgoing {
+                frame,
+                since: None,
+                kind: PushKind::GoAway,
+            });
+        }
+        for _ in 0..push.due.len() {
+            if bytes >= PULL_BUDGET {
+                push.wake.notify_one();
+                break;
+            }
+            let Some(service) = push.due.pop_front() else {
+                break;
+            };
+            if !self.coalesce.is_zero()
+                && let Some(at) = push.pushed_at.get(&service)
+                && now < *at + self.coalesce
+            {
+                let due = *at + self.coalesce;
+                pull.wake_at = Some(pull.wake_at.map_or(due, |w| w.min(due)));
+                push.due.push_back(service);
+                continue;
+            }
+            push.due_set.remove(&service);
+            let Some(state) = self.services.get_mut(&service) else {
+                continue;
+            };
+            let (Some(datum), Some(watches)) =
+                (state.datum.as_mut(), state.watchers.get_mut(&conn))
+            else {
+                continue;
+            };
+            for watch in watches.iter_mut() {
+                if watch.last == Some(datum.version) {
                     continue;
                 }
-                if let Some(tx) = self.push.get(&key.0)
-                    && try_push(tx, &datum.frame, None)
+                match datum.frame(&service, watch.last, push.deltas, self.max_frame) {
+                    Ok((frame, kind)) => {
+                        bytes += frame.len();
+                        let since = datum.since(watch.last);
+                        pull.frames.push(Outgoing { frame, since, kind });
+                        watch.last = Some(datum.version);
+                    }
+                    Err(e) => {
+                        // Too large for one frame: this version is skipped, not retried forever.
+                        warn!(%service, version = datum.version, error = %e, "cannot push this service");
+                        watch.last = Some(datum.version);
+                    }
+                }
+            }
+            if !self.coalesce.is_zero() {
+                push.pushed_at.insert(service, now);
+            }
+        }
+        Some(pull)
+    }
+
+    /// Marks due every subscription behind its service's cached datum: the periodic safety net
+    /// (a subscription that came while its connection was being set up, say). Returns how many
+    /// connection-service pairs were due.
+    pub fn rescan(&mut self) -> usize {
+        let mut due = 0;
+        for (service, state) in &self.services {
+            let Some(datum) = &state.datum else { continue };
+            for (conn, watches) in &state.watchers {
+                if watches.iter().any(|w| w.last != Some(datum.version))
+                    && let Some(push) = self.conns.get_mut(conn)
+                    && !push.due_set.contains(service)
                 {
-                    *last = Some(datum.version);
-                    pushed += 1;
+                    push.mark_due(service);
+                    due += 1;
                 }
             }
         }
-        pushed
+        due
     }
 
     /// Asks up to `n` connections to move to another session server; returns how many were asked.
@@ -272,29 +746,27 @@ impl Hub {
             Ok(frame) => frame,
             Err(_) => return 0,
         };
-        let mut conns: Vec<ConnId> = self.push.keys().copied().collect();
+        let mut conns: Vec<ConnId> = self.conns.keys().copied().collect();
         // The newest connections move first: they have the least history here.
         conns.sort_unstable_by(|a, b| b.cmp(a));
         conns.truncate(n);
-        let asked = conns
-            .iter()
-            .filter(|c| try_push(&self.push[c], &frame, None))
-            .count();
-        metrics::counter!("roster_session_goaways_total").increment(asked as u64);
-        asked
+        for conn in &conns {
+            let push = self.conns.get_mut(conn).expect("listed above");
+            push.control.push_back(frame.clone());
+            push.wake.notify_one();
+        }
+        metrics::counter!("roster_session_goaways_total").increment(conns.len() as u64);
+        conns.len()
     }
 
     /// Subscriptions held by connection `conn`.
     pub fn subscriptions_of(&self, conn: ConnId) -> usize {
-        self.conn_subs.get(&conn).map_or(0, Vec::len)
+        self.conns.get(&conn).map_or(0, |p| p.subs.len())
     }
 
-    /// Frames queued for all connections, not yet written.
-    pub fn queued_frames(&self) -> usize {
-        self.push
-            .values()
-            .map(|q| q.tx.max_capacity() - q.tx.capacity())
-            .sum()
+    /// Connection-service pairs with a push due, not yet taken by their writers.
+    pub fn pending(&self) -> usize {
+        self.conns.values().map(|p| p.due.len()).sum()
     }
 
     /// Each service with its subscriber count and cached version, sorted by service.
@@ -305,7 +777,7 @@ impl Hub {
             .map(|(service, state)| {
                 (
                     service.clone(),
-                    state.subscribers.len(),
+                    state.subscribers(),
                     state.datum.as_ref().map(|d| d.version),
                 )
             })
@@ -316,148 +788,27 @@ impl Hub {
 
     /// Counts for status reporting: (connections, subscribers, services).
     pub fn counts(&self) -> (usize, usize, usize) {
-        (self.push.len(), self.subs.len(), self.services.len())
+        (self.conns.len(), self.subs.len(), self.services.len())
     }
 }
 
-/// A connection's push queue, and the token that cuts the connection off when the queue is full.
-struct PushQueue {
-    tx: mpsc::Sender<Outgoing>,
-    cut: CancellationToken,
-}
-
-/// Queues `frame`; false when the queue is full (the connection is then cut off) or its writer is
-/// gone.
-fn try_push(queue: &PushQueue, frame: &Bytes, since: Option<Instant>) -> bool {
-    let outgoing = Outgoing {
-        frame: frame.clone(),
-        since,
+/// Marks every connection watching `service` as due, where a subscription is behind.
+fn mark_watchers_due(
+    conns: &mut HashMap<ConnId, ConnPush>,
+    service: &ServiceId,
+    state: &ServiceState,
+) {
+    let Some(version) = state.datum.as_ref().map(|d| d.version) else {
+        return;
     };
-    match queue.tx.try_send(outgoing) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            if !queue.cut.is_cancelled() {
-                metrics::counter!("roster_session_slow_consumers_total").increment(1);
-            }
-            queue.cut.cancel();
-            false
+    for (conn, watches) in &state.watchers {
+        if watches.iter().any(|w| w.last != Some(version))
+            && let Some(push) = conns.get_mut(conn)
+        {
+            push.mark_due(service);
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use roster_common::frame::{DEFAULT_MAX_FRAME, HEADER_LEN, decode};
-
-    use super::*;
-
-    fn svc(name: &str) -> ServiceId {
-        name.parse().unwrap()
-    }
-
-    fn snapshot(name: &str, version: Version) -> Snapshot {
-        Snapshot {
-            service: svc(name),
-            version,
-            publishers: Vec::new(),
-        }
-    }
-
-    fn pushed_versions(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<Version> {
-        let mut out = Vec::new();
-        while let Ok(Outgoing { frame, .. }) = rx.try_recv() {
-            let Ok(Push::Snapshot(s)) = decode::<Push>(&frame[HEADER_LEN..]) else {
-                panic!("not a snapshot")
-            };
-            out.push(s.version);
-        }
-        out
-    }
-
-    #[test]
-    fn subscribers_get_only_newer_versions() {
-        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
-        let (tx, mut rx) = mpsc::channel(16);
-        hub.attach(1, tx, CancellationToken::new());
-        assert!(hub.subscribe(1, "s".into(), svc("a")).first);
-        assert!(hub.update(snapshot("a", 5)).unwrap());
-        assert!(
-            !hub.update(snapshot("a", 4)).unwrap(),
-            "older datum ignored"
-        );
-        assert!(!hub.update(snapshot("a", 5)).unwrap(), "same datum ignored");
-        assert!(hub.update(snapshot("a", 9)).unwrap());
-        assert_eq!(pushed_versions(&mut rx), vec![5, 9]);
-    }
-
-    #[test]
-    fn a_late_subscriber_gets_the_cached_datum_at_once() {
-        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
-        let (tx1, _rx1) = mpsc::channel(16);
-        let (tx2, mut rx2) = mpsc::channel(16);
-        hub.attach(1, tx1, CancellationToken::new());
-        hub.attach(2, tx2, CancellationToken::new());
-        hub.subscribe(1, "s".into(), svc("a"));
-        hub.update(snapshot("a", 3)).unwrap();
-        assert!(!hub.subscribe(2, "s".into(), svc("a")).first);
-        assert_eq!(pushed_versions(&mut rx2), vec![3]);
-    }
-
-    #[test]
-    fn the_last_subscriber_leaving_abandons_the_service() {
-        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
-        let (tx, _rx) = mpsc::channel(16);
-        hub.attach(1, tx, CancellationToken::new());
-        hub.subscribe(1, "s1".into(), svc("a"));
-        hub.subscribe(1, "s2".into(), svc("a"));
-        assert_eq!(hub.unsubscribe(1, "s1"), None);
-        assert_eq!(hub.unsubscribe(1, "s2"), Some(svc("a")));
-        assert!(!hub.is_wanted(&svc("a")));
-        hub.subscribe(1, "s3".into(), svc("b"));
-        let moved = hub.subscribe(1, "s3".into(), svc("c"));
-        assert_eq!(
-            moved,
-            Subscribed {
-                first: true,
-                abandoned: Some(svc("b"))
-            }
-        );
-        assert_eq!(hub.detach(1), vec![svc("c")]);
-        assert_eq!(hub.counts(), (0, 0, 0));
-    }
-
-    #[test]
-    fn fetches_are_coalesced() {
-        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
-        let (tx, _rx) = mpsc::channel(16);
-        hub.attach(1, tx, CancellationToken::new());
-        hub.subscribe(1, "s".into(), svc("a"));
-        assert!(hub.changed(&svc("a"), 1));
-        assert!(!hub.changed(&svc("a"), 2), "one fetch at a time");
-        assert!(!hub.changed(&svc("a"), 3));
-        assert!(
-            hub.fetch_done(&svc("a")),
-            "changes during the fetch ask for one more"
-        );
-        hub.update(snapshot("a", 3)).unwrap();
-        assert!(!hub.fetch_done(&svc("a")));
-        assert!(!hub.changed(&svc("a"), 3), "already have it");
-        assert!(!hub.changed(&svc("b"), 1), "no subscriber, no fetch");
-    }
-
-    #[test]
-    fn a_full_push_queue_cuts_the_connection_off() {
-        let mut hub = Hub::new(DEFAULT_MAX_FRAME);
-        let (tx, mut rx) = mpsc::channel(1);
-        hub.attach(1, tx, CancellationToken::new());
-        hub.subscribe(1, "s".into(), svc("a"));
-        hub.update(snapshot("a", 1)).unwrap();
-        hub.update(snapshot("a", 2)).unwrap();
-        assert_eq!(pushed_versions(&mut rx), vec![1]);
-        assert!(
-            rx.is_closed(),
-            "the sender was dropped, so the writer closes the connection"
-        );
-    }
-}
+mod tests;

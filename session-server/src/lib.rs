@@ -2,15 +2,18 @@
 //!
 //! A session server accepts clients on ALPN `roster/1` ([`conn`]). It keeps each connection's
 //! publishers as the source copy and forwards every change to the slot leader ([`forward`]), one at
-//! a time per publisher so order is kept, retrying while no leader is reachable. It registers
-//! interest with the slot leader of every service its clients subscribe to, hears of each change on
-//! a watch stream, fetches the new datum and pushes it to the subscribers ([`links`], [`hub`]) —
-//! never an older version than a subscriber was last pushed. When a connection ends, cleanly or by
-//! idle timeout, its subscribers are dropped and its publishers removed from the data tier.
+//! a time per publisher so order is kept, in batches per slot leader, retrying while no leader is
+//! reachable. It registers interest with the slot leader of every service its clients subscribe
+//! to and hears of each change on a watch stream — the change itself, which it applies to its copy
+//! of the datum — and pushes each subscriber what changed since its last push, or the whole
+//! snapshot when that is smaller or the subscriber has nothing yet ([`links`], [`hub`]), never an
+//! older version than it was last pushed. When a connection ends, its subscribers are dropped;
+//! its publishers are removed from the data tier at once if the client closed it, or after
+//! `client_grace` if it was lost — unless the same client comes back within the grace, when they
+//! stay.
 //!
-//! Caveats: there is no coalescing window beyond fetch deduplication (changes arriving during a
-//! fetch are folded into one more fetch), no periodic comparison of the session's publishers with
-//! the data tier, and no per-connection limits beyond the frame size and QUIC's stream limit.
+//! Caveats: a client's identity is the `client_id` it declares; a snapshot must fit in one frame
+//! (`max_frame`), so a service's publishers together are limited to about 1 MiB by default.
 
 mod admin;
 mod conn;
@@ -29,9 +32,7 @@ use roster_common::{Error, NodeId, Result};
 
 pub use server::SessionServer;
 
-/// Push frames queued per connection before it is cut off as too slow, by default.
-pub const PUSH_QUEUE: usize = 1024;
-/// Application close code: the client did not read its pushes fast enough.
+/// Application close code: the client's push stream made no progress for `push_stall_timeout`.
 pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(0x10);
 /// Application close code: the client broke the protocol (unsupported version).
 pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x11);
@@ -50,7 +51,9 @@ pub struct SessionConfig {
     pub advertise: Option<String>,
     /// Failure zone, reported to the meta tier. Default empty.
     pub zone: String,
-    /// How long a closed connection's publishers stay before they are removed. Default 0.
+    /// How long the publishers of a lost connection (timed out, reset: not closed by the client)
+    /// stay before they are removed; the same client connecting again within it keeps them.
+    /// Default 1 s.
     pub client_grace: Duration,
     /// How often this session tells each slot leader the digests of its publishers (besides every
     /// table change), so drift is repaired. Default 10 s.
@@ -60,8 +63,8 @@ pub struct SessionConfig {
     /// Largest accepted frame. Default 1 MiB.
     pub max_frame: u32,
     /// QUIC settings towards clients: a dead client is detected within the idle timeout (plus up
-    /// to one keep-alive interval: a keep-alive sent into the silence restarts the timer).
-    /// Defaults 1 s keep-alive, 3 s idle timeout.
+    /// to one keep-alive interval: a keep-alive sent into the silence restarts the timer), and its
+    /// publishers go `client_grace` later. Defaults 1 s keep-alive, 2.5 s idle timeout.
     pub client_transport: TransportSettings,
     /// QUIC settings towards meta and data servers. Defaults 1 s and 4 s.
     pub peer_transport: TransportSettings,
@@ -78,12 +81,15 @@ pub struct SessionConfig {
     pub max_requests_per_connection: u32,
     /// Largest publisher: its data plus attribute keys and values, in bytes. Default 64 KiB.
     pub max_publisher_bytes: usize,
-    /// How long a change waits for more changes of the same service before it is fetched and
-    /// pushed, so bursts cost one push. Default 2 ms.
+    /// The least time between two pushes of one service to one connection. Zero (the default)
+    /// pushes a change as soon as the connection's writer is free, and merges the changes that
+    /// arrive while it is busy into its next push.
     pub coalesce_window: Duration,
-    /// Push frames queued for one connection (beyond what QUIC flow control holds) before the
-    /// client is disconnected as too slow; it reconnects and resyncs. Default 1024.
-    pub push_queue: usize,
+    /// How long a write to a client's push stream may make no progress (the client reads nothing
+    /// and QUIC flow control holds the server back) before the connection is closed with
+    /// [`CLOSE_SLOW_CONSUMER`]. A client that reads slowly is not cut off: its pushes merge.
+    /// Default 30 s.
+    pub push_stall_timeout: Duration,
 }
 
 impl SessionConfig {
@@ -94,12 +100,12 @@ impl SessionConfig {
             metas,
             advertise: None,
             zone: String::new(),
-            client_grace: Duration::ZERO,
+            client_grace: Duration::from_secs(1),
             repair_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
             client_transport: TransportSettings {
-                idle_timeout: Duration::from_secs(3),
+                idle_timeout: Duration::from_millis(2500),
                 ..TransportSettings::default()
             },
             peer_transport: TransportSettings::default(),
@@ -109,8 +115,8 @@ impl SessionConfig {
             max_subscriptions_per_connection: 10_000,
             max_requests_per_connection: 64,
             max_publisher_bytes: 64 << 10,
-            coalesce_window: Duration::from_millis(2),
-            push_queue: PUSH_QUEUE,
+            coalesce_window: Duration::ZERO,
+            push_stall_timeout: Duration::from_secs(30),
         }
     }
 
@@ -118,6 +124,11 @@ impl SessionConfig {
         if self.metas.is_empty() {
             return Err(Error::InvalidArgument(
                 "at least one meta address is needed (--meta)".into(),
+            ));
+        }
+        if self.push_stall_timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "the push stall timeout must be more than zero".into(),
             ));
         }
         self.client_transport.transport(false)?;

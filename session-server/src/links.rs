@@ -1,16 +1,18 @@
 //! The session's links to the data tier: one watch stream per data server, interest registered with
-//! the leader of each subscribed service, and fetches of changed datums.
+//! the leader of each subscribed service, and fetches of datums this session lacks.
 //!
 //! One task — the manager — owns the link table and where each service's interest is registered.
-//! It reacts to four inputs: subscriptions starting or ending ([`LinkEvent::Want`] /
-//! [`LinkEvent::Unwant`]), link tasks coming up or down, `Changed` notifications, and new cluster
-//! views. After each it reconciles: every wanted service must have interest registered with its
-//! slot leader over that leader's current watch stream; every unwanted one must have none.
+//! It reacts to subscriptions starting or ending ([`LinkEvent::Want`] / [`LinkEvent::Unwant`]),
+//! link tasks coming up or down, requests to fetch a datum, and new cluster views. After each it
+//! reconciles: every wanted service must have interest registered with its slot leader over that
+//! leader's current watch stream; every unwanted one must have none.
 //!
-//! Each data server gets a link task that dials it, opens the watch stream, waits for `Ready`, then
-//! forwards notifications to the manager. A broken stream is redialed with backoff; interest does
-//! not survive it (the data server drops it with the stream), so the manager registers again when
-//! the link comes back, and the datums returned with that registration cover anything missed.
+//! Each data server gets a link task that dials it, opens the watch stream, waits for `Ready`,
+//! then hands each change it hears straight to the hub ([`crate::hub::Hub::apply`]), which pushes
+//! it; only a change the hub cannot apply (a gap) goes to the manager, as a fetch. A broken stream
+//! is redialed with backoff; interest does not survive it (the data server drops it with the
+//! stream), so the manager registers again when the link comes back, and the versions returned
+//! with that registration tell what to fetch to cover anything missed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use roster_common::proto::{
-    ClusterView, DataEvent, DataRequest, DataResponse, Reply, Role, Snapshot,
+    ClusterView, DataEvent, DataRequest, DataResponse, PublisherChange, Reply, Role,
 };
+use roster_common::push::encode_publisher;
 use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId, Version, frame, rpc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::hub::{self, Applied, Fetched, Op};
 use crate::server::Shared;
 
 /// Events queued for the manager before senders wait. Link tasks then stop reading their watch
@@ -58,10 +62,16 @@ pub enum LinkEvent {
         node: NodeId,
         generation: u64,
     },
+    /// `service` is at `version` on its leader; fetch it if this session is behind.
     Changed {
         node: NodeId,
         service: ServiceId,
         version: Version,
+    },
+    /// The hub could not apply a change of `service` (and marked it as being fetched): fetch it.
+    Fetch {
+        node: NodeId,
+        service: ServiceId,
     },
 }
 
@@ -83,7 +93,7 @@ enum Done {
     InterestOff,
     Fetch {
         service: ServiceId,
-        result: Result<Snapshot>,
+        result: Result<Fetched>,
     },
     /// This session's digests (and syncs where they differed) reached `node`.
     Reported {
@@ -178,7 +188,7 @@ pub async fn run(
                     manager.reconcile_all();
                     let behind = manager.shared.hub.lock().rescan();
                     if behind > 0 {
-                        debug!(subscribers = behind, "re-pushed to subscribers that were behind");
+                        debug!(subscriptions = behind, "re-marked subscriptions that were behind");
                     }
                 }
             }
@@ -272,6 +282,7 @@ impl Manager {
                     self.fetch(node, service);
                 }
             }
+            LinkEvent::Fetch { node, service } => self.fetch(node, service),
         }
     }
 
@@ -338,24 +349,24 @@ impl Manager {
                 }
             }
             Done::Fetch { service, result } => {
-                let again = {
-                    let mut hub = self.shared.hub.lock();
-                    match result {
-                        Ok(datum) => {
-                            if let Err(e) = hub.update(datum) {
-                                warn!(%service, error = %e, "cannot push a datum");
-                            }
-                        }
-                        Err(e) => {
-                            debug!(%service, error = %e, "fetch failed; will retry");
-                            self.stale.insert(service.clone());
-                            self.retry_soon = true;
+                let again = match result {
+                    Ok(datum) => self.shared.hub.lock().fetched(datum, Instant::now()),
+                    Err(e) => {
+                        debug!(%service, error = %e, "fetch failed; will retry");
+                        self.shared.hub.lock().fetch_failed(&service);
+                        self.stale.insert(service.clone());
+                        self.retry_soon = true;
+                        false
+                    }
+                };
+                if again {
+                    match self.leader_of(&service) {
+                        Some(node) => self.fetch(node, service),
+                        None => {
+                            self.shared.hub.lock().fetch_failed(&service);
+                            self.stale.insert(service);
                         }
                     }
-                    hub.fetch_done(&service)
-                };
-                if again && let Some(node) = self.leader_of(&service) {
-                    self.fetch(node, service);
                 }
             }
         }
@@ -365,19 +376,17 @@ impl Manager {
         self.shared.view()?.table.leader_of(service)
     }
 
+    /// Fetches `service` from `node`; the hub has marked it as being fetched.
     fn fetch(&mut self, node: NodeId, service: ServiceId) {
         let Some(link) = self.links.get(&node) else {
-            self.shared.hub.lock().fetch_done(&service);
+            self.shared.hub.lock().fetch_failed(&service);
+            self.stale.insert(service);
+            self.retry_soon = true;
             return;
         };
         let shared = self.shared.clone();
         let addr = link.addr.clone();
         self.tasks.spawn(async move {
-            // Let a burst of changes of this service land first: one fetch, one push for all.
-            let window = shared.config.coalesce_window;
-            if !window.is_zero() {
-                tokio::time::sleep(window).await;
-            }
             let request = DataRequest::Fetch {
                 services: vec![service.clone()],
             };
@@ -385,7 +394,7 @@ impl Manager {
                 .await
                 .and_then(|response| match response {
                     DataResponse::Datums { mut datums } if datums.len() == 1 => {
-                        Ok(datums.remove(0))
+                        Ok(Fetched::encode(datums.remove(0)))
                     }
                     other => Err(Error::UnexpectedMessage(format!(
                         "expected one datum, got {other:?}"
@@ -594,7 +603,19 @@ async fn call(shared: &Shared, addr: &str, request: &DataRequest) -> Result<Data
     .await
 }
 
-/// Keeps a watch stream open to data server `node`, forwarding its events to the manager.
+fn count_change(outcome: Applied) {
+    let outcome = match outcome {
+        Applied::Done => "applied",
+        Applied::Stale => "stale",
+        Applied::Held => "held",
+        Applied::Fetch => "fetch",
+        Applied::Unwanted => return,
+    };
+    metrics::counter!("roster_session_changes_total", "outcome" => outcome).increment(1);
+}
+
+/// Keeps a watch stream open to data server `node`, applying its changes to the hub and
+/// forwarding the rest of its events to the manager.
 async fn run_link(
     shared: Arc<Shared>,
     node: NodeId,
@@ -652,7 +673,36 @@ async fn watch(
         };
         let event = match event {
             DataEvent::Ready {} => LinkEvent::Up { node, generation },
-            DataEvent::Changed { service, version } => LinkEvent::Changed {
+            DataEvent::Changed {
+                service,
+                version,
+                prev: Some(prev),
+                change: Some(change),
+            } => {
+                let op = match change {
+                    PublisherChange::Put(view) => {
+                        let bytes = encode_publisher(&view);
+                        Op::Put((view.client_id, view.register_id), bytes)
+                    }
+                    PublisherChange::Remove(id) => Op::Removed((id.client_id, id.register_id)),
+                };
+                let change = hub::Change {
+                    service: service.clone(),
+                    prev,
+                    version,
+                    op,
+                };
+                let outcome = shared.hub.lock().apply(change, Instant::now());
+                count_change(outcome);
+                if outcome != Applied::Fetch {
+                    continue;
+                }
+                LinkEvent::Fetch { node, service }
+            }
+            // From a data server that does not send the change itself.
+            DataEvent::Changed {
+                service, version, ..
+            } => LinkEvent::Changed {
                 node,
                 service,
                 version,

@@ -53,6 +53,27 @@ impl Owned {
         held
     }
 
+    /// Moves a publisher held by connection `from` to connection `to` (a client that came back
+    /// took its lost connection's publishers over).
+    pub fn reassign(
+        &mut self,
+        service: &ServiceId,
+        client_id: &str,
+        register_id: &str,
+        from: ConnId,
+        to: ConnId,
+    ) {
+        let key = (client_id.to_owned(), register_id.to_owned());
+        if let Some((_, holder)) = self
+            .by_service
+            .get_mut(service)
+            .and_then(|publishers| publishers.get_mut(&key))
+            && *holder == from
+        {
+            *holder = to;
+        }
+    }
+
     /// Forgets a publisher.
     pub fn remove(&mut self, service: &ServiceId, client_id: &str, register_id: &str) {
         if let Some(publishers) = self.by_service.get_mut(service) {
@@ -153,5 +174,17 @@ mod tests {
         assert_eq!(owned.len(), 1, "the old connection's end leaves it");
         assert!(owned.remove_held_by(&a.service, "c", "r1", 2));
         assert!(owned.is_empty());
+    }
+
+    #[test]
+    fn a_returning_client_takes_its_publishers_over() {
+        let mut owned = Owned::default();
+        let a = publisher("demo", "r1", 1);
+        owned.put(a.clone(), 1);
+        owned.reassign(&a.service, "c", "r1", 1, 2);
+        assert!(!owned.remove_held_by(&a.service, "c", "r1", 1));
+        // Only from the connection that holds it.
+        owned.reassign(&a.service, "c", "r1", 1, 3);
+        assert!(owned.remove_held_by(&a.service, "c", "r1", 2));
     }
 }

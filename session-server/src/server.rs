@@ -1,6 +1,7 @@
 //! The session server's shell: the client endpoint, the member agent, the forwarder and the data
 //! links, wired together.
 
+use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use roster_common::member::{self, MemberConfig, ViewRx};
 use roster_common::peers::PeerPool;
 use roster_common::proto::{ALPN_CLIENT, ALPN_PEER, ClusterView, Member, Role};
 use roster_common::tls::{self, NodeIdentity};
-use roster_common::{InstanceId, Result, ids, quic, serve};
+use roster_common::{ClientId, InstanceId, RegisterId, Result, ServiceId, ids, quic, serve};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,6 +57,14 @@ pub(crate) struct Shared {
     pub data_links: Mutex<(usize, usize)>,
     /// Keeps a slot's writes and syncs from overtaking each other.
     pub slot_gate: SlotGate,
+    /// The publishers of lost connections within their `client_grace`, by client.
+    pub orphans: Mutex<HashMap<ClientId, Vec<Orphan>>>,
+}
+
+/// The publishers of a lost connection, waiting `client_grace` for their client to come back.
+pub(crate) struct Orphan {
+    pub conn: ConnId,
+    pub publishers: HashMap<RegisterId, ServiceId>,
 }
 
 impl Shared {
@@ -140,7 +149,7 @@ impl SessionServer {
         let (forward_tx, forward_rx) = mpsc::channel(FORWARD_QUEUE);
         let (links_tx, links_rx) = mpsc::channel(LINK_EVENTS);
         let shared = Arc::new(Shared {
-            hub: Mutex::new(Hub::new(config.max_frame)),
+            hub: Mutex::new(Hub::new(config.max_frame, config.coalesce_window)),
             owned: Mutex::new(Owned::default()),
             config: config.clone(),
             instance: self.instance,
@@ -153,6 +162,7 @@ impl SessionServer {
             mean_load,
             data_links: Mutex::new((0, 0)),
             slot_gate: SlotGate::default(),
+            orphans: Mutex::new(HashMap::new()),
         });
         self.admin.install(Arc::new(crate::admin::SessionAdmin {
             shared: shared.clone(),

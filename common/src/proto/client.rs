@@ -18,6 +18,10 @@ pub enum ClientRequest {
         client_name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// Optional protocol features the client asks for (see [`CAPABILITY_DELTA`]). The server
+        /// answers with those it grants in `Welcome`; names it does not know are ignored.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        capabilities: Vec<String>,
     },
     /// Registers (or replaces) the publisher `register_id` of this client.
     Publish {
@@ -56,6 +60,13 @@ pub enum ClientResponse {
         session_id: NodeId,
         max_frame: u32,
         idle_timeout_ms: u64,
+        /// The capabilities of the `Hello` that this server grants.
+        #[serde(default)]
+        capabilities: Vec<String>,
+        /// Requests this connection may have outstanding at once (`None` from servers that do
+        /// not say; their default was 64).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_requests: Option<u32>,
     },
     /// Answer to `Publish` and `Unpublish`. `durable` is true once the slot leader applied the
     /// change; false when the session holds it and retries because no leader was reachable.
@@ -87,11 +98,18 @@ pub enum Scope {
     Global,
 }
 
+/// The capability a client asks for in `Hello` to be pushed [`Push::Delta`]s after each
+/// subscription's first snapshot. Without it a client gets full snapshots only.
+pub const CAPABILITY_DELTA: &str = "delta";
+
 /// A frame on the server-to-client push stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Push {
     /// The full current set of publishers of a service the connection subscribes to.
     Snapshot(Snapshot),
+    /// What changed in a service since the version `base` this subscription was last pushed
+    /// (only to clients that asked for [`CAPABILITY_DELTA`]).
+    Delta(Delta),
     /// The session server asks the client to move to another session server: it is draining for
     /// shutdown, or has more than its share of connections. The client connects elsewhere,
     /// registers everything there, then closes this connection.
@@ -107,14 +125,47 @@ pub struct Snapshot {
     pub publishers: Vec<PublisherView>,
 }
 
+/// The change of one service from version `base` to `version`: the publishers added or replaced
+/// (`put`, whole) and those removed. A publisher appears at most once in the two lists together.
+/// It applies only to a copy at exactly `base`; see `docs/PROTOCOL.md` §4.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    pub service: ServiceId,
+    pub base: Version,
+    pub version: Version,
+    /// Ordered by `(client_id, register_id)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub put: Vec<PublisherView>,
+    /// Ordered by `(client_id, register_id)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<PublisherId>,
+}
+
 /// One publisher as subscribers see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublisherView {
     pub client_id: ClientId,
     pub register_id: RegisterId,
     pub data: Vec<Bytes>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     #[serde(default)]
     pub client_version: u64,
+}
+
+impl PublisherView {
+    /// The publisher's identity.
+    pub fn id(&self) -> PublisherId {
+        PublisherId {
+            client_id: self.client_id.clone(),
+            register_id: self.register_id.clone(),
+        }
+    }
+}
+
+/// A publisher's identity: its client and the register id that client gave it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublisherId {
+    pub client_id: ClientId,
+    pub register_id: RegisterId,
 }

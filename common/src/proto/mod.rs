@@ -11,12 +11,13 @@ mod client;
 mod peer;
 
 pub use client::{
-    ClientRequest, ClientResponse, PublisherView, Push, Scope, ServiceSummary, Snapshot,
+    CAPABILITY_DELTA, ClientRequest, ClientResponse, Delta, PublisherId, PublisherView, Push,
+    Scope, ServiceSummary, Snapshot,
 };
 pub use peer::{
     ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, Digest, LeaseStatus, Member,
-    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, Publisher, RaftKind, ReplicatedOp, Role,
-    SlotDigest, SlotDump, SlotTable, WriteOp,
+    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, Publisher, PublisherChange, RaftKind,
+    ReplicatedOp, Role, SlotDigest, SlotDump, SlotTable, WriteOp,
 };
 
 use crate::error::{Error, WireError};

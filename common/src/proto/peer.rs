@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::client::{PublisherView, ServiceSummary, Snapshot};
+use super::client::{PublisherId, PublisherView, ServiceSummary, Snapshot};
 use crate::ids::{ClientId, Epoch, InstanceId, NodeId, RegisterId, ServiceId, SlotId, Version};
 use crate::slot::slot_of;
 
@@ -388,6 +388,9 @@ pub enum DataRequest {
     },
     /// Applies one publisher change at the slot leader.
     Write { op: WriteOp },
+    /// Applies several publisher changes at the slot leader, in order, each on its own: one may
+    /// fail (its slot moved, say) while the others apply. Answered `WrittenBatch`, a result per op.
+    WriteBatch { ops: Vec<WriteOp> },
     /// Registers (`on`) or drops interest in services for the session's watch stream. Registering
     /// answers with the current version of each service, read after the registration: the session
     /// fetches those it does not have (datums travel one per `Fetch`, so a batch of large services
@@ -433,6 +436,11 @@ pub enum DataRequest {
 pub enum DataResponse {
     Written {
         version: Version,
+    },
+    /// Answer to `WriteBatch`: for each op, in order, the datum version it produced (or found,
+    /// when it changed nothing) or why it was refused.
+    WrittenBatch {
+        results: Vec<super::Reply<Version>>,
     },
     Datums {
         datums: Vec<Snapshot>,
@@ -539,9 +547,24 @@ pub struct SlotDigest {
 pub enum DataEvent {
     /// The stream is registered; interest may be sent now.
     Ready {},
-    /// `service` changed; its datum is now at `version` (or later).
+    /// `service` changed; its datum is now at `version` (or later). With `prev` and `change` the
+    /// event is the change itself: `change` applied to the datum at version `prev` gives the datum
+    /// at `version`. Without them (older data servers), fetch the datum.
     Changed {
         service: ServiceId,
         version: Version,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prev: Option<Version>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<PublisherChange>,
     },
+}
+
+/// One publisher's change in a datum, as the slot leader applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PublisherChange {
+    /// Added or replaced, whole.
+    Put(PublisherView),
+    /// Removed.
+    Remove(PublisherId),
 }
