@@ -129,32 +129,29 @@ pub struct SubscribeArgs {
     service: String,
 }
 
-/// One snapshot as a JSON line. Data that is UTF-8 prints as a string, anything else as
+/// One publisher as JSON. Data that is UTF-8 prints as a string, anything else as
 /// `{"base64": "..."}`.
-pub fn snapshot_json(snapshot: &Snapshot) -> Value {
-    let publishers: Vec<Value> = snapshot
-        .publishers
+fn publisher_json(p: &roster_client::PublisherView) -> Value {
+    let data: Vec<Value> = p
+        .data
         .iter()
-        .map(|p| {
-            let data: Vec<Value> = p
-                .data
-                .iter()
-                .map(|d| match std::str::from_utf8(d) {
-                    Ok(text) => Value::String(text.to_owned()),
-                    Err(_) => {
-                        json!({ "base64": base64::engine::general_purpose::STANDARD.encode(d) })
-                    }
-                })
-                .collect();
-            json!({
-                "client_id": p.client_id,
-                "register_id": p.register_id,
-                "data": data,
-                "attributes": p.attributes,
-                "client_version": p.client_version,
-            })
+        .map(|d| match std::str::from_utf8(d) {
+            Ok(text) => Value::String(text.to_owned()),
+            Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(d) }),
         })
         .collect();
+    json!({
+        "client_id": p.client_id,
+        "register_id": p.register_id,
+        "data": data,
+        "attributes": p.attributes,
+        "client_version": p.client_version,
+    })
+}
+
+/// One snapshot as a JSON line.
+pub fn snapshot_json(snapshot: &Snapshot) -> Value {
+    let publishers: Vec<Value> = snapshot.publishers.iter().map(publisher_json).collect();
     json!({
         "service": snapshot.service.as_str(),
         "version": snapshot.version,
@@ -171,7 +168,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot connect to a session server")?;
     let subscription = client.subscribe(&args.service).await?;
-    let mut previous = std::collections::BTreeMap::new();
+    let mut previous: Option<Snapshot> = None;
     let mut stream = subscription;
     let mut stdout = std::io::stdout().lock();
     loop {
@@ -182,16 +179,15 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                     serde_json::to_writer(&mut stdout, &snapshot_json(&snapshot))?;
                     writeln!(stdout)?;
                     if args.events {
-                        let now: std::collections::BTreeMap<_, _> = snapshot
-                            .publishers
-                            .iter()
-                            .map(|p| ((p.client_id.clone(), p.register_id.clone()), p.clone()))
-                            .collect();
-                        for event in roster_client::diff(&previous, &now) {
+                        let events = match &previous {
+                            Some(previous) => roster_client::diff(previous, &snapshot),
+                            None => snapshot.publishers.iter().cloned().map(roster_client::Event::Added).collect(),
+                        };
+                        for event in events {
                             serde_json::to_writer(&mut stdout, &event_json(&snapshot, &event))?;
                             writeln!(stdout)?;
                         }
-                        previous = now;
+                        previous = Some(snapshot);
                     }
                     stdout.flush()?;
                 }
@@ -208,14 +204,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 /// One publisher change as a JSON line: `{"event": "added"|"removed"|"changed", "service", "version",
 /// "publisher": {...}}` (`changed` also carries `"old"`).
 fn event_json(snapshot: &Snapshot, event: &roster_client::Event) -> Value {
-    let one = |p: &roster_client::PublisherView| {
-        snapshot_json(&Snapshot {
-            service: snapshot.service.clone(),
-            version: snapshot.version,
-            publishers: vec![p.clone()],
-        })["publishers"][0]
-            .clone()
-    };
+    let one = publisher_json;
     let (kind, publisher, old) = match event {
         roster_client::Event::Added(p) => ("added", one(p), None),
         roster_client::Event::Removed(p) => ("removed", one(p), None),

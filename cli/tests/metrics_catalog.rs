@@ -85,12 +85,15 @@ fn every_metric_is_exported_documented_and_the_dashboard_names_only_real_ones() 
     }
     assert_eq!(admin.len(), 3, "{admin:?}");
 
-    // A publish and a subscriber, so the push path has recorded something.
+    // A subscriber and two publishes, the second reaching it as a change, so the push path has
+    // recorded something.
     let sub = roster("roster subscribe", cwd, &["subscribe", "demo"]);
     let _publisher = roster("roster publish", cwd, &["publish", "demo", "10.0.0.1:80"]);
     sub.line_matching(START, "the published address", |l| {
         l.contains("10.0.0.1:80")
     });
+    let _second = roster("roster publish", cwd, &["publish", "demo", "10.0.0.2:80"]);
+    sub.line_matching(START, "the second address", |l| l.contains("10.0.0.2:80"));
 
     let exported: BTreeMap<String, BTreeSet<String>> = admin
         .iter()

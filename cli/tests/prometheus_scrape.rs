@@ -102,16 +102,19 @@ fn prometheus_scrapes_every_server_and_sees_publishers_and_push_latency() {
         });
     }
 
-    // A publish and a subscriber: the registry's series show them.
+    // A subscriber, a publish, and a second one that reaches the subscriber as a change (its
+    // push is timed): the registry's series show them.
     let sub = roster("roster subscribe", cwd, &["subscribe", "demo"]);
     let _publisher = roster("roster publish", cwd, &["publish", "demo", "10.0.0.1:8080"]);
     sub.line_matching(START, "the published address", |l| {
         l.contains("10.0.0.1:8080")
     });
+    let _second = roster("roster publish", cwd, &["publish", "demo", "10.0.0.2:8080"]);
+    sub.line_matching(START, "the second address", |l| l.contains("10.0.0.2:8080"));
     wait_for(START, "publishers in Prometheus", || {
         let data = query(&prometheus, "sum(roster_data_publishers)")?;
         let session = query(&prometheus, "sum(roster_session_publishers)")?;
-        (data == 1.0 && session == 1.0).then_some(())
+        (data == 2.0 && session == 2.0).then_some(())
     });
     wait_for(START, "push latency in Prometheus", || {
         let pushes = query(&prometheus, "sum(roster_session_push_seconds_count)")?;

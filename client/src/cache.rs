@@ -3,12 +3,24 @@
 //! One file per service, named by a hash of the service id and holding the MessagePack of the
 //! snapshot (which names its service, checked on load). Files are replaced by writing a temporary
 //! file and renaming it; a torn or foreign file is ignored.
+//!
+//! Writing a file costs the size of the service, so it is not done on every change: services
+//! whose snapshot changed are marked, and [`keep`] writes the marked ones every [`FLUSH_EVERY`]
+//! (and once more when the client closes).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use roster_common::ServiceId;
-use roster_common::proto::{Digest, Snapshot};
+use roster_common::proto::{self, Digest};
 use tracing::debug;
+
+use crate::Inner;
+use crate::snapshot::Snapshot;
+
+/// How often changed snapshots are written.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Cache {
     dir: PathBuf,
@@ -35,13 +47,13 @@ impl Cache {
     /// The cached snapshot of `service`, if a valid one is there.
     pub fn load(&self, service: &ServiceId) -> Option<Snapshot> {
         let bytes = std::fs::read(self.path(service)).ok()?;
-        let snapshot: Snapshot = rmp_serde::from_slice(&bytes).ok()?;
-        (snapshot.service == *service).then_some(snapshot)
+        let snapshot: proto::Snapshot = rmp_serde::from_slice(&bytes).ok()?;
+        (snapshot.service == *service).then(|| Snapshot::from_wire(snapshot))
     }
 
     /// Stores `snapshot` as the last of its service. Failures are logged and otherwise ignored:
     /// the cache is a convenience, never a reason to fail.
-    pub fn store(&self, snapshot: &Snapshot) {
+    pub fn store(&self, snapshot: &proto::Snapshot) {
         let path = self.path(&snapshot.service);
         let tmp = path.with_extension("tmp");
         let result = rmp_serde::to_vec_named(snapshot)
@@ -51,5 +63,38 @@ impl Cache {
         if let Err(e) = result {
             debug!(service = %snapshot.service, error = %e, "could not cache a snapshot");
         }
+    }
+}
+
+/// Writes the snapshots of the services marked as changed.
+pub(crate) fn flush(inner: &Inner) {
+    let Some(cache) = &inner.cache else { return };
+    let dirty: Vec<ServiceId> = inner.cache_dirty.lock().drain().collect();
+    for service in dirty {
+        let snapshot = inner
+            .registry
+            .lock()
+            .subscriptions
+            .get(&service)
+            .and_then(|s| s.tx.borrow().clone());
+        // Copied out of the shared snapshot outside the registry's lock.
+        if let Some(snapshot) = snapshot {
+            cache.store(&snapshot.to_wire());
+        }
+    }
+}
+
+/// Flushes changed snapshots every [`FLUSH_EVERY`] until the client closes.
+pub(crate) async fn keep(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let inner = inner.clone();
+        // File writes block: off the I/O threads' async work.
+        let _ = tokio::task::spawn_blocking(move || flush(&inner)).await;
     }
 }

@@ -71,6 +71,17 @@ pub struct ClientConfig {
     /// Default 2000 ms.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// Requests (publish, update, unpublish, subscribe, list, ping) this client has on the wire at
+    /// once; more wait their turn, within `request_timeout_ms`. Re-registering everything on a new
+    /// connection uses up to 16 more. A session server refuses requests beyond its own limit
+    /// (`--max-requests-per-connection`, 64 by default), which must exceed this plus 18.
+    /// Default 32.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn default_max_in_flight() -> u32 {
+    32
 }
 
 fn default_true() -> bool {
@@ -118,6 +129,7 @@ impl ClientConfig {
             dead_after_ms: default_dead_after_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             max_frame: default_max_frame(),
+            max_in_flight: default_max_in_flight(),
             refuse_empty: true,
             cache_dir: None,
             reconnect_min_ms: default_reconnect_min_ms(),
@@ -155,6 +167,12 @@ impl ClientConfig {
             return Err(Error::InvalidArgument(
                 "the client config names no session server".into(),
             ));
+        }
+        if !(1..=1024).contains(&self.max_in_flight) {
+            return Err(Error::InvalidArgument(format!(
+                "max_in_flight is {}; it must be 1 to 1024",
+                self.max_in_flight
+            )));
         }
         self.transport().transport(true)?;
         Ok(())

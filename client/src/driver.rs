@@ -1,5 +1,6 @@
 //! Keeping the client connected: dialing a session server, registering everything there, reading
-//! its pushes, and moving to another one when the connection ends or the server says `GoAway`.
+//! and applying its pushes, and moving to another one when the connection ends, goes silent, or
+//! the server says `GoAway`. Everything here runs on the SDK's own threads (see `io`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,20 +8,24 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use quinn::Connection;
+use quinn::{Connection, ConnectionError};
 use rand::seq::SliceRandom;
 use roster_common::proto::{
-    ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Scope, Snapshot,
+    self, CAPABILITY_DELTA, ClientRequest, ClientResponse, Delta, PROTOCOL_VERSION, Push, Scope,
 };
-use roster_common::{Error, Result, frame, quic, rpc};
+use roster_common::{Error, RegisterId, Result, ServiceId, frame, quic, rpc};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::{ConnectionState, Inner, Live, publish_request};
+use crate::liveness::Liveness;
+use crate::snapshot::Snapshot;
+use crate::{ConnectionState, Inner, Live, SubscriptionState, publish_request};
 
-/// Registrations sent at once on a new connection. With `MAX_APP_REQUESTS`, one `Hello` and one
-/// background removal this stays within the session server's default of 64 outstanding requests.
-const REGISTER_CONCURRENCY: usize = 31;
+/// Registrations sent at once on a new connection, besides the application's `max_in_flight`.
+pub(crate) const REGISTER_CONCURRENCY: usize = 16;
+
+/// The close code a session server uses for a client that read none of its pushes.
+const CLOSE_SLOW_CONSUMER: u32 = 0x10;
 
 /// One address to dial: a configured session address, or one of the addresses its DNS name
 /// resolves to.
@@ -116,6 +121,7 @@ async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) 
         client_id: inner.client_id.clone(),
         client_name: inner.config.client_name.clone(),
         token: inner.config.token.clone(),
+        capabilities: vec![CAPABILITY_DELTA.to_owned()],
     };
     let session_id = match rpc::call(
         &conn,
@@ -125,7 +131,25 @@ async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) 
     )
     .await?
     {
-        ClientResponse::Welcome { session_id, .. } => session_id,
+        ClientResponse::Welcome {
+            session_id,
+            max_requests,
+            ..
+        } => {
+            let needed = inner.config.max_in_flight as usize + REGISTER_CONCURRENCY + 2;
+            if let Some(limit) = max_requests
+                && (limit as usize) < needed
+            {
+                warn!(
+                    session = session_id,
+                    limit,
+                    max_in_flight = inner.config.max_in_flight,
+                    "the session server allows fewer requests in flight than this client may send; \
+                     lower max_in_flight to avoid LimitExceeded errors"
+                );
+            }
+            session_id
+        }
         other => {
             return Err(Error::UnexpectedMessage(format!(
                 "expected Welcome, got {other:?}"
@@ -150,6 +174,8 @@ async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
             registry
                 .publications
                 .iter()
+                // A publication whose first publish is still being made is sent by that publish.
+                .filter(|(_, state)| state.client_version > 0)
                 .map(|(id, state)| publish_request(id, state))
                 .chain(registry.subscriptions.iter().map(|(service, sub)| {
                     ClientRequest::Subscribe {
@@ -193,8 +219,9 @@ async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
 /// Makes `live` the connection in use and starts reading its pushes.
 pub(crate) fn install(inner: &Arc<Inner>, live: Live) {
     let addr = live.conn.remote_address();
-    info!(session = live.session_id, %addr, "connected to a session server");
-    tokio::spawn(read_pushes(inner.clone(), live.conn.clone()));
+    let connects = inner.stats.connects.fetch_add(1, Ordering::Relaxed) + 1;
+    info!(session = live.session_id, %addr, connects, "connected to a session server");
+    crate::io::spawn(read_pushes(inner.clone(), live.conn.clone()));
     inner.state_tx.send_replace(ConnectionState::Connected {
         session_id: live.session_id,
         addr: addr.to_string(),
@@ -215,15 +242,37 @@ fn backoff(inner: &Inner, attempt: u32) -> Duration {
 /// How often the connection's liveness is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(100);
 
+/// Connects to another session server (the same one if it is the only one), registers everything
+/// there, makes it the connection in use, and only then closes `live`. False if none answered.
+async fn move_on(inner: &Arc<Inner>, live: &Live, why: &'static [u8]) -> bool {
+    let here = live.conn.remote_address();
+    match connect_any(inner, Some(here)).await {
+        Ok(next) if next.conn.remote_address() != here || next.only_choice => {
+            install(inner, next);
+            live.conn.close(0u32.into(), why);
+            true
+        }
+        Ok(same) => {
+            // Only the same server would take us: stay, keeping one connection.
+            same.conn.close(0u32.into(), b"duplicate");
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "no other session server answered");
+            false
+        }
+    }
+}
+
 /// Keeps the client connected until it is shut down, then sends pending removals and closes.
 pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiver<ClientRequest>) {
     let mut attempt = 0u32;
     let mut avoid: Option<SocketAddr> = None;
     let dead_after = Duration::from_millis(inner.config.dead_after_ms);
-    let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // (connection, datagrams received when last seen growing, when)
-    let mut heard: Option<(usize, u64, tokio::time::Instant)> = None;
+    let mut liveness_tick = tokio::time::interval(LIVENESS_CHECK);
+    liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The connection being watched, and its watchdog.
+    let mut watchdog: Option<(usize, Liveness)> = None;
     loop {
         let live = inner.live.read().clone();
         match live {
@@ -248,6 +297,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                 tokio::select! {
                     _ = inner.shutdown.cancelled() => break,
                     reason = live.conn.closed() => {
+                        note_loss(&inner, &reason);
                         warn!(session = live.session_id, reason = %roster_common::error::describe_close(&reason), "lost the session server; reconnecting");
                         let mut current = inner.live.write();
                         if current.as_ref().is_some_and(|l| l.conn.stable_id() == live.conn.stable_id()) {
@@ -256,34 +306,27 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                         avoid = Some(live.conn.remote_address());
                     }
                     _ = inner.go_away.notified() => {
-                        let here = live.conn.remote_address();
-                        match connect_any(&inner, Some(here)).await {
-                            Ok(next) if next.conn.remote_address() != here || next.only_choice => {
-                                install(&inner, next);
-                                live.conn.close(0u32.into(), b"moved to another session server");
-                            }
-                            Ok(same) => {
-                                // Only the same server would take us: stay, keeping one connection.
-                                same.conn.close(0u32.into(), b"duplicate");
-                            }
-                            Err(e) => warn!(error = %e, "asked to move, but no other session server answered"),
-                        }
+                        move_on(&inner, &live, b"moved to another session server").await;
                     }
-                    _ = liveness.tick() => {
-                        // A session server killed outright sends no close: notice its silence well
-                        // before the idle timeout, and move.
-                        let received = live.conn.stats().udp_rx.datagrams;
+                    _ = liveness_tick.tick() => {
+                        // A session server killed outright sends no close: notice its silence
+                        // well before the idle timeout, and move.
                         let id = live.conn.stable_id();
-                        let now = tokio::time::Instant::now();
-                        match heard {
-                            Some((conn, count, since)) if conn == id && count == received => {
-                                if now.duration_since(since) >= dead_after {
-                                    warn!(session = live.session_id, silent = ?now.duration_since(since), "the session server went silent; moving");
-                                    live.conn.close(0u32.into(), b"server silent");
-                                    heard = None;
-                                }
+                        if watchdog.as_ref().is_none_or(|(watched, _)| *watched != id) {
+                            watchdog = Some((id, Liveness::new(dead_after, LIVENESS_CHECK)));
+                        }
+                        let received = live.conn.stats().udp_rx.datagrams;
+                        let dead = watchdog
+                            .as_mut()
+                            .is_some_and(|(_, w)| w.observe(std::time::Instant::now(), received));
+                        if dead {
+                            inner.stats.silent.fetch_add(1, Ordering::Relaxed);
+                            warn!(session = live.session_id, silent = ?dead_after, "the session server went silent; moving");
+                            watchdog = None;
+                            // Registered elsewhere first; the silent connection goes after.
+                            if !move_on(&inner, &live, b"server silent").await {
+                                live.conn.close(0u32.into(), b"server silent");
                             }
-                            _ => heard = Some((id, received, now)),
                         }
                     }
                     request = background.recv() => {
@@ -311,11 +354,29 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
         }
         live.conn.close(0u32.into(), b"client closed");
     }
+    crate::cache::flush(&inner);
     inner.registry.lock().subscriptions.clear();
     inner.state_tx.send_replace(ConnectionState::Closed);
 }
 
-/// Reads one connection's push stream into the subscriptions until the connection ends.
+/// Counts a connection that ended without this client closing it.
+fn note_loss(inner: &Inner, reason: &ConnectionError) {
+    match reason {
+        ConnectionError::LocallyClosed => {}
+        ConnectionError::ApplicationClosed(close)
+            if close.error_code.into_inner() == u64::from(CLOSE_SLOW_CONSUMER) =>
+        {
+            inner.stats.lost.fetch_add(1, Ordering::Relaxed);
+            inner.stats.cut_off_slow.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {
+            inner.stats.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads one connection's push stream into the subscriptions until the connection ends. Each
+/// push is decoded once and applied to the subscription's shared snapshot.
 async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
     let result = async {
         let mut push = conn.accept_uni().await?;
@@ -324,9 +385,24 @@ async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
                 Some(body) => body,
                 None => return Ok::<_, Error>(()),
             };
+            inner
+                .stats
+                .push_bytes
+                .fetch_add((body.len() + frame::HEADER_LEN) as u64, Ordering::Relaxed);
             match frame::decode::<Push>(&body) {
-                Ok(Push::Snapshot(snapshot)) => deliver(&inner, snapshot),
+                Ok(Push::Snapshot(snapshot)) => {
+                    inner.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                    deliver_snapshot(&inner, snapshot);
+                }
+                Ok(Push::Delta(delta)) => {
+                    inner.stats.deltas.fetch_add(1, Ordering::Relaxed);
+                    if let Some((register_id, service)) = deliver_delta(&inner, delta) {
+                        inner.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                        crate::io::spawn(resync(inner.clone(), conn.clone(), register_id, service));
+                    }
+                }
                 Ok(Push::GoAway { reason }) => {
+                    inner.stats.go_aways.fetch_add(1, Ordering::Relaxed);
                     info!(%reason, "the session server asks us to move");
                     inner.go_away.notify_one();
                 }
@@ -345,34 +421,81 @@ async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
     }
 }
 
-/// Hands a snapshot to its subscription if it is newer — and, with `refuse_empty`, not an empty
-/// one replacing publishers.
-fn deliver(inner: &Inner, snapshot: Snapshot) {
-    let registry = inner.registry.lock();
-    let Some(entry) = registry.subscriptions.get(&snapshot.service) else {
+/// Takes a full snapshot if it is newer than what the subscription holds.
+fn deliver_snapshot(inner: &Inner, snapshot: proto::Snapshot) {
+    // Built outside the lock: O(n) for a snapshot of n publishers.
+    let snapshot = Snapshot::from_wire(snapshot);
+    let mut registry = inner.registry.lock();
+    let Some(entry) = registry.subscriptions.get_mut(&snapshot.service) else {
         return;
     };
-    let mut stored = None;
-    entry.tx.send_if_modified(|current| {
-        let newer = current.as_ref().is_none_or(|c| c.version < snapshot.version);
-        if !newer {
-            return false;
+    if entry
+        .latest
+        .as_ref()
+        .is_some_and(|l| l.version >= snapshot.version)
+    {
+        return;
+    }
+    entry.latest = Some(snapshot);
+    publish(inner, entry);
+}
+
+/// Applies a delta to the subscription's snapshot. Returns the subscription to resync when the
+/// delta does not start from the version held (which a correct server never sends).
+fn deliver_delta(inner: &Inner, delta: Delta) -> Option<(RegisterId, ServiceId)> {
+    let mut registry = inner.registry.lock();
+    let entry = registry.subscriptions.get_mut(&delta.service)?;
+    match entry.latest.as_mut() {
+        Some(latest) if delta.version <= latest.version => None,
+        Some(latest) if latest.version == delta.base => {
+            latest.apply(delta);
+            publish(inner, entry);
+            None
         }
-        let emptying = snapshot.publishers.is_empty() && current.as_ref().is_some_and(|c| !c.publishers.is_empty());
-        if emptying && inner.config.refuse_empty {
-            inner.refused_empty.fetch_add(1, Ordering::Relaxed);
-            warn!(service = %snapshot.service, version = snapshot.version, "withheld an empty snapshot (refuse_empty)");
-            return false;
+        _ => {
+            warn!(service = %delta.service, base = delta.base, version = delta.version, "a push does not follow the version held; asking for the full snapshot");
+            Some((entry.register_id.clone(), delta.service))
         }
-        if inner.cache.is_some() {
-            stored = Some(snapshot.clone());
-        }
-        *current = Some(snapshot);
-        true
-    });
-    drop(registry);
-    if let (Some(cache), Some(snapshot)) = (&inner.cache, stored) {
-        cache.store(&snapshot);
+    }
+}
+
+/// Shows the subscription's latest snapshot to its readers — unless `refuse_empty` withholds an
+/// empty one that would replace publishers.
+fn publish(inner: &Inner, entry: &mut SubscriptionState) {
+    let Some(latest) = &entry.latest else { return };
+    let emptying = latest.publishers.is_empty()
+        && entry
+            .tx
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.publishers.is_empty());
+    if emptying && inner.config.refuse_empty {
+        inner.stats.refused_empty.fetch_add(1, Ordering::Relaxed);
+        warn!(service = %latest.service, version = latest.version, "withheld an empty snapshot (refuse_empty)");
+        return;
+    }
+    if inner.cache.is_some() {
+        inner.cache_dirty.lock().insert(latest.service.clone());
+    }
+    entry.tx.send_replace(Some(latest.clone()));
+}
+
+/// Subscribes again under the same register id: the server answers with the full snapshot.
+async fn resync(inner: Arc<Inner>, conn: Connection, register_id: RegisterId, service: ServiceId) {
+    let request = ClientRequest::Subscribe {
+        register_id,
+        service,
+        scope: Scope::Global,
+    };
+    if let Err(e) = rpc::call::<_, ClientResponse>(
+        &conn,
+        &request,
+        inner.config.max_frame,
+        inner.config.request_timeout(),
+    )
+    .await
+    {
+        debug!(error = %e, "resync failed; the next connection registers afresh");
     }
 }
 

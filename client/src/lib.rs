@@ -15,18 +15,26 @@
 //! ```
 //!
 //! A [`Client`] keeps one QUIC connection to one of the configured session servers and rides
-//! through that server's failure: when the connection ends, or the server asks it to move
-//! (`GoAway`), it connects to another one (random order, jittered backoff) and registers every
-//! publication and subscription there at once, under the same ids, so the registry hands them over
-//! without dropping them. [`Client::connection_state`] tells what it is doing.
+//! through that server's failure: when the connection ends, goes silent, or the server asks it to
+//! move (`GoAway`), it connects to another one (random order, jittered backoff), registers every
+//! publication and subscription there under the same ids, and only then lets the old connection
+//! go, so the registry hands them over without dropping them. [`Client::connection_state`] tells
+//! what it is doing; [`Client::stats`] counts reconnections, pushes and the rest.
+//!
+//! The connection lives on the SDK's own threads ([`endpoint`] says more): keep-alives, pushes and
+//! the watchdog that tells a dead server from a slow one do not wait for the application's tasks,
+//! so a busy application never looks dead to the registry nor takes a healthy server for dead.
 //!
 //! [`Client::publish`] returns a [`Publication`]: the registration lasts until it is dropped or
-//! [`Publication::unpublish`]ed. [`Client::subscribe`] returns a [`Subscription`], a `Stream` of
-//! full snapshots (newest first when the reader falls behind, never older), with
+//! [`Publication::unpublish`]ed; [`Client::publisher`] lets the application choose its register id
+//! and attributes. [`Client::subscribe`] returns a [`Subscription`], a `Stream` of [`Snapshot`]s
+//! (newest first when the reader falls behind, never older). After the first snapshot the session
+//! server sends only what changed, which the SDK applies to a snapshot shared by every reader:
+//! a change costs the client what changed, not the size of the service.
 //! [`Subscription::current`], [`Subscription::wait_for`] and [`Subscription::events`] (added,
-//! removed and changed publishers). With `refuse_empty` (the default) a snapshot that would empty a
-//! subscription is withheld. With `cache_dir`, the last snapshot of every subscribed service is kept
-//! on disk and served at start when no session server can be reached.
+//! removed and changed publishers) read it. With `refuse_empty` (the default) a snapshot that would
+//! empty a subscription is withheld. With `cache_dir`, the last snapshot of every subscribed
+//! service is kept on disk and served at start when no session server can be reached.
 //!
 //! Errors are [`Error`]s with a wire code; [`Error::is_retryable`] tells a caller whether trying
 //! again may help. A publish made while no session server is reachable succeeds as not durable
@@ -35,9 +43,12 @@
 mod cache;
 mod config;
 mod driver;
+mod io;
+mod liveness;
+mod snapshot;
 mod subscription;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -53,9 +64,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use config::ClientConfig;
-pub use roster_common::proto::{PublisherView, ServiceSummary, Snapshot};
-pub use roster_common::{Error, ErrorCode, Result, ServiceId};
-pub use subscription::{Event, Events, Subscription, diff};
+pub use io::endpoint;
+pub use roster_common::proto::{PublisherView, ServiceSummary};
+pub use roster_common::{Error, ErrorCode, Result, ServiceId, Version};
+pub use snapshot::{Event, PublisherKey, Publishers, Snapshot, diff};
+pub use subscription::{Events, Subscription};
 
 /// What the client's connection is doing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,7 +128,10 @@ pub(crate) struct PublicationState {
 
 pub(crate) struct SubscriptionState {
     pub register_id: RegisterId,
+    /// What the readers see: the latest snapshot, unless `refuse_empty` withheld it.
     pub tx: watch::Sender<Option<Snapshot>>,
+    /// The latest snapshot received, which deltas apply to.
+    pub latest: Option<Snapshot>,
     pub handles: usize,
 }
 
@@ -130,6 +146,8 @@ pub(crate) struct Inner {
     pub config: ClientConfig,
     pub quic_config: quinn::ClientConfig,
     pub endpoint: Endpoint,
+    /// The endpoint is this client's alone (made by [`Client::connect`]), not shared.
+    pub owns_endpoint: bool,
     pub client_id: String,
     next_id: AtomicU64,
     pub live: RwLock<Option<Live>>,
@@ -141,16 +159,57 @@ pub(crate) struct Inner {
     pub shutdown: CancellationToken,
     pub go_away: Notify,
     pub cache: Option<cache::Cache>,
-    /// Empty snapshots withheld by `refuse_empty`.
-    pub refused_empty: AtomicU64,
-    /// Application requests in flight, at most [`MAX_APP_REQUESTS`]. With the driver's own
-    /// (registrations and removals) this keeps a client within the session server's default limit
-    /// of 64 outstanding requests per connection.
+    /// Services whose snapshot changed since the cache was last written.
+    pub cache_dirty: Mutex<HashSet<ServiceId>>,
+    pub stats: Counters,
+    /// Application requests in flight, at most `max_in_flight`; more wait their turn.
     pub app_requests: tokio::sync::Semaphore,
 }
 
-/// Application requests (publish, subscribe, unpublish …) one client sends at once; more wait.
-pub(crate) const MAX_APP_REQUESTS: usize = 31;
+/// What [`Client::stats`] reports, counted as it happens.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub connects: AtomicU64,
+    pub lost: AtomicU64,
+    pub silent: AtomicU64,
+    pub cut_off_slow: AtomicU64,
+    pub go_aways: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub deltas: AtomicU64,
+    pub push_bytes: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub refused_empty: AtomicU64,
+}
+
+/// What a client has been through since it was created.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections established and fully registered, the first included.
+    pub connects: u64,
+    /// Of those, the ones after the first: the client moved or reconnected.
+    pub reconnects: u64,
+    /// Connections that ended without the client closing them (the server went away or closed
+    /// them), `cut_off_slow` included.
+    pub lost: u64,
+    /// Connections the client left because the server sent nothing for `dead_after_ms`.
+    pub silent: u64,
+    /// Connections the server closed because this client read none of its pushes for too long
+    /// (close code `0x10`).
+    pub cut_off_slow: u64,
+    /// `GoAway`s received: the server asked this client to move.
+    pub go_aways: u64,
+    /// Full snapshots received.
+    pub snapshots: u64,
+    /// Deltas received.
+    pub deltas: u64,
+    /// Bytes of push frames received (headers included).
+    pub push_bytes: u64,
+    /// Deltas that did not follow the version held (should not happen); each was answered by
+    /// asking the server for the full snapshot again.
+    pub resyncs: u64,
+    /// Empty snapshots withheld by `refuse_empty`.
+    pub refused_empty: u64,
+}
 
 impl Client {
     /// Connects to one of the configured session servers (tried in random order) and says `Hello`.
@@ -160,14 +219,23 @@ impl Client {
         roster_common::install_crypto_provider();
         config.validate()?;
         let first = quic::resolve(&config.sessions[0]).await.ok();
-        let local = first.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal address"));
-        let endpoint = quic::client_endpoint(local)?;
-        Self::connect_on(endpoint, config).await
+        let peer = first.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal address"));
+        let endpoint = io::endpoint(quic::unspecified_like(peer))?;
+        Self::start(endpoint, true, config).await
     }
 
     /// As [`Client::connect`], dialing from `endpoint` — many clients can share one endpoint (one
-    /// UDP socket).
+    /// UDP socket). Make it with [`endpoint`] so its I/O runs on the SDK's own threads; an endpoint
+    /// made otherwise runs where it was made.
     pub async fn connect_on(endpoint: Endpoint, config: ClientConfig) -> Result<Client> {
+        Self::start(endpoint, false, config).await
+    }
+
+    async fn start(
+        endpoint: Endpoint,
+        owns_endpoint: bool,
+        config: ClientConfig,
+    ) -> Result<Client> {
         roster_common::install_crypto_provider();
         config.validate()?;
         let roots = tls::roots_from(&tls::load_certs(&config.ca)?)?;
@@ -180,11 +248,13 @@ impl Client {
             .transpose()?;
         let shutdown = CancellationToken::new();
         let (background_tx, background_rx) = mpsc::unbounded_channel();
+        let max_in_flight = config.max_in_flight as usize;
         let inner = Arc::new(Inner {
             client_id: config.client_id.clone().unwrap_or_else(ids::new_client_id),
             config,
             quic_config,
             endpoint,
+            owns_endpoint,
             next_id: AtomicU64::new(1),
             live: RwLock::new(None),
             state_tx: watch::channel(ConnectionState::Connecting).0,
@@ -192,18 +262,29 @@ impl Client {
             background_tx,
             shutdown: shutdown.clone(),
             go_away: Notify::new(),
+            app_requests: tokio::sync::Semaphore::new(max_in_flight),
             cache,
-            refused_empty: AtomicU64::new(0),
-            app_requests: tokio::sync::Semaphore::new(MAX_APP_REQUESTS),
+            cache_dirty: Mutex::new(HashSet::new()),
+            stats: Counters::default(),
         });
-        match driver::connect_any(&inner, None).await {
+        // Dialed from the SDK's threads, like every later connection.
+        let first = io::spawn({
+            let inner = inner.clone();
+            async move { driver::connect_any(&inner, None).await }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the connecting task failed: {e}")))?;
+        match first {
             Ok(live) => driver::install(&inner, live),
             Err(e) if inner.cache.is_none() => return Err(e),
             Err(e) => {
                 debug!(error = %e, "no session server reachable; starting from the snapshot cache")
             }
         }
-        tokio::spawn(driver::run(inner.clone(), background_rx));
+        io::spawn(driver::run(inner.clone(), background_rx));
+        if inner.cache.is_some() {
+            io::spawn(cache::keep(inner.clone()));
+        }
         Ok(Client {
             handle: Handle {
                 inner,
@@ -242,13 +323,32 @@ impl Client {
 
     /// How many empty snapshots `refuse_empty` withheld so far.
     pub fn refused_empty_snapshots(&self) -> u64 {
-        self.inner().refused_empty.load(Ordering::Relaxed)
+        self.inner().stats.refused_empty.load(Ordering::Relaxed)
     }
 
-    /// Publishes `data` (typically one `host:port`) under `service`. A bare name means
-    /// `default/DEFAULT/<name>`.
+    /// What the client has been through so far: connections, moves, pushes.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner().stats;
+        let connects = c.connects.load(Ordering::Relaxed);
+        ClientStats {
+            connects,
+            reconnects: connects.saturating_sub(1),
+            lost: c.lost.load(Ordering::Relaxed),
+            silent: c.silent.load(Ordering::Relaxed),
+            cut_off_slow: c.cut_off_slow.load(Ordering::Relaxed),
+            go_aways: c.go_aways.load(Ordering::Relaxed),
+            snapshots: c.snapshots.load(Ordering::Relaxed),
+            deltas: c.deltas.load(Ordering::Relaxed),
+            push_bytes: c.push_bytes.load(Ordering::Relaxed),
+            resyncs: c.resyncs.load(Ordering::Relaxed),
+            refused_empty: c.refused_empty.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Publishes `data` (typically one `host:port`) under `service`, with a register id the
+    /// client chooses. A bare name means `default/DEFAULT/<name>`.
     pub async fn publish(&self, service: impl AsRef<str>, data: Vec<Bytes>) -> Result<Publication> {
-        self.publish_with(service, data, Default::default()).await
+        self.publisher(service).publish(data).await
     }
 
     /// Publishes with attributes (zone, weight, anything the subscribers understand).
@@ -258,19 +358,31 @@ impl Client {
         data: Vec<Bytes>,
         attributes: BTreeMap<String, String>,
     ) -> Result<Publication> {
-        let service: ServiceId = service.as_ref().parse()?;
-        let register_id = self.handle.inner.new_register_id("p");
-        let mut publication = Publication {
-            handle: self.handle.clone(),
-            register_id,
-            service,
-            attributes,
-            durable: false,
-            active: false,
-        };
-        publication.update(data).await?;
-        publication.active = true;
-        Ok(publication)
+        self.publisher(service)
+            .attributes(attributes)
+            .publish(data)
+            .await
+    }
+
+    /// A publication of `service` to set up before publishing: its register id, its attributes.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: roster_client::Client) -> roster_client::Result<()> {
+    /// let me = client
+    ///     .publisher("payments")
+    ///     .register_id("pod-7f9c")
+    ///     .attribute("zone", "eu-1a")
+    ///     .publish(vec!["10.0.0.7:8080".into()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn publisher(&self, service: impl AsRef<str>) -> PublishBuilder<'_> {
+        PublishBuilder {
+            client: self,
+            service: service.as_ref().parse(),
+            register_id: None,
+            attributes: BTreeMap::new(),
+        }
     }
 
     /// Subscribes to `service`. Subscribing twice to one service shares one registration. While
@@ -287,14 +399,15 @@ impl Client {
                     (entry.tx.subscribe(), None)
                 }
                 None => {
-                    let register_id = inner.new_register_id("s");
+                    let register_id = inner.new_register_id("s", &registry);
                     let cached = inner.cache.as_ref().and_then(|c| c.load(&service));
-                    let (tx, rx) = watch::channel(cached);
+                    let (tx, rx) = watch::channel(cached.clone());
                     registry.subscriptions.insert(
                         service.clone(),
                         SubscriptionState {
                             register_id: register_id.clone(),
                             tx,
+                            latest: cached,
                             handles: 1,
                         },
                     );
@@ -365,7 +478,11 @@ impl Client {
             state.wait_for(|s| *s == ConnectionState::Closed),
         )
         .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), inner.endpoint.wait_idle()).await;
+        // On an endpoint of its own, wait until the close has been sent; a shared one stays busy
+        // with the other clients' connections.
+        if inner.owns_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(2), inner.endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -382,6 +499,14 @@ impl Handle {
                 .subscriptions
                 .remove(service)
                 .expect("present above");
+            drop(registry);
+            // Keep its last snapshot on disk if the periodic flush has not written it yet.
+            if let Some(cache) = &self.inner.cache
+                && self.inner.cache_dirty.lock().remove(service)
+                && let Some(snapshot) = entry.tx.borrow().as_ref()
+            {
+                cache.store(&snapshot.to_wire());
+            }
             let _ = self.inner.background_tx.send(ClientRequest::Unsubscribe {
                 register_id: entry.register_id,
             });
@@ -390,8 +515,16 @@ impl Handle {
 }
 
 impl Inner {
-    fn new_register_id(&self, kind: &str) -> RegisterId {
-        format!("{kind}{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    /// A register id of `kind` (`p`, `s`) no publication or subscription of this client uses.
+    fn new_register_id(&self, kind: &str, registry: &Registry) -> RegisterId {
+        loop {
+            let id = format!("{kind}{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+            let taken = registry.publications.contains_key(&id)
+                || registry.subscriptions.values().any(|s| s.register_id == id);
+            if !taken {
+                return id;
+            }
+        }
     }
 
     /// Sends `request` on the current connection. If there is none, or it breaks, waits (up to
@@ -401,7 +534,12 @@ impl Inner {
         let deadline = Instant::now() + timeout;
         let _permit = tokio::time::timeout(timeout, self.app_requests.acquire())
             .await
-            .map_err(|_| Error::Timeout(format!("{MAX_APP_REQUESTS} requests already in flight")))?
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "{} requests stayed in flight for {timeout:?} (max_in_flight)",
+                    self.config.max_in_flight
+                ))
+            })?
             .map_err(|_| Error::Unavailable("client closed".into()))?;
         let mut attempts = 0;
         loop {
@@ -445,6 +583,89 @@ impl Inner {
     }
 }
 
+/// Sets up a publication: made by [`Client::publisher`], sent by [`PublishBuilder::publish`].
+pub struct PublishBuilder<'a> {
+    client: &'a Client,
+    service: Result<ServiceId>,
+    register_id: Option<RegisterId>,
+    attributes: BTreeMap<String, String>,
+}
+
+impl PublishBuilder<'_> {
+    /// The register id, e.g. the instance's own name: 1 to 256 bytes, unique among this client's
+    /// publications (publishing a second one under an id in use fails with `InvalidArgument`;
+    /// update the first instead). By default the client picks one (`p1`, `p2` …).
+    pub fn register_id(mut self, register_id: impl Into<String>) -> Self {
+        self.register_id = Some(register_id.into());
+        self
+    }
+
+    /// Adds an attribute (zone, weight, version …) that subscribers see with the data.
+    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// Replaces the attributes.
+    pub fn attributes(mut self, attributes: BTreeMap<String, String>) -> Self {
+        self.attributes = attributes;
+        self
+    }
+
+    /// Publishes `data` (typically one `host:port`). Returns once the session server accepted it
+    /// (see [`Publication::is_durable`]), or at once, not durable, while no session server is
+    /// reachable.
+    pub async fn publish(self, data: Vec<Bytes>) -> Result<Publication> {
+        let service = self.service?;
+        let inner = &self.client.handle.inner;
+        let register_id = {
+            let mut registry = inner.registry.lock();
+            let register_id = match self.register_id {
+                Some(id) => {
+                    if id.is_empty() || id.len() > MAX_REGISTER_ID_LEN {
+                        return Err(Error::InvalidArgument(format!(
+                            "register id {id:?}: 1 to {MAX_REGISTER_ID_LEN} bytes"
+                        )));
+                    }
+                    if registry.publications.contains_key(&id) {
+                        return Err(Error::InvalidArgument(format!(
+                            "register id {id:?} is already published by this client; update that \
+                             publication instead"
+                        )));
+                    }
+                    id
+                }
+                None => inner.new_register_id("p", &registry),
+            };
+            // Reserved now, so two publishes cannot take the same id.
+            registry.publications.insert(
+                register_id.clone(),
+                PublicationState {
+                    service: service.clone(),
+                    data: Vec::new(),
+                    attributes: self.attributes.clone(),
+                    client_version: 0,
+                },
+            );
+            register_id
+        };
+        let mut publication = Publication {
+            handle: self.client.handle.clone(),
+            register_id,
+            service,
+            attributes: self.attributes,
+            durable: false,
+            active: false,
+        };
+        publication.update(data).await?;
+        publication.active = true;
+        Ok(publication)
+    }
+}
+
+/// The longest register id, in bytes.
+const MAX_REGISTER_ID_LEN: usize = 256;
+
 /// One registration of this client. Dropping it unpublishes in the background.
 pub struct Publication {
     handle: Handle,
@@ -464,9 +685,16 @@ impl Publication {
         &self.register_id
     }
 
-    /// True when the slot leader applied the last change; false when the session server holds it
-    /// (the data tier was unreachable) or the client was not connected: it is registered when
-    /// either comes back.
+    /// Whether the last change has reached the registry's data tier.
+    ///
+    /// `true`: the slot leader applied it; subscribers are being told. `false`: it is accepted but
+    /// held on the way — by the session server, because no data server could take it yet (the
+    /// data tier is restarting or its slot is moving), or by this client, because no session
+    /// server was reachable. Either keeps retrying on its own and the change lands when the tier
+    /// comes back; nothing is lost unless this client also goes away meanwhile. Care when the
+    /// publication must be visible before going on (a rolling deploy that waits for its instance
+    /// to be discoverable): then wait for a subscriber to see it rather than trusting the return
+    /// of `publish`. `is_durable` is not updated when the held change lands later.
     pub fn is_durable(&self) -> bool {
         self.durable
     }
@@ -534,13 +762,17 @@ impl Publication {
 
 impl Drop for Publication {
     fn drop(&mut self) {
-        if self.active {
-            self.handle
-                .inner
-                .registry
-                .lock()
-                .publications
-                .remove(&self.register_id);
+        // Still registered (not unpublished, and not refused): remove it in the background. This
+        // also covers a publish abandoned half way, which the server may have taken.
+        let registered = self
+            .handle
+            .inner
+            .registry
+            .lock()
+            .publications
+            .remove(&self.register_id)
+            .is_some();
+        if registered {
             let _ = self
                 .handle
                 .inner

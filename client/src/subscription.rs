@@ -1,21 +1,22 @@
 //! Subscriptions: snapshots as a `Stream`, the latest one at hand, typed events, and waiting for a
 //! condition.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
-use roster_common::proto::{PublisherView, Snapshot};
-use roster_common::{ClientId, Error, RegisterId, Result, ServiceId};
+use roster_common::{Error, Result, ServiceId};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 
 use crate::Handle;
+use crate::snapshot::{Event, Snapshot, diff};
 
 /// Snapshots of one service, as a `Stream`: each item is newer than the last; a reader that falls
-/// behind skips to the newest. Dropping the last handle of a service unsubscribes.
+/// behind skips to the newest. Items are shared, not copied (see [`Snapshot`]): every reader of a
+/// service gets the same one. Dropping the last handle of a service unsubscribes.
 pub struct Subscription {
     pub(crate) handle: Handle,
     pub(crate) service: ServiceId,
@@ -61,11 +62,13 @@ impl Subscription {
     }
 
     /// Turns the subscription into a stream of [`Event`]s: every publisher of the first snapshot
-    /// as `Added`, then the differences between consecutive snapshots.
+    /// as `Added`, then the differences between consecutive snapshots read — computed from the
+    /// parts they do not share, so an event costs what changed, not the service's size. A reader
+    /// that falls behind gets the net change since what it last read.
     pub fn events(self) -> Events {
         Events {
             subscription: self,
-            known: BTreeMap::new(),
+            known: None,
             queue: VecDeque::new(),
         }
     }
@@ -93,22 +96,10 @@ impl Drop for Subscription {
     }
 }
 
-/// A change of one publisher of a subscribed service.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    Added(PublisherView),
-    Removed(PublisherView),
-    /// Same publisher (client and register id), new data, attributes or version.
-    Changed {
-        old: PublisherView,
-        new: PublisherView,
-    },
-}
-
-/// A stream of [`Event`]s of one service.
+/// A stream of [`Event`]s of one service, from the differences between the snapshots it reads.
 pub struct Events {
     subscription: Subscription,
-    known: BTreeMap<(ClientId, RegisterId), PublisherView>,
+    known: Option<Snapshot>,
     queue: VecDeque<Event>,
 }
 
@@ -129,82 +120,21 @@ impl Stream for Events {
             }
             match Pin::new(&mut self.subscription).poll_next(cx) {
                 Poll::Ready(Some(snapshot)) => {
-                    let now: BTreeMap<_, _> = snapshot
-                        .publishers
-                        .into_iter()
-                        .map(|p| ((p.client_id.clone(), p.register_id.clone()), p))
-                        .collect();
-                    let events = diff(&self.known, &now);
-                    self.known = now;
+                    let events = match &self.known {
+                        Some(known) => diff(known, &snapshot),
+                        None => snapshot
+                            .publishers
+                            .iter()
+                            .cloned()
+                            .map(Event::Added)
+                            .collect(),
+                    };
+                    self.known = Some(snapshot);
                     self.queue.extend(events);
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
         }
-    }
-}
-
-/// The events that turn `old` into `new`: removals, then changes, then additions, each in key order.
-pub fn diff(
-    old: &BTreeMap<(ClientId, RegisterId), PublisherView>,
-    new: &BTreeMap<(ClientId, RegisterId), PublisherView>,
-) -> Vec<Event> {
-    let mut events = Vec::new();
-    for (key, p) in old {
-        if !new.contains_key(key) {
-            events.push(Event::Removed(p.clone()));
-        }
-    }
-    for (key, p) in new {
-        if let Some(before) = old.get(key)
-            && before != p
-        {
-            events.push(Event::Changed {
-                old: before.clone(),
-                new: p.clone(),
-            });
-        }
-    }
-    for (key, p) in new {
-        if !old.contains_key(key) {
-            events.push(Event::Added(p.clone()));
-        }
-    }
-    events
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn view(reg: &str, data: &str) -> ((ClientId, RegisterId), PublisherView) {
-        let p = PublisherView {
-            client_id: "c".into(),
-            register_id: reg.into(),
-            data: vec![bytes::Bytes::copy_from_slice(data.as_bytes())],
-            attributes: Default::default(),
-            client_version: 1,
-        };
-        (("c".into(), reg.into()), p)
-    }
-
-    #[test]
-    fn diff_reports_removals_changes_and_additions() {
-        let old: BTreeMap<_, _> = [view("a", "1"), view("b", "1")].into();
-        let new: BTreeMap<_, _> = [view("b", "2"), view("c", "1")].into();
-        let events = diff(&old, &new);
-        assert_eq!(
-            events,
-            vec![
-                Event::Removed(view("a", "1").1),
-                Event::Changed {
-                    old: view("b", "1").1,
-                    new: view("b", "2").1
-                },
-                Event::Added(view("c", "1").1),
-            ]
-        );
-        assert!(diff(&new, &new).is_empty());
     }
 }

@@ -103,25 +103,34 @@ pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// An endpoint on `socket`, accepting connections when `server` is given.
+/// An endpoint on `socket`, accepting connections when `server` is given. Its tasks run on the
+/// Tokio runtime of the caller.
 pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<Endpoint> {
-    Endpoint::new(
-        EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(TokioRuntime),
-    )
-    .map_err(|e| Error::InvalidArgument(format!("cannot start QUIC endpoint: {e}")))
+    endpoint_on(socket, server, Arc::new(TokioRuntime))
+}
+
+/// An endpoint whose I/O and connection tasks run on `runtime`.
+pub fn endpoint_on(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    runtime: Arc<dyn quinn::Runtime>,
+) -> Result<Endpoint> {
+    Endpoint::new(EndpointConfig::default(), server, socket, runtime)
+        .map_err(|e| Error::InvalidArgument(format!("cannot start QUIC endpoint: {e}")))
 }
 
 /// An endpoint that only dials out, bound to an ephemeral port of the address family of `peer`.
 pub fn client_endpoint(peer: SocketAddr) -> Result<Endpoint> {
-    let local: SocketAddr = if peer.is_ipv6() {
+    endpoint(bind_udp(unspecified_like(peer))?, None)
+}
+
+/// The unspecified address (port 0) of `peer`'s address family.
+pub fn unspecified_like(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv6() {
         "[::]:0".parse().expect("literal address")
     } else {
         "0.0.0.0:0".parse().expect("literal address")
-    };
-    endpoint(bind_udp(local)?, None)
+    }
 }
 
 /// The address to advertise for a server bound to `socket`: `configured` if given, else the socket's

@@ -6,8 +6,14 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use roster_client::{ClientConfig, Snapshot, Subscription};
-use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
+use quinn::{Connection, Endpoint, RecvStream};
+use roster_client::{ClientConfig, PublisherView, Snapshot, Subscription};
+use roster_common::frame::{self, DEFAULT_MAX_FRAME};
+use roster_common::proto::{
+    ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Reply, Scope,
+};
+use roster_common::quic::{self, TransportSettings};
+use roster_common::tls::{self, CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
 use roster_meta::{MetaConfig, MetaServer, Start};
 use roster_session::{SessionConfig, SessionServer};
@@ -291,10 +297,172 @@ pub fn check_history(
     Ok(())
 }
 
+/// A client speaking `roster/1` by hand over its own QUIC connection, for tests that need to
+/// control what a client asks for and when it reads.
+pub struct RawClient {
+    pub endpoint: Endpoint,
+    pub conn: Connection,
+    push: Option<RecvStream>,
+}
+
+impl RawClient {
+    /// Connects to session `addr` of `cluster`. `receive_window`: the QUIC flow-control window
+    /// for the push stream, in bytes (quinn's default when `None`).
+    pub async fn connect(
+        cluster: &Cluster,
+        addr: SocketAddr,
+        receive_window: Option<u32>,
+    ) -> RawClient {
+        let roots = tls::roots_from(&cluster.identity.ca).unwrap();
+        let mut config = quic::client_config(
+            tls::client(roots, ALPN_CLIENT).unwrap(),
+            &TransportSettings::default(),
+            true,
+        )
+        .unwrap();
+        if let Some(window) = receive_window {
+            let mut transport = quinn::TransportConfig::default();
+            transport
+                .keep_alive_interval(Some(Duration::from_millis(500)))
+                .max_concurrent_uni_streams(8u32.into())
+                .stream_receive_window(window.into())
+                .receive_window(window.into());
+            config.transport_config(std::sync::Arc::new(transport));
+        }
+        let endpoint = quic::client_endpoint(addr).unwrap();
+        let conn = quic::connect(&endpoint, &config, &addr.to_string(), None, DEADLINE)
+            .await
+            .unwrap();
+        RawClient {
+            endpoint,
+            conn,
+            push: None,
+        }
+    }
+
+    /// One request, one reply.
+    pub async fn call(&self, request: &ClientRequest) -> Reply<ClientResponse> {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        send.write_all(&frame::encode(request, DEFAULT_MAX_FRAME).unwrap())
+            .await
+            .unwrap();
+        let _ = send.finish();
+        tokio::time::timeout(DEADLINE, frame::read_frame(&mut recv, DEFAULT_MAX_FRAME))
+            .await
+            .expect("a reply in time")
+            .expect("a well-formed reply")
+            .expect("a reply frame")
+    }
+
+    /// `Hello` as `client_id`, asking for `capabilities`; returns those granted.
+    pub async fn hello(&self, client_id: &str, capabilities: &[&str]) -> Vec<String> {
+        let hello = ClientRequest::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: client_id.into(),
+            client_name: String::new(),
+            token: None,
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        };
+        match self.call(&hello).await {
+            Ok(ClientResponse::Welcome { capabilities, .. }) => capabilities,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Subscribes `register_id` to `service`.
+    pub async fn subscribe(&self, register_id: &str, service: &str) {
+        let request = ClientRequest::Subscribe {
+            register_id: register_id.into(),
+            service: service.parse().unwrap(),
+            scope: Scope::Global,
+        };
+        assert!(matches!(
+            self.call(&request).await,
+            Ok(ClientResponse::Done {})
+        ));
+    }
+
+    /// The next push, or `None` if none arrives within `wait`.
+    pub async fn next_push(&mut self, wait: Duration) -> Option<Push> {
+        let read = async {
+            if self.push.is_none() {
+                self.push = Some(self.conn.accept_uni().await.ok()?);
+            }
+            let stream = self.push.as_mut().expect("accepted above");
+            frame::read_frame::<_, Push>(stream, DEFAULT_MAX_FRAME)
+                .await
+                .expect("a well-formed push")
+        };
+        tokio::time::timeout(wait, read).await.ok().flatten()
+    }
+}
+
+/// What a client reconstructs from its pushes: snapshots replace, deltas apply on their base.
+#[derive(Clone, Debug, Default)]
+pub struct Replica {
+    pub version: Option<u64>,
+    pub publishers: std::collections::BTreeMap<PublisherKey, PublisherView>,
+    pub snapshots: usize,
+    pub deltas: usize,
+}
+
+impl Replica {
+    /// Applies one push; a delta must start exactly where the replica is, and versions must
+    /// increase.
+    pub fn apply(&mut self, push: Push) -> Result<(), String> {
+        match push {
+            Push::Snapshot(s) => {
+                if self.version.is_some_and(|v| v >= s.version) {
+                    return Err(format!("snapshot {} after {:?}", s.version, self.version));
+                }
+                self.snapshots += 1;
+                self.version = Some(s.version);
+                self.publishers = s
+                    .publishers
+                    .into_iter()
+                    .map(|p| ((p.client_id.clone(), p.register_id.clone()), p))
+                    .collect();
+            }
+            Push::Delta(d) => {
+                if self.version != Some(d.base) || d.version <= d.base {
+                    return Err(format!(
+                        "delta {}..{} on a replica at {:?}",
+                        d.base, d.version, self.version
+                    ));
+                }
+                self.deltas += 1;
+                for id in d.removed {
+                    self.publishers.remove(&(id.client_id, id.register_id));
+                }
+                for p in d.put {
+                    self.publishers
+                        .insert((p.client_id.clone(), p.register_id.clone()), p);
+                }
+                self.version = Some(d.version);
+            }
+            Push::GoAway { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The data strings of the replica's publishers, sorted.
+    pub fn addresses(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .publishers
+            .values()
+            .flat_map(|p| {
+                p.data
+                    .iter()
+                    .map(|d| String::from_utf8_lossy(d).into_owned())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use roster_client::PublisherView;
-
     use super::*;
 
     fn snapshot(version: u64, ids: &[&str]) -> Snapshot {

@@ -65,6 +65,7 @@ fn hello(version: u32) -> ClientRequest {
         client_id: "raw-client".into(),
         client_name: String::new(),
         token: None,
+        capabilities: vec![],
     }
 }
 

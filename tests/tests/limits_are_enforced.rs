@@ -92,6 +92,7 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
         client_id: "raw".into(),
         client_name: String::new(),
         token: None,
+        capabilities: vec![],
     };
     assert!(matches!(
         exchange(&raw, &hello).await,

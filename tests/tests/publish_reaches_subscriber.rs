@@ -31,7 +31,10 @@ async fn publish_reaches_subscriber_and_a_closed_connection_empties_the_service(
     .await;
     seen.extend(more);
     assert_eq!(snapshot.service.as_str(), "default/DEFAULT/demo");
-    assert_eq!(snapshot.publishers[0].client_id, publisher.client_id());
+    assert_eq!(
+        snapshot.publishers.iter().next().unwrap().client_id,
+        publisher.client_id()
+    );
     assert_eq!(
         sub.current().unwrap(),
         snapshot,

@@ -207,7 +207,7 @@ fn a_fetch_that_misses_a_held_change_asks_for_another() {
     );
     // The fetch answers version 2; the held change needs 3.
     assert!(hub.fetched(fetched("a", 2, &[("x", "1")]), now));
-    assert!(hub.fetched(fetched("a", 4, &[("x", "1"), ("z", "4")]), now) == false);
+    assert!(!hub.fetched(fetched("a", 4, &[("x", "1"), ("z", "4")]), now));
     assert_eq!(hub.version(&svc("a")), Some(4));
 }
 

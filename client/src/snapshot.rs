@@ -1,0 +1,247 @@
+//! What the application reads: one service's publishers at one version.
+//!
+//! A [`Snapshot`] is shared, not copied: its publishers live in a persistent ordered map, so
+//! cloning a snapshot costs a pointer, applying a delta to it costs O(k log n) for k changed
+//! publishers of n, and the snapshot before the delta stays valid for whoever still holds it — the
+//! two share everything the delta did not touch. Every reader of a subscription gets the same
+//! snapshot, however many there are, and [`diff`] walks only the parts two snapshots do not share,
+//! so the events between consecutive versions cost what changed.
+
+use std::fmt;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
+use roster_common::proto::{self, Delta, PublisherView};
+use roster_common::{ClientId, RegisterId, ServiceId, Version};
+
+/// A publisher's identity: its client and the register id that client gave it.
+pub type PublisherKey = (ClientId, RegisterId);
+
+/// The publishers of a snapshot, ordered by `(client_id, register_id)`. Cloning is O(1).
+#[derive(Clone, Default, PartialEq)]
+pub struct Publishers(OrdMap<PublisherKey, Arc<PublisherView>>);
+
+impl Publishers {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every publisher, in `(client_id, register_id)` order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &PublisherView> + '_ {
+        self.0.values().map(|p| &**p)
+    }
+
+    /// The publisher `register_id` of client `client_id`.
+    pub fn get(&self, client_id: &str, register_id: &str) -> Option<&PublisherView> {
+        self.0
+            .get(&(client_id.to_owned(), register_id.to_owned()))
+            .map(|p| &**p)
+    }
+
+    fn insert(&mut self, view: PublisherView) {
+        let key = (view.client_id.clone(), view.register_id.clone());
+        self.0.insert(key, Arc::new(view));
+    }
+}
+
+impl FromIterator<PublisherView> for Publishers {
+    fn from_iter<I: IntoIterator<Item = PublisherView>>(iter: I) -> Self {
+        let mut out = Publishers::default();
+        for view in iter {
+            out.insert(view);
+        }
+        out
+    }
+}
+
+impl<'a> IntoIterator for &'a Publishers {
+    type Item = &'a PublisherView;
+    type IntoIter = Box<dyn DoubleEndedIterator<Item = &'a PublisherView> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl fmt::Debug for Publishers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// All live publishers of one service at one version, as the registry last told this client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub service: ServiceId,
+    pub version: Version,
+    pub publishers: Publishers,
+}
+
+impl Snapshot {
+    /// From a snapshot as it travels.
+    pub fn from_wire(snapshot: proto::Snapshot) -> Self {
+        Snapshot {
+            service: snapshot.service,
+            version: snapshot.version,
+            publishers: snapshot.publishers.into_iter().collect(),
+        }
+    }
+
+    /// As it travels (a copy of every publisher).
+    pub fn to_wire(&self) -> proto::Snapshot {
+        proto::Snapshot {
+            service: self.service.clone(),
+            version: self.version,
+            publishers: self.publishers.iter().cloned().collect(),
+        }
+    }
+
+    /// Applies `delta` if it starts from this version; false (and nothing changed) otherwise.
+    pub(crate) fn apply(&mut self, delta: Delta) -> bool {
+        if delta.base != self.version || delta.version <= delta.base {
+            return false;
+        }
+        for id in delta.removed {
+            self.publishers.0.remove(&(id.client_id, id.register_id));
+        }
+        for view in delta.put {
+            self.publishers.insert(view);
+        }
+        self.version = delta.version;
+        true
+    }
+}
+
+/// A change of one publisher of a subscribed service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Added(PublisherView),
+    Removed(PublisherView),
+    /// Same publisher (client and register id), new data, attributes or version.
+    Changed {
+        old: PublisherView,
+        new: PublisherView,
+    },
+}
+
+/// The events that turn `old` into `new`: removals, then changes, then additions, each in
+/// `(client_id, register_id)` order. Visits only what the two snapshots do not share.
+pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    let mut added = Vec::new();
+    for item in old.publishers.0.diff(&new.publishers.0) {
+        match item {
+            DiffItem::Add(_, p) => added.push(Event::Added((**p).clone())),
+            DiffItem::Remove(_, p) => removed.push(Event::Removed((**p).clone())),
+            DiffItem::Update {
+                old: (_, before),
+                new: (_, after),
+            } => changed.push(Event::Changed {
+                old: (**before).clone(),
+                new: (**after).clone(),
+            }),
+        }
+    }
+    removed.extend(changed);
+    removed.extend(added);
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use roster_common::proto::PublisherId;
+
+    use super::*;
+
+    fn view(reg: &str, data: &str) -> PublisherView {
+        PublisherView {
+            client_id: "c".into(),
+            register_id: reg.into(),
+            data: vec![Bytes::copy_from_slice(data.as_bytes())],
+            attributes: Default::default(),
+            client_version: 1,
+        }
+    }
+
+    fn snapshot(version: Version, views: &[PublisherView]) -> Snapshot {
+        Snapshot {
+            service: "demo".parse().unwrap(),
+            version,
+            publishers: views.iter().cloned().collect(),
+        }
+    }
+
+    #[test]
+    fn a_delta_applies_only_on_its_base_and_leaves_the_old_snapshot_intact() {
+        let old = snapshot(3, &[view("a", "1"), view("b", "1")]);
+        let mut new = old.clone();
+        let delta = Delta {
+            service: old.service.clone(),
+            base: 3,
+            version: 5,
+            put: vec![view("b", "2"), view("c", "1")],
+            removed: vec![PublisherId {
+                client_id: "c".into(),
+                register_id: "a".into(),
+            }],
+        };
+        assert!(!new.clone().apply(Delta {
+            base: 2,
+            ..delta.clone()
+        }));
+        assert!(new.apply(delta));
+        assert_eq!(new.version, 5);
+        assert_eq!(
+            new.publishers.iter().cloned().collect::<Vec<_>>(),
+            vec![view("b", "2"), view("c", "1")]
+        );
+        assert_eq!(old.publishers.len(), 2, "the old snapshot is untouched");
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                Event::Removed(view("a", "1")),
+                Event::Changed {
+                    old: view("b", "1"),
+                    new: view("b", "2")
+                },
+                Event::Added(view("c", "1")),
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn the_diff_of_a_large_snapshot_after_one_change_is_that_change() {
+        let views: Vec<PublisherView> = (0..10_000)
+            .map(|i| view(&format!("p{i:05}"), "x"))
+            .collect();
+        let old = snapshot(1, &views);
+        let mut new = old.clone();
+        assert!(new.apply(Delta {
+            service: old.service.clone(),
+            base: 1,
+            version: 2,
+            put: vec![view("p05000", "y")],
+            removed: vec![],
+        }));
+        assert_eq!(
+            diff(&old, &new),
+            vec![Event::Changed {
+                old: view("p05000", "x"),
+                new: view("p05000", "y")
+            }]
+        );
+        assert_eq!(
+            new.publishers.get("c", "p05000"),
+            Some(&view("p05000", "y"))
+        );
+        assert_eq!(new.to_wire().publishers.len(), 10_000);
+    }
+}
