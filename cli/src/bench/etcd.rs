@@ -20,7 +20,7 @@ use etcd_client::{
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxFut, Conn, OnChange, PeerServer, Target, TargetKind};
+use super::{BoxFut, Conn, OnChange, PeerServer, Target, TargetKind, Update};
 
 pub struct EtcdTarget {
     server: PeerServer,
@@ -131,17 +131,10 @@ pub async fn connect(endpoint: &str, ttl: u64) -> anyhow::Result<Arc<dyn Conn>> 
     }))
 }
 
-/// A watched service: what the connection knows of it and whom to tell.
+/// A watched service and whom to tell of its changes.
 struct Watched {
     service: String,
-    instances: BTreeSet<String>,
     on_change: OnChange,
-}
-
-impl Watched {
-    fn report(&self) {
-        (self.on_change)(&self.service, self.instances.iter().cloned().collect());
-    }
 }
 
 /// The connection's one watch stream: where to send new watches, and the next watch id.
@@ -212,17 +205,17 @@ impl Conn for EtcdConn {
                 .revision();
             let id = watch.as_ref().map_or(1, |w| w.next_id);
             {
+                let instances: BTreeSet<String> = current
+                    .kvs()
+                    .iter()
+                    .map(|kv| instance_of(kv.key()))
+                    .collect();
+                // Reported before the watch exists, so no event can overtake the initial list.
+                on_change(service, Update::All(instances.into_iter().collect()));
                 let watched = Watched {
                     service: service.to_owned(),
-                    instances: current
-                        .kvs()
-                        .iter()
-                        .map(|kv| instance_of(kv.key()))
-                        .collect(),
                     on_change,
                 };
-                // Reported before the watch exists, so no event can overtake the initial list.
-                watched.report();
                 self.watched.lock().insert(id, watched);
             }
             // Every change after the read, and none before.
@@ -269,8 +262,8 @@ impl Conn for EtcdConn {
     }
 }
 
-/// Applies every watch response of the connection's stream to its service's instance set and
-/// reports the set.
+/// Reports the events of every watch response of the connection's stream as changes of its
+/// service.
 async fn dispatch(mut responses: WatchResponseStream, watched: Arc<Mutex<HashMap<i64, Watched>>>) {
     loop {
         let response = match responses.message().await {
@@ -299,18 +292,19 @@ async fn dispatch(mut responses: WatchResponseStream, watched: Arc<Mutex<HashMap
         if response.events().is_empty() {
             continue;
         }
-        let Some(w) = watched.get_mut(&response.watch_id()) else {
+        let Some(w) = watched.get(&response.watch_id()) else {
             continue;
         };
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             let instance = instance_of(kv.key());
             match event.event_type() {
-                EventType::Put => w.instances.insert(instance),
-                EventType::Delete => w.instances.remove(&instance),
+                EventType::Put => added.push(instance),
+                EventType::Delete => removed.push(instance),
             };
         }
-        w.report();
+        (w.on_change)(&w.service, Update::Changed { added, removed });
     }
 }
 

@@ -2,9 +2,11 @@
 //! etcd or ZooKeeper — printing one JSON object with every parameter and figure, and a table.
 //!
 //! Phases: initial load (registration throughput), subscribers (convergence), churn (notify
-//! latency), failure (a holder process killed without unregistering), then the servers' memory
-//! and CPU read from /proc. Every target is driven through [`Target`] and [`Conn`], so the
-//! workload is defined once.
+//! latency, bytes pushed and server CPU per change), failure (a holder process killed without
+//! unregistering), then the servers' memory and CPU read from /proc. With `--subscribe-first` the
+//! subscribers watch before the initial load, as they do while services roll out. Throughout,
+//! removals of instances the workload never removed are counted: they must be 0. Every target is
+//! driven through [`Target`] and [`Conn`], so the workload is defined once.
 
 #[cfg(feature = "peers")]
 mod etcd;
@@ -14,6 +16,7 @@ mod track;
 #[cfg(feature = "peers")]
 mod zookeeper;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,8 +32,31 @@ use track::Tracker;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Called with a service and its current instances whenever a watch fires.
-pub type OnChange = Arc<dyn Fn(&str, Vec<String>) + Send + Sync>;
+/// What a watch reports: the whole instance list, or what changed in it.
+#[cfg_attr(not(any(feature = "peers", test)), allow(dead_code))]
+pub enum Update {
+    All(Vec<String>),
+    Changed {
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
+}
+
+/// Called with a service and what changed whenever a watch fires.
+pub type OnChange = Arc<dyn Fn(&str, Update) + Send + Sync>;
+
+/// What a registry's client library tells about its connection, where it does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnStats {
+    /// Connections re-established after the first.
+    pub reconnects: u64,
+    /// Connections the server closed or that went silent.
+    pub lost: u64,
+    /// Bytes of pushes received.
+    pub push_bytes: u64,
+    pub snapshots: u64,
+    pub deltas: u64,
+}
 
 /// A registry under test.
 pub trait Target: Send + Sync {
@@ -110,6 +136,14 @@ pub trait Conn: Send + Sync {
     -> BoxFut<'a, anyhow::Result<()>>;
     /// Closes the connection, unregistering what it holds.
     fn close(&self) -> BoxFut<'_, ()>;
+    /// The client library's own figures, where it gives them.
+    fn stats(&self) -> Option<ConnStats> {
+        None
+    }
+    /// The encoded size of `instance` as the registry would push it to a watcher, where known.
+    fn instance_bytes(&self, _instance: &str) -> Option<usize> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -164,6 +198,10 @@ pub struct BenchArgs {
     /// Services each subscriber watches.
     #[arg(long, default_value_t = 100)]
     watch_services: usize,
+    /// Subscribers watch before the initial load (as during a rollout) instead of after it;
+    /// convergence is then timed from the start of the load.
+    #[arg(long)]
+    subscribe_first: bool,
     /// Churn: registrations and unregistrations per second.
     #[arg(long, default_value_t = 200)]
     rate: u64,
@@ -269,14 +307,89 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// The instances of service `svc`.
+fn instances_of(args: &BenchArgs, svc: usize) -> Arc<HashSet<String>> {
+    Arc::new(
+        (0..args.instances_per_service)
+            .map(|j| format!("i{}", svc * args.instances_per_service + j))
+            .collect(),
+    )
+}
+
+/// Connects the subscribers and watches every service each one watches; returns the connections
+/// and the expectations (each subscriber sees every instance of each service), timed from `since`.
+async fn subscribe_all(
+    args: &BenchArgs,
+    target: &dyn Target,
+    tracker: &Tracker,
+    since: Instant,
+) -> anyhow::Result<(Vec<Arc<dyn Conn>>, Vec<track::Expect>)> {
+    let mut expectations = Vec::new();
+    let per_service: Vec<Arc<HashSet<String>>> =
+        (0..args.services).map(|svc| instances_of(args, svc)).collect();
+    for s in 0..args.subscribers {
+        for svc in watched(args, s) {
+            expectations.push(tracker.expect_all(
+                s,
+                &service_name(svc),
+                per_service[svc].clone(),
+                since,
+            ));
+        }
+    }
+    let mut subscribers = Vec::new();
+    for s in 0..args.subscribers {
+        let conn = target.connect().await?;
+        for svc in watched(args, s) {
+            conn.watch(&service_name(svc), tracker.callback(s)).await?;
+        }
+        subscribers.push(conn);
+    }
+    Ok((subscribers, expectations))
+}
+
+/// Sum of the client figures of `conns` (`None` when the target's client gives none).
+fn sum_stats(conns: &[Arc<dyn Conn>]) -> Option<ConnStats> {
+    conns.iter().try_fold(ConnStats::default(), |mut total, conn| {
+        let s = conn.stats()?;
+        total.reconnects += s.reconnects;
+        total.lost += s.lost;
+        total.push_bytes += s.push_bytes;
+        total.snapshots += s.snapshots;
+        total.deltas += s.deltas;
+        Some(total)
+    })
+}
+
+/// CPU seconds of the target's server processes so far.
+fn server_cpu(target: &dyn Target) -> Option<f64> {
+    let processes = target.processes();
+    if processes.is_empty() {
+        return None;
+    }
+    processes
+        .iter()
+        .map(|(_, pid)| proc_stats::read(*pid).map(|s| s.cpu_seconds))
+        .sum()
+}
+
 async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde_json::Value> {
     let quiet = args.json;
     let total = args.services * args.instances_per_service;
+    // Churn instances come and go, and the holder's are killed: only those may disappear.
+    let tracker = Tracker::new(|i: &str| i.starts_with("churn") || i.starts_with("held"));
 
     // Connections.
     let mut conns = Vec::new();
     for _ in 0..args.connections {
         conns.push(target.connect().await?);
+    }
+
+    // Subscribers watching before the load, when asked: convergence counts from the load's start.
+    let load_started = Instant::now();
+    let mut early = None;
+    if args.subscribe_first {
+        early = Some(subscribe_all(args, target, &tracker, load_started).await?);
     }
 
     // Initial load: every instance registered, the connections in parallel.
@@ -315,27 +428,12 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
     progress.finish();
 
     // Subscribers: each watches its services until it has seen every instance of each.
-    let tracker = Tracker::new();
     let expected_subscriptions = args.subscribers * args.watch_services;
     let progress = bar(expected_subscriptions as u64, "subscribe", quiet);
-    let started = Instant::now();
-    let mut subscribers = Vec::new();
-    let mut expectations = Vec::new();
-    for s in 0..args.subscribers {
-        for svc in watched(args, s) {
-            let instances: Vec<String> = (0..args.instances_per_service)
-                .map(|j| format!("i{}", svc * args.instances_per_service + j))
-                .collect();
-            expectations.push(tracker.expect_all(s, &service_name(svc), instances, started));
-        }
-    }
-    for s in 0..args.subscribers {
-        let conn = target.connect().await?;
-        for svc in watched(args, s) {
-            conn.watch(&service_name(svc), tracker.callback(s)).await?;
-        }
-        subscribers.push(conn);
-    }
+    let (subscribers, expectations) = match early {
+        Some(early) => early,
+        None => subscribe_all(args, target, &tracker, Instant::now()).await?,
+    };
     let converged = tracker.wait(&expectations, SETTLE, &progress).await;
     progress.finish();
     let convergence_seconds = converged.iter().flatten().max().map(|d| d.as_secs_f64());
@@ -351,6 +449,8 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let bytes_before = sum_stats(&subscribers);
+    let cpu_before = server_cpu(target);
     let churn_started = Instant::now();
     for k in 0..ops {
         tick.tick().await;
@@ -380,6 +480,8 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
     let progress = bar(churn_expect.len() as u64, "notified", quiet);
     let churn_seen = tracker.wait(&churn_expect, SETTLE, &progress).await;
     progress.finish();
+    let cpu_after = server_cpu(target);
+    let bytes_after = sum_stats(&subscribers);
     let mut latencies: Vec<Duration> = churn_seen.iter().flatten().copied().collect();
     latencies.sort();
     let pct = |p: f64| -> Option<f64> {
@@ -387,6 +489,17 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
             let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
             millis(latencies[i])
         })
+    };
+    let pushed_per_notification = match (bytes_before, bytes_after) {
+        (Some(b), Some(a)) if !churn_expect.is_empty() => {
+            Some((a.push_bytes - b.push_bytes) as f64 / churn_expect.len() as f64)
+        }
+        _ => None,
+    };
+    let instance_bytes = churn_conn.instance_bytes("churn0");
+    let cpu_ms_per_change = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) if ops > 0 => Some((a - b) * 1e3 / ops as f64),
+        _ => None,
     };
 
     // Failure: a holder process registers instances on service 0, then is killed outright.
@@ -408,11 +521,18 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
         })
         .collect();
     let rss_total: u64 = servers.iter().filter_map(|s| s["rss_kib"].as_u64()).sum();
+    let everyone: Vec<Arc<dyn Conn>> = subscribers
+        .iter()
+        .chain(conns.iter())
+        .chain(std::iter::once(&churn_conn))
+        .cloned()
+        .collect();
+    let clients = sum_stats(&everyone);
+    let (spurious, spurious_sample) = tracker.spurious_removals();
 
-    for conn in subscribers.iter().chain(conns.iter()) {
+    for conn in &everyone {
         conn.close().await;
     }
-    churn_conn.close().await;
 
     Ok(json!({
         "target": target.describe(),
@@ -423,6 +543,7 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
             "connections": args.connections,
             "subscribers": args.subscribers,
             "watch_services": args.watch_services,
+            "subscribe_first": args.subscribe_first,
             "rate": args.rate,
             "duration_seconds": args.duration,
             "failure_instances": args.failure_instances,
@@ -435,6 +556,7 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
         "subscribe": {
             "subscriptions": expected_subscriptions,
             "convergence_seconds": convergence_seconds,
+            "convergence_from": if args.subscribe_first { "the start of the load" } else { "subscribing" },
             "notifications_expected": expected_subscriptions,
             "notifications_seen": subscribe_seen,
             "updates_delivered": tracker.updates(),
@@ -446,8 +568,20 @@ async fn workload(args: &BenchArgs, target: &dyn Target) -> anyhow::Result<serde
             "notifications_expected": churn_expect.len(),
             "notifications_seen": latencies.len(),
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": latencies.last().map(|d| millis(*d))},
+            "push_bytes_per_notification": pushed_per_notification,
+            "changed_instance_bytes": instance_bytes,
+            "server_cpu_ms_per_change": cpu_ms_per_change,
         },
         "failure": failure,
+        "clients": clients.map(|c| json!({
+            "reconnects": c.reconnects,
+            "connections_lost": c.lost,
+            "push_bytes": c.push_bytes,
+            "snapshots": c.snapshots,
+            "deltas": c.deltas,
+        })),
+        "spurious_removals": spurious,
+        "spurious_removal_sample": spurious_sample,
         "unmet_sample": tracker.unmet(10),
         "servers": servers,
         "server_rss_kib_total": (rss_total > 0).then_some(rss_total),
@@ -465,9 +599,11 @@ async fn failure_phase(
     let watchers: Vec<usize> = (0..args.subscribers)
         .filter(|s| watched(args, *s).contains(&0))
         .collect();
-    let held: Vec<String> = (0..args.failure_instances)
-        .map(|j| format!("held{j}"))
-        .collect();
+    let held: Arc<HashSet<String>> = Arc::new(
+        (0..args.failure_instances)
+            .map(|j| format!("held{j}"))
+            .collect(),
+    );
     let exe = std::env::current_exe().context("cannot find the roster binary")?;
     let mut holder = tokio::process::Command::new(exe)
         .arg("bench-holder")
@@ -567,8 +703,25 @@ fn print_table(report: &serde_json::Value) {
         );
     }
     println!(
+        "push bytes / notification  {} (changed instance: {} bytes)",
+        f(&r["churn"]["push_bytes_per_notification"]),
+        f(&r["churn"]["changed_instance_bytes"])
+    );
+    println!(
+        "server CPU ms / change     {}",
+        f(&r["churn"]["server_cpu_ms_per_change"])
+    );
+    println!(
         "failure detected s         {}",
         f(&r["failure"]["detect_seconds"])
+    );
+    println!(
+        "client reconnects          {}",
+        f(&r["clients"]["reconnects"])
+    );
+    println!(
+        "spurious removals          {}",
+        f(&r["spurious_removals"])
     );
     println!(
         "server RSS total KiB       {}",

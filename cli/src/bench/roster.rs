@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use roster_client::{Client, ClientConfig, Publication};
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchArgs, BoxFut, Conn, OnChange, Target};
+use super::{BenchArgs, BoxFut, Conn, ConnStats, OnChange, Target, Update};
 use crate::dev::{CLIENT_CONFIG_FILE, LocalCluster};
 
 pub struct RosterTarget {
@@ -129,9 +129,12 @@ impl Conn for RosterConn {
         instance: &'a str,
     ) -> BoxFut<'a, anyhow::Result<()>> {
         Box::pin(async move {
+            // The instance's name is its register id, as a service's own instance id would be.
             let publication = self
                 .client()?
-                .publish(service, vec![instance.to_owned().into()])
+                .publisher(service)
+                .register_id(instance)
+                .publish(vec![instance.to_owned().into()])
                 .await?;
             self.publications
                 .lock()
@@ -162,21 +165,60 @@ impl Conn for RosterConn {
         on_change: OnChange,
     ) -> BoxFut<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let mut subscription = self.client()?.subscribe(service).await?;
+            let subscription = self.client()?.subscribe(service).await?;
             let name = service.to_owned();
             tokio::spawn(async move {
-                while let Some(snapshot) = subscription.next().await {
-                    let instances = snapshot
-                        .publishers
-                        .iter()
-                        .flat_map(|p| p.data.iter())
+                // Events come from the difference between consecutive snapshots, which costs
+                // what changed; a burst of them is reported together.
+                let mut events = subscription.events();
+                let instance = |p: &roster_client::PublisherView| {
+                    p.data
+                        .first()
                         .map(|d| String::from_utf8_lossy(d).into_owned())
-                        .collect();
-                    on_change(&name, instances);
+                        .unwrap_or_default()
+                };
+                while let Some(first) = events.next().await {
+                    let (mut added, mut removed) = (Vec::new(), Vec::new());
+                    let mut take = |event: roster_client::Event| match event {
+                        roster_client::Event::Added(p) => added.push(instance(&p)),
+                        roster_client::Event::Removed(p) => removed.push(instance(&p)),
+                        roster_client::Event::Changed { old, new } => {
+                            removed.push(instance(&old));
+                            added.push(instance(&new));
+                        }
+                    };
+                    take(first);
+                    while let Some(Some(event)) = events.next().now_or_never() {
+                        take(event);
+                    }
+                    on_change(&name, Update::Changed { added, removed });
                 }
             });
             Ok(())
         })
+    }
+
+    fn stats(&self) -> Option<ConnStats> {
+        let stats = self.client.lock().as_ref()?.stats();
+        Some(ConnStats {
+            reconnects: stats.reconnects,
+            lost: stats.lost + stats.silent,
+            push_bytes: stats.push_bytes,
+            snapshots: stats.snapshots,
+            deltas: stats.deltas,
+        })
+    }
+
+    fn instance_bytes(&self, instance: &str) -> Option<usize> {
+        let client_id = self.client.lock().as_ref()?.client_id().to_owned();
+        let view = roster_client::PublisherView {
+            client_id,
+            register_id: instance.to_owned(),
+            data: vec![instance.to_owned().into()],
+            attributes: Default::default(),
+            client_version: 1,
+        };
+        Some(roster_common::push::encode_publisher(&view).len())
     }
 
     fn close(&self) -> BoxFut<'_, ()> {

@@ -1,6 +1,11 @@
 //! What the subscribers have seen, and the expectations the phases wait on: every instance of a
 //! service present, none of some instances left, or one instance arriving or leaving. Each
 //! expectation records how long after its start it was met.
+//!
+//! Subscribers report changes (instances added and removed), not whole lists, and expectations
+//! are kept up to date from those changes: the tracker's cost per update is the size of the
+//! update, so it measures the registry, not itself, at any service size. It also counts removals
+//! of instances that were never unregistered: a registry that flaps live instances shows here.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -10,23 +15,58 @@ use indicatif::ProgressBar;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::OnChange;
+use super::{OnChange, Update};
 
 /// A handle on one expectation.
 #[derive(Clone, Copy, Debug)]
 pub struct Expect(usize);
 
 enum Cond {
-    All(HashSet<String>),
-    NoneOf(HashSet<String>),
-    One { instance: String, present: bool },
+    /// Every one of these present; `missing` of them are not yet.
+    All {
+        want: Arc<HashSet<String>>,
+        missing: usize,
+    },
+    /// None of these present; `present` of them still are.
+    NoneOf {
+        gone: Arc<HashSet<String>>,
+        present: usize,
+    },
+    One {
+        instance: String,
+        present: bool,
+    },
 }
 
 impl Cond {
-    fn met(&self, set: &HashSet<String>) -> bool {
+    /// Brings the counts up to date with one update (`set` is the set after it).
+    fn update(&mut self, added: &[String], removed: &[String], set: &HashSet<String>) -> bool {
         match self {
-            Cond::All(want) => want.iter().all(|i| set.contains(i)),
-            Cond::NoneOf(gone) => gone.iter().all(|i| !set.contains(i)),
+            Cond::All { want, missing } => {
+                *missing += removed.iter().filter(|i| want.contains(*i)).count();
+                *missing -= added.iter().filter(|i| want.contains(*i)).count();
+                *missing == 0
+            }
+            Cond::NoneOf { gone, present } => {
+                *present += added.iter().filter(|i| gone.contains(*i)).count();
+                *present -= removed.iter().filter(|i| gone.contains(*i)).count();
+                *present == 0
+            }
+            Cond::One { instance, present } => set.contains(instance) == *present,
+        }
+    }
+
+    /// Starts the counts from `set`.
+    fn start(&mut self, set: &HashSet<String>) -> bool {
+        match self {
+            Cond::All { want, missing } => {
+                *missing = want.iter().filter(|i| !set.contains(*i)).count();
+                *missing == 0
+            }
+            Cond::NoneOf { gone, present } => {
+                *present = gone.iter().filter(|i| set.contains(*i)).count();
+                *present == 0
+            }
             Cond::One { instance, present } => set.contains(instance) == *present,
         }
     }
@@ -40,40 +80,44 @@ struct Wait {
 
 #[derive(Default)]
 struct State {
-    /// (subscriber, service) → the instances it last saw.
+    /// (subscriber, service) → the instances it sees now.
     sets: HashMap<(usize, String), HashSet<String>>,
     /// (subscriber, service) → when its last update arrived.
     last_update: HashMap<(usize, String), Instant>,
     waits: HashMap<(usize, String), Vec<Wait>>,
     results: Vec<Option<Duration>>,
     updates: u64,
+    /// Removals of instances that were never unregistered, and a few of them.
+    spurious: u64,
+    spurious_sample: Vec<String>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Tracker {
     state: Arc<Mutex<State>>,
     changed: Arc<Notify>,
+    /// Whether removing this instance is something the workload does (unregistering it, killing
+    /// its holder); any other removal is spurious.
+    expected_removal: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 impl Tracker {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(expected_removal: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Tracker {
+            state: Arc::default(),
+            changed: Arc::default(),
+            expected_removal: Arc::new(expected_removal),
+        }
     }
 
-    fn add(
-        &self,
-        sub: usize,
-        service: &str,
-        cond: Cond,
-        since: Instant,
-        check_now: bool,
-    ) -> Expect {
+    fn add(&self, sub: usize, service: &str, mut cond: Cond, since: Instant, check_now: bool) -> Expect {
         let mut state = self.state.lock();
         let id = state.results.len();
         state.results.push(None);
         let key = (sub, service.to_owned());
-        let met_now = check_now && state.sets.get(&key).is_some_and(|set| cond.met(set));
-        if met_now {
+        let empty = HashSet::new();
+        let met_now = cond.start(state.sets.get(&key).unwrap_or(&empty));
+        if met_now && check_now {
             state.results[id] = Some(since.elapsed());
         } else {
             state
@@ -90,16 +134,14 @@ impl Tracker {
         &self,
         sub: usize,
         service: &str,
-        instances: Vec<String>,
+        instances: Arc<HashSet<String>>,
         since: Instant,
     ) -> Expect {
-        self.add(
-            sub,
-            service,
-            Cond::All(instances.into_iter().collect()),
-            since,
-            true,
-        )
+        let cond = Cond::All {
+            missing: instances.len(),
+            want: instances,
+        };
+        self.add(sub, service, cond, since, true)
     }
 
     /// Subscriber `sub` sees none of `instances` in `service`.
@@ -107,16 +149,14 @@ impl Tracker {
         &self,
         sub: usize,
         service: &str,
-        instances: Vec<String>,
+        instances: Arc<HashSet<String>>,
         since: Instant,
     ) -> Expect {
-        self.add(
-            sub,
-            service,
-            Cond::NoneOf(instances.into_iter().collect()),
-            since,
-            true,
-        )
+        let cond = Cond::NoneOf {
+            gone: instances,
+            present: 0,
+        };
+        self.add(sub, service, cond, since, true)
     }
 
     /// Subscriber `sub`, in an update after now, sees `instance` present (or absent).
@@ -138,16 +178,43 @@ impl Tracker {
     /// The callback a watch of subscriber `sub` reports to.
     pub fn callback(&self, sub: usize) -> OnChange {
         let tracker = self.clone();
-        Arc::new(move |service: &str, instances: Vec<String>| {
+        Arc::new(move |service: &str, update: Update| {
             let now = Instant::now();
-            let set: HashSet<String> = instances.into_iter().collect();
             let mut state = tracker.state.lock();
+            let state = &mut *state;
             state.updates += 1;
             let key = (sub, service.to_owned());
+            let set = state.sets.entry(key.clone()).or_default();
+            let (added, removed) = match update {
+                Update::All(instances) => {
+                    let now: HashSet<String> = instances.into_iter().collect();
+                    let added = now.difference(set).cloned().collect::<Vec<_>>();
+                    let removed = set.difference(&now).cloned().collect::<Vec<_>>();
+                    (added, removed)
+                }
+                Update::Changed { added, removed } => (added, removed),
+            };
+            let mut removed_now = Vec::with_capacity(removed.len());
+            for instance in removed {
+                if set.remove(&instance) {
+                    removed_now.push(instance);
+                }
+            }
+            let added: Vec<String> = added.into_iter().filter(|i| set.insert(i.clone())).collect();
+            for instance in &removed_now {
+                if !(tracker.expected_removal)(instance) {
+                    state.spurious += 1;
+                    if state.spurious_sample.len() < 10 {
+                        state
+                            .spurious_sample
+                            .push(format!("subscriber {sub} {service}: {instance}"));
+                    }
+                }
+            }
             let mut met = Vec::new();
             if let Some(waits) = state.waits.get_mut(&key) {
-                waits.retain(|w| {
-                    let done = w.cond.met(&set);
+                waits.retain_mut(|w| {
+                    let done = w.cond.update(&added, &removed_now, set);
                     if done {
                         met.push((w.id, now.duration_since(w.since)));
                     }
@@ -157,9 +224,7 @@ impl Tracker {
             for (id, took) in met {
                 state.results[id] = Some(took);
             }
-            state.last_update.insert(key.clone(), now);
-            state.sets.insert(key, set);
-            drop(state);
+            state.last_update.insert(key, now);
             tracker.changed.notify_waiters();
         })
     }
@@ -202,8 +267,12 @@ impl Tracker {
             .flat_map(|((sub, service), waits)| {
                 waits.iter().map(move |w| {
                     let what = match &w.cond {
-                        Cond::All(want) => format!("all {} instances", want.len()),
-                        Cond::NoneOf(gone) => format!("none of {} instances", gone.len()),
+                        Cond::All { want, missing } => {
+                            format!("all {} instances ({missing} missing)", want.len())
+                        }
+                        Cond::NoneOf { gone, present } => {
+                            format!("none of {} instances ({present} left)", gone.len())
+                        }
                         Cond::One { instance, present } => {
                             format!("{instance} {}", if *present { "present" } else { "absent" })
                         }
@@ -229,5 +298,49 @@ impl Tracker {
     /// Watch updates delivered so far.
     pub fn updates(&self) -> u64 {
         self.state.lock().updates
+    }
+
+    /// Removals of instances the workload never removed, and a sample of them.
+    pub fn spurious_removals(&self) -> (u64, Vec<String>) {
+        let state = self.state.lock();
+        (state.spurious, state.spurious_sample.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[&str]) -> Arc<HashSet<String>> {
+        Arc::new(items.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn changed(added: &[&str], removed: &[&str]) -> Update {
+        Update::Changed {
+            added: added.iter().map(|s| s.to_string()).collect(),
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn expectations_follow_updates_and_spurious_removals_are_counted() {
+        let tracker = Tracker::new(|i| i.starts_with("churn"));
+        let start = Instant::now();
+        let all = tracker.expect_all(0, "s", set(&["a", "b"]), start);
+        let report = tracker.callback(0);
+        report("s", Update::All(vec!["a".into()]));
+        report("s", changed(&["b", "churn1"], &[]));
+        let gone = tracker.expect_none_of(0, "s", set(&["a"]), start);
+        let back = tracker.expect_one(0, "s", "churn1", false, start);
+        report("s", changed(&[], &["churn1"]));
+        report("s", changed(&[], &["a", "never-there"]));
+        let state = tracker.state.lock();
+        assert!(state.results[all.0].is_some());
+        assert!(state.results[back.0].is_some());
+        assert!(state.results[gone.0].is_some());
+        drop(state);
+        let (spurious, sample) = tracker.spurious_removals();
+        assert_eq!(spurious, 1, "only a, which the workload never removed");
+        assert_eq!(sample, ["subscriber 0 s: a"]);
     }
 }

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
 
-use super::{BoxFut, Conn, OnChange, PeerServer, Target, TargetKind};
+use super::{BoxFut, Conn, OnChange, PeerServer, Target, TargetKind, Update};
 
 pub struct ZkTarget {
     /// Its `ttl` is the session timeout asked for, in seconds.
@@ -178,7 +178,10 @@ impl Conn for ZkConn {
                 }
                 other => other?,
             };
-            on_change(service, children);
+            // ZooKeeper's watches say only that something changed: the difference from the
+            // last list read is what changed.
+            let mut known: std::collections::HashSet<String> = children.iter().cloned().collect();
+            on_change(service, Update::All(children));
             let service = service.to_owned();
             tokio::spawn(self.cancel.clone().run_until_cancelled_owned(async move {
                 loop {
@@ -191,7 +194,12 @@ impl Conn for ZkConn {
                     // Read again and watch again: whatever changed meanwhile is in the list.
                     match client.list_and_watch_children(&dir).await {
                         Ok((children, next)) => {
-                            on_change(&service, children);
+                            let now: std::collections::HashSet<String> =
+                                children.into_iter().collect();
+                            let added = now.difference(&known).cloned().collect();
+                            let removed = known.difference(&now).cloned().collect();
+                            known = now;
+                            on_change(&service, Update::Changed { added, removed });
                             watcher = next;
                         }
                         Err(e) => {
