@@ -181,7 +181,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                     if args.events {
                         let events = match &previous {
                             Some(previous) => roster_client::diff(previous, &snapshot),
-                            None => snapshot.publishers.iter().cloned().map(roster_client::Event::Added).collect(),
+                            None => snapshot.publishers.iter_shared().cloned().map(roster_client::Event::Added).collect(),
                         };
                         for event in events {
                             serde_json::to_writer(&mut stdout, &event_json(&snapshot, &event))?;

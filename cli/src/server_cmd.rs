@@ -130,7 +130,7 @@ pub struct CommonArgs {
     #[arg(long, env = "ROSTER_KEEP_ALIVE_MS", value_name = "MS")]
     keep_alive_ms: Option<u64>,
     /// QUIC idle timeout in milliseconds: a peer silent this long is dead [default: 4000; a
-    /// session server's connections to clients: 3000].
+    /// session server's connections to clients: 2500].
     #[arg(long, env = "ROSTER_IDLE_TIMEOUT_MS", value_name = "MS")]
     idle_timeout_ms: Option<u64>,
     /// Largest frame accepted, in bytes [default: 1048576].
@@ -292,7 +292,9 @@ pub struct SessionArgs {
     #[command(flatten)]
     #[serde(flatten)]
     member: MemberArgs,
-    /// How long a closed client connection's publishers stay, in milliseconds [default: 0].
+    /// How long the publishers of a lost client connection (timed out or reset, not closed by
+    /// the client) stay, in milliseconds; the same client connecting again within it keeps them
+    /// [default: 1000].
     #[arg(long, env = "ROSTER_CLIENT_GRACE_MS", value_name = "MS")]
     client_grace_ms: Option<u64>,
     /// On SIGTERM, how long to wait for clients to move after GoAway, in milliseconds
@@ -314,9 +316,16 @@ pub struct SessionArgs {
     /// Bytes per publisher: data plus attributes [default: 65536].
     #[arg(long, env = "ROSTER_MAX_PUBLISHER_BYTES")]
     max_publisher_bytes: Option<usize>,
-    /// How long changes of one service are gathered before one push, in milliseconds [default: 2].
+    /// The least time between two pushes of one service to one client, in milliseconds. 0 pushes
+    /// a change as soon as the client's push stream is free and merges what arrives while it is
+    /// busy [default: 0].
     #[arg(long, env = "ROSTER_COALESCE_MS", value_name = "MS")]
     coalesce_ms: Option<u64>,
+    /// How long a client's push stream may make no progress (the client reads nothing) before
+    /// the connection is closed, in milliseconds. A client that reads slowly is not cut off: its
+    /// pushes merge [default: 30000].
+    #[arg(long, env = "ROSTER_PUSH_STALL_MS", value_name = "MS")]
+    push_stall_ms: Option<u64>,
 }
 
 const META_LISTEN: &str = "0.0.0.0:7100";
@@ -489,6 +498,7 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
             "max-requests-per-connection",
             "max-publisher-bytes",
             "coalesce-ms",
+            "push-stall-ms",
         ],
     ]
     .concat();
@@ -496,7 +506,8 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     args.common.layer(file.common);
     args.member.layer(file.member);
     layer!(args, file; client_grace_ms, drain_timeout_ms, max_connections, max_publishers_per_connection,
-        max_subscriptions_per_connection, max_requests_per_connection, max_publisher_bytes, coalesce_ms);
+        max_subscriptions_per_connection, max_requests_per_connection, max_publisher_bytes, coalesce_ms,
+        push_stall_ms);
 
     let mut config = SessionConfig::new(args.common.id()?, args.member.metas()?);
     config.advertise = args.member.advertise;
@@ -518,6 +529,9 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     }
     if let Some(ms) = args.coalesce_ms {
         config.coalesce_window = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.push_stall_ms {
+        config.push_stall_timeout = Duration::from_millis(ms);
     }
     config.max_connections = args.max_connections.unwrap_or(config.max_connections);
     config.max_publishers_per_connection = args

@@ -239,6 +239,9 @@ fn backoff(inner: &Inner, attempt: u32) -> Duration {
     Duration::from_millis(rand::random_range(base / 2..=base))
 }
 
+/// Bytes read from the push stream at once, at most.
+const PUSH_READ: usize = 256 << 10;
+
 /// How often the connection's liveness is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(100);
 
@@ -380,10 +383,27 @@ fn note_loss(inner: &Inner, reason: &ConnectionError) {
 async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
     let result = async {
         let mut push = conn.accept_uni().await?;
+        let mut frames = frame::FrameBuffer::new(inner.config.max_frame);
         loop {
-            let body = match frame::read_frame_bytes(&mut push, inner.config.max_frame).await? {
+            let body = match frames.next_frame()? {
                 Some(body) => body,
-                None => return Ok::<_, Error>(()),
+                None => {
+                    // Whatever has arrived, in one piece: many small pushes per read.
+                    let chunk = push
+                        .read_chunk(PUSH_READ, true)
+                        .await
+                        .map_err(|e| Error::Connection(format!("push stream: {e}")))?;
+                    match chunk {
+                        Some(chunk) => frames.extend(&chunk.bytes),
+                        None if frames.pending() == 0 => return Ok::<_, Error>(()),
+                        None => {
+                            return Err(Error::BadFrame(
+                                "the push stream ended inside a frame".into(),
+                            ));
+                        }
+                    }
+                    continue;
+                }
             };
             inner
                 .stats

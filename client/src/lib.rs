@@ -67,7 +67,7 @@ pub use config::ClientConfig;
 pub use io::endpoint;
 pub use roster_common::proto::{PublisherView, ServiceSummary};
 pub use roster_common::{Error, ErrorCode, Result, ServiceId, Version};
-pub use snapshot::{Event, PublisherKey, Publishers, Snapshot, diff};
+pub use snapshot::{Event, Publishers, Snapshot, diff};
 pub use subscription::{Events, Subscription};
 
 /// What the client's connection is doing.

@@ -13,14 +13,20 @@ use std::sync::Arc;
 use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
 use roster_common::proto::{self, Delta, PublisherView};
-use roster_common::{ClientId, RegisterId, ServiceId, Version};
+use roster_common::{ServiceId, Version};
 
-/// A publisher's identity: its client and the register id that client gave it.
-pub type PublisherKey = (ClientId, RegisterId);
+/// A publisher's identity inside the map: its client and register id, shared so that copying a
+/// node of the map (a delta applied to a shared snapshot copies the nodes on its path) allocates
+/// nothing.
+type Key = (Arc<str>, Arc<str>);
+
+fn key(client_id: &str, register_id: &str) -> Key {
+    (Arc::from(client_id), Arc::from(register_id))
+}
 
 /// The publishers of a snapshot, ordered by `(client_id, register_id)`. Cloning is O(1).
 #[derive(Clone, Default, PartialEq)]
-pub struct Publishers(OrdMap<PublisherKey, Arc<PublisherView>>);
+pub struct Publishers(OrdMap<Key, Arc<PublisherView>>);
 
 impl Publishers {
     pub fn len(&self) -> usize {
@@ -36,16 +42,19 @@ impl Publishers {
         self.0.values().map(|p| &**p)
     }
 
+    /// Every publisher, shared: cloning one costs a pointer.
+    pub fn iter_shared(&self) -> impl DoubleEndedIterator<Item = &Arc<PublisherView>> + '_ {
+        self.0.values()
+    }
+
     /// The publisher `register_id` of client `client_id`.
     pub fn get(&self, client_id: &str, register_id: &str) -> Option<&PublisherView> {
-        self.0
-            .get(&(client_id.to_owned(), register_id.to_owned()))
-            .map(|p| &**p)
+        self.0.get(&key(client_id, register_id)).map(|p| &**p)
     }
 
     fn insert(&mut self, view: PublisherView) {
-        let key = (view.client_id.clone(), view.register_id.clone());
-        self.0.insert(key, Arc::new(view));
+        self.0
+            .insert(key(&view.client_id, &view.register_id), Arc::new(view));
     }
 }
 
@@ -107,7 +116,9 @@ impl Snapshot {
             return false;
         }
         for id in delta.removed {
-            self.publishers.0.remove(&(id.client_id, id.register_id));
+            self.publishers
+                .0
+                .remove(&key(&id.client_id, &id.register_id));
         }
         for view in delta.put {
             self.publishers.insert(view);
@@ -117,15 +128,16 @@ impl Snapshot {
     }
 }
 
-/// A change of one publisher of a subscribed service.
+/// A change of one publisher of a subscribed service. The publishers are shared with the
+/// snapshots they come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    Added(PublisherView),
-    Removed(PublisherView),
+    Added(Arc<PublisherView>),
+    Removed(Arc<PublisherView>),
     /// Same publisher (client and register id), new data, attributes or version.
     Changed {
-        old: PublisherView,
-        new: PublisherView,
+        old: Arc<PublisherView>,
+        new: Arc<PublisherView>,
     },
 }
 
@@ -137,14 +149,14 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
     let mut added = Vec::new();
     for item in old.publishers.0.diff(&new.publishers.0) {
         match item {
-            DiffItem::Add(_, p) => added.push(Event::Added((**p).clone())),
-            DiffItem::Remove(_, p) => removed.push(Event::Removed((**p).clone())),
+            DiffItem::Add(_, p) => added.push(Event::Added(p.clone())),
+            DiffItem::Remove(_, p) => removed.push(Event::Removed(p.clone())),
             DiffItem::Update {
                 old: (_, before),
                 new: (_, after),
             } => changed.push(Event::Changed {
-                old: (**before).clone(),
-                new: (**after).clone(),
+                old: before.clone(),
+                new: after.clone(),
             }),
         }
     }
@@ -206,12 +218,12 @@ mod tests {
         assert_eq!(
             diff(&old, &new),
             vec![
-                Event::Removed(view("a", "1")),
+                Event::Removed(view("a", "1").into()),
                 Event::Changed {
-                    old: view("b", "1"),
-                    new: view("b", "2")
+                    old: view("b", "1").into(),
+                    new: view("b", "2").into()
                 },
-                Event::Added(view("c", "1")),
+                Event::Added(view("c", "1").into()),
             ]
         );
         assert!(diff(&new, &new).is_empty());
@@ -234,8 +246,8 @@ mod tests {
         assert_eq!(
             diff(&old, &new),
             vec![Event::Changed {
-                old: view("p05000", "x"),
-                new: view("p05000", "y")
+                old: view("p05000", "x").into(),
+                new: view("p05000", "y").into()
             }]
         );
         assert_eq!(

@@ -124,7 +124,7 @@ impl Stream for Events {
                         Some(known) => diff(known, &snapshot),
                         None => snapshot
                             .publishers
-                            .iter()
+                            .iter_shared()
                             .cloned()
                             .map(Event::Added)
                             .collect(),

@@ -120,6 +120,55 @@ where
     Ok(Some(body))
 }
 
+/// Frames cut out of a byte stream that arrives in pieces of any size: feed it what was read,
+/// take the complete frames. No I/O, so a reader can hand it whole chunks (one lock of the
+/// stream per chunk, however many frames it holds) instead of reading each header and body.
+#[derive(Debug)]
+pub struct FrameBuffer {
+    buf: BytesMut,
+    max_frame: u32,
+}
+
+impl FrameBuffer {
+    pub fn new(max_frame: u32) -> Self {
+        FrameBuffer {
+            buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame's body, `None` until one is complete. A frame announcing more than
+    /// `max_frame` bytes is an error as soon as its header is in.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.buf[..HEADER_LEN].try_into().expect("four bytes"));
+        if len > self.max_frame {
+            return Err(Error::FrameTooLarge(format!(
+                "frame of {len} bytes exceeds the limit of {} bytes",
+                self.max_frame
+            )));
+        }
+        if self.buf.len() < HEADER_LEN + len as usize {
+            return Ok(None);
+        }
+        let _ = self.buf.split_to(HEADER_LEN);
+        Ok(Some(self.buf.split_to(len as usize).freeze()))
+    }
+
+    /// Bytes of a frame begun but not complete: not zero when the stream ends means it ended
+    /// inside a frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
 /// Reads and decodes the next frame. `Ok(None)` means the stream ended cleanly.
 pub async fn read_frame<R, T>(reader: &mut R, max_frame: u32) -> Result<Option<T>>
 where
@@ -138,6 +187,30 @@ mod tests {
 
     use proptest::prelude::*;
     use serde::{Deserialize, Serialize};
+
+    #[test]
+    fn a_frame_buffer_cuts_frames_out_of_pieces_of_any_size() {
+        let frames: Vec<Bytes> = (0..5u32)
+            .map(|i| encode(&vec![i; i as usize * 7], DEFAULT_MAX_FRAME).unwrap())
+            .collect();
+        let stream: Vec<u8> = frames.concat();
+        for piece in [1, 3, 4, 17, stream.len()] {
+            let mut buffer = FrameBuffer::new(DEFAULT_MAX_FRAME);
+            let mut got = Vec::new();
+            for chunk in stream.chunks(piece) {
+                buffer.extend(chunk);
+                while let Some(body) = buffer.next_frame().unwrap() {
+                    got.push(decode::<Vec<u32>>(&body).unwrap());
+                }
+            }
+            assert_eq!(buffer.pending(), 0);
+            let want: Vec<Vec<u32>> = (0..5u32).map(|i| vec![i; i as usize * 7]).collect();
+            assert_eq!(got, want, "pieces of {piece} bytes");
+        }
+        let mut buffer = FrameBuffer::new(8);
+        buffer.extend(&[0, 0, 0, 9]);
+        assert!(matches!(buffer.next_frame(), Err(Error::FrameTooLarge(_))));
+    }
 
     use super::*;
 

@@ -267,9 +267,12 @@ async fn write_pushes(
             }
             continue;
         }
-        for out in pull.frames {
-            match tokio::time::timeout(stall, push.write_all(&out.frame)).await {
-                Ok(Ok(())) => {}
+        // One write for the whole take; the stall timer restarts with every bit of progress.
+        let mut chunks: Vec<Bytes> = pull.frames.iter().map(|o| o.frame.clone()).collect();
+        let mut rest = &mut chunks[..];
+        while !rest.is_empty() {
+            match tokio::time::timeout(stall, push.write_chunks(rest)).await {
+                Ok(Ok(written)) => rest = &mut rest[written.chunks..],
                 Ok(Err(e)) => {
                     debug!(error = %e, "push stream failed");
                     return;
@@ -281,6 +284,8 @@ async fn write_pushes(
                     return;
                 }
             }
+        }
+        for out in pull.frames {
             metrics::counter!("roster_session_pushes_total", "kind" => out.kind.name())
                 .increment(1);
             metrics::counter!("roster_session_push_bytes_total").increment(out.frame.len() as u64);

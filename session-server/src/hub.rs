@@ -46,6 +46,7 @@ use bytes::Bytes;
 use roster_common::proto::{Push, Snapshot};
 use roster_common::push::{delta_frame, encode_publisher, removed_len, snapshot_frame};
 use roster_common::{ClientId, RegisterId, Result, ServiceId, Version, frame};
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tracing::warn;
 
@@ -283,6 +284,17 @@ impl Datum {
         self.step(version, ops, at);
     }
 
+    /// Forgets the steps no subscription needs: those before `oldest`, the earliest version a
+    /// subscription still has to be taken from (all of them when none is behind).
+    fn forget_before(&mut self, oldest: Option<Version>) {
+        while let Some(step) = self.history.front()
+            && oldest.is_none_or(|base| step.prev < base)
+        {
+            self.history_bytes -= step.bytes;
+            self.history.pop_front();
+        }
+    }
+
     /// Where the history continues from `base`, if it reaches back that far.
     fn steps_from(&self, base: Version) -> Option<usize> {
         let i = self.history.partition_point(|s| s.prev < base);
@@ -364,11 +376,19 @@ struct Watch {
     last: Option<Version>,
 }
 
+/// A connection's subscriptions to one service.
+#[derive(Debug, Default)]
+struct ConnWatch {
+    /// The service is in the connection's due list.
+    due: bool,
+    watches: Vec<Watch>,
+}
+
 #[derive(Debug, Default)]
 struct ServiceState {
     datum: Option<Datum>,
     /// The subscriptions of each connection to this service.
-    watchers: HashMap<ConnId, Vec<Watch>>,
+    watchers: FxHashMap<ConnId, ConnWatch>,
     fetching: bool,
     /// Fetch again once the fetch under way completes.
     refetch: bool,
@@ -378,7 +398,7 @@ struct ServiceState {
 
 impl ServiceState {
     fn subscribers(&self) -> usize {
-        self.watchers.values().map(Vec::len).sum()
+        self.watchers.values().map(|w| w.watches.len()).sum()
     }
 }
 
@@ -386,9 +406,9 @@ impl ServiceState {
 struct ConnPush {
     deltas: bool,
     wake: Arc<Notify>,
-    /// Services with a push due, in the order they became due.
+    /// Services with a push due, in the order they became due (each marked `due` in its
+    /// [`ConnWatch`]).
     due: VecDeque<ServiceId>,
-    due_set: HashSet<ServiceId>,
     /// Frames that are not service pushes (`GoAway`), sent first.
     control: VecDeque<Bytes>,
     /// Its subscriptions' register ids.
@@ -398,8 +418,9 @@ struct ConnPush {
 }
 
 impl ConnPush {
-    fn mark_due(&mut self, service: &ServiceId) {
-        if self.due_set.insert(service.clone()) {
+    fn mark_due(&mut self, watch: &mut ConnWatch, service: &ServiceId) {
+        if !watch.due {
+            watch.due = true;
             self.due.push_back(service.clone());
             self.wake.notify_one();
         }
@@ -410,7 +431,7 @@ impl ConnPush {
 pub struct Hub {
     max_frame: u32,
     coalesce: Duration,
-    conns: HashMap<ConnId, ConnPush>,
+    conns: FxHashMap<ConnId, ConnPush>,
     services: HashMap<ServiceId, ServiceState>,
     subs: HashMap<SubKey, ServiceId>,
 }
@@ -422,7 +443,7 @@ impl Hub {
         Hub {
             max_frame,
             coalesce,
-            conns: HashMap::new(),
+            conns: FxHashMap::default(),
             services: HashMap::new(),
             subs: HashMap::new(),
         }
@@ -436,7 +457,6 @@ impl Hub {
                 deltas,
                 wake,
                 due: VecDeque::new(),
-                due_set: HashSet::new(),
                 control: VecDeque::new(),
                 subs: HashSet::new(),
                 pushed_at: HashMap::new(),
@@ -473,16 +493,18 @@ impl Hub {
         let mut outcome = Subscribed::default();
         match self.subs.get(&key) {
             Some(current) if *current == service => {
-                if let Some(state) = self.services.get_mut(&service) {
-                    for watch in state.watchers.get_mut(&conn).into_iter().flatten() {
-                        if watch.register_id == key.1 {
-                            watch.last = None;
+                if let Some(state) = self.services.get_mut(&service)
+                    && let Some(watch) = state.watchers.get_mut(&conn)
+                {
+                    for w in &mut watch.watches {
+                        if w.register_id == key.1 {
+                            w.last = None;
                         }
                     }
                     if state.datum.is_some()
                         && let Some(push) = self.conns.get_mut(&conn)
                     {
-                        push.mark_due(&service);
+                        push.mark_due(watch, &service);
                     }
                 }
                 return outcome;
@@ -492,15 +514,16 @@ impl Hub {
         }
         let state = self.services.entry(service.clone()).or_default();
         outcome.first = state.watchers.is_empty();
-        state.watchers.entry(conn).or_default().push(Watch {
+        let has_datum = state.datum.is_some();
+        let watch = state.watchers.entry(conn).or_default();
+        watch.watches.push(Watch {
             register_id: key.1.clone(),
             last: None,
         });
-        let has_datum = state.datum.is_some();
         if let Some(push) = self.conns.get_mut(&conn) {
             push.subs.insert(key.1.clone());
             if has_datum {
-                push.mark_due(&service);
+                push.mark_due(watch, &service);
             }
         }
         self.subs.insert(key, service);
@@ -524,9 +547,9 @@ impl Hub {
     fn remove_sub(&mut self, key: &SubKey) -> Option<ServiceId> {
         let service = self.subs.remove(key)?;
         let state = self.services.get_mut(&service)?;
-        if let Some(watches) = state.watchers.get_mut(&key.0) {
-            watches.retain(|w| w.register_id != key.1);
-            if watches.is_empty() {
+        if let Some(watch) = state.watchers.get_mut(&key.0) {
+            watch.watches.retain(|w| w.register_id != key.1);
+            if watch.watches.is_empty() {
                 state.watchers.remove(&key.0);
             }
         }
@@ -681,16 +704,16 @@ impl Hub {
                 push.due.push_back(service);
                 continue;
             }
-            push.due_set.remove(&service);
             let Some(state) = self.services.get_mut(&service) else {
                 continue;
             };
-            let (Some(datum), Some(watches)) =
+            let (Some(datum), Some(conn_watch)) =
                 (state.datum.as_mut(), state.watchers.get_mut(&conn))
             else {
                 continue;
             };
-            for watch in watches.iter_mut() {
+            conn_watch.due = false;
+            for watch in conn_watch.watches.iter_mut() {
                 if watch.last == Some(datum.version) {
                     continue;
                 }
@@ -716,18 +739,29 @@ impl Hub {
     }
 
     /// Marks due every subscription behind its service's cached datum: the periodic safety net
-    /// (a subscription that came while its connection was being set up, say). Returns how many
+    /// (a subscription that came while its connection was being set up, say). Also forgets the
+    /// history no subscription needs any more, so a quiet service holds none. Returns how many
     /// connection-service pairs were due.
     pub fn rescan(&mut self) -> usize {
         let mut due = 0;
-        for (service, state) in &self.services {
-            let Some(datum) = &state.datum else { continue };
-            for (conn, watches) in &state.watchers {
-                if watches.iter().any(|w| w.last != Some(datum.version))
+        for (service, state) in &mut self.services {
+            let Some(datum) = &mut state.datum else {
+                continue;
+            };
+            let oldest = state
+                .watchers
+                .values()
+                .flat_map(|w| &w.watches)
+                .filter_map(|w| w.last)
+                .filter(|last| *last < datum.version)
+                .min();
+            datum.forget_before(oldest);
+            for (conn, watch) in &mut state.watchers {
+                if !watch.due
+                    && watch.watches.iter().any(|w| w.last != Some(datum.version))
                     && let Some(push) = self.conns.get_mut(conn)
-                    && !push.due_set.contains(service)
                 {
-                    push.mark_due(service);
+                    push.mark_due(watch, service);
                     due += 1;
                 }
             }
@@ -794,18 +828,19 @@ impl Hub {
 
 /// Marks every connection watching `service` as due, where a subscription is behind.
 fn mark_watchers_due(
-    conns: &mut HashMap<ConnId, ConnPush>,
+    conns: &mut FxHashMap<ConnId, ConnPush>,
     service: &ServiceId,
-    state: &ServiceState,
+    state: &mut ServiceState,
 ) {
     let Some(version) = state.datum.as_ref().map(|d| d.version) else {
         return;
     };
-    for (conn, watches) in &state.watchers {
-        if watches.iter().any(|w| w.last != Some(version))
+    for (conn, watch) in &mut state.watchers {
+        if !watch.due
+            && watch.watches.iter().any(|w| w.last != Some(version))
             && let Some(push) = conns.get_mut(conn)
         {
-            push.mark_due(service);
+            push.mark_due(watch, service);
         }
     }
 }

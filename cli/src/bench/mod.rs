@@ -325,8 +325,9 @@ async fn subscribe_all(
     since: Instant,
 ) -> anyhow::Result<(Vec<Arc<dyn Conn>>, Vec<track::Expect>)> {
     let mut expectations = Vec::new();
-    let per_service: Vec<Arc<HashSet<String>>> =
-        (0..args.services).map(|svc| instances_of(args, svc)).collect();
+    let per_service: Vec<Arc<HashSet<String>>> = (0..args.services)
+        .map(|svc| instances_of(args, svc))
+        .collect();
     for s in 0..args.subscribers {
         for svc in watched(args, s) {
             expectations.push(tracker.expect_all(
@@ -350,15 +351,17 @@ async fn subscribe_all(
 
 /// Sum of the client figures of `conns` (`None` when the target's client gives none).
 fn sum_stats(conns: &[Arc<dyn Conn>]) -> Option<ConnStats> {
-    conns.iter().try_fold(ConnStats::default(), |mut total, conn| {
-        let s = conn.stats()?;
-        total.reconnects += s.reconnects;
-        total.lost += s.lost;
-        total.push_bytes += s.push_bytes;
-        total.snapshots += s.snapshots;
-        total.deltas += s.deltas;
-        Some(total)
-    })
+    conns
+        .iter()
+        .try_fold(ConnStats::default(), |mut total, conn| {
+            let s = conn.stats()?;
+            total.reconnects += s.reconnects;
+            total.lost += s.lost;
+            total.push_bytes += s.push_bytes;
+            total.snapshots += s.snapshots;
+            total.deltas += s.deltas;
+            Some(total)
+        })
 }
 
 /// CPU seconds of the target's server processes so far.
@@ -719,10 +722,7 @@ fn print_table(report: &serde_json::Value) {
         "client reconnects          {}",
         f(&r["clients"]["reconnects"])
     );
-    println!(
-        "spurious removals          {}",
-        f(&r["spurious_removals"])
-    );
+    println!("spurious removals          {}", f(&r["spurious_removals"]));
     println!(
         "server RSS total KiB       {}",
         f(&r["server_rss_kib_total"])

@@ -110,7 +110,14 @@ impl Tracker {
         }
     }
 
-    fn add(&self, sub: usize, service: &str, mut cond: Cond, since: Instant, check_now: bool) -> Expect {
+    fn add(
+        &self,
+        sub: usize,
+        service: &str,
+        mut cond: Cond,
+        since: Instant,
+        check_now: bool,
+    ) -> Expect {
         let mut state = self.state.lock();
         let id = state.results.len();
         state.results.push(None);
@@ -200,7 +207,10 @@ impl Tracker {
                     removed_now.push(instance);
                 }
             }
-            let added: Vec<String> = added.into_iter().filter(|i| set.insert(i.clone())).collect();
+            let added: Vec<String> = added
+                .into_iter()
+                .filter(|i| set.insert(i.clone()))
+                .collect();
             for instance in &removed_now {
                 if !(tracker.expected_removal)(instance) {
                     state.spurious += 1;

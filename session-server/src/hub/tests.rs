@@ -283,6 +283,45 @@ fn the_history_is_bounded_and_a_subscriber_behind_it_gets_the_snapshot() {
 }
 
 #[test]
+fn history_no_subscriber_needs_is_forgotten() {
+    let now = Instant::now();
+    let mut hub = hub_with_one_subscriber(now);
+    hub.attach(2, true, Arc::new(Notify::new()));
+    hub.subscribe(2, "late".into(), svc("a"));
+    pushes(&mut hub, 1, now);
+    pushes(&mut hub, 2, now);
+    hub.apply(change("a", 1, 2, put("y", "2")), now);
+    hub.apply(change("a", 2, 3, put("z", "3")), now);
+    pushes(&mut hub, 1, now);
+    // Connection 2 is still at version 1: both steps stay.
+    hub.rescan();
+    assert_eq!(
+        hub.services[&svc("a")]
+            .datum
+            .as_ref()
+            .unwrap()
+            .history
+            .len(),
+        2
+    );
+    let got = pushes(&mut hub, 2, now);
+    assert!(matches!(&got[..], [Push::Delta(d)] if (d.base, d.version) == (1, 3)));
+    // Everyone is current: nothing is kept.
+    hub.rescan();
+    assert!(
+        hub.services[&svc("a")]
+            .datum
+            .as_ref()
+            .unwrap()
+            .history
+            .is_empty()
+    );
+    hub.apply(change("a", 3, 4, put("w", "4")), now);
+    let got = pushes(&mut hub, 1, now);
+    assert!(matches!(&got[..], [Push::Delta(d)] if (d.base, d.version) == (3, 4)));
+}
+
+#[test]
 fn a_detached_connection_is_gone_and_goaways_come_first() {
     let now = Instant::now();
     let mut hub = hub_with_one_subscriber(now);
