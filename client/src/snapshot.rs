@@ -15,13 +15,48 @@ use imbl::ordmap::DiffItem;
 use roster_common::proto::{self, Delta, PublisherView};
 use roster_common::{ServiceId, Version};
 
-/// A publisher's identity inside the map: its client and register id, shared so that copying a
-/// node of the map (a delta applied to a shared snapshot copies the nodes on its path) allocates
-/// nothing.
-type Key = (Arc<str>, Arc<str>);
+/// A publisher's identity inside the map: the publisher itself, compared by client and register
+/// id only. Key and value share one allocation, so copying a node of the map (a delta applied to
+/// a shared snapshot copies the nodes on its path) costs reference counts, and a put allocates
+/// nothing beyond the publisher.
+#[derive(Clone, Debug)]
+struct Key(Arc<PublisherView>);
 
+impl Key {
+    fn ids(&self) -> (&str, &str) {
+        (&self.0.client_id, &self.0.register_id)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.ids() == other.ids()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.ids().cmp(&other.ids())
+    }
+}
+
+/// A key to look a publisher up by (a removal, a `get`).
 fn key(client_id: &str, register_id: &str) -> Key {
-    (Arc::from(client_id), Arc::from(register_id))
+    Key(Arc::new(PublisherView {
+        client_id: client_id.to_owned(),
+        register_id: register_id.to_owned(),
+        data: Vec::new(),
+        attributes: Default::default(),
+        client_version: 0,
+    }))
 }
 
 /// The publishers of a snapshot, ordered by `(client_id, register_id)`. Cloning is O(1).
@@ -53,8 +88,8 @@ impl Publishers {
     }
 
     fn insert(&mut self, view: PublisherView) {
-        self.0
-            .insert(key(&view.client_id, &view.register_id), Arc::new(view));
+        let view = Arc::new(view);
+        self.0.insert(Key(view.clone()), view);
     }
 }
 

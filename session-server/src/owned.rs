@@ -4,31 +4,88 @@
 //! Plain data: the server keeps one behind a mutex, updated with every publish, unpublish and closed
 //! connection, and read when a slot leader must be told what this session holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
+use bytes::Bytes;
 use roster_common::proto::{Digest, Publisher, SlotDigest};
-use roster_common::{ClientId, RegisterId, ServiceId, SlotId, slot::slot_of};
+use roster_common::{InstanceId, NodeId, ServiceId, SlotId, slot::slot_of};
 
 use crate::hub::ConnId;
 
-/// The publishers of one service, by client and register id, each with the connection that
-/// registered it last.
-type ServicePublishers = HashMap<(ClientId, RegisterId), (Publisher, ConnId)>;
+/// What is kept of one publisher: everything but its ids, which are the keys it is found by, and
+/// the session it belongs to, which is this one.
+#[derive(Debug)]
+struct Entry {
+    data: Vec<Bytes>,
+    attributes: BTreeMap<String, String>,
+    client_version: u64,
+    /// The connection that registered it last.
+    conn: ConnId,
+}
+
+/// The publishers of one service: by client (its id shared by all of that client's publishers
+/// here), then by register id.
+type ServicePublishers = HashMap<Arc<str>, HashMap<Box<str>, Entry>>;
 
 /// Every publisher of every client connected here.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Owned {
+    session: NodeId,
+    instance: InstanceId,
     by_service: HashMap<ServiceId, ServicePublishers>,
+    count: usize,
 }
 
 impl Owned {
+    /// The publishers of session server `session`, incarnation `instance`.
+    pub fn new(session: NodeId, instance: InstanceId) -> Self {
+        Owned {
+            session,
+            instance,
+            by_service: HashMap::new(),
+            count: 0,
+        }
+    }
+
+    fn entry(&self, service: &ServiceId, client_id: &str, register_id: &str) -> Option<&Entry> {
+        self.by_service
+            .get(service)?
+            .get(client_id)?
+            .get(register_id)
+    }
+
+    fn entry_mut(
+        &mut self,
+        service: &ServiceId,
+        client_id: &str,
+        register_id: &str,
+    ) -> Option<&mut Entry> {
+        self.by_service
+            .get_mut(service)?
+            .get_mut(client_id)?
+            .get_mut(register_id)
+    }
+
     /// Records (or replaces) a publisher registered on connection `conn`.
     pub fn put(&mut self, publisher: Publisher, conn: ConnId) {
-        let key = (publisher.client_id.clone(), publisher.register_id.clone());
-        self.by_service
-            .entry(publisher.service.clone())
-            .or_default()
-            .insert(key, (publisher, conn));
+        let entry = Entry {
+            data: publisher.data,
+            attributes: publisher.attributes,
+            client_version: publisher.client_version,
+            conn,
+        };
+        let clients = self.by_service.entry(publisher.service).or_default();
+        let registered = match clients.get_mut(publisher.client_id.as_str()) {
+            Some(registered) => registered,
+            None => clients.entry(Arc::from(publisher.client_id)).or_default(),
+        };
+        if registered
+            .insert(publisher.register_id.into_boxed_str(), entry)
+            .is_none()
+        {
+            self.count += 1;
+        }
     }
 
     /// Forgets a publisher if connection `conn` registered it last, and says whether it did. A
@@ -41,12 +98,9 @@ impl Owned {
         register_id: &str,
         conn: ConnId,
     ) -> bool {
-        let key = (client_id.to_owned(), register_id.to_owned());
         let held = self
-            .by_service
-            .get(service)
-            .and_then(|publishers| publishers.get(&key))
-            .is_some_and(|(_, holder)| *holder == conn);
+            .entry(service, client_id, register_id)
+            .is_some_and(|e| e.conn == conn);
         if held {
             self.remove(service, client_id, register_id);
         }
@@ -63,24 +117,29 @@ impl Owned {
         from: ConnId,
         to: ConnId,
     ) {
-        let key = (client_id.to_owned(), register_id.to_owned());
-        if let Some((_, holder)) = self
-            .by_service
-            .get_mut(service)
-            .and_then(|publishers| publishers.get_mut(&key))
-            && *holder == from
+        if let Some(entry) = self.entry_mut(service, client_id, register_id)
+            && entry.conn == from
         {
-            *holder = to;
+            entry.conn = to;
         }
     }
 
     /// Forgets a publisher.
     pub fn remove(&mut self, service: &ServiceId, client_id: &str, register_id: &str) {
-        if let Some(publishers) = self.by_service.get_mut(service) {
-            publishers.remove(&(client_id.to_owned(), register_id.to_owned()));
-            if publishers.is_empty() {
-                self.by_service.remove(service);
-            }
+        let Some(clients) = self.by_service.get_mut(service) else {
+            return;
+        };
+        let Some(registered) = clients.get_mut(client_id) else {
+            return;
+        };
+        if registered.remove(register_id).is_some() {
+            self.count -= 1;
+        }
+        if registered.is_empty() {
+            clients.remove(client_id);
+        }
+        if clients.is_empty() {
+            self.by_service.remove(service);
         }
     }
 
@@ -88,10 +147,12 @@ impl Owned {
     pub fn digests(&self, slots: &[SlotId], slot_count: u32) -> Vec<SlotDigest> {
         let mut by_slot: HashMap<SlotId, Digest> =
             slots.iter().map(|s| (*s, Digest::default())).collect();
-        for (service, publishers) in &self.by_service {
+        for (service, clients) in &self.by_service {
             if let Some(digest) = by_slot.get_mut(&slot_of(service, slot_count)) {
-                for (p, _) in publishers.values() {
-                    digest.add(p);
+                for (client_id, registered) in clients {
+                    for (register_id, entry) in registered {
+                        digest.add_parts(client_id, register_id, entry.client_version);
+                    }
                 }
             }
         }
@@ -109,19 +170,35 @@ impl Owned {
 
     /// Every publisher this session owns in `slot`.
     pub fn in_slot(&self, slot: SlotId, slot_count: u32) -> Vec<Publisher> {
-        self.by_service
-            .iter()
-            .filter(|(service, _)| slot_of(service, slot_count) == slot)
-            .flat_map(|(_, publishers)| publishers.values().map(|(p, _)| p.clone()))
-            .collect()
+        let mut out = Vec::new();
+        for (service, clients) in &self.by_service {
+            if slot_of(service, slot_count) != slot {
+                continue;
+            }
+            for (client_id, registered) in clients {
+                for (register_id, entry) in registered {
+                    out.push(Publisher {
+                        client_id: client_id.to_string(),
+                        register_id: register_id.to_string(),
+                        service: service.clone(),
+                        data: entry.data.clone(),
+                        attributes: entry.attributes.clone(),
+                        client_version: entry.client_version,
+                        session: self.session,
+                        session_instance: self.instance,
+                    });
+                }
+            }
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.by_service.values().map(HashMap::len).sum()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_service.is_empty()
+        self.count == 0
     }
 }
 
@@ -144,7 +221,7 @@ mod tests {
 
     #[test]
     fn digests_cover_the_asked_slots_and_follow_changes() {
-        let mut owned = Owned::default();
+        let mut owned = Owned::new(1, 7);
         let a = publisher("demo", "r1", 1);
         let slot = slot_of(&a.service, 256);
         owned.put(a.clone(), 1);
@@ -157,7 +234,7 @@ mod tests {
         // A new client version changes the digest; removal empties it.
         owned.put(publisher("demo", "r1", 2), 1);
         assert_ne!(owned.digests(&[slot], 256)[0].digest, Digest::of([&a]));
-        assert_eq!(owned.in_slot(slot, 256).len(), 1);
+        assert_eq!(owned.in_slot(slot, 256), vec![publisher("demo", "r1", 2)]);
         owned.remove(&a.service, "c", "r1");
         assert!(owned.is_empty());
         assert_eq!(owned.digests(&[slot], 256)[0].digest, Digest::default());
@@ -165,7 +242,7 @@ mod tests {
 
     #[test]
     fn only_the_connection_that_registered_last_removes_on_closing() {
-        let mut owned = Owned::default();
+        let mut owned = Owned::new(1, 7);
         let a = publisher("demo", "r1", 1);
         owned.put(a.clone(), 1);
         // The client reconnected to this server and registered again on connection 2.
@@ -178,7 +255,7 @@ mod tests {
 
     #[test]
     fn a_returning_client_takes_its_publishers_over() {
-        let mut owned = Owned::default();
+        let mut owned = Owned::new(1, 7);
         let a = publisher("demo", "r1", 1);
         owned.put(a.clone(), 1);
         owned.reassign(&a.service, "c", "r1", 1, 2);

@@ -150,7 +150,7 @@ impl SessionServer {
         let (links_tx, links_rx) = mpsc::channel(LINK_EVENTS);
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub::new(config.max_frame, config.coalesce_window)),
-            owned: Mutex::new(Owned::default()),
+            owned: Mutex::new(Owned::new(config.id, self.instance)),
             config: config.clone(),
             instance: self.instance,
             pool: pool.clone(),

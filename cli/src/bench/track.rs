@@ -7,12 +7,13 @@
 //! update, so it measures the registry, not itself, at any service size. It also counts removals
 //! of instances that were never unregistered: a registry that flaps live instances shows here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use parking_lot::Mutex;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 use tokio::sync::Notify;
 
 use super::{OnChange, Update};
@@ -40,7 +41,7 @@ enum Cond {
 
 impl Cond {
     /// Brings the counts up to date with one update (`set` is the set after it).
-    fn update(&mut self, added: &[String], removed: &[String], set: &HashSet<String>) -> bool {
+    fn update(&mut self, added: &[String], removed: &[String], set: &FxHashSet<String>) -> bool {
         match self {
             Cond::All { want, missing } => {
                 *missing += removed.iter().filter(|i| want.contains(*i)).count();
@@ -57,7 +58,7 @@ impl Cond {
     }
 
     /// Starts the counts from `set`.
-    fn start(&mut self, set: &HashSet<String>) -> bool {
+    fn start(&mut self, set: &FxHashSet<String>) -> bool {
         match self {
             Cond::All { want, missing } => {
                 *missing = want.iter().filter(|i| !set.contains(*i)).count();
@@ -81,7 +82,7 @@ struct Wait {
 #[derive(Default)]
 struct State {
     /// (subscriber, service) → the instances it sees now.
-    sets: HashMap<(usize, String), HashSet<String>>,
+    sets: HashMap<(usize, String), FxHashSet<String>>,
     /// (subscriber, service) → when its last update arrived.
     last_update: HashMap<(usize, String), Instant>,
     waits: HashMap<(usize, String), Vec<Wait>>,
@@ -122,7 +123,7 @@ impl Tracker {
         let id = state.results.len();
         state.results.push(None);
         let key = (sub, service.to_owned());
-        let empty = HashSet::new();
+        let empty = FxHashSet::default();
         let met_now = cond.start(state.sets.get(&key).unwrap_or(&empty));
         if met_now && check_now {
             state.results[id] = Some(since.elapsed());
@@ -194,7 +195,7 @@ impl Tracker {
             let set = state.sets.entry(key.clone()).or_default();
             let (added, removed) = match update {
                 Update::All(instances) => {
-                    let now: HashSet<String> = instances.into_iter().collect();
+                    let now: FxHashSet<String> = instances.into_iter().collect();
                     let added = now.difference(set).cloned().collect::<Vec<_>>();
                     let removed = set.difference(&now).cloned().collect::<Vec<_>>();
                     (added, removed)

@@ -515,12 +515,19 @@ impl Digest {
     }
 
     pub fn add(&mut self, publisher: &Publisher) {
-        self.count += 1;
-        self.hash = self.hash.wrapping_add(Self::entry(
+        self.add_parts(
             &publisher.client_id,
             &publisher.register_id,
             publisher.client_version,
-        ));
+        );
+    }
+
+    /// Adds one publisher given by its ids and client version.
+    pub fn add_parts(&mut self, client_id: &str, register_id: &str, client_version: u64) {
+        self.count += 1;
+        self.hash = self
+            .hash
+            .wrapping_add(Self::entry(client_id, register_id, client_version));
     }
 
     pub fn of<'a>(publishers: impl IntoIterator<Item = &'a Publisher>) -> Self {
