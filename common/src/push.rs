@@ -9,12 +9,14 @@
 //! `frame::encode(&Push::Delta(..))` produce for the same content (the tests decode them back);
 //! `docs/PROTOCOL.md` §4 specifies both.
 
+use std::collections::BTreeMap;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{Error, Result};
 use crate::frame::HEADER_LEN;
-use crate::ids::{ServiceId, Version};
-use crate::proto::PublisherView;
+use crate::ids::{ClientId, RegisterId, ServiceId, Version};
+use crate::proto::{PublisherView, Push};
 
 /// One publisher as MessagePack, the way it appears in a push.
 pub fn encode_publisher(view: &PublisherView) -> Bytes {
@@ -92,6 +94,68 @@ pub fn delta_frame<'a>(
         }
     }
     out.finish(max_frame)
+}
+
+/// What a client holds of one subscription from its pushes, following `docs/PROTOCOL.md` §4 to
+/// the letter and refusing anything else: snapshots replace, deltas apply on exactly their base,
+/// versions strictly increase. The reference the tests check servers against.
+#[derive(Clone, Debug, Default)]
+pub struct Replica {
+    pub version: Option<Version>,
+    pub publishers: BTreeMap<(ClientId, RegisterId), PublisherView>,
+    /// Pushes applied, by kind.
+    pub snapshots: usize,
+    pub deltas: usize,
+}
+
+impl Replica {
+    /// Applies one push, or says why it cannot be.
+    pub fn apply(&mut self, push: Push) -> std::result::Result<(), String> {
+        match push {
+            Push::Snapshot(s) => {
+                if self.version.is_some_and(|v| v >= s.version) {
+                    return Err(format!("snapshot {} after {:?}", s.version, self.version));
+                }
+                self.snapshots += 1;
+                self.version = Some(s.version);
+                self.publishers = s
+                    .publishers
+                    .into_iter()
+                    .map(|p| ((p.client_id.clone(), p.register_id.clone()), p))
+                    .collect();
+            }
+            Push::Delta(d) => {
+                if self.version != Some(d.base) || d.version <= d.base {
+                    return Err(format!(
+                        "delta {}..{} on a copy at {:?}",
+                        d.base, d.version, self.version
+                    ));
+                }
+                self.deltas += 1;
+                for id in d.removed {
+                    self.publishers.remove(&(id.client_id, id.register_id));
+                }
+                for p in d.put {
+                    self.publishers
+                        .insert((p.client_id.clone(), p.register_id.clone()), p);
+                }
+                self.version = Some(d.version);
+            }
+            Push::GoAway { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Every publisher's data items as text, sorted.
+    pub fn addresses(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .publishers
+            .values()
+            .flat_map(|p| p.data.iter().map(|d| String::from_utf8_lossy(d).into_owned()))
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 /// The MessagePack length of a string of `s.len()` bytes, header included.

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use quinn::{Connection, Endpoint, RecvStream};
-use roster_client::{ClientConfig, PublisherView, Snapshot, Subscription};
+use roster_client::{ClientConfig, Snapshot, Subscription};
 use roster_common::frame::{self, DEFAULT_MAX_FRAME};
 use roster_common::proto::{
     ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Reply, Scope,
 };
+pub use roster_common::push::Replica;
 use roster_common::quic::{self, TransportSettings};
 use roster_common::tls::{self, CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
@@ -397,72 +398,10 @@ impl RawClient {
     }
 }
 
-/// What a client reconstructs from its pushes: snapshots replace, deltas apply on their base.
-#[derive(Clone, Debug, Default)]
-pub struct Replica {
-    pub version: Option<u64>,
-    pub publishers: std::collections::BTreeMap<PublisherKey, PublisherView>,
-    pub snapshots: usize,
-    pub deltas: usize,
-}
-
-impl Replica {
-    /// Applies one push; a delta must start exactly where the replica is, and versions must
-    /// increase.
-    pub fn apply(&mut self, push: Push) -> Result<(), String> {
-        match push {
-            Push::Snapshot(s) => {
-                if self.version.is_some_and(|v| v >= s.version) {
-                    return Err(format!("snapshot {} after {:?}", s.version, self.version));
-                }
-                self.snapshots += 1;
-                self.version = Some(s.version);
-                self.publishers = s
-                    .publishers
-                    .into_iter()
-                    .map(|p| ((p.client_id.clone(), p.register_id.clone()), p))
-                    .collect();
-            }
-            Push::Delta(d) => {
-                if self.version != Some(d.base) || d.version <= d.base {
-                    return Err(format!(
-                        "delta {}..{} on a replica at {:?}",
-                        d.base, d.version, self.version
-                    ));
-                }
-                self.deltas += 1;
-                for id in d.removed {
-                    self.publishers.remove(&(id.client_id, id.register_id));
-                }
-                for p in d.put {
-                    self.publishers
-                        .insert((p.client_id.clone(), p.register_id.clone()), p);
-                }
-                self.version = Some(d.version);
-            }
-            Push::GoAway { .. } => {}
-        }
-        Ok(())
-    }
-
-    /// The data strings of the replica's publishers, sorted.
-    pub fn addresses(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .publishers
-            .values()
-            .flat_map(|p| {
-                p.data
-                    .iter()
-                    .map(|d| String::from_utf8_lossy(d).into_owned())
-            })
-            .collect();
-        out.sort();
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use roster_client::PublisherView;
+
     use super::*;
 
     fn snapshot(version: u64, ids: &[&str]) -> Snapshot {

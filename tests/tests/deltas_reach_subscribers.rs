@@ -90,16 +90,24 @@ async fn subscribers_reconstruct_the_datum_from_deltas_and_old_clients_get_snaps
     let mut state: BTreeMap<PublisherKey, Vec<u8>> = BTreeMap::new();
     let client_id = publisher.client_id().to_owned();
 
+    // Publishes instance `id` with `data`, under `id` as its register id.
+    let add = |id: String, data: String| {
+        let publisher = publisher.clone();
+        async move {
+            let p = publisher
+                .publisher("churn")
+                .register_id(&id)
+                .publish(vec![data.into()])
+                .await
+                .unwrap();
+            (id, p)
+        }
+    };
+
     // A service of 50 publishers before anyone subscribes.
     for i in 0..50 {
-        let id = format!("i{i:02}");
         let data = format!("10.0.0.{i}:80");
-        let p = publisher
-            .publisher("churn")
-            .register_id(&id)
-            .publish(vec![data.clone().into()])
-            .await
-            .unwrap();
+        let (id, p) = add(format!("i{i:02}"), data.clone()).await;
         live.insert(id.clone(), p);
         state.insert((client_id.clone(), id), data.into_bytes());
         prefixes.states.push(state.clone());
@@ -137,12 +145,7 @@ async fn subscribers_reconstruct_the_datum_from_deltas_and_old_clients_get_snaps
             }
             (_, false) => {
                 let data = format!("10.2.{k}.1:80");
-                let p = publisher
-                    .publisher("churn")
-                    .register_id(&id)
-                    .publish(vec![data.clone().into()])
-                    .await
-                    .unwrap();
+                let (id, p) = add(id, data.clone()).await;
                 live.insert(id.clone(), p);
                 state.insert((client_id.clone(), id), data.into_bytes());
             }

@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use roster_client::{Client, ErrorCode};
-use roster_common::frame::{self, DEFAULT_MAX_FRAME};
-use roster_common::proto::{ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Reply};
-use roster_common::quic::{self, TransportSettings};
-use roster_common::{Error, tls};
-use roster_tests::{Cluster, ClusterOptions, DEADLINE, addresses, next_matching};
+use roster_common::Error;
+use roster_common::proto::{ClientRequest, ClientResponse};
+use roster_tests::{Cluster, ClusterOptions, DEADLINE, RawClient, addresses, next_matching};
 
 fn small_limits(config: &mut roster_session::SessionConfig) {
     config.max_connections = 3;
@@ -86,22 +84,12 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
     // Outstanding requests per connection, with a raw connection sending many at once. It needs
     // a free connection slot: drop one.
     drop(_third);
-    let raw = raw_connection(&cluster).await;
-    let hello = ClientRequest::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        client_id: "raw".into(),
-        client_name: String::new(),
-        token: None,
-        capabilities: vec![],
-    };
-    assert!(matches!(
-        exchange(&raw, &hello).await,
-        Ok(ClientResponse::Welcome { .. })
-    ));
+    let raw = RawClient::connect(&cluster, cluster.session_addrs[0], None).await;
+    raw.hello("raw", &[]).await;
     // Hold two requests open by sending only part of their frames.
     let mut open = Vec::new();
     for _ in 0..2 {
-        let (mut send, recv) = raw.open_bi().await.unwrap();
+        let (mut send, recv) = raw.conn.open_bi().await.unwrap();
         // Half a frame: the server reads and waits for the rest, holding a request slot.
         send.write_all(&[0, 0, 0, 50]).await.unwrap();
         open.push((send, recv));
@@ -109,7 +97,7 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
     // Once the server has taken both, a third request is refused.
     let start = std::time::Instant::now();
     loop {
-        match exchange(&raw, &ClientRequest::Ping {}).await {
+        match raw.call(&ClientRequest::Ping {}).await {
             Err(wire) => {
                 assert_eq!(wire.code, ErrorCode::LimitExceeded.as_u16(), "{wire:?}");
                 assert!(wire.message.contains("2 requests"), "{}", wire.message);
@@ -140,32 +128,4 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
     )
     .await;
     cluster.stop().await;
-}
-
-async fn raw_connection(cluster: &Cluster) -> quinn::Connection {
-    let roots = tls::roots_from(&cluster.identity.ca).unwrap();
-    let config = quic::client_config(
-        tls::client(roots, ALPN_CLIENT).unwrap(),
-        &TransportSettings::default(),
-        true,
-    )
-    .unwrap();
-    let addr = cluster.session_addrs[0];
-    let endpoint = quic::client_endpoint(addr).unwrap();
-    quic::connect(&endpoint, &config, &addr.to_string(), None, DEADLINE)
-        .await
-        .unwrap()
-}
-
-async fn exchange(conn: &quinn::Connection, request: &ClientRequest) -> Reply<ClientResponse> {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&frame::encode(request, DEFAULT_MAX_FRAME).unwrap())
-        .await
-        .unwrap();
-    let _ = send.finish();
-    tokio::time::timeout(DEADLINE, frame::read_frame(&mut recv, DEFAULT_MAX_FRAME))
-        .await
-        .expect("a reply in time")
-        .expect("a well-formed reply")
-        .expect("a reply frame")
 }

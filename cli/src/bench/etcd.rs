@@ -98,7 +98,9 @@ pub async fn connect(endpoint: &str, ttl: u64) -> anyhow::Result<Arc<dyn Conn>> 
         .await
         .context("cannot keep the lease alive")?;
     let cancel = CancellationToken::new();
-    // Renewed at a third of the TTL, as etcd's own clients do.
+    // Renewed at a third of the TTL, as etcd's own clients do, whether or not the previous
+    // renewal was answered yet: an answer can be held up behind a busy watch stream on the same
+    // HTTP/2 connection, and waiting for it would let the lease lapse.
     let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(100));
     tokio::spawn(cancel.clone().run_until_cancelled_owned(async move {
         let mut tick = tokio::time::interval(period);
@@ -106,14 +108,14 @@ pub async fn connect(endpoint: &str, ttl: u64) -> anyhow::Result<Arc<dyn Conn>> 
             tick.tick().await;
             if let Err(e) = keeper.keep_alive().await {
                 tracing::warn!(lease, error = %e, "cannot send a lease keep-alive");
-                continue;
             }
+        }
+    }));
+    tokio::spawn(cancel.clone().run_until_cancelled_owned(async move {
+        loop {
             match responses.message().await {
                 Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(Some(_)) => {
-                    tracing::error!(lease, "the lease expired");
-                    return;
-                }
+                Ok(Some(_)) => tracing::error!(lease, "the lease expired"),
                 Ok(None) => {
                     tracing::error!(lease, "the lease keep-alive stream ended");
                     return;

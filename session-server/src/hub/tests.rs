@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use roster_common::frame::{DEFAULT_MAX_FRAME, HEADER_LEN, decode};
 use roster_common::proto::{PublisherView, Push};
+use roster_common::push::Replica;
 
 use super::*;
 
@@ -356,50 +357,6 @@ fn the_last_subscriber_leaving_abandons_the_service() {
     assert_eq!(hub.counts(), (0, 0, 0));
 }
 
-/// What a client reconstructs from its pushes.
-#[derive(Default)]
-struct Replica {
-    version: Option<Version>,
-    publishers: BTreeMap<PubKey, PublisherView>,
-}
-
-impl Replica {
-    /// Applies one push; a delta must start exactly where the replica is.
-    fn apply(&mut self, push: Push) -> std::result::Result<(), String> {
-        match push {
-            Push::Snapshot(s) => {
-                if self.version.is_some_and(|v| v >= s.version) {
-                    return Err(format!("snapshot {} after {:?}", s.version, self.version));
-                }
-                self.version = Some(s.version);
-                self.publishers = s
-                    .publishers
-                    .into_iter()
-                    .map(|p| ((p.client_id.clone(), p.register_id.clone()), p))
-                    .collect();
-            }
-            Push::Delta(d) => {
-                if self.version != Some(d.base) || d.version <= d.base {
-                    return Err(format!(
-                        "delta {}..{} on a replica at {:?}",
-                        d.base, d.version, self.version
-                    ));
-                }
-                for id in d.removed {
-                    self.publishers.remove(&(id.client_id, id.register_id));
-                }
-                for p in d.put {
-                    self.publishers
-                        .insert((p.client_id.clone(), p.register_id.clone()), p);
-                }
-                self.version = Some(d.version);
-            }
-            Push::GoAway { .. } => {}
-        }
-        Ok(())
-    }
-}
-
 #[derive(Clone, Debug)]
 enum Action {
     /// Publisher `k` is put with data `d`.
@@ -457,7 +414,8 @@ proptest! {
                 replicas[i].apply(push)?;
                 let at = replicas[i].version.expect("a push sets the version");
                 let want = states.get(&at).ok_or(format!("pushed unknown version {at}"))?;
-                if &replicas[i].publishers != want {
+                let held: BTreeMap<PubKey, PublisherView> = replicas[i].publishers.clone();
+                if &held != want {
                     return Err(format!("client {i} at version {at} differs from the datum"));
                 }
             }
