@@ -151,7 +151,11 @@ impl Replica {
         let mut out: Vec<String> = self
             .publishers
             .values()
-            .flat_map(|p| p.data.iter().map(|d| String::from_utf8_lossy(d).into_owned()))
+            .flat_map(|p| {
+                p.data
+                    .iter()
+                    .map(|d| String::from_utf8_lossy(d).into_owned())
+            })
             .collect();
         out.sort();
         out
