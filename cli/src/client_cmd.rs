@@ -74,6 +74,10 @@ pub struct PublishArgs {
     /// Attribute KEY=VALUE published with the instance (repeatable), e.g. zone=eu-1.
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
     attributes: Vec<(String, String)>,
+    /// The instance's register id, e.g. its pod name (1 to 256 bytes) [default: one the client
+    /// picks, p1].
+    #[arg(long, value_name = "ID")]
+    register_id: Option<String>,
     /// The service: a bare name means default/DEFAULT/NAME; or NAMESPACE/GROUP/NAME.
     service: String,
     /// What subscribers receive, typically HOST:PORT; several values make one instance.
@@ -93,7 +97,11 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let client = args.connection.connect().await?;
     let data: Vec<Bytes> = args.data.iter().map(|d| Bytes::from(d.clone())).collect();
     let attributes: BTreeMap<String, String> = args.attributes.into_iter().collect();
-    let publication = client.publish_with(&args.service, data, attributes).await?;
+    let mut publisher = client.publisher(&args.service).attributes(attributes);
+    if let Some(id) = args.register_id {
+        publisher = publisher.register_id(id);
+    }
+    let publication = publisher.publish(data).await?;
     let session = match (client.session_id(), client.session_addr()) {
         (Some(id), Some(addr)) => format!("session {id} at {addr}"),
         _ => "no session yet".to_owned(),

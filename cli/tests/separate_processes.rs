@@ -135,3 +135,119 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
         );
     }
 }
+
+/// The session's count of client connections, from its admin port.
+fn connections(http: &str) -> Option<u64> {
+    let (status, body) = support::http_get(&format!("{http}/admin/connections"))?;
+    let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+    v["count"].as_u64()
+}
+
+/// A client whose connection is lost (its process stopped, the session's idle timeout ends the
+/// connection) and whose same client id connects again within the client grace keeps its
+/// publishers — even one it has not registered again — and subscribers never see them go. A
+/// client that does not come back loses its publisher once the grace has passed.
+#[test]
+fn a_client_that_comes_back_within_the_grace_keeps_its_publishers() {
+    const GRACE: Duration = Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+    let (_meta, meta_addr, _) = start_meta(cwd, &[]);
+    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
+    let grace = GRACE.as_millis().to_string();
+    let (_session, session_addr, session_http) = start_server(
+        cwd,
+        "session",
+        "1",
+        &["--meta", &meta_addr, "--client-grace-ms", &grace],
+    );
+    wait_ready(&data_http);
+    wait_ready(&session_http);
+
+    let watcher = client_config(cwd, "watcher", &session_addr);
+    let returning = client_config(cwd, "returning", &session_addr);
+    let leaving = client_config(cwd, "leaving", &session_addr);
+    for (file, id) in [
+        (&returning, "returning-client"),
+        (&leaving, "leaving-client"),
+    ] {
+        let text = std::fs::read_to_string(cwd.join(file)).unwrap();
+        std::fs::write(cwd.join(file), format!("{text}client_id = \"{id}\"\n")).unwrap();
+    }
+    let sub = roster(
+        "subscribe",
+        cwd,
+        &["subscribe", "--config", &watcher, "web"],
+    );
+    sub.line_matching(START, "the initial snapshot", |l| publisher_count(l) == 0);
+    let first = roster(
+        "returning client",
+        cwd,
+        &[
+            "publish",
+            "--config",
+            &returning,
+            "--register-id",
+            "web-a",
+            "web",
+            "10.0.0.1:80",
+        ],
+    );
+    let leaver = roster(
+        "leaving client",
+        cwd,
+        &["publish", "--config", &leaving, "web", "10.0.0.9:80"],
+    );
+    sub.line_matching(START, "both publishers", |l| publisher_count(l) == 2);
+
+    // Both clients freeze: no packet leaves them, and the session's idle timeout ends their
+    // connections.
+    first.signal("STOP");
+    leaver.signal("STOP");
+    let frozen = Instant::now();
+    support::wait_for(START, "the frozen connections to time out", || {
+        (connections(&session_http)? == 1).then_some(())
+    });
+    let lost = Instant::now();
+    // The same client, as a new process, within the grace: it publishes another instance, and
+    // takes the first one over without registering it again.
+    let again = roster(
+        "returning client again",
+        cwd,
+        &[
+            "publish",
+            "--config",
+            &returning,
+            "--register-id",
+            "web-b",
+            "web",
+            "10.0.0.2:80",
+        ],
+    );
+    // Until the client that stays away loses its publisher, every snapshot still holds the one
+    // that came back.
+    let after = sub.line_matching(START, "the leaving client's publisher gone", |l| {
+        assert!(
+            l.contains("10.0.0.1:80"),
+            "the returning client's publisher disappeared: {l}"
+        );
+        !l.contains("10.0.0.9:80")
+    });
+    assert!(
+        after.contains("10.0.0.2:80") && publisher_count(&after) == 2,
+        "once the grace is over: the instance taken over and the one published again: {after}"
+    );
+    let gone_after = lost.elapsed();
+    println!(
+        "connections lost {:?} after freezing; the absent client's publisher went {gone_after:?} later",
+        lost - frozen
+    );
+    assert!(
+        gone_after >= GRACE - Duration::from_millis(500),
+        "removed {gone_after:?} after the connection was lost, before the grace passed"
+    );
+    drop(again);
+    first.signal("KILL");
+    leaver.signal("KILL");
+}
