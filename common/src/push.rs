@@ -148,18 +148,22 @@ impl Replica {
 
     /// Every publisher's data items as text, sorted.
     pub fn addresses(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .publishers
-            .values()
-            .flat_map(|p| {
-                p.data
-                    .iter()
-                    .map(|d| String::from_utf8_lossy(d).into_owned())
-            })
-            .collect();
-        out.sort();
-        out
+        data_text(self.publishers.values())
     }
+}
+
+/// The data items of `publishers` as text (lossy for what is not UTF-8), sorted.
+pub fn data_text<'a>(publishers: impl IntoIterator<Item = &'a PublisherView>) -> Vec<String> {
+    let mut out: Vec<String> = publishers
+        .into_iter()
+        .flat_map(|p| {
+            p.data
+                .iter()
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// The MessagePack length of a string of `s.len()` bytes, header included.

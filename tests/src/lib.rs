@@ -231,17 +231,7 @@ impl SnapshotLog {
 
 /// The data strings of a snapshot's publishers, sorted.
 pub fn addresses(snapshot: &Snapshot) -> Vec<String> {
-    let mut out: Vec<String> = snapshot
-        .publishers
-        .iter()
-        .flat_map(|p| {
-            p.data
-                .iter()
-                .map(|d| String::from_utf8_lossy(d).into_owned())
-        })
-        .collect();
-    out.sort();
-    out
+    roster_common::push::data_text(snapshot.publishers.iter())
 }
 
 /// Asserts versions strictly increase through `snapshots`.
@@ -343,10 +333,15 @@ impl RawClient {
 
     /// One request, one reply.
     pub async fn call(&self, request: &ClientRequest) -> Reply<ClientResponse> {
-        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        send.write_all(&frame::encode(request, DEFAULT_MAX_FRAME).unwrap())
+        self.call_raw(&frame::encode(request, DEFAULT_MAX_FRAME).unwrap())
             .await
-            .unwrap();
+    }
+
+    /// Sends `bytes`, whatever they are, as the whole content of a new stream and returns the
+    /// reply frame. (The server may stop the stream before reading it all; the reply still comes.)
+    pub async fn call_raw(&self, bytes: &[u8]) -> Reply<ClientResponse> {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        let _ = send.write_all(bytes).await;
         let _ = send.finish();
         tokio::time::timeout(DEADLINE, frame::read_frame(&mut recv, DEFAULT_MAX_FRAME))
             .await

@@ -4,48 +4,15 @@
 
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint};
 use roster_client::Client;
+use roster_common::ErrorCode;
 use roster_common::frame::{self, DEFAULT_MAX_FRAME};
-use roster_common::proto::{
-    ALPN_CLIENT, ClientRequest, ClientResponse, DataRequest, PROTOCOL_VERSION, Reply,
-};
-use roster_common::quic::{self, TransportSettings};
-use roster_common::{ErrorCode, tls};
-use roster_tests::{Cluster, DEADLINE, addresses, next_matching};
+use roster_common::proto::{ClientRequest, ClientResponse, DataRequest, PROTOCOL_VERSION, Reply};
+use roster_tests::{Cluster, DEADLINE, RawClient, addresses, next_matching};
 
-/// A raw QUIC connection speaking `roster/1` by hand.
-async fn raw_connect(cluster: &Cluster) -> (Endpoint, Connection) {
-    let roots = tls::roots_from(&cluster.identity.ca).unwrap();
-    let config = quic::client_config(
-        tls::client(roots, ALPN_CLIENT).unwrap(),
-        &TransportSettings::default(),
-        true,
-    )
-    .unwrap();
-    let addr = cluster.session_addrs[0];
-    let endpoint = quic::client_endpoint(addr).unwrap();
-    let conn = quic::connect(&endpoint, &config, &addr.to_string(), None, DEADLINE)
+async fn exchange(raw: &RawClient, request: &impl serde::Serialize) -> Reply<ClientResponse> {
+    raw.call_raw(&frame::encode(request, u32::MAX).unwrap())
         .await
-        .unwrap();
-    (endpoint, conn)
-}
-
-/// Sends `bytes` as the whole content of a new stream and returns the reply frame.
-async fn exchange_raw(conn: &Connection, bytes: &[u8]) -> Reply<ClientResponse> {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    // The server may stop the stream before reading it all; the reply still comes.
-    let _ = send.write_all(bytes).await;
-    let _ = send.finish();
-    tokio::time::timeout(DEADLINE, frame::read_frame(&mut recv, DEFAULT_MAX_FRAME))
-        .await
-        .expect("a reply in time")
-        .expect("a well-formed reply")
-        .expect("a reply frame")
-}
-
-async fn exchange(conn: &Connection, request: &impl serde::Serialize) -> Reply<ClientResponse> {
-    exchange_raw(conn, &frame::encode(request, u32::MAX).unwrap()).await
 }
 
 fn assert_code(reply: Reply<ClientResponse>, code: ErrorCode) -> String {
@@ -85,7 +52,7 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
     })
     .await;
 
-    let (_endpoint, raw) = raw_connect(&cluster).await;
+    let raw = RawClient::connect(&cluster, cluster.session_addrs[0], None).await;
 
     // Before Hello, requests are refused and say why.
     let message = assert_code(
@@ -100,21 +67,19 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
 
     // Bytes that are not MessagePack.
     let message = assert_code(
-        exchange_raw(&raw, &[0, 0, 0, 5, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1]).await,
+        raw.call_raw(&[0, 0, 0, 5, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1])
+            .await,
         ErrorCode::BadFrame,
     );
     assert!(message.contains("MessagePack"), "{message}");
     // A frame header promising more than the limit.
     let mut oversized = (2u32 << 20).to_be_bytes().to_vec();
     oversized.extend(std::iter::repeat_n(0u8, 64 * 1024));
-    let message = assert_code(
-        exchange_raw(&raw, &oversized).await,
-        ErrorCode::FrameTooLarge,
-    );
+    let message = assert_code(raw.call_raw(&oversized).await, ErrorCode::FrameTooLarge);
     assert!(message.contains("1048576"), "names the limit: {message}");
     // A stream that ends inside a frame.
     assert_code(
-        exchange_raw(&raw, &[0, 0, 0, 10, 1, 2]).await,
+        raw.call_raw(&[0, 0, 0, 10, 1, 2]).await,
         ErrorCode::BadFrame,
     );
     // A well-formed frame of a message that does not belong on this link.
@@ -136,7 +101,7 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
     )
     .unwrap();
     assert_code(
-        exchange_raw(&raw, &bad_service).await,
+        raw.call_raw(&bad_service).await,
         ErrorCode::UnexpectedMessage,
     );
     assert_code(
@@ -172,7 +137,7 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_protocol_version_is_refused_and_the_connection_closed() {
     let cluster = Cluster::start().await;
-    let (_endpoint, raw) = raw_connect(&cluster).await;
+    let raw = RawClient::connect(&cluster, cluster.session_addrs[0], None).await;
     let message = assert_code(
         exchange(&raw, &hello(99)).await,
         ErrorCode::UnsupportedVersion,
@@ -181,7 +146,7 @@ async fn an_unknown_protocol_version_is_refused_and_the_connection_closed() {
         message.contains("99") && message.contains(&PROTOCOL_VERSION.to_string()),
         "{message}"
     );
-    let closed = tokio::time::timeout(Duration::from_secs(5), raw.closed())
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.conn.closed())
         .await
         .expect("the server closes the connection");
     assert!(
