@@ -93,6 +93,9 @@ pub(crate) async fn keep(inner: Arc<Inner>) {
             _ = inner.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if inner.cache_dirty.lock().is_empty() {
+            continue;
+        }
         let inner = inner.clone();
         // File writes block: off the I/O threads' async work.
         let _ = tokio::task::spawn_blocking(move || flush(&inner)).await;

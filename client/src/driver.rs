@@ -11,7 +11,8 @@ use futures_util::StreamExt;
 use quinn::{Connection, ConnectionError};
 use rand::seq::SliceRandom;
 use roster_common::proto::{
-    self, CAPABILITY_DELTA, ClientRequest, ClientResponse, Delta, PROTOCOL_VERSION, Push, Scope,
+    self, CAPABILITY_DELTA, CLOSE_SLOW_CONSUMER, ClientRequest, ClientResponse, Delta,
+    PROTOCOL_VERSION, Push, Scope,
 };
 use roster_common::{Error, RegisterId, Result, ServiceId, frame, quic, rpc};
 use tokio::sync::mpsc;
@@ -23,9 +24,6 @@ use crate::{ConnectionState, Inner, Live, SubscriptionState, publish_request};
 
 /// Registrations sent at once on a new connection, besides the application's `max_in_flight`.
 pub(crate) const REGISTER_CONCURRENCY: usize = 16;
-
-/// The close code a session server uses for a client that read none of its pushes.
-const CLOSE_SLOW_CONSUMER: u32 = 0x10;
 
 /// One address to dial: a configured session address, or one of the addresses its DNS name
 /// resolves to.

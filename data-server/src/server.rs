@@ -250,26 +250,17 @@ impl Shared {
         }
     }
 
+    /// A single change: the batch path with a batch of one.
     fn handle_write(&self, op: WriteOp) -> Result<DataResponse> {
-        if let WriteOp::Put { publisher } = &op
-            && (publisher.register_id.is_empty() || publisher.client_id.is_empty())
-        {
-            return Err(Error::InvalidArgument(
-                "publisher needs a client id and a register id".into(),
-            ));
-        }
-        let service = op.service().clone();
-        match self.lead(|store| store.write(op)) {
-            Ok(applied) => {
-                let version = match applied.changes.first() {
-                    Some(change) => change.version,
-                    None => self.store.lock().version(&service),
-                };
-                debug!(%service, version, "applied");
-                metrics::counter!("roster_data_writes_total").increment(1);
-                Ok(DataResponse::Written { version })
-            }
-            Err(e) => Err(self.with_leader_hint(e, &service)),
+        match self.handle_write_batch(vec![op])? {
+            DataResponse::WrittenBatch { mut results } => match results.pop() {
+                Some(Ok(version)) => Ok(DataResponse::Written { version }),
+                Some(Err(wire)) => Err(Error::from_wire(wire)),
+                None => Err(Error::Internal("a batch of one gave no result".into())),
+            },
+            other => Err(Error::Internal(format!(
+                "expected WrittenBatch, got {other:?}"
+            ))),
         }
     }
 

@@ -117,6 +117,8 @@ struct Forwarder {
     in_flight: HashMap<Key, Vec<Ack>>,
     /// Batches in flight per data server address.
     batches: HashMap<String, usize>,
+    /// The earliest moment a backing-off change may go again.
+    next_retry: Option<Instant>,
 }
 
 fn answer(acks: Vec<Ack>, result: &Result<bool>) {
@@ -126,6 +128,19 @@ fn answer(acks: Vec<Ack>, result: &Result<bool>) {
 }
 
 impl Forwarder {
+    fn back_off(&mut self, key: &Key, now: Instant) {
+        let Some(pending) = self.pending.get_mut(key) else {
+            return;
+        };
+        let delay = FIRST_RETRY
+            .saturating_mul(1 << pending.attempt.min(5))
+            .min(MAX_RETRY);
+        pending.attempt += 1;
+        let at = now + delay;
+        pending.not_before = Some(at);
+        self.next_retry = Some(self.next_retry.map_or(at, |t| t.min(at)));
+    }
+
     fn enqueue(&mut self, key: Key) {
         if self.queued.insert(key.clone()) {
             self.ready.push_back(key);
@@ -166,19 +181,18 @@ impl Forwarder {
                 Err(e) if e.is_retryable() => {
                     debug!(service = %key.0, register_id = %key.2, error = %e, "change not applied yet; will retry");
                     answer(acks, &Ok(false));
-                    let delay = FIRST_RETRY
-                        .saturating_mul(1 << attempt.min(5))
-                        .min(MAX_RETRY);
                     // A newer change of the same publisher replaces this one, and inherits the
                     // backoff.
-                    let pending = self.pending.entry(key.clone()).or_insert(Pending {
-                        op,
-                        acks: Vec::new(),
-                        attempt: 0,
-                        not_before: None,
-                    });
-                    pending.attempt = attempt + 1;
-                    pending.not_before = Some(now + delay);
+                    self.pending
+                        .entry(key.clone())
+                        .or_insert(Pending {
+                            op,
+                            acks: Vec::new(),
+                            attempt: 0,
+                            not_before: None,
+                        })
+                        .attempt = attempt;
+                    self.back_off(&key, now);
                 }
                 Err(e) => {
                     warn!(service = %key.0, register_id = %key.2, error = %e, "change refused by the data tier");
@@ -197,6 +211,15 @@ impl Forwarder {
 
     /// Changes whose backoff has passed become ready.
     fn handle_tick(&mut self, now: Instant) {
+        if self.next_retry.is_none_or(|t| t > now) {
+            return;
+        }
+        self.next_retry = self
+            .pending
+            .values()
+            .filter_map(|p| p.not_before)
+            .filter(|t| *t > now)
+            .min();
         let due: Vec<Key> = self
             .pending
             .iter()
@@ -235,12 +258,8 @@ impl Forwarder {
             let Some((addr, slot)) = leader else {
                 // No leader to send to: held, and retried with backoff.
                 self.queued.remove(&key);
-                let delay = FIRST_RETRY
-                    .saturating_mul(1 << pending.attempt.min(5))
-                    .min(MAX_RETRY);
-                pending.attempt += 1;
-                pending.not_before = Some(now + delay);
                 answer(std::mem::take(&mut pending.acks), &Ok(false));
+                self.back_off(&key, now);
                 continue;
             };
             let in_flight = self.batches.get(&addr).copied().unwrap_or(0);

@@ -28,16 +28,16 @@ use std::time::Duration;
 
 use quinn::VarInt;
 use roster_common::quic::TransportSettings;
-use roster_common::{Error, NodeId, Result};
+use roster_common::{Error, NodeId, Result, proto};
 
 pub use server::SessionServer;
 
 /// Application close code: the client's push stream made no progress for `push_stall_timeout`.
-pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(0x10);
+pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(proto::CLOSE_SLOW_CONSUMER);
 /// Application close code: the client broke the protocol (unsupported version).
-pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x11);
+pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(proto::CLOSE_PROTOCOL);
 /// Application close code: the server holds its maximum of connections.
-pub const CLOSE_FULL: VarInt = VarInt::from_u32(0x12);
+pub const CLOSE_FULL: VarInt = VarInt::from_u32(proto::CLOSE_FULL);
 
 /// How a session server runs. Every field's default is given in its comment.
 #[derive(Clone, Debug)]

@@ -29,6 +29,15 @@ pub const ALPN_CLIENT: &[u8] = b"roster/1";
 /// ALPN of every server-to-server link (mutual TLS).
 pub const ALPN_PEER: &[u8] = b"roster-peer/1";
 
+/// Application close code of a session server: the client's push stream made no progress for the
+/// stall timeout (`docs/PROTOCOL.md` §4, §6).
+pub const CLOSE_SLOW_CONSUMER: u32 = 0x10;
+/// Application close code of a session server: the client broke the protocol (unsupported
+/// version).
+pub const CLOSE_PROTOCOL: u32 = 0x11;
+/// Application close code of a session server: it holds its maximum of connections.
+pub const CLOSE_FULL: u32 = 0x12;
+
 /// A response frame: `{"Ok": body}` or `{"Err": {code, message, ...}}`.
 pub type Reply<T> = std::result::Result<T, WireError>;
 
