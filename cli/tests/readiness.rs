@@ -22,20 +22,26 @@ fn a_data_server_is_not_ready_while_its_slots_move() {
         let (p, _, http) = start_server(cwd, role, id, &["--meta", &meta_addr]);
         (p, http)
     };
-    let (data1, http1) = server("data", "1");
-    let (_data2, http2) = server("data", "2");
-    let (session, session_http) = server("session", "1");
-    for (what, http) in [
-        ("meta", &meta_http),
-        ("data 1", &http1),
-        ("data 2", &http2),
-        ("session", &session_http),
-    ] {
+    let ready = |what: &str, http: &str| {
         wait_for(START, &format!("{what} ready"), || {
             (http_get(&format!("{http}/readyz"))?.0 == 200).then_some(())
         });
-    }
+    };
+    // Data 1 joins first, so it leads the slots and data 2 has something to take over.
+    let (data1, http1) = server("data", "1");
+    ready("meta", &meta_http);
+    ready("data 1", &http1);
+    let (_data2, http2) = server("data", "2");
+    let (session, session_http) = server("session", "1");
+    ready("data 2", &http2);
+    ready("session", &session_http);
     assert_eq!(http_get(&format!("{http2}/healthz")).unwrap().0, 200);
+    let (_, body) = http_get(&format!("{http1}/admin/counts")).unwrap();
+    let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        counts["leading"].as_u64() > Some(0),
+        "data 1 leads slots before it leaves: {counts}"
+    );
 
     // Pause the session, then let data 1 leave: data 2 takes its slots over and must hear from
     // every live session before serving them.
