@@ -168,12 +168,16 @@ fn a_client_that_comes_back_within_the_grace_keeps_its_publishers() {
     let watcher = client_config(cwd, "watcher", &session_addr);
     let returning = client_config(cwd, "returning", &session_addr);
     let leaving = client_config(cwd, "leaving", &session_addr);
-    for (file, id) in [
-        (&returning, "returning-client"),
-        (&leaving, "leaving-client"),
+    // The returning client keeps its secret in a file, so its next process is the same client.
+    for (file, extra) in [
+        (
+            &returning,
+            "client_id = \"returning-client\"\nclient_secret_file = \"returning.secret\"\n",
+        ),
+        (&leaving, "client_id = \"leaving-client\"\n"),
     ] {
         let text = std::fs::read_to_string(cwd.join(file)).unwrap();
-        std::fs::write(cwd.join(file), format!("{text}client_id = \"{id}\"\n")).unwrap();
+        std::fs::write(cwd.join(file), format!("{text}{extra}")).unwrap();
     }
     let sub = roster(
         "subscribe",
@@ -250,4 +254,83 @@ fn a_client_that_comes_back_within_the_grace_keeps_its_publishers() {
     drop(again);
     first.signal("KILL");
     leaver.signal("KILL");
+}
+
+/// The attack a registry on a shared network must stop: a client copies another client's id
+/// (subscribers see it in every snapshot) into its own config and publishes under the same
+/// register id. It is refused with PermissionDenied on the victim's session server and through
+/// another one, and no subscriber ever sees its address under the victim's id.
+#[test]
+fn a_copied_client_id_cannot_replace_anothers_publisher() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+    let (_meta, meta_addr, _) = start_meta(cwd, &[]);
+    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
+    let (_s1, session1, http1) = start_server(cwd, "session", "1", &["--meta", &meta_addr]);
+    let (_s2, session2, http2) = start_server(cwd, "session", "2", &["--meta", &meta_addr]);
+    for http in [&data_http, &http1, &http2] {
+        wait_ready(http);
+    }
+
+    let watcher = client_config(cwd, "watcher", &session2);
+    let sub = roster(
+        "subscribe",
+        cwd,
+        &["subscribe", "--config", &watcher, "web"],
+    );
+    sub.line_matching(START, "the initial snapshot", |l| publisher_count(l) == 0);
+    let victim = client_config(cwd, "victim", &session1);
+    let text = std::fs::read_to_string(cwd.join(&victim)).unwrap();
+    // Its processes share a secret file: each of them is the victim.
+    std::fs::write(
+        cwd.join(&victim),
+        format!("{text}client_id = \"victim\"\nclient_secret_file = \"victim.secret\"\n"),
+    )
+    .unwrap();
+    let publish = |config: &str, register_id: &str, addr: &str| {
+        vec![
+            "publish".to_owned(),
+            "--config".to_owned(),
+            config.to_owned(),
+            "--register-id".to_owned(),
+            register_id.to_owned(),
+            "web".to_owned(),
+            addr.to_owned(),
+        ]
+    };
+    let args = publish(&victim, "web-a", "10.0.0.1:80");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _victim = roster("victim", cwd, &args);
+    sub.line_matching(START, "the victim's publisher", |l| {
+        l.contains("10.0.0.1:80")
+    });
+
+    for (name, session) in [("impostor-same", &session1), ("impostor-other", &session2)] {
+        let config = client_config(cwd, name, session);
+        let text = std::fs::read_to_string(cwd.join(&config)).unwrap();
+        std::fs::write(cwd.join(&config), format!("{text}client_id = \"victim\"\n")).unwrap();
+        let args = publish(&config, "web-a", "6.6.6.6:66");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = support::run_within(cwd, &args, START);
+        assert!(!ok, "{name}: the impostor's publish must fail");
+        assert!(
+            err.contains("permission denied"),
+            "{name}: the impostor is told why: {err}"
+        );
+    }
+
+    // The victim carries on: its second publisher arrives, its first never left, and no snapshot
+    // ever held the impostor's address.
+    let args = publish(&victim, "web-b", "10.0.0.2:80");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _second = roster("victim again", cwd, &args);
+    sub.line_matching(START, "both of the victim's publishers", |l| {
+        assert!(!l.contains("6.6.6.6"), "a subscriber saw the impostor: {l}");
+        assert!(
+            l.contains("10.0.0.1:80"),
+            "the victim's publisher left: {l}"
+        );
+        l.contains("10.0.0.2:80")
+    });
 }

@@ -32,9 +32,22 @@ pub struct ClientConfig {
     /// A name for this client in server logs. Default empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_name: String,
-    /// The client id; default a random one per `Client`.
+    /// The client id; default a random one per `Client`. Subscribers see it in every snapshot, so
+    /// it is a name, not a credential: the client also presents a secret on every connection
+    /// (see `client_secret_file`), and only a connection with that secret can replace or remove
+    /// the client's publishers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// A file holding this client's secret (16 to 64 bytes of text), created with a random one
+    /// (readable by its owner only) if it does not exist. Default none: each `Client` draws a
+    /// random secret, kept across its reconnects. Set it together with a fixed `client_id` so
+    /// a restarted process is still the same client: it takes its previous incarnation's
+    /// publishers over within the session's client grace. Without it, a restarted process with
+    /// the same id is another client, refused with `PermissionDenied` until the old one is
+    /// declared dead (the session's idle timeout plus its client grace, about 4 s). A relative
+    /// path is taken relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
     /// Deadline for the QUIC handshake. Default 5000 ms.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -123,6 +136,7 @@ impl ClientConfig {
             token: None,
             client_name: String::new(),
             client_id: None,
+            client_secret_file: None,
             connect_timeout_ms: default_connect_timeout_ms(),
             request_timeout_ms: default_request_timeout_ms(),
             keep_alive_ms: default_keep_alive_ms(),
@@ -147,14 +161,66 @@ impl ClientConfig {
             if config.ca.is_relative() {
                 config.ca = dir.join(&config.ca);
             }
-            if let Some(cache) = config.cache_dir.as_mut()
-                && cache.is_relative()
+            for path in [
+                config.cache_dir.as_mut(),
+                config.client_secret_file.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
             {
-                *cache = dir.join(&*cache);
+                if path.is_relative() {
+                    *path = dir.join(&*path);
+                }
             }
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The secret this client presents in `Hello`: read from `client_secret_file` (created with
+    /// a random secret when missing), or a fresh random one.
+    pub(crate) fn client_secret(&self) -> Result<Vec<u8>> {
+        let Some(path) = &self.client_secret_file else {
+            return Ok(roster_common::ids::new_client_secret().to_vec());
+        };
+        let fresh: String = roster_common::ids::new_client_secret()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Ok(mut file) => {
+                std::io::Write::write_all(&mut file, format!("{fresh}\n").as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| {
+                        Error::InvalidArgument(format!("cannot write {}: {e}", path.display()))
+                    })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", path.display())))?;
+        let secret = text.trim().as_bytes().to_vec();
+        let bounds = roster_common::ids::CLIENT_SECRET_LEN;
+        if !bounds.contains(&secret.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a client secret is {} to {} bytes of text; this one has {}",
+                path.display(),
+                bounds.start(),
+                bounds.end(),
+                secret.len()
+            )));
+        }
+        Ok(secret)
     }
 
     /// The config as TOML text.

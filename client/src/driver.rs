@@ -119,6 +119,7 @@ async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) 
         client_id: inner.client_id.clone(),
         client_name: inner.config.client_name.clone(),
         token: inner.config.token.clone(),
+        client_secret: inner.client_secret.clone(),
         capabilities: vec![CAPABILITY_DELTA.to_owned()],
     };
     let session_id = match rpc::call(

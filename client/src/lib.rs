@@ -149,6 +149,9 @@ pub(crate) struct Inner {
     /// The endpoint is this client's alone (made by [`Client::connect`]), not shared.
     pub owns_endpoint: bool,
     pub client_id: String,
+    /// Presented in every `Hello`: proves to session servers that a connection is this client's,
+    /// so no other client can replace or remove its publishers.
+    pub client_secret: Bytes,
     next_id: AtomicU64,
     pub live: RwLock<Option<Live>>,
     pub state_tx: watch::Sender<ConnectionState>,
@@ -251,6 +254,7 @@ impl Client {
         let max_in_flight = config.max_in_flight as usize;
         let inner = Arc::new(Inner {
             client_id: config.client_id.clone().unwrap_or_else(ids::new_client_id),
+            client_secret: config.client_secret()?.into(),
             config,
             quic_config,
             endpoint,
@@ -622,11 +626,7 @@ impl PublishBuilder<'_> {
             let mut registry = inner.registry.lock();
             let register_id = match self.register_id {
                 Some(id) => {
-                    if id.is_empty() || id.len() > MAX_REGISTER_ID_LEN {
-                        return Err(Error::InvalidArgument(format!(
-                            "register id {id:?}: 1 to {MAX_REGISTER_ID_LEN} bytes"
-                        )));
-                    }
+                    ids::check_id("register_id", &id)?;
                     if registry.publications.contains_key(&id) {
                         return Err(Error::InvalidArgument(format!(
                             "register id {id:?} is already published by this client; update that \
@@ -662,9 +662,6 @@ impl PublishBuilder<'_> {
         Ok(publication)
     }
 }
-
-/// The longest register id, in bytes.
-const MAX_REGISTER_ID_LEN: usize = 256;
 
 /// One registration of this client. Dropping it unpublishes in the background.
 pub struct Publication {

@@ -35,10 +35,11 @@ pub enum ErrorCode {
     UnknownMember = 16,
     ShuttingDown = 17,
     HelloRequired = 18,
+    PermissionDenied = 19,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Internal,
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
@@ -57,6 +58,7 @@ impl ErrorCode {
         ErrorCode::UnknownMember,
         ErrorCode::ShuttingDown,
         ErrorCode::HelloRequired,
+        ErrorCode::PermissionDenied,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -83,7 +85,7 @@ pub struct WireError {
 
 /// Everything that can go wrong talking to or inside Roster.
 ///
-/// The variants up to `HelloRequired` cross the wire with the code of the same name. `Connection`
+/// The variants up to `PermissionDenied` cross the wire with the code of the same name. `Connection`
 /// and `Timeout` are local: they describe the transport, never a peer's answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -123,6 +125,10 @@ pub enum Error {
     ShuttingDown,
     #[error("send Hello first: {0}")]
     HelloRequired(String),
+    /// The caller is who it says, but may not do this: a record another client owns, or a
+    /// permission its token lacks.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// A code this build does not know, from a newer peer.
     #[error("error code {code}: {message}")]
     Unknown { code: u16, message: String },
@@ -157,6 +163,7 @@ impl Error {
             Error::UnknownMember(_) => C::UnknownMember,
             Error::ShuttingDown => C::ShuttingDown,
             Error::HelloRequired(_) => C::HelloRequired,
+            Error::PermissionDenied(_) => C::PermissionDenied,
             Error::Unknown { .. } | Error::Connection(_) | Error::Timeout(_) => return None,
         })
     }
@@ -193,7 +200,8 @@ impl Error {
             | Error::Unavailable(m)
             | Error::ClusterMismatch(m)
             | Error::UnknownMember(m)
-            | Error::HelloRequired(m) => (self.code().map_or(1, ErrorCode::as_u16), m.clone()),
+            | Error::HelloRequired(m)
+            | Error::PermissionDenied(m) => (self.code().map_or(1, ErrorCode::as_u16), m.clone()),
             Error::NotLeader { .. } | Error::SlotMoving { .. } | Error::ShuttingDown => {
                 (self.code().map_or(1, ErrorCode::as_u16), self.to_string())
             }
@@ -249,6 +257,7 @@ impl Error {
             C::UnknownMember => Error::UnknownMember(m),
             C::ShuttingDown => Error::ShuttingDown,
             C::HelloRequired => Error::HelloRequired(m),
+            C::PermissionDenied => Error::PermissionDenied(m),
         }
     }
 }

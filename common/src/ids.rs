@@ -137,9 +137,79 @@ pub fn new_client_id() -> ClientId {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// The longest client or register id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+/// Bounds of the secret a client presents in `Hello`, in bytes.
+pub const CLIENT_SECRET_LEN: std::ops::RangeInclusive<usize> = 16..=64;
+
+/// Checks a client-chosen id (`what`: "client_id", "register_id"): 1 to [`MAX_ID_LEN`] bytes, no
+/// control characters (digests join ids with 0x00, so a NUL inside one could make two different
+/// pairs of ids look alike).
+pub fn check_id(what: &str, id: &str) -> Result<(), Error> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be 1 to {MAX_ID_LEN} bytes"
+        )));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {id:?} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh random client secret, for [`owner_of`].
+pub fn new_client_secret() -> [u8; 32] {
+    rand::random()
+}
+
+/// Who owns the records a client creates: the first 128 bits of
+/// `SHA-256("roster-owner/1" 0x00 client_id 0x00 secret)`, never 0. Only a connection presenting
+/// the same id and secret can replace or remove them; the secret itself never leaves the session
+/// server the client gave it to.
+pub fn owner_of(client_id: &str, secret: &[u8]) -> u128 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"roster-owner/1\0");
+    ctx.update(client_id.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(secret);
+    let digest = ctx.finish();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest.as_ref()[..16]);
+    u128::from_be_bytes(first).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_differ_by_secret_and_by_client() {
+        let a = owner_of("client", b"0123456789abcdef");
+        assert_eq!(a, owner_of("client", b"0123456789abcdef"));
+        assert_ne!(a, owner_of("client", b"0123456789abcdeg"));
+        assert_ne!(a, owner_of("client2", b"0123456789abcdef"));
+        assert_ne!(a, 0);
+    }
+
+    #[test]
+    fn ids_with_control_characters_or_out_of_bounds_are_refused() {
+        for bad in ["", "a\0b", "a\nb", "\u{7f}", &"x".repeat(MAX_ID_LEN + 1)] {
+            assert!(check_id("register_id", bad).is_err(), "{bad:?}");
+        }
+        for good in ["a", "instance-1", "ünïcödé", &"x".repeat(MAX_ID_LEN)] {
+            assert!(check_id("register_id", good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn an_owner_survives_the_wire() {
+        let owner = owner_of("client", b"0123456789abcdef");
+        let bytes = rmp_serde::to_vec_named(&owner).unwrap();
+        let back: u128 = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, owner);
+    }
 
     #[test]
     fn bare_name_lands_in_default_namespace_and_group() {

@@ -73,6 +73,7 @@ fn main() {
             client_version: 1,
             session: 1,
             session_instance: 7,
+            owner: roster_common::ids::owner_of("c", b"the secret of client c"),
         };
         // As received: encoded by the session, decoded here.
         let wire = rmp_serde::to_vec_named(&WriteOp::Put { publisher }).unwrap();

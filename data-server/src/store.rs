@@ -313,9 +313,32 @@ impl Store {
         ))
     }
 
+    /// Whether `publisher` would replace a record another client owns (one with a different,
+    /// non-zero owner). Records are replaced only by their owner, whichever session it speaks
+    /// through.
+    fn owned_by_another(&self, index: usize, publisher: &Publisher) -> bool {
+        self.slots[index]
+            .services
+            .get(&publisher.service)
+            .and_then(|d| {
+                d.publishers
+                    .get(&(publisher.client_id.clone(), publisher.register_id.clone()))
+            })
+            .is_some_and(|current| current.owner != 0 && current.owner != publisher.owner)
+    }
+
     /// Applies one session change as slot leader.
     pub fn write(&mut self, op: WriteOp) -> Result<Applied> {
         let index = self.ready_slot(op.service())?;
+        if let WriteOp::Put { publisher } = &op
+            && self.owned_by_another(index, publisher)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "publisher {:?} of client {:?} in {} belongs to another client (same client_id, \
+                 another secret)",
+                publisher.register_id, publisher.client_id, publisher.service
+            )));
+        }
         let mut applied = Applied::default();
         if let Some(led) = self.lead(index, op) {
             applied.push(led);
@@ -459,7 +482,8 @@ impl Store {
         mismatched
     }
 
-    /// Makes this leader's records of session `instance` in `slot` exactly `publishers`.
+    /// Makes this leader's records of session `instance` in `slot` exactly `publishers`, except
+    /// that a record another client owns is never replaced.
     pub fn session_sync(
         &mut self,
         instance: InstanceId,
@@ -491,7 +515,9 @@ impl Store {
                     p.client_id, p.register_id
                 )));
             }
-            ops.push(WriteOp::Put { publisher: p });
+            if !self.owned_by_another(index, &p) {
+                ops.push(WriteOp::Put { publisher: p });
+            }
         }
         let mut applied = Applied::default();
         for op in ops {
@@ -805,6 +831,7 @@ mod tests {
             client_version: 1,
             session: 1,
             session_instance: instance,
+            owner: roster_common::ids::owner_of(client, b"the secret of this client"),
         }
     }
 
@@ -910,6 +937,47 @@ mod tests {
             .map(|c| (c.prev, c.version))
             .collect();
         assert_eq!(chain, vec![(0, v1), (v1, v2)]);
+    }
+
+    #[test]
+    fn only_the_owner_replaces_a_record_through_any_session() {
+        let mut store = leader(1, 1, &[1]);
+        let mine = publisher("c", "r1", "mine", 9);
+        store.write(put(mine.clone())).unwrap();
+        let slot = roster_common::slot::slot_of(&mine.service, store.slot_count);
+
+        // Same ids, another secret: refused as a write and skipped in a sync, on any session.
+        let mut impostor = publisher("c", "r1", "theirs", 8);
+        impostor.owner = roster_common::ids::owner_of("c", b"not the secret of this client");
+        impostor.client_version = u64::MAX;
+        for session in [9, 8] {
+            impostor.session_instance = session;
+            let err = store.write(put(impostor.clone())).unwrap_err();
+            assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+            let synced = store.session_sync(session, slot, vec![impostor.clone()]);
+            assert!(synced.unwrap().ops.is_empty());
+        }
+        assert_eq!(
+            store.snapshot(&mine.service).unwrap().publishers,
+            vec![mine.view()]
+        );
+
+        // The owner, moved to another session server, replaces it.
+        let mut moved = publisher("c", "r1", "moved", 8);
+        moved.client_version = 2;
+        assert_eq!(store.write(put(moved.clone())).unwrap().ops.len(), 1);
+        assert_eq!(
+            store.snapshot(&mine.service).unwrap().publishers,
+            vec![moved.view()]
+        );
+
+        // A record from a session that predates ownership (owner 0) is anyone's to replace.
+        let mut legacy = publisher("c", "r2", "legacy", 9);
+        legacy.owner = 0;
+        store.write(put(legacy)).unwrap();
+        let mut claimed = publisher("c", "r2", "claimed", 9);
+        claimed.client_version = 2;
+        assert_eq!(store.write(put(claimed)).unwrap().ops.len(), 1);
     }
 
     #[test]

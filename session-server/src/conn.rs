@@ -3,8 +3,15 @@
 //! The connection's publishers are the source copy of what its client published: they are kept
 //! here, forwarded to the slot leaders, and removed from the data tier when the connection ends —
 //! at once when the client closed it, after `client_grace` when it was lost. A client that says
-//! `Hello` again within that grace (the same `client_id`) takes the lost connection's publishers
-//! over, so they are never removed in between. Subscriptions live in the [`crate::hub::Hub`].
+//! `Hello` again within that grace (the same `client_id` and secret) takes the lost connection's
+//! publishers over, so they are never removed in between.
+//!
+//! Identity: a `client_id` is only a name. What proves a connection belongs to the client of that
+//! name is the secret it presents in `Hello`: while a connection (live, or lost and within its
+//! grace) holds a client id here, a `Hello` with that id and another secret is refused with
+//! `PermissionDenied`, and every record carries the owner derived from id and secret, which the
+//! slot leader checks before replacing a record (so a client on another session server cannot
+//! take it either). Subscriptions live in the [`crate::hub::Hub`].
 //! Pushes go out on one unidirectional stream the server opens after `Hello`, written by a task
 //! that takes from the hub whatever is due each time it is free to write.
 
@@ -28,16 +35,17 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::forward::Forward;
 use crate::hub::ConnId;
 use crate::links::LinkEvent;
-use crate::server::{Orphan, Shared};
+use crate::server::{Identity, Orphan, Shared};
 use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER};
-
-/// The longest register id accepted, in bytes.
-pub const MAX_REGISTER_ID_LEN: usize = 256;
 
 /// A client connection after `Hello`.
 struct Client {
     id: ConnId,
     client_id: ClientId,
+    /// Proven by the secret in `Hello`; stamped on every record this connection writes.
+    owner: u128,
+    /// This connection's hold on its client id, released when the connection is done.
+    _hold: IdentityHold,
     /// The publishers this connection registered, by register id.
     publishers: Mutex<HashMap<RegisterId, ServiceId>>,
     /// Permits for requests in progress: at most `max_requests_per_connection`.
@@ -74,6 +82,8 @@ pub async fn serve_client(
             id,
             publishers: Mutex::new(adopt(&shared, &hello.client_id, id)),
             client_id: hello.client_id,
+            owner: hello.owner,
+            _hold: hello.hold,
             requests: Arc::new(Semaphore::new(
                 shared.config.max_requests_per_connection as usize,
             )),
@@ -95,8 +105,50 @@ pub async fn serve_client(
 /// What a client said in its `Hello`.
 struct Hello {
     client_id: ClientId,
+    owner: u128,
+    hold: IdentityHold,
     /// It takes `Delta` pushes.
     deltas: bool,
+}
+
+/// A connection's hold on its client id (see [`claim`]); released on drop.
+struct IdentityHold {
+    shared: Arc<Shared>,
+    client_id: ClientId,
+}
+
+impl Drop for IdentityHold {
+    fn drop(&mut self) {
+        let mut identities = self.shared.identities.lock();
+        if let Some(identity) = identities.get_mut(&self.client_id) {
+            identity.holds -= 1;
+            if identity.holds == 0 {
+                identities.remove(&self.client_id);
+            }
+        }
+    }
+}
+
+/// Takes a hold on `client_id` for a connection that proved `owner`: refused while connections
+/// with another owner hold it (live, or lost and within their grace).
+fn claim(shared: &Arc<Shared>, client_id: &ClientId, owner: u128) -> Result<IdentityHold> {
+    let mut identities = shared.identities.lock();
+    let identity = identities
+        .entry(client_id.clone())
+        .or_insert(Identity { owner, holds: 0 });
+    if identity.owner != owner {
+        metrics::counter!("roster_auth_failures_total", "reason" => "client_id_in_use")
+            .increment(1);
+        return Err(Error::PermissionDenied(format!(
+            "client_id {client_id:?} is in use on this session server by a client with another \
+             secret; a client presents the same secret on every connection"
+        )));
+    }
+    identity.holds += 1;
+    Ok(IdentityHold {
+        shared: shared.clone(),
+        client_id: client_id.clone(),
+    })
 }
 
 /// The publishers of this client's lost connections still within their grace, now this
@@ -126,7 +178,7 @@ fn adopt(shared: &Shared, client_id: &str, conn: ConnId) -> HashMap<RegisterId, 
 /// Serves requests until a valid `Hello` arrives; everything before it is refused with
 /// `HelloRequired`. Returns what the client said, or `None` if the connection ended first.
 async fn await_hello(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Connection,
     shutdown: &CancellationToken,
 ) -> Option<Hello> {
@@ -142,11 +194,15 @@ async fn await_hello(
                 protocol_version,
                 client_id,
                 capabilities,
+                client_secret,
                 ..
-            }) => match check_hello(protocol_version, &client_id)
+            }) => match check_hello(protocol_version, &client_id, &client_secret)
                 .and_then(|()| check_capacity(shared))
-            {
-                Ok(()) => {
+                .and_then(|()| {
+                    let owner = roster_common::ids::owner_of(&client_id, &client_secret);
+                    Ok((owner, claim(shared, &client_id, owner)?))
+                }) {
+                Ok((owner, hold)) => {
                     // The capabilities this server grants: those asked for that it has.
                     let granted: Vec<String> = capabilities
                         .into_iter()
@@ -164,7 +220,12 @@ async fn await_hello(
                             capabilities: granted,
                             max_requests: Some(shared.config.max_requests_per_connection),
                         }),
-                        Some(Hello { client_id, deltas }),
+                        Some(Hello {
+                            client_id,
+                            owner,
+                            hold,
+                            deltas,
+                        }),
                     )
                 }
                 Err(e) => (Err(e), None),
@@ -202,16 +263,22 @@ async fn await_hello(
     }
 }
 
-fn check_hello(protocol_version: u32, client_id: &str) -> Result<()> {
+fn check_hello(protocol_version: u32, client_id: &str, secret: &[u8]) -> Result<()> {
     if protocol_version != roster_common::proto::PROTOCOL_VERSION {
         return Err(Error::UnsupportedVersion(format!(
             "client speaks version {protocol_version}; this server speaks {}",
             roster_common::proto::PROTOCOL_VERSION
         )));
     }
-    if client_id.is_empty() || client_id.len() > MAX_REGISTER_ID_LEN {
+    roster_common::ids::check_id("client_id", client_id)?;
+    let bounds = roster_common::ids::CLIENT_SECRET_LEN;
+    if !bounds.contains(&secret.len()) {
         return Err(Error::InvalidArgument(format!(
-            "client_id must be 1 to {MAX_REGISTER_ID_LEN} bytes"
+            "client_secret must be {} to {} random bytes, the same on every connection of the \
+             client (got {})",
+            bounds.start(),
+            bounds.end(),
+            secret.len()
         )));
     }
     Ok(())
@@ -376,6 +443,7 @@ async fn handle_request(
                 client_version,
                 session: shared.config.id,
                 session_instance: shared.instance,
+                owner: client.owner,
             };
             let moved_from = client
                 .publishers
@@ -389,12 +457,22 @@ async fn handle_request(
                 owned.put(publisher.clone(), client.id);
             }
             if let Some(old) = moved_from.filter(|old| *old != service) {
-                forward(shared, remove_op(shared, client, old, register_id), None).await?;
+                forward(
+                    shared,
+                    remove_op(shared, client, old, register_id.clone()),
+                    None,
+                )
+                .await?;
             }
             let (ack_tx, ack_rx) = oneshot::channel();
             forward(shared, WriteOp::Put { publisher }, Some(ack_tx)).await?;
-            let durable = ack_rx.await.map_err(|_| Error::ShuttingDown)??;
-            Ok(ClientResponse::Accepted { durable })
+            match ack_rx.await.map_err(|_| Error::ShuttingDown)? {
+                Ok(durable) => Ok(ClientResponse::Accepted { durable }),
+                Err(refused) => {
+                    forget_refused(shared, client, &service, &register_id, client_version);
+                    Err(refused)
+                }
+            }
         }
         ClientRequest::Unpublish { register_id } => {
             let Some(service) = client.publishers.lock().remove(&register_id) else {
@@ -466,12 +544,31 @@ async fn handle_request(
 }
 
 fn check_register_id(register_id: &str) -> Result<()> {
-    if register_id.is_empty() || register_id.len() > MAX_REGISTER_ID_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "register_id must be 1 to {MAX_REGISTER_ID_LEN} bytes"
-        )));
+    roster_common::ids::check_id("register_id", register_id)
+}
+
+/// The slot leader refused a publisher this connection registered (another client owns the record):
+/// this session forgets it, unless the client registered it again meanwhile.
+fn forget_refused(
+    shared: &Shared,
+    client: &Client,
+    service: &ServiceId,
+    register_id: &RegisterId,
+    client_version: u64,
+) {
+    let forgotten = shared.owned.lock().forget_refused(
+        service,
+        &client.client_id,
+        register_id,
+        client.id,
+        client_version,
+    );
+    if forgotten {
+        let mut publishers = client.publishers.lock();
+        if publishers.get(register_id) == Some(service) {
+            publishers.remove(register_id);
+        }
     }
-    Ok(())
 }
 
 fn remove_op(

@@ -20,6 +20,8 @@ struct Entry {
     data: Vec<Bytes>,
     attributes: BTreeMap<String, String>,
     client_version: u64,
+    /// The owner of the client that registered it (see `roster_common::ids::owner_of`).
+    owner: u128,
     /// The connection that registered it last.
     conn: ConnId,
 }
@@ -73,6 +75,7 @@ impl Owned {
             data: publisher.data,
             attributes: publisher.attributes,
             client_version: publisher.client_version,
+            owner: publisher.owner,
             conn,
         };
         let clients = self.by_service.entry(publisher.service).or_default();
@@ -122,6 +125,25 @@ impl Owned {
         {
             entry.conn = to;
         }
+    }
+
+    /// Forgets a publisher if connection `conn` holds it and it is still at `client_version` (a
+    /// write the slot leader refused; a newer registration stays).
+    pub fn forget_refused(
+        &mut self,
+        service: &ServiceId,
+        client_id: &str,
+        register_id: &str,
+        conn: ConnId,
+        client_version: u64,
+    ) -> bool {
+        let refused = self
+            .entry(service, client_id, register_id)
+            .is_some_and(|e| e.conn == conn && e.client_version == client_version);
+        if refused {
+            self.remove(service, client_id, register_id);
+        }
+        refused
     }
 
     /// Forgets a publisher.
@@ -186,6 +208,7 @@ impl Owned {
                         client_version: entry.client_version,
                         session: self.session,
                         session_instance: self.instance,
+                        owner: entry.owner,
                     });
                 }
             }
@@ -216,6 +239,7 @@ mod tests {
             client_version: version,
             session: 1,
             session_instance: 7,
+            owner: 42,
         }
     }
 

@@ -59,6 +59,15 @@ pub(crate) struct Shared {
     pub slot_gate: SlotGate,
     /// The publishers of lost connections within their `client_grace`, by client.
     pub orphans: Mutex<HashMap<ClientId, Vec<Orphan>>>,
+    /// The client ids in use here, with the owner that proved each (see `conn::claim`).
+    pub identities: Mutex<HashMap<ClientId, Identity>>,
+}
+
+/// A client id in use on this server: the owner its connections proved, and how many of them
+/// (live, or lost and within their grace) hold it.
+pub(crate) struct Identity {
+    pub owner: u128,
+    pub holds: usize,
 }
 
 /// The publishers of a lost connection, waiting `client_grace` for their client to come back.
@@ -163,6 +172,7 @@ impl SessionServer {
             data_links: Mutex::new((0, 0)),
             slot_gate: SlotGate::default(),
             orphans: Mutex::new(HashMap::new()),
+            identities: Mutex::new(HashMap::new()),
         });
         self.admin.install(Arc::new(crate::admin::SessionAdmin {
             shared: shared.clone(),

@@ -350,19 +350,39 @@ impl RawClient {
             .expect("a reply frame")
     }
 
-    /// `Hello` as `client_id`, asking for `capabilities`; returns those granted.
+    /// `Hello` as `client_id`, asking for `capabilities`; returns those granted. The secret is
+    /// the same for every `RawClient` of that id: a new connection is the same client.
     pub async fn hello(&self, client_id: &str, capabilities: &[&str]) -> Vec<String> {
+        let secret = format!("the secret of the raw client {client_id}");
+        match self
+            .hello_as(client_id, secret.as_bytes(), capabilities)
+            .await
+        {
+            Ok(ClientResponse::Welcome { capabilities, .. }) => capabilities,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// `Hello` as `client_id` presenting `secret`; the server's answer.
+    pub async fn hello_with_secret(&self, client_id: &str, secret: &[u8]) -> Reply<ClientResponse> {
+        self.hello_as(client_id, secret, &[]).await
+    }
+
+    async fn hello_as(
+        &self,
+        client_id: &str,
+        secret: &[u8],
+        capabilities: &[&str],
+    ) -> Reply<ClientResponse> {
         let hello = ClientRequest::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_id: client_id.into(),
             client_name: String::new(),
             token: None,
+            client_secret: bytes::Bytes::copy_from_slice(secret),
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         };
-        match self.call(&hello).await {
-            Ok(ClientResponse::Welcome { capabilities, .. }) => capabilities,
-            other => panic!("expected Welcome, got {other:?}"),
-        }
+        self.call(&hello).await
     }
 
     /// Subscribes `register_id` to `service`.

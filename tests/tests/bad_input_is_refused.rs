@@ -32,6 +32,7 @@ fn hello(version: u32) -> ClientRequest {
         client_id: "raw-client".into(),
         client_name: String::new(),
         token: None,
+        client_secret: (*b"a secret of the raw client").as_slice().into(),
         capabilities: vec![],
     }
 }

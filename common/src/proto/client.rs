@@ -18,6 +18,11 @@ pub enum ClientRequest {
         client_name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// A random secret the client chose for itself, the same on every connection it opens
+        /// (16 to 64 bytes): its records can be replaced or removed only by a connection that
+        /// presents it again. See [`crate::ids::owner_of`].
+        #[serde(default)]
+        client_secret: Bytes,
         /// Optional protocol features the client asks for (see [`CAPABILITY_DELTA`]). The server
         /// answers with those it grants in `Welcome`; names it does not know are ignored.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -340,6 +340,10 @@ pub struct Publisher {
     /// The session server holding the client's connection, and its incarnation.
     pub session: NodeId,
     pub session_instance: InstanceId,
+    /// Who may replace this record: [`crate::ids::owner_of`] the client's id and secret. 0 for
+    /// a record written by a session server that predates ownership (anyone may replace it).
+    #[serde(default)]
+    pub owner: u128,
 }
 
 impl Publisher {
