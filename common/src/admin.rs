@@ -293,6 +293,13 @@ pub const METRICS: &[MetricDef] = &[
         help: "changes of subscribed services heard from slot leaders, by what became of them (fetch: a gap, the datum was fetched)",
     },
     MetricDef {
+        name: "roster_auth_failures_total",
+        kind: Counter,
+        role: "session",
+        labels: &[("reason", &["client_id_in_use"])],
+        help: "connections or requests refused for who they are, by reason",
+    },
+    MetricDef {
         name: "roster_session_client_returns_total",
         kind: Counter,
         role: "session",
