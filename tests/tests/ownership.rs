@@ -14,6 +14,26 @@ use roster_tests::{
 
 const IMPOSTOR_ADDR: &str = "6.6.6.6:6";
 
+/// `Publish` of `register_id` in service `demo` with one address.
+fn publish(register_id: &str, addr: &str, client_version: u64) -> ClientRequest {
+    ClientRequest::Publish {
+        register_id: register_id.into(),
+        service: "demo".parse().unwrap(),
+        data: vec![addr.to_owned().into()],
+        attributes: Default::default(),
+        client_version,
+    }
+}
+
+/// Whether `reply` is the error `expected` describes.
+fn refused_with(reply: Reply<ClientResponse>, expected: fn(&Error) -> bool) -> bool {
+    reply
+        .map_err(Error::from_wire)
+        .err()
+        .as_ref()
+        .is_some_and(expected)
+}
+
 /// Says `Hello` as `client_id` with `secret`, then tries to publish `register_id` of `demo` and
 /// to unpublish it. Returns every answer it got (stopping after a refused `Hello`).
 async fn try_to_take_over(
@@ -28,14 +48,10 @@ async fn try_to_take_over(
     if refused {
         return answers;
     }
-    let publish = ClientRequest::Publish {
-        register_id: register_id.into(),
-        service: "demo".parse().unwrap(),
-        data: vec![IMPOSTOR_ADDR.into()],
-        attributes: Default::default(),
-        client_version: u64::MAX,
-    };
-    answers.push(raw.call(&publish).await);
+    answers.push(
+        raw.call(&publish(register_id, IMPOSTOR_ADDR, u64::MAX))
+            .await,
+    );
     answers.push(
         raw.call(&ClientRequest::Unpublish {
             register_id: register_id.into(),
@@ -88,10 +104,9 @@ async fn an_impostor_cannot_take_over_another_clients_publisher() {
             "{name}: every attempt is refused: {answers:?}"
         );
         assert!(
-            answers.iter().any(|a| matches!(
-                a.clone().map_err(Error::from_wire),
-                Err(Error::PermissionDenied(_))
-            )),
+            answers
+                .iter()
+                .any(|a| refused_with(a.clone(), |e| matches!(e, Error::PermissionDenied(_)))),
             "{name}: the impostor is told PermissionDenied: {answers:?}"
         );
         raw.conn.close(0u32.into(), b"impostor leaves");
@@ -148,14 +163,7 @@ async fn the_same_client_coming_back_with_its_secret_keeps_its_publisher() {
             .await
             .is_ok()
     );
-    let publish = |addr: &str| ClientRequest::Publish {
-        register_id: "r1".into(),
-        service: "demo".parse().unwrap(),
-        data: vec![addr.to_owned().into()],
-        attributes: Default::default(),
-        client_version: 1,
-    };
-    assert!(first.call(&publish("10.0.0.1:1")).await.is_ok());
+    assert!(first.call(&publish("r1", "10.0.0.1:1", 1)).await.is_ok());
     log.wait_for("the first record", |s| addresses(s) == ["10.0.0.1:1"])
         .await;
 
@@ -167,11 +175,7 @@ async fn the_same_client_coming_back_with_its_secret_keeps_its_publisher() {
             .is_ok(),
         "the owner may open a second connection"
     );
-    let mut update = publish("10.0.0.1:2");
-    if let ClientRequest::Publish { client_version, .. } = &mut update {
-        *client_version = 2;
-    }
-    assert!(second.call(&update).await.is_ok());
+    assert!(second.call(&publish("r1", "10.0.0.1:2", 2)).await.is_ok());
     log.wait_for("the owner's update", |s| addresses(s) == ["10.0.0.1:2"])
         .await;
 
@@ -179,10 +183,7 @@ async fn the_same_client_coming_back_with_its_secret_keeps_its_publisher() {
     let third = RawClient::connect(&cluster, session, None).await;
     let refused = third.hello_with_secret("someone", b"short").await;
     assert!(
-        matches!(
-            refused.map_err(Error::from_wire),
-            Err(Error::InvalidArgument(_))
-        ),
+        refused_with(refused, |e| matches!(e, Error::InvalidArgument(_))),
         "a short secret is an invalid argument"
     );
 
@@ -199,10 +200,7 @@ async fn ids_with_control_characters_are_refused() {
         .hello_with_secret("a\0b", b"a secret of enough bytes")
         .await;
     assert!(
-        matches!(
-            refused.map_err(Error::from_wire),
-            Err(Error::InvalidArgument(_))
-        ),
+        refused_with(refused, |e| matches!(e, Error::InvalidArgument(_))),
         "a client_id with NUL is refused"
     );
     assert!(
@@ -211,20 +209,9 @@ async fn ids_with_control_characters_are_refused() {
             .is_ok()
     );
     for register_id in ["r\u{0}1", "r\n1", "r\u{7f}"] {
-        let answer = raw
-            .call(&ClientRequest::Publish {
-                register_id: register_id.into(),
-                service: "demo".parse().unwrap(),
-                data: vec!["10.0.0.1:1".into()],
-                attributes: Default::default(),
-                client_version: 1,
-            })
-            .await;
+        let answer = raw.call(&publish(register_id, "10.0.0.1:1", 1)).await;
         assert!(
-            matches!(
-                answer.map_err(Error::from_wire),
-                Err(Error::InvalidArgument(_))
-            ),
+            refused_with(answer, |e| matches!(e, Error::InvalidArgument(_))),
             "register id {register_id:?} is refused"
         );
     }
