@@ -276,6 +276,49 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_file_is_created_once_kept_private_and_checked() {
+        let dir = std::env::temp_dir().join(format!("roster-client-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("client.toml");
+        std::fs::write(
+            &path,
+            "sessions = [\"127.0.0.1:7300\"]\nca = \"ca.pem\"\nclient_secret_file = \"my.secret\"\n",
+        )
+        .unwrap();
+        let config = ClientConfig::load(&path).unwrap();
+        assert_eq!(config.client_secret_file, Some(dir.join("my.secret")));
+        let first = config.client_secret().unwrap();
+        assert_eq!(first.len(), 64, "32 random bytes as hex");
+        assert_eq!(
+            config.client_secret().unwrap(),
+            first,
+            "the same secret next time"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("my.secret"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "readable by its owner only: {mode:o}");
+        }
+        // Without a file, every call draws a new one.
+        let plain = ClientConfig::new(vec!["127.0.0.1:7300".into()], "ca.pem");
+        assert_ne!(
+            plain.client_secret().unwrap(),
+            plain.client_secret().unwrap()
+        );
+
+        std::fs::write(dir.join("my.secret"), "too short\n").unwrap();
+        assert!(matches!(
+            config.client_secret(),
+            Err(Error::InvalidArgument(m)) if m.contains("16 to 64")
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn unknown_keys_and_empty_session_lists_are_refused() {
         assert!(
             toml::from_str::<ClientConfig>("sessions = []\nca = \"x\"\nsesions = 1\n").is_err()

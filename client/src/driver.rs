@@ -292,6 +292,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                         install(&inner, live);
                         attempt = 0;
                     }
+                    // Refused for who it is: another process holds this client id with another
+                    // secret (or this process's previous incarnation is not yet declared dead).
+                    Err(e @ Error::PermissionDenied(_)) => {
+                        warn!(attempt, error = %e, "a session server refused this client's id; retrying");
+                    }
                     Err(e) => debug!(attempt, error = %e, "still no session server"),
                 }
             }
