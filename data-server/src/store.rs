@@ -288,16 +288,19 @@ impl Store {
         Ok(index)
     }
 
-    /// Applies `op` to slot `index` as its leader; `None` if it changes nothing.
-    fn lead(&mut self, index: usize, op: WriteOp) -> Option<(ReplicatedOp, Change)> {
+    /// Applies `op` to slot `index` as its leader; `None` if it changes nothing,
+    /// `PermissionDenied` if it would replace a record another client owns.
+    fn lead(&mut self, index: usize, op: WriteOp) -> Result<Option<(ReplicatedOp, Change)>> {
         let slot = &mut self.slots[index];
         let owners = &mut self.owners;
         let datum_prev = slot.services.get(op.service()).map_or(0, |d| d.version);
-        let change = apply_op(slot, owners, &op, None)?;
+        let Some(change) = apply_op(slot, owners, &op, None)? else {
+            return Ok(None);
+        };
         let prev = slot.version;
         let version = slot.next_version();
         let service = set_version(slot, op.service(), version);
-        Some((
+        Ok(Some((
             ReplicatedOp {
                 slot: index as SlotId,
                 prev,
@@ -310,37 +313,14 @@ impl Store {
                 version,
                 change,
             },
-        ))
-    }
-
-    /// Whether `publisher` would replace a record another client owns (one with a different,
-    /// non-zero owner). Records are replaced only by their owner, whichever session it speaks
-    /// through.
-    fn owned_by_another(&self, index: usize, publisher: &Publisher) -> bool {
-        self.slots[index]
-            .services
-            .get(&publisher.service)
-            .and_then(|d| {
-                d.publishers
-                    .get(&(publisher.client_id.clone(), publisher.register_id.clone()))
-            })
-            .is_some_and(|current| current.owner != 0 && current.owner != publisher.owner)
+        )))
     }
 
     /// Applies one session change as slot leader.
     pub fn write(&mut self, op: WriteOp) -> Result<Applied> {
         let index = self.ready_slot(op.service())?;
-        if let WriteOp::Put { publisher } = &op
-            && self.owned_by_another(index, publisher)
-        {
-            return Err(Error::PermissionDenied(format!(
-                "publisher {:?} of client {:?} in {} belongs to another client (same client_id, \
-                 another secret)",
-                publisher.register_id, publisher.client_id, publisher.service
-            )));
-        }
         let mut applied = Applied::default();
-        if let Some(led) = self.lead(index, op) {
+        if let Some(led) = self.lead(index, op)? {
             applied.push(led);
         }
         Ok(applied)
@@ -414,8 +394,9 @@ impl Store {
                 .filter(|p| p.session_instance == instance)
                 .map(remove_op)
                 .collect();
+            // Removals: never refused.
             for op in doomed {
-                if let Some(led) = self.lead(index, op) {
+                if let Ok(Some(led)) = self.lead(index, op) {
                     applied.push(led);
                 }
             }
@@ -515,13 +496,12 @@ impl Store {
                     p.client_id, p.register_id
                 )));
             }
-            if !self.owned_by_another(index, &p) {
-                ops.push(WriteOp::Put { publisher: p });
-            }
+            ops.push(WriteOp::Put { publisher: p });
         }
         let mut applied = Applied::default();
         for op in ops {
-            if let Some(led) = self.lead(index, op) {
+            // A record another client owns is skipped, not replaced.
+            if let Ok(Some(led)) = self.lead(index, op) {
                 applied.push(led);
             }
         }
@@ -725,14 +705,16 @@ fn remove_op(p: &Publisher) -> WriteOp {
 }
 
 /// Applies `op` to `slot`'s records and returns the change as subscribers see it; `None` when it
-/// changes nothing. A put older (by `client_version`) than the record is ignored — unless replayed
-/// from the leader (`forced`), which decided already.
+/// changes nothing. A put older (by `client_version`) than the record is ignored, and one that
+/// would replace a record with another non-zero owner is refused (`PermissionDenied`): records are
+/// replaced only by their owner, whichever session it speaks through — unless replayed from the
+/// leader (`forced`), which decided already.
 fn apply_op(
     slot: &mut Slot,
     owners: &mut HashMap<InstanceId, usize>,
     op: &WriteOp,
     forced: Option<Version>,
-) -> Option<PublisherChange> {
+) -> Result<Option<PublisherChange>> {
     match op {
         WriteOp::Put { publisher } => {
             // Every record of a service shares the datum key's service id allocation.
@@ -744,10 +726,17 @@ fn apply_op(
             let key = (publisher.client_id.clone(), publisher.register_id.clone());
             if let Some(current) = datum.publishers.get(&key) {
                 if current == publisher {
-                    return None;
+                    return Ok(None);
+                }
+                if forced.is_none() && current.owner != 0 && current.owner != publisher.owner {
+                    return Err(Error::PermissionDenied(format!(
+                        "publisher {:?} of client {:?} in {} belongs to another client (same \
+                         client_id, another secret)",
+                        publisher.register_id, publisher.client_id, publisher.service
+                    )));
                 }
                 if forced.is_none() && current.client_version > publisher.client_version {
-                    return None;
+                    return Ok(None);
                 }
             }
             *owners.entry(publisher.session_instance).or_default() += 1;
@@ -757,7 +746,7 @@ fn apply_op(
             if let Some(old) = datum.publishers.insert(key, record) {
                 release(owners, old.session_instance);
             }
-            Some(PublisherChange::Put(view))
+            Ok(Some(PublisherChange::Put(view)))
         }
         WriteOp::Remove {
             service,
@@ -765,18 +754,20 @@ fn apply_op(
             register_id,
             session_instance,
         } => {
-            let datum = slot.services.get_mut(service)?;
+            let Some(datum) = slot.services.get_mut(service) else {
+                return Ok(None);
+            };
             let key = (client_id.clone(), register_id.clone());
             match datum.publishers.get(&key) {
                 Some(p) if p.session_instance == *session_instance => {}
-                _ => return None,
+                _ => return Ok(None),
             }
             datum.publishers.remove(&key);
             release(owners, *session_instance);
-            Some(PublisherChange::Remove(PublisherId {
+            Ok(Some(PublisherChange::Remove(PublisherId {
                 client_id: key.0,
                 register_id: key.1,
-            }))
+            })))
         }
     }
 }

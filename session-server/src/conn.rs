@@ -65,7 +65,7 @@ pub async fn serve_client(
         let Some(hello) = await_hello(&shared, &conn, &shutdown).await else {
             return;
         };
-        tracing::Span::current().record("client", hello.client_id.as_str());
+        tracing::Span::current().record("client", hello.hold.client_id.as_str());
         let push = match conn.open_uni().await {
             Ok(push) => push,
             Err(e) => {
@@ -80,9 +80,9 @@ pub async fn serve_client(
 
         let client = Arc::new(Client {
             id,
-            publishers: Mutex::new(adopt(&shared, &hello.client_id, id)),
-            client_id: hello.client_id,
-            owner: hello.owner,
+            publishers: Mutex::new(adopt(&shared, &hello.hold.client_id, id)),
+            client_id: hello.hold.client_id.clone(),
+            owner: hello.hold.owner,
             _hold: hello.hold,
             requests: Arc::new(Semaphore::new(
                 shared.config.max_requests_per_connection as usize,
@@ -104,8 +104,7 @@ pub async fn serve_client(
 
 /// What a client said in its `Hello`.
 struct Hello {
-    client_id: ClientId,
-    owner: u128,
+    /// The client id it proved, held for this connection.
     hold: IdentityHold,
     /// It takes `Delta` pushes.
     deltas: bool,
@@ -115,6 +114,7 @@ struct Hello {
 struct IdentityHold {
     shared: Arc<Shared>,
     client_id: ClientId,
+    owner: u128,
 }
 
 impl Drop for IdentityHold {
@@ -129,9 +129,10 @@ impl Drop for IdentityHold {
     }
 }
 
-/// Takes a hold on `client_id` for a connection that proved `owner`: refused while connections
-/// with another owner hold it (live, or lost and within their grace).
-fn claim(shared: &Arc<Shared>, client_id: &ClientId, owner: u128) -> Result<IdentityHold> {
+/// Takes a hold on `client_id` for a connection that presented `secret`: refused while
+/// connections with another owner hold it (live, or lost and within their grace).
+fn claim(shared: &Arc<Shared>, client_id: ClientId, secret: &[u8]) -> Result<IdentityHold> {
+    let owner = roster_common::ids::owner_of(&client_id, secret);
     let mut identities = shared.identities.lock();
     let identity = identities
         .entry(client_id.clone())
@@ -147,7 +148,8 @@ fn claim(shared: &Arc<Shared>, client_id: &ClientId, owner: u128) -> Result<Iden
     identity.holds += 1;
     Ok(IdentityHold {
         shared: shared.clone(),
-        client_id: client_id.clone(),
+        client_id,
+        owner,
     })
 }
 
@@ -198,11 +200,9 @@ async fn await_hello(
                 ..
             }) => match check_hello(protocol_version, &client_id, &client_secret)
                 .and_then(|()| check_capacity(shared))
-                .and_then(|()| {
-                    let owner = roster_common::ids::owner_of(&client_id, &client_secret);
-                    Ok((owner, claim(shared, &client_id, owner)?))
-                }) {
-                Ok((owner, hold)) => {
+                .and_then(|()| claim(shared, client_id, &client_secret))
+            {
+                Ok(hold) => {
                     // The capabilities this server grants: those asked for that it has.
                     let granted: Vec<String> = capabilities
                         .into_iter()
@@ -220,12 +220,7 @@ async fn await_hello(
                             capabilities: granted,
                             max_requests: Some(shared.config.max_requests_per_connection),
                         }),
-                        Some(Hello {
-                            client_id,
-                            owner,
-                            hold,
-                            deltas,
-                        }),
+                        Some(Hello { hold, deltas }),
                     )
                 }
                 Err(e) => (Err(e), None),
