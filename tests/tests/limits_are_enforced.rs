@@ -6,7 +6,9 @@ use std::time::Duration;
 use roster_client::{Client, ErrorCode};
 use roster_common::Error;
 use roster_common::proto::{ClientRequest, ClientResponse};
-use roster_tests::{Cluster, ClusterOptions, DEADLINE, RawClient, addresses, next_matching};
+use roster_tests::{
+    Cluster, ClusterOptions, DEADLINE, RawClient, addresses, eventually, next_matching,
+};
 
 fn small_limits(config: &mut roster_session::SessionConfig) {
     config.max_connections = 3;
@@ -75,17 +77,23 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
     );
 
     // Connections per server: the bystander, `client` and one more fill it.
-    let _third = Client::connect(cluster.client_config()).await.unwrap();
+    let third = Client::connect(cluster.client_config()).await.unwrap();
     assert_limit(
         Client::connect(cluster.client_config()).await.map(|_| ()),
         "3 connections",
     );
 
     // Outstanding requests per connection, with a raw connection sending many at once. It needs
-    // a free connection slot: drop one.
-    drop(_third);
-    let raw = RawClient::connect(&cluster, cluster.session_addrs[0], None).await;
-    raw.hello("raw", &[]).await;
+    // a free connection slot: close one, and wait until the session has let it go.
+    third.close().await;
+    let raw = eventually(DEADLINE, "a free connection slot", || async {
+        let raw = RawClient::connect(&cluster, cluster.session_addrs[0], None).await;
+        let hello = raw
+            .hello_with_secret("raw", b"the secret of the raw client")
+            .await;
+        hello.is_ok().then_some(raw)
+    })
+    .await;
     // Hold two requests open by sending only part of their frames.
     let mut open = Vec::new();
     for _ in 0..2 {
