@@ -37,10 +37,22 @@ pub struct Connection {
     /// The cluster CA certificate, with --session.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
+    /// The token to present, overriding the config file's `token` / `token-file`.
+    #[arg(long, env = "ROSTER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl Connection {
     fn config(&self) -> anyhow::Result<ClientConfig> {
+        let mut config = self.config_file()?;
+        if let Some(token) = &self.token {
+            config.token = Some(token.trim().into());
+            config.token_file = None;
+        }
+        Ok(config)
+    }
+
+    fn config_file(&self) -> anyhow::Result<ClientConfig> {
         if let (Some(sessions), Some(ca)) = (&self.session, &self.ca) {
             return Ok(ClientConfig::new(sessions.clone(), ca.clone()));
         }

@@ -47,9 +47,9 @@ impl ClusterConfig {
     }
 }
 
-/// Arguments shared by every `roster cluster` command.
+/// Which meta group to ask and how: shared by `roster cluster` and `roster acl`.
 #[derive(Args, Debug)]
-pub struct ClusterArgs {
+pub struct MetaTarget {
     /// Cluster config file (`meta = [...]`, `tls-dir = "..."`) [default: ./.roster/cluster.toml,
     /// written by `roster dev`].
     #[arg(
@@ -72,7 +72,14 @@ pub struct ClusterArgs {
     tls_dir: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
-    json: bool,
+    pub json: bool,
+}
+
+/// Arguments shared by every `roster cluster` command.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    target: MetaTarget,
     #[command(subcommand)]
     command: ClusterCommand,
 }
@@ -100,8 +107,8 @@ enum ClusterCommand {
     TransferLeader { id: u64 },
 }
 
-impl ClusterArgs {
-    fn config(&self) -> anyhow::Result<ClusterConfig> {
+impl MetaTarget {
+    pub fn config(&self) -> anyhow::Result<ClusterConfig> {
         match (&self.meta, &self.tls_dir) {
             (Some(meta), Some(tls_dir)) => Ok(ClusterConfig {
                 meta: meta.clone(),
@@ -130,7 +137,7 @@ impl ClusterArgs {
 }
 
 /// Sends `request` to the first meta node that answers.
-async fn ask(
+pub async fn ask(
     config: &ClusterConfig,
     request: &MetaRequest,
     timeout: Duration,
@@ -164,7 +171,8 @@ async fn ask(
 }
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+    let config = args.target.config()?;
+    let json = args.target.json;
     match &args.command {
         ClusterCommand::Status { local } => {
             let answer = ask(
@@ -176,7 +184,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             let MetaResponse::Status(status) = answer else {
                 bail!("unexpected answer: {answer:?}");
             };
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
@@ -189,7 +197,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             };
             ask(&config, &request, Duration::from_secs(150)).await?;
             done(
-                args.json,
+                json,
                 &format!(
                     "meta node at {addr} added as a {}",
                     if *learner { "learner" } else { "voter" }
@@ -203,7 +211,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 Duration::from_secs(15),
             )
             .await?;
-            done(args.json, &format!("meta node {id} removed"));
+            done(json, &format!("meta node {id} removed"));
         }
         ClusterCommand::TransferLeader { id } => {
             ask(
@@ -212,13 +220,13 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 Duration::from_secs(15),
             )
             .await?;
-            done(args.json, &format!("meta node {id} leads"));
+            done(json, &format!("meta node {id} leads"));
         }
     }
     Ok(())
 }
 
-fn done(json: bool, message: &str) {
+pub fn done(json: bool, message: &str) {
     if json {
         println!("{}", serde_json::json!({ "ok": true, "message": message }));
     } else {

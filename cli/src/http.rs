@@ -1,18 +1,27 @@
 //! The HTTP admin port: `/healthz` (the process is up), `/readyz` (the server can do its job),
 //! `/metrics` (Prometheus text format) and the JSON admin API under `/admin/`.
+//!
+//! The first three are open: probes and scrapers carry no credentials, and no metric names a
+//! secret. `/admin` shows the cluster's topology and is for operators: where the cluster checks
+//! tokens, it answers only `Authorization: Bearer <token>` with a token that holds `admin` in every
+//! namespace (`*`) — 401 without a valid token, 403 with one that lacks it, 429 for a source that
+//! keeps failing.
 
-use std::net::SocketAddr;
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
+use roster_common::acl::{ANY_NAMESPACE, FailureLimiter, Permission, failure_reason};
 use roster_common::admin::Admin;
+use roster_common::unix_millis;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -46,6 +55,7 @@ fn recorder() -> Option<&'static PrometheusHandle> {
 struct AppState {
     ready: watch::Receiver<bool>,
     admin: Admin,
+    failures: Arc<Mutex<FailureLimiter>>,
 }
 
 /// Binds `addr` and serves the admin routes until `shutdown`. Returns the bound address.
@@ -78,9 +88,14 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/admin", get(admin_index))
         .route("/admin/{section}", get(admin_section))
-        .with_state(AppState { ready, admin });
+        .with_state(AppState {
+            ready,
+            admin,
+            failures: Arc::default(),
+        });
     info!(addr = %local, "HTTP admin port serving /healthz, /readyz, /metrics and /admin");
     let task = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
@@ -121,8 +136,62 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// Lets an operator's request through, or answers it: 503 before the server knows the cluster's
+/// access rules, 401 / 403 / 429 as the module says.
+fn authorize(state: &AppState, headers: &HeaderMap, source: IpAddr) -> Result<(), Response> {
+    let starting = || {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "the server is still starting"}),
+        )
+    };
+    let acl = state.admin.source().ok_or_else(starting)?.acl().ok_or_else(starting)?;
+    if !acl.enabled {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let checked = state
+        .failures
+        .lock()
+        .check(source, now)
+        .and_then(|()| acl.authenticate(token, unix_millis()))
+        .and_then(|who| who.check(ANY_NAMESPACE, Permission::Admin));
+    let Err(e) = checked else {
+        return Ok(());
+    };
+    let reason = failure_reason(&e);
+    metrics::counter!("roster_auth_failures_total", "reason" => reason).increment(1);
+    let status = match reason {
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "permission_denied" => StatusCode::FORBIDDEN,
+        _ => {
+            state.failures.lock().failed(source, now);
+            StatusCode::UNAUTHORIZED
+        }
+    };
+    let mut response = json(status, serde_json::json!({"error": e.to_string()}));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"roster\""),
+        );
+    }
+    Err(response)
+}
+
 /// `/admin`: the whole status of the server.
-async fn admin_index(State(state): State<AppState>) -> Response {
+async fn admin_index(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers, peer.ip()) {
+        return refused;
+    }
     match status_of(&state).await {
         Some(status) => json(StatusCode::OK, status),
         None => json(
@@ -133,7 +202,15 @@ async fn admin_index(State(state): State<AppState>) -> Response {
 }
 
 /// `/admin/{section}`: one top-level section of the status.
-async fn admin_section(State(state): State<AppState>, Path(section): Path<String>) -> Response {
+async fn admin_section(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(section): Path<String>,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers, peer.ip()) {
+        return refused;
+    }
     let Some(status) = status_of(&state).await else {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,

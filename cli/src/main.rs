@@ -3,6 +3,7 @@
 //! This crate only parses flags, layers configuration (file, then `ROSTER_*` environment, then
 //! flags) and wires the server libraries together; the behaviour lives in those libraries.
 
+mod acl_cmd;
 mod bench;
 mod client_cmd;
 mod cluster_cmd;
@@ -65,6 +66,8 @@ enum Command {
     Ls(client_cmd::LsArgs),
     /// Operate the meta group: status, add-meta, remove-meta, transfer-leader.
     Cluster(cluster_cmd::ClusterArgs),
+    /// Manage access: create, list and revoke tokens (`roster acl token ...`).
+    Acl(acl_cmd::AclArgs),
     /// Measure a registry under the service-registry workload: registration throughput,
     /// subscriber convergence, notify latency under churn, failure detection, server memory and
     /// CPU. Prints a table and one JSON object (only the JSON with --json).
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
             Command::Subscribe(args) => client_cmd::subscribe(args).await,
             Command::Ls(args) => client_cmd::ls(args).await,
             Command::Cluster(args) => cluster_cmd::run(args).await,
+            Command::Acl(args) => acl_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::BenchHolder(args) => bench::holder(args).await,
         }

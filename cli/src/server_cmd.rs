@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use roster_common::acl::{Secret, generate_token, token_id};
 use roster_common::admin::Admin;
 use roster_common::quic::{TransportSettings, bind_udp};
 use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
@@ -20,7 +21,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{http, shutdown_on_signal};
 
@@ -228,6 +229,75 @@ pub struct MetaArgs {
     /// Log entries kept behind a snapshot for followers slightly behind [default: 1000].
     #[arg(long, env = "ROSTER_KEEP_BEHIND_SNAPSHOT", value_name = "N")]
     keep_behind_snapshot: Option<u64>,
+    /// With --bootstrap: the cluster's first admin token, in a file. Every initial voter must be
+    /// given the same one (a mounted Secret, or a file made with `roster acl token generate`).
+    /// With a single voter a missing file is created with a new token [default:
+    /// DATA_DIR/admin.token].
+    #[arg(long, env = "ROSTER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// With --bootstrap: create the cluster without authentication. Any client that reaches a
+    /// session server may then publish and subscribe anything, and anyone may read /admin. Every
+    /// server logs a warning about it at start. Fixed when the cluster is created.
+    #[arg(long, env = "ROSTER_INSECURE_NO_AUTH", conflicts_with = "admin_token_file")]
+    #[serde(default)]
+    insecure_no_auth: bool,
+}
+
+/// The file a bootstrap admin token is kept in when none is named.
+const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The admin token a new cluster is created with (`None`: without authentication): read from
+/// `--admin-token-file`, or, for a single voter, created in the data directory. A node that already
+/// holds state needs none: the cluster's rules are in its log.
+fn bootstrap_admin_token(
+    args: &MetaArgs,
+    data_dir: &Path,
+    voters: usize,
+) -> anyhow::Result<Option<Secret>> {
+    let has_state = std::fs::read_dir(data_dir)
+        .map(|mut entries| {
+            entries.any(|e| e.is_ok_and(|e| e.file_name() != ADMIN_TOKEN_FILE))
+        })
+        .unwrap_or(false);
+    if has_state {
+        return Ok(None);
+    }
+    if args.insecure_no_auth {
+        warn!("creating the cluster WITHOUT authentication (--insecure-no-auth): anyone who reaches it may publish, subscribe and read /admin");
+        return Ok(None);
+    }
+    let path = match &args.admin_token_file {
+        Some(path) => path.clone(),
+        None if voters > 1 => bail!(
+            "a cluster of {voters} voters needs one admin token shared by all of them: write one \
+             with `roster acl token generate > admin.token` and give every voter \
+             --admin-token-file admin.token (or create the cluster with --insecure-no-auth)"
+        ),
+        None => data_dir.join(ADMIN_TOKEN_FILE),
+    };
+    if !path.exists() {
+        if voters > 1 {
+            bail!(
+                "{} does not exist: every initial voter must be given the same admin token file \
+                 (write one with `roster acl token generate`)",
+                path.display()
+            );
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        roster_common::tls::write_file(&path, &format!("{}\n", generate_token()), true)?;
+        println!(
+            "roster meta: the cluster's admin token is in {} (readable by its owner only)",
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+    let token = token.trim();
+    token_id(token).with_context(|| format!("{}", path.display()))?;
+    Ok(Some(Secret::new(token)))
 }
 
 /// Settings of the servers that join the cluster as members (data and session).
@@ -384,20 +454,29 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
             "snapshot-every",
             "keep-behind-snapshot",
             "rebalance-delay-ms",
+            "admin-token-file",
+            "insecure-no-auth",
         ],
     )?;
     args.common.layer(file.common);
     layer!(args, file; data_dir, bootstrap, join, advertise, slots, replicas, min_data_servers,
-        lease_timeout_ms, snapshot_every, keep_behind_snapshot, rebalance_delay_ms);
+        lease_timeout_ms, snapshot_every, keep_behind_snapshot, rebalance_delay_ms,
+        admin_token_file);
     args.learner |= file.learner;
+    args.insecure_no_auth |= file.insecure_no_auth;
 
     let id = args.common.id()?;
     let data_dir = args
         .data_dir
+        .clone()
         .context("--data-dir is required (or ROSTER_DATA_DIR)")?;
-    let mut config = MetaConfig::new(id, data_dir);
+    let mut config = MetaConfig::new(id, data_dir.clone());
     config.start = match (&args.bootstrap, &args.join) {
-        (Some(voters), None) => Start::Bootstrap(parse_voters(voters).context("--bootstrap")?),
+        (Some(voters), None) => {
+            let voters = parse_voters(voters).context("--bootstrap")?;
+            config.admin_token = bootstrap_admin_token(&args, &data_dir, voters.len())?;
+            Start::Bootstrap(voters)
+        }
         (None, Some(addr)) => Start::Join {
             addr: addr.clone(),
             learner: args.learner,

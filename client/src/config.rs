@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use roster_common::acl::Secret;
 use roster_common::quic::TransportSettings;
 use roster_common::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// sessions = ["127.0.0.1:7300"]   # session servers; a DNS name counts with each of its addresses
 /// ca = "ca.pem"                   # the cluster CA, relative to this file
 /// # server_name = "localhost"     # name checked in the server certificate (default: the host)
-/// # token = "..."                 # presented in Hello (servers of this version ignore it)
+/// # token = "rst_..."             # for clusters that check tokens (or token-file = "...")
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,9 +27,21 @@ pub struct ClientConfig {
     /// The name the server certificate must be valid for. Default: the host part of the address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
-    /// A token presented in `Hello`, for clusters that require one (servers of this version do not).
+    /// The token presented in `Hello`, for clusters that check tokens (those created without
+    /// `--insecure-no-auth`); what it allows decides what this client may publish and subscribe
+    /// to. `roster dev` writes one here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+    /// A file holding the token instead (`token-file` in TOML; relative to the config file): for
+    /// tokens mounted as secrets. Read by [`ClientConfig::load`] into `token`; give one or the
+    /// other.
+    #[serde(
+        default,
+        rename = "token-file",
+        alias = "token_file",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token_file: Option<PathBuf>,
     /// A name for this client in server logs. Default empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_name: String,
@@ -134,6 +147,7 @@ impl ClientConfig {
             ca: ca.into(),
             server_name: None,
             token: None,
+            token_file: None,
             client_name: String::new(),
             client_id: None,
             client_secret_file: None,
@@ -164,6 +178,7 @@ impl ClientConfig {
             for path in [
                 config.cache_dir.as_mut(),
                 config.client_secret_file.as_mut(),
+                config.token_file.as_mut(),
             ]
             .into_iter()
             .flatten()
@@ -172,6 +187,18 @@ impl ClientConfig {
                     *path = dir.join(&*path);
                 }
             }
+        }
+        if let Some(file) = &config.token_file {
+            if config.token.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: give token or token-file, not both",
+                    path.display()
+                )));
+            }
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                Error::InvalidArgument(format!("cannot read the token file {}: {e}", file.display()))
+            })?;
+            config.token = Some(Secret::new(text.trim()));
         }
         config.validate()?;
         Ok(config)
@@ -239,6 +266,11 @@ impl ClientConfig {
                 "max_in_flight is {}; it must be 1 to 1024",
                 self.max_in_flight
             )));
+        }
+        if let Some(token) = &self.token {
+            roster_common::acl::token_id(token.expose()).map_err(|e| {
+                Error::InvalidArgument(format!("the client's token is malformed: {e}"))
+            })?;
         }
         self.transport().transport(true)?;
         Ok(())

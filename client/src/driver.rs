@@ -118,7 +118,7 @@ async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) 
         protocol_version: PROTOCOL_VERSION,
         client_id: inner.client_id.clone(),
         client_name: inner.config.client_name.clone(),
-        token: inner.config.token.clone(),
+        token: inner.config.token.as_ref().map(|t| t.expose().to_owned()),
         client_secret: inner.client_secret.clone(),
         capabilities: vec![CAPABILITY_DELTA.to_owned()],
     };
@@ -296,6 +296,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                     // secret (or this process's previous incarnation is not yet declared dead).
                     Err(e @ Error::PermissionDenied(_)) => {
                         warn!(attempt, error = %e, "a session server refused this client's id; retrying");
+                    }
+                    // Its token is missing, wrong, revoked or expired: nothing changes that but
+                    // a new token, so say so on every attempt.
+                    Err(e @ Error::Unauthenticated(_)) => {
+                        warn!(attempt, error = %e, "the session servers refused this client's token; retrying");
                     }
                     Err(e) => debug!(attempt, error = %e, "still no session server"),
                 }

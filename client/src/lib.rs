@@ -64,6 +64,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use config::ClientConfig;
+pub use roster_common::acl::Secret;
 pub use io::endpoint;
 pub use roster_common::proto::{PublisherView, ServiceSummary};
 pub use roster_common::{Error, ErrorCode, Result, ServiceId, Version};

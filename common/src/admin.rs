@@ -11,6 +11,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::Error;
+use crate::acl::AclView;
 
 /// A server's admin view.
 pub trait AdminSource: Send + Sync + 'static {
@@ -18,6 +19,8 @@ pub trait AdminSource: Send + Sync + 'static {
     fn refresh_metrics(&self);
     /// The server's state as one JSON object whose top-level keys are its sections.
     fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>>;
+    /// The cluster's access rules as this server last received them; `None` before it knows.
+    fn acl(&self) -> Option<AclView>;
 }
 
 /// A slot for a server's [`AdminSource`], handed out before the server runs.
@@ -295,9 +298,19 @@ pub const METRICS: &[MetricDef] = &[
     MetricDef {
         name: "roster_auth_failures_total",
         kind: Counter,
-        role: "session",
-        labels: &[("reason", &["client_id_in_use"])],
-        help: "connections or requests refused for who they are, by reason",
+        role: "all",
+        labels: &[(
+            "reason",
+            &[
+                "client_id_in_use",
+                "missing_token",
+                "invalid_token",
+                "expired_token",
+                "rate_limited",
+                "permission_denied",
+            ],
+        )],
+        help: "connections, requests and admin API calls refused for who they are, by reason",
     },
     MetricDef {
         name: "roster_session_client_returns_total",

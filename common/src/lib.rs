@@ -15,11 +15,13 @@
 //! - [`rpc`] runs one request on one bidirectional stream; [`peers`] keeps one connection per peer.
 //! - [`member`] is the agent every data and session server runs to join the cluster: it registers with
 //!   the meta tier, renews its lease, and receives each new [`proto::ClusterView`] as it is committed.
-//! - [`ids`] and [`slot`] hold the domain names and the fixed slot hash.
+//! - [`ids`] and [`slot`] hold the domain names and the fixed slot hash; [`acl`] holds tokens and the
+//!   checks every server runs on them.
 //!
 //! Caveats: the member agent talks to one meta address at a time and follows pushed leader changes; it
 //! does not probe the meta tier for a better node by itself.
 
+pub mod acl;
 pub mod admin;
 pub mod error;
 pub mod frame;
@@ -44,7 +46,7 @@ pub fn install_crypto_provider() {
 }
 
 /// Milliseconds since the Unix epoch, for records that carry wall-clock times for people to read
-/// (join times); never used for ordering or expiry.
+/// (join times) and for token expiry; never used for ordering.
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

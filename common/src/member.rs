@@ -181,6 +181,12 @@ async fn session(
                 match next? {
                     Some(Ok(view)) => {
                         debug!(epoch = view.table.epoch, members = view.members.len(), "cluster view");
+                        let first = view_tx.borrow().is_none();
+                        if first && !view.acl.enabled {
+                            warn!(
+                                "this cluster was created with --insecure-no-auth: clients are not asked for tokens, and anyone who can reach a session server may publish, subscribe and read /admin"
+                            );
+                        }
                         view_tx.send_replace(Some(Arc::new(view)));
                     }
                     Some(Err(wire)) => return Err(Error::from_wire(wire)),

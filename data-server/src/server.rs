@@ -787,6 +787,10 @@ impl AdminSource for DataAdmin {
         metrics::gauge!("roster_data_publishers").set(publishers as f64);
     }
 
+    fn acl(&self) -> Option<roster_common::acl::AclView> {
+        self.shared.view().map(|view| view.acl.clone())
+    }
+
     fn status(
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send + '_>> {

@@ -23,6 +23,12 @@
 //! creates it) or joins one with `join`. The cluster id is stored and carried on every Raft message;
 //! a node of another cluster is refused with both ids named.
 //!
+//! Access rules live here too: whether the cluster asks clients for tokens (fixed when it is
+//! created: on when it is created with an admin token), and the tokens, each a
+//! [`roster_common::acl::TokenRecord`] holding only the digest of its secret. Creating and
+//! revoking them are commands like any other ([`tokens::mint`] draws a new one on the leader);
+//! every member receives them in the view.
+//!
 //! Caveats: self-preservation ends only when leases come back (there is no operator override yet);
 //! leadership transfer pauses heartbeats for one election timeout.
 
@@ -31,11 +37,13 @@ pub mod placement;
 pub mod raft;
 mod server;
 pub mod state;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use roster_common::acl::Secret;
 use roster_common::quic::TransportSettings;
 use roster_common::slot::DEFAULT_SLOT_COUNT;
 use roster_common::{Error, NodeId, Result};
@@ -93,6 +101,10 @@ pub struct MetaConfig {
     pub max_frame: u32,
     /// QUIC keep-alive and idle timeout. Defaults 1 s and 4 s.
     pub transport: TransportSettings,
+    /// The admin token a new cluster is created with, which turns authentication on
+    /// (`--admin-token-file`). `None` creates a cluster without authentication
+    /// (`--insecure-no-auth`). Only the node that creates the cluster uses it. Default `None`.
+    pub admin_token: Option<Secret>,
 }
 
 /// The default frame limit of meta nodes.
@@ -118,6 +130,7 @@ impl MetaConfig {
             request_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_META_MAX_FRAME,
             transport: TransportSettings::default(),
+            admin_token: None,
         }
     }
 
@@ -141,6 +154,11 @@ impl MetaConfig {
             return Err(Error::InvalidArgument(
                 "the self-preservation share must be within 0..=1".into(),
             ));
+        }
+        if let Some(token) = &self.admin_token {
+            roster_common::acl::token_id(token.expose()).map_err(|e| {
+                Error::InvalidArgument(format!("the admin token is malformed: {e}"))
+            })?;
         }
         if let Start::Bootstrap(voters) = &self.start
             && !voters.contains_key(&self.id)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use quinn::{RecvStream, SendStream};
+use roster_common::acl::{ANY_NAMESPACE, Permission, TokenRecord};
 use roster_common::admin::{Admin, AdminSource};
 use roster_common::peers::PeerPool;
 use roster_common::proto::{
@@ -27,6 +28,7 @@ use crate::leases::{Leases, Preservation};
 use crate::raft::RaftNode;
 use crate::raft::store::Disk;
 use crate::state::Command;
+use crate::tokens::{TokenRequest, mint};
 use crate::{MetaConfig, Start};
 
 /// How long an operator's request to add a meta node may take (it waits for the node to catch up).
@@ -414,6 +416,9 @@ impl Node {
                 | MetaRequest::AddMeta { .. }
                 | MetaRequest::RemoveMeta { .. }
                 | MetaRequest::TransferLeader { .. }
+                | MetaRequest::CreateToken { .. }
+                | MetaRequest::ListTokens {}
+                | MetaRequest::RevokeToken { .. }
                 | MetaRequest::GetView { stale: false }
                 | MetaRequest::Status { local: false }
         );
@@ -471,6 +476,41 @@ impl Node {
                 .await
                 .map(|()| MetaResponse::Done {}),
             MetaRequest::TransferLeader { id } => self.transfer_leader(id).await,
+            MetaRequest::CreateToken {
+                namespaces,
+                allow,
+                ttl_ms,
+                description,
+                by,
+            } => {
+                let request = TokenRequest {
+                    namespaces,
+                    allow,
+                    ttl_ms,
+                    description,
+                    by,
+                };
+                self.create_token(request).await
+            }
+            MetaRequest::ListTokens {} => {
+                self.raft.ensure_linearizable().await?;
+                let (enabled, tokens) = self.raft.state_machine().read(|m| {
+                    let acl = &m.state.acl;
+                    (acl.enabled, acl.tokens.iter().map(|t| t.info()).collect())
+                });
+                Ok(MetaResponse::Tokens { enabled, tokens })
+            }
+            MetaRequest::RevokeToken { id, by } => {
+                let by = crate::tokens::clean_name(&by);
+                let applied = self
+                    .raft
+                    .write(Command::RevokeToken { id: id.clone(), by })
+                    .await?;
+                if !applied.changed {
+                    return Err(Error::NotFound(format!("no token {id:?}")));
+                }
+                Ok(MetaResponse::Done {})
+            }
             MetaRequest::NodeInfo {} => Ok(MetaResponse::NodeInfo {
                 id: self.config.id,
                 addr: self.advertise.clone(),
@@ -582,6 +622,19 @@ impl Node {
         }
         self.leases.lock().leases.remove(&key);
         Ok(MetaResponse::Done {})
+    }
+
+    async fn create_token(&self, request: TokenRequest) -> Result<MetaResponse> {
+        let enabled = self.raft.state_machine().read(|m| m.state.acl.enabled);
+        if !enabled {
+            return Err(Error::InvalidArgument(
+                "this cluster was created with --insecure-no-auth: it checks no tokens".into(),
+            ));
+        }
+        let (token, record) = mint(request, unix_millis())?;
+        let info = record.info();
+        self.raft.write(Command::CreateToken { record }).await?;
+        Ok(MetaResponse::TokenCreated { token, info })
     }
 
     async fn add_meta(&self, addr: String, learner: bool) -> Result<MetaResponse> {
@@ -816,6 +869,14 @@ impl AdminSource for MetaAdmin {
         metrics::gauge!("roster_self_preservation").set(if preservation { 1.0 } else { 0.0 });
     }
 
+    fn acl(&self) -> Option<roster_common::acl::AclView> {
+        self.node.raft.state_machine().read(|m| {
+            m.state
+                .is_initialized()
+                .then(|| m.state.acl.clone())
+        })
+    }
+
     fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {
         Box::pin(async move {
             let node = &self.node;
@@ -862,6 +923,11 @@ async fn publish_views(node: Arc<Node>, shutdown: CancellationToken) {
             .state_machine()
             .read(|m| m.state.is_initialized().then(|| m.state.view(leader)));
         if let Some(view) = view {
+            if node.view_tx.borrow().is_none() && !view.acl.enabled {
+                warn!(
+                    "this cluster was created with --insecure-no-auth: clients are not asked for tokens, and anyone who can reach a session server may publish, subscribe and read /admin"
+                );
+            }
             node.view_tx.send_if_modified(|current| {
                 if current.as_deref() == Some(&view) {
                     return false;
@@ -940,11 +1006,36 @@ async fn take_over(node: &Node, term: u64) {
         let Some(cluster_id) = node.cluster_id.read().clone() else {
             return;
         };
+        let admin_token = match &node.config.admin_token {
+            Some(token) => {
+                let record = TokenRecord::of_token(
+                    token.expose(),
+                    vec![ANY_NAMESPACE.to_owned()],
+                    Permission::ALL.to_vec(),
+                    None,
+                )
+                .map(|mut record| {
+                    record.description = "bootstrap admin token".into();
+                    record.created_at_ms = unix_millis();
+                    record.created_by = format!("meta node {}", node.config.id);
+                    record
+                });
+                match record {
+                    Ok(record) => Some(record),
+                    Err(e) => {
+                        warn!(error = %e, "the admin token is malformed; not creating the cluster");
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         let init = Command::Init {
             cluster_id,
             slot_count: node.config.slot_count,
             replicas: node.config.replicas,
             min_data_servers: node.config.min_data_servers,
+            admin_token,
         };
         if let Err(e) = node.raft.write(init).await {
             warn!(error = %e, "could not create the cluster yet");

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use roster_common::acl::{AclView, TokenRecord};
 use roster_common::proto::{ClusterView, Member, MemberKey, Role, SlotTable};
 use roster_common::{InstanceId, NodeId};
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,9 @@ pub enum Command {
         replicas: u32,
         /// Below this many live data servers the slot table is frozen (0: never).
         min_data_servers: u32,
+        /// The bootstrap admin token: authentication is on exactly when it is given.
+        #[serde(default)]
+        admin_token: Option<TokenRecord>,
     },
     /// Admits `member`, replacing any other instance under the same key. `joined_at_ms` is taken
     /// from the command, so every node applying it records the same time.
@@ -38,6 +42,10 @@ pub enum Command {
     /// Places the slots again over the same data servers. After a join the newcomer holds only
     /// follower seats; this second placement, once it has caught up, hands it its share of leaders.
     Rebalance {},
+    /// Adds a token (its id is new: ids are random).
+    CreateToken { record: TokenRecord },
+    /// Removes token `id`; `by` is who asked, for the log.
+    RevokeToken { id: String, by: String },
 }
 
 /// What applying a command did.
@@ -55,6 +63,9 @@ pub struct MetaState {
     pub table: SlotTable,
     pub self_preservation: bool,
     pub min_data_servers: u32,
+    /// Whether clients must authenticate, and the tokens (ordered by id).
+    #[serde(default)]
+    pub acl: AclView,
 }
 
 impl Default for MetaState {
@@ -65,6 +76,7 @@ impl Default for MetaState {
             table: SlotTable::empty(0, 0),
             self_preservation: false,
             min_data_servers: 0,
+            acl: AclView::default(),
         }
     }
 }
@@ -78,6 +90,7 @@ impl MetaState {
             slot_count,
             replicas,
             min_data_servers: 0,
+            admin_token: None,
         });
         state
     }
@@ -95,15 +108,48 @@ impl MetaState {
                 slot_count,
                 replicas,
                 min_data_servers,
+                admin_token,
             } => {
                 if self.is_initialized() {
                     return false;
                 }
-                info!(cluster = %cluster_id, slots = slot_count, replicas, "cluster created");
+                let auth = admin_token.is_some();
+                info!(cluster = %cluster_id, slots = slot_count, replicas, auth, "cluster created");
                 self.cluster_id = cluster_id;
                 self.table = SlotTable::empty(slot_count, replicas);
                 self.min_data_servers = min_data_servers;
+                self.acl = AclView {
+                    enabled: auth,
+                    tokens: admin_token.into_iter().collect(),
+                };
                 true
+            }
+            Command::CreateToken { record } => {
+                match self.acl.tokens.binary_search_by(|t| t.id.cmp(&record.id)) {
+                    Ok(_) => false,
+                    Err(at) => {
+                        info!(
+                            token = %record.id,
+                            namespaces = ?record.namespaces,
+                            allow = ?record.allow,
+                            expires_at_ms = ?record.expires_at_ms,
+                            by = %record.created_by,
+                            "token created"
+                        );
+                        self.acl.tokens.insert(at, record);
+                        true
+                    }
+                }
+            }
+            Command::RevokeToken { id, by } => {
+                match self.acl.tokens.binary_search_by(|t| t.id.as_str().cmp(&id)) {
+                    Ok(at) => {
+                        let record = self.acl.tokens.remove(at);
+                        info!(token = %id, namespaces = ?record.namespaces, allow = ?record.allow, by = %by, "token revoked");
+                        true
+                    }
+                    Err(_) => false,
+                }
             }
             Command::Rebalance {} => {
                 let epoch = self.table.epoch;
@@ -225,6 +271,7 @@ impl MetaState {
             members: self.members.values().cloned().collect(),
             table: self.table.clone(),
             meta_leader,
+            acl: self.acl.clone(),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use roster_common::acl::AclView;
 use roster_common::admin::AdminSource;
 use roster_common::proto::Role;
 use serde_json::json;
@@ -27,6 +28,10 @@ impl AdminSource for SessionAdmin {
         metrics::gauge!("roster_session_subscribers").set(subscribers as f64);
         metrics::gauge!("roster_session_publishers").set(publishers as f64);
         metrics::gauge!("roster_session_push_pending").set(pending as f64);
+    }
+
+    fn acl(&self) -> Option<AclView> {
+        self.shared.view().map(|view| view.acl.clone())
     }
 
     fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {

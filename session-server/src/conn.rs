@@ -12,6 +12,13 @@
 //! `PermissionDenied`, and every record carries the owner derived from id and secret, which the
 //! slot leader checks before replacing a record (so a client on another session server cannot
 //! take it either). Subscriptions live in the [`crate::hub::Hub`].
+//!
+//! Rights: where the cluster checks tokens, `Hello` must carry one (`Unauthenticated` otherwise,
+//! and the connection is closed with [`CLOSE_UNAUTHENTICATED`]); each request is checked against
+//! what it grants in the service's namespace (`PermissionDenied`). The connection watches the
+//! cluster view: when its token is revoked or expires, it is closed with the same code and its
+//! publishers are removed at once. A source that keeps failing to authenticate is refused for a
+//! while without its token being looked at.
 //! Pushes go out on one unidirectional stream the server opens after `Hello`, written by a task
 //! that takes from the hub whatever is due each time it is free to write.
 
@@ -26,7 +33,8 @@ use roster_common::proto::{
     CAPABILITY_DELTA, ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role,
     ServiceSummary, WriteOp,
 };
-use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
+use roster_common::acl::{Permission, Principal, failure_reason};
+use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve, unix_millis};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +44,7 @@ use crate::forward::Forward;
 use crate::hub::ConnId;
 use crate::links::LinkEvent;
 use crate::server::{Identity, Orphan, Shared};
-use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER};
+use crate::{CLOSE_FULL, CLOSE_PROTOCOL, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED};
 
 /// A client connection after `Hello`.
 struct Client {
@@ -46,6 +54,8 @@ struct Client {
     owner: u128,
     /// This connection's hold on its client id, released when the connection is done.
     _hold: IdentityHold,
+    /// What its token allows.
+    principal: Principal,
     /// The publishers this connection registered, by register id.
     publishers: Mutex<HashMap<RegisterId, ServiceId>>,
     /// Permits for requests in progress: at most `max_requests_per_connection`.
@@ -84,19 +94,28 @@ pub async fn serve_client(
             client_id: hello.hold.client_id.clone(),
             owner: hello.hold.owner,
             _hold: hello.hold,
+            principal: hello.principal,
             requests: Arc::new(Semaphore::new(
                 shared.config.max_requests_per_connection as usize,
             )),
         });
-        serve::serve_streams(&conn, &shutdown, &tracker, |send, recv| {
+        let served = serve::serve_streams(&conn, &shutdown, &tracker, |send, recv| {
             handle_stream(shared.clone(), client.clone(), send, recv).in_current_span()
-        })
-        .await;
+        });
+        let rights_lost = tokio::select! {
+            () = served => false,
+            lost = rights_lost(&shared, &client.principal) => {
+                warn!(error = %lost, "closing the connection: its token no longer holds");
+                metrics::counter!("roster_auth_failures_total", "reason" => failure_reason(&lost)).increment(1);
+                conn.close(CLOSE_UNAUTHENTICATED, lost.to_string().as_bytes());
+                true
+            }
+        };
         let reason = conn.close_reason();
         if shutdown.is_cancelled() {
             conn.close(0u32.into(), b"session server shutting down");
         }
-        cleanup(&shared, &client, reason.as_ref()).await;
+        cleanup(&shared, &client, reason.as_ref(), rights_lost).await;
     }
     .instrument(span)
     .await
@@ -106,6 +125,8 @@ pub async fn serve_client(
 struct Hello {
     /// The client id it proved, held for this connection.
     hold: IdentityHold,
+    /// What its token allows.
+    principal: Principal,
     /// It takes `Delta` pushes.
     deltas: bool,
 }
@@ -197,12 +218,15 @@ async fn await_hello(
                 client_id,
                 capabilities,
                 client_secret,
+                token,
                 ..
             }) => match check_hello(protocol_version, &client_id, &client_secret)
-                .and_then(|()| check_capacity(shared))
-                .and_then(|()| claim(shared, client_id, &client_secret))
-            {
-                Ok(hold) => {
+                .and_then(|()| authenticate(shared, conn, token.as_deref()))
+                .and_then(|principal| {
+                    check_capacity(shared)?;
+                    Ok((principal, claim(shared, client_id, &client_secret)?))
+                }) {
+                Ok((principal, hold)) => {
                     // The capabilities this server grants: those asked for that it has.
                     let granted: Vec<String> = capabilities
                         .into_iter()
@@ -220,7 +244,11 @@ async fn await_hello(
                             capabilities: granted,
                             max_requests: Some(shared.config.max_requests_per_connection),
                         }),
-                        Some(Hello { hold, deltas }),
+                        Some(Hello {
+                            hold,
+                            principal,
+                            deltas,
+                        }),
                     )
                 }
                 Err(e) => (Err(e), None),
@@ -243,6 +271,7 @@ async fn await_hello(
                 Some((CLOSE_PROTOCOL, &b"unsupported protocol version"[..]))
             }
             Err(Error::LimitExceeded(_)) => Some((CLOSE_FULL, &b"too many connections"[..])),
+            Err(Error::Unauthenticated(_)) => Some((CLOSE_UNAUTHENTICATED, &b"unauthenticated"[..])),
             _ => None,
         };
         let _ = rpc::send_reply(&mut send, result, max_frame).await;
@@ -277,6 +306,58 @@ fn check_hello(protocol_version: u32, client_id: &str, secret: &[u8]) -> Result<
         )));
     }
     Ok(())
+}
+
+/// What the token of a `Hello` allows: `Unauthenticated` (counted, and held against the source
+/// address) when the cluster checks tokens and this one does not pass.
+fn authenticate(shared: &Shared, conn: &Connection, token: Option<&str>) -> Result<Principal> {
+    let view = shared
+        .view()
+        .ok_or_else(|| Error::Unavailable("this session server has no cluster view yet".into()))?;
+    let source = conn.remote_address().ip();
+    let now = Instant::now();
+    let result = shared
+        .auth_failures
+        .lock()
+        .check(source, now)
+        .and_then(|()| view.acl.authenticate(token, unix_millis()));
+    if let Err(e) = &result {
+        let reason = failure_reason(e);
+        metrics::counter!("roster_auth_failures_total", "reason" => reason).increment(1);
+        if reason != "rate_limited" {
+            shared.auth_failures.lock().failed(source, now);
+        }
+        info!(%source, reason, "refused a client's token");
+    }
+    result
+}
+
+/// Resolves when `principal`'s token is revoked or expires, with the `Unauthenticated` error that
+/// says which; never while the cluster does not check tokens.
+async fn rights_lost(shared: &Shared, principal: &Principal) -> Error {
+    if principal.token_id.is_none() {
+        return std::future::pending().await;
+    }
+    let mut views = shared.view.clone();
+    loop {
+        let verdict = views
+            .borrow_and_update()
+            .as_ref()
+            .map(|view| view.acl.still_valid(principal, unix_millis()));
+        if let Some(Err(lost)) = verdict {
+            return lost;
+        }
+        // Wake just after expiry; clocks in milliseconds round down.
+        let expiry = principal.expires_at_ms.map(|at| {
+            std::time::Duration::from_millis(at.saturating_sub(unix_millis()).saturating_add(1))
+        });
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() {
+                return std::future::pending().await;
+            },
+            _ = async { tokio::time::sleep(expiry.expect("guarded")).await }, if expiry.is_some() => {}
+        }
+    }
 }
 
 /// Refuses a connection beyond `max_connections`.
@@ -407,6 +488,9 @@ async fn handle_request(
             client_version,
         } => {
             check_register_id(&register_id)?;
+            client
+                .principal
+                .check(service.namespace(), Permission::Publish)?;
             let size: usize = data.iter().map(Bytes::len).sum::<usize>()
                 + attributes
                     .iter()
@@ -495,6 +579,9 @@ async fn handle_request(
             scope: _,
         } => {
             check_register_id(&register_id)?;
+            client
+                .principal
+                .check(service.namespace(), Permission::Subscribe)?;
             let outcome = {
                 let mut hub = shared.hub.lock();
                 if !hub.is_subscribed(client.id, &register_id)
@@ -532,9 +619,19 @@ async fn handle_request(
             Ok(ClientResponse::Done {})
         }
         ClientRequest::Ping {} => Ok(ClientResponse::Pong {}),
-        ClientRequest::ListServices {} => list_services(shared)
-            .await
-            .map(|services| ClientResponse::Services { services }),
+        ClientRequest::ListServices {} => {
+            let principal = &client.principal;
+            // Only the namespaces this token may subscribe in; none at all is a refusal.
+            if !principal.allow.contains(&Permission::Subscribe) {
+                return Err(Error::PermissionDenied(format!(
+                    "token {} has no subscribe permission, which listing needs",
+                    principal.token_id.as_deref().unwrap_or("-")
+                )));
+            }
+            let mut services = list_services(shared).await?;
+            services.retain(|s| principal.may(s.service.namespace(), Permission::Subscribe));
+            Ok(ClientResponse::Services { services })
+        }
     }
 }
 
@@ -624,14 +721,21 @@ async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
 /// remove its publishers from the data tier — at once if the client closed the connection itself
 /// (it left, or moved and registered them elsewhere first), after `client_grace` if it was lost,
 /// unless the same client comes back within the grace and takes them over (see [`adopt`]).
-async fn cleanup(shared: &Shared, client: &Client, reason: Option<&ConnectionError>) {
+async fn cleanup(
+    shared: &Shared,
+    client: &Client,
+    reason: Option<&ConnectionError>,
+    rights_lost: bool,
+) {
     let shutdown = &shared.draining;
     let abandoned = shared.hub.lock().detach(client.id);
     for service in abandoned {
         shared.link_event(LinkEvent::Unwant(service)).await;
     }
     let held: HashMap<RegisterId, ServiceId> = client.publishers.lock().drain().collect();
-    let closed_by_client = matches!(reason, Some(ConnectionError::ApplicationClosed(_)));
+    // A connection closed for its token has no grace: coming back with the same token is refused.
+    let closed_by_client =
+        rights_lost || matches!(reason, Some(ConnectionError::ApplicationClosed(_)));
     let reason_text = reason.map_or_else(
         || "server shutting down".to_owned(),
         roster_common::error::describe_close,

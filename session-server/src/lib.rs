@@ -38,6 +38,8 @@ pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(proto::CLOSE_SLOW_CONSU
 pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(proto::CLOSE_PROTOCOL);
 /// Application close code: the server holds its maximum of connections.
 pub const CLOSE_FULL: VarInt = VarInt::from_u32(proto::CLOSE_FULL);
+/// Closes a connection whose token was revoked or expired, or that presented none that is valid.
+pub const CLOSE_UNAUTHENTICATED: VarInt = VarInt::from_u32(proto::CLOSE_UNAUTHENTICATED);
 
 /// How a session server runs. Every field's default is given in its comment.
 #[derive(Clone, Debug)]

@@ -22,6 +22,8 @@ use tracing::{info, warn};
 use crate::SessionConfig;
 use crate::conn::serve_client;
 use crate::forward::{self, FORWARD_QUEUE, Forward};
+use roster_common::acl::FailureLimiter;
+
 use crate::gate::SlotGate;
 use crate::hub::{ConnId, Hub};
 use crate::links::{self, LINK_EVENTS, LinkEvent};
@@ -61,6 +63,8 @@ pub(crate) struct Shared {
     pub orphans: Mutex<HashMap<ClientId, Vec<Orphan>>>,
     /// The client ids in use here, with the owner that proved each (see `conn::claim`).
     pub identities: Mutex<HashMap<ClientId, Identity>>,
+    /// Failed authentications by source address.
+    pub auth_failures: Mutex<FailureLimiter>,
 }
 
 /// A client id in use on this server: the owner its connections proved, and how many of them
@@ -173,6 +177,7 @@ impl SessionServer {
             slot_gate: SlotGate::default(),
             orphans: Mutex::new(HashMap::new()),
             identities: Mutex::new(HashMap::new()),
+            auth_failures: Mutex::new(FailureLimiter::default()),
         });
         self.admin.install(Arc::new(crate::admin::SessionAdmin {
             shared: shared.clone(),

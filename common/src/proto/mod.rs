@@ -37,6 +37,8 @@ pub const CLOSE_SLOW_CONSUMER: u32 = 0x10;
 pub const CLOSE_PROTOCOL: u32 = 0x11;
 /// Application close code of a session server: it holds its maximum of connections.
 pub const CLOSE_FULL: u32 = 0x12;
+/// Application close code of a session server: the connection's token was revoked or expired.
+pub const CLOSE_UNAUTHENTICATED: u32 = 0x13;
 
 /// A response frame: `{"Ok": body}` or `{"Err": {code, message, ...}}`.
 pub type Reply<T> = std::result::Result<T, WireError>;

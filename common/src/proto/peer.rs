@@ -6,6 +6,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::client::{PublisherId, PublisherView, ServiceSummary, Snapshot};
+use crate::acl::{AclView, Permission, TokenInfo};
 use crate::ids::{ClientId, Epoch, InstanceId, NodeId, RegisterId, ServiceId, SlotId, Version};
 use crate::slot::slot_of;
 
@@ -128,6 +129,9 @@ pub struct ClusterView {
     /// The meta node currently leading, when known (its peer address).
     #[serde(default)]
     pub meta_leader: Option<String>,
+    /// Whether clients must authenticate, and the tokens they may present.
+    #[serde(default)]
+    pub acl: AclView,
 }
 
 impl ClusterView {
@@ -198,6 +202,27 @@ pub enum MetaRequest {
     },
     /// Removes meta node `id` from the group.
     RemoveMeta { id: NodeId },
+    /// Creates a token granting `allow` in `namespaces` (`*`: all), expiring after `ttl_ms` if
+    /// given. Answered with `TokenCreated`, the only place the token's secret is ever shown.
+    /// `by` names who asks, for the log.
+    CreateToken {
+        namespaces: Vec<String>,
+        allow: Vec<Permission>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        description: String,
+        #[serde(default)]
+        by: String,
+    },
+    /// The tokens, without their secrets (linearizable).
+    ListTokens {},
+    /// Revokes token `id`: connections that presented it lose their rights.
+    RevokeToken {
+        id: String,
+        #[serde(default)]
+        by: String,
+    },
     /// Hands leadership to voter `id`.
     TransferLeader { id: NodeId },
     /// Meta ↔ meta: who the answering node is.
@@ -228,6 +253,9 @@ impl MetaRequest {
             MetaRequest::Status { .. } => "Status",
             MetaRequest::AddMeta { .. } => "AddMeta",
             MetaRequest::RemoveMeta { .. } => "RemoveMeta",
+            MetaRequest::CreateToken { .. } => "CreateToken",
+            MetaRequest::ListTokens {} => "ListTokens",
+            MetaRequest::RevokeToken { .. } => "RevokeToken",
             MetaRequest::TransferLeader { .. } => "TransferLeader",
             MetaRequest::NodeInfo {} => "NodeInfo",
             MetaRequest::Raft { .. } => "Raft",
@@ -276,6 +304,17 @@ pub enum MetaResponse {
     },
     Raft {
         payload: Bytes,
+    },
+    /// Answer to `CreateToken`: the token itself (shown once) and what it grants.
+    TokenCreated {
+        token: String,
+        info: TokenInfo,
+    },
+    /// Answer to `ListTokens`.
+    Tokens {
+        /// False for a cluster created with `--insecure-no-auth`.
+        enabled: bool,
+        tokens: Vec<TokenInfo>,
     },
 }
 
