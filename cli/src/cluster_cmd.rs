@@ -33,7 +33,7 @@ impl ClusterConfig {
         toml::to_string(self).expect("a cluster config always serializes")
     }
 
-    fn load(path: &Path) -> anyhow::Result<Self> {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let mut config: ClusterConfig =

@@ -9,12 +9,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use roster_client::ClientConfig;
+use roster_common::acl::{ANY_NAMESPACE, Permission, generate_token};
+use roster_common::proto::{MetaRequest, MetaResponse};
 use roster_common::quic::bind_udp;
 use roster_common::tls::{self, CA_CERT_FILE, Pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
+use crate::cluster_cmd::CLUSTER_CONFIG_FILE;
 use crate::shutdown_on_signal;
 
 /// The client config file `roster dev` writes and client commands read by default.
@@ -45,7 +48,15 @@ pub struct DevArgs {
     /// Session servers to run; client.toml lists them all.
     #[arg(long, default_value_t = 1)]
     sessions: usize,
+    /// Run the cluster without authentication (as `roster meta --insecure-no-auth`). By default
+    /// the cluster checks tokens: its admin token is in DIR/admin.token and client.toml carries a
+    /// token that may publish and subscribe in every namespace.
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
+
+/// The file `roster dev` keeps the cluster's admin token in.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// One server process of the dev cluster.
 struct Server {
@@ -71,12 +82,16 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `metas` meta nodes, `datas` data servers and `sessions` session servers, writes the
     /// CA, client.toml, cluster.toml and targets.json into `dir`, and waits until every server is
-    /// ready. `log` is the `RUST_LOG` of the servers (`None`: inherit). Gives up on `cancel`.
+    /// ready. With `auth`, the cluster checks tokens: its admin token goes to `dir/admin.token` and
+    /// client.toml gets a token that may publish and subscribe everywhere. `log` is the `RUST_LOG`
+    /// of the servers (`None`: inherit). Gives up on `cancel`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         dir: &Path,
         metas: usize,
         datas: usize,
         sessions: usize,
+        auth: bool,
         log: Option<&str>,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<LocalCluster> {
@@ -110,6 +125,17 @@ impl LocalCluster {
             .join(",");
         let meta_list = voters.values().cloned().collect::<Vec<_>>().join(",");
         let tls_arg = tls_dir.to_string_lossy().into_owned();
+        let admin_token_file = dir.join(ADMIN_TOKEN_FILE);
+        let auth_args = if auth {
+            tls::write_file(&admin_token_file, &format!("{}\n", generate_token()), true)?;
+            vec![
+                "--admin-token-file".to_owned(),
+                admin_token_file.to_string_lossy().into_owned(),
+            ]
+        } else {
+            let _ = std::fs::remove_file(&admin_token_file);
+            vec!["--insecure-no-auth".to_owned()]
+        };
 
         let mut cluster = LocalCluster {
             dir: dir.clone(),
@@ -126,7 +152,7 @@ impl LocalCluster {
                         .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
                 }
                 let meta_dir = meta_dir.to_string_lossy().into_owned();
-                let extra = [
+                let mut extra = vec![
                     "--listen",
                     addr,
                     "--data-dir",
@@ -134,6 +160,7 @@ impl LocalCluster {
                     "--bootstrap",
                     &bootstrap,
                 ];
+                extra.extend(auth_args.iter().map(String::as_str));
                 servers.push(spawn("meta", *id, &extra, &tls_arg, log).await?);
             }
             for id in 1..=datas as u64 {
@@ -143,12 +170,17 @@ impl LocalCluster {
                 let extra = ["--meta", &meta_list, "--drain-timeout-ms", "2000"];
                 servers.push(spawn("session", id, &extra, &tls_arg, log).await?);
             }
-            write_files(&dir, servers, &meta_list)?;
+            write_files(&dir, servers, &meta_list, None)?;
             let admin_ports: Vec<String> = servers.iter().map(|s| s.http.clone()).collect();
             tokio::select! {
-                ready = wait_ready(&admin_ports) => ready,
-                _ = tokio::time::sleep(START_TIMEOUT) => Err(anyhow::anyhow!("the cluster did not become ready within {START_TIMEOUT:?}")),
+                ready = wait_ready(&admin_ports) => ready?,
+                _ = tokio::time::sleep(START_TIMEOUT) => bail!("the cluster did not become ready within {START_TIMEOUT:?}"),
             }
+            if auth {
+                let token = client_token(&dir).await?;
+                write_files(&dir, servers, &meta_list, Some(token))?;
+            }
+            anyhow::Ok(())
         };
         let started = tokio::select! {
             started = started => started,
@@ -197,6 +229,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.metas,
         args.datas,
         args.sessions,
+        !args.insecure_no_auth,
         None,
         &shutdown,
     )
@@ -215,6 +248,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         cluster.dir.join(CLIENT_CONFIG_FILE).display(),
         cluster.dir.join(CA_CERT_FILE).display()
     );
+    if args.insecure_no_auth {
+        println!("roster dev: authentication is OFF (--insecure-no-auth)");
+    } else {
+        println!(
+            "roster dev: authentication is on; the admin token is in {}, and client.toml holds a publish+subscribe token",
+            cluster.dir.join(ADMIN_TOKEN_FILE).display()
+        );
+    }
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         exited = cluster.first_exit() => Some(exited),
@@ -309,25 +350,50 @@ async fn spawn(
     })
 }
 
-/// Writes client.toml, cluster.toml and targets.json into `dir`.
-fn write_files(dir: &Path, servers: &[Server], meta_list: &str) -> anyhow::Result<()> {
+/// Asks the meta group of the cluster in `dir` for a token that may publish and subscribe in
+/// every namespace.
+async fn client_token(dir: &Path) -> anyhow::Result<String> {
+    let config = crate::cluster_cmd::ClusterConfig::load(&dir.join(CLUSTER_CONFIG_FILE))?;
+    let request = MetaRequest::CreateToken {
+        namespaces: vec![ANY_NAMESPACE.to_owned()],
+        allow: vec![Permission::Publish, Permission::Subscribe],
+        ttl_ms: None,
+        description: "client.toml of roster dev".into(),
+        by: "roster dev".into(),
+    };
+    match crate::cluster_cmd::ask(&config, &request, Duration::from_secs(10)).await? {
+        MetaResponse::TokenCreated { token, .. } => Ok(token),
+        other => bail!("unexpected answer to CreateToken: {other:?}"),
+    }
+}
+
+/// Writes client.toml (with `token`, if given; readable by its owner only then), cluster.toml
+/// and targets.json into `dir`.
+fn write_files(
+    dir: &Path,
+    servers: &[Server],
+    meta_list: &str,
+    token: Option<String>,
+) -> anyhow::Result<()> {
     let session_addrs: Vec<String> = servers
         .iter()
         .filter(|s| s.role == "session")
         .map(|s| s.quic.clone())
         .collect();
-    let client_config = ClientConfig::new(session_addrs, CA_CERT_FILE);
+    let mut client_config = ClientConfig::new(session_addrs, CA_CERT_FILE);
+    let secret = token.is_some();
+    client_config.token = token.map(Into::into);
     tls::write_file(
         &dir.join(CLIENT_CONFIG_FILE),
         &client_config.to_toml(),
-        false,
+        secret,
     )?;
     let cluster_config = crate::cluster_cmd::ClusterConfig {
         meta: meta_list.split(',').map(str::to_owned).collect(),
         tls_dir: "tls".into(),
     };
     tls::write_file(
-        &dir.join(crate::cluster_cmd::CLUSTER_CONFIG_FILE),
+        &dir.join(CLUSTER_CONFIG_FILE),
         &cluster_config.to_toml(),
         false,
     )?;

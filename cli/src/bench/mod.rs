@@ -164,6 +164,10 @@ pub struct BenchArgs {
     /// Roster cluster to start, as METAS/DATAS/SESSIONS.
     #[arg(long, default_value = "1/1/1")]
     cluster: String,
+    /// Start the Roster cluster without authentication (to measure what checking tokens costs;
+    /// by default clients present a token, as `roster dev` sets up).
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Use a running Roster cluster through this client config instead of starting one (server
     /// memory and CPU are then not reported).
     #[arg(long)]

@@ -47,6 +47,7 @@ impl RosterTarget {
             shape[0],
             shape[1],
             shape[2],
+            !args.insecure_no_auth,
             Some("warn,openraft=off"),
             &CancellationToken::new(),
         )
@@ -54,7 +55,11 @@ impl RosterTarget {
         let config = cluster.dir.join(CLIENT_CONFIG_FILE);
         Ok(RosterTarget {
             cluster: Some(cluster),
-            shape: args.cluster.clone(),
+            shape: if args.insecure_no_auth {
+                format!("{} no-auth", args.cluster)
+            } else {
+                args.cluster.clone()
+            },
             config,
         })
     }
