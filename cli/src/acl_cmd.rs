@@ -36,10 +36,20 @@ enum TokenCommand {
     /// Create a token; it is printed once, on standard output, and never shown again.
     Create {
         /// Namespaces it applies to, comma-separated or repeated; `*` is every namespace.
-        #[arg(long = "namespace", value_name = "NS", value_delimiter = ',', required = true)]
+        #[arg(
+            long = "namespace",
+            value_name = "NS",
+            value_delimiter = ',',
+            required = true
+        )]
         namespaces: Vec<String>,
         /// What it allows there: publish, subscribe, admin (comma-separated).
-        #[arg(long, value_name = "PERM[,PERM...]", value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_name = "PERM[,PERM...]",
+            value_delimiter = ',',
+            required = true
+        )]
         allow: Vec<Permission>,
         /// Lifetime, e.g. 90s, 30m, 12h, 7d [default: never expires].
         #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
@@ -149,7 +159,9 @@ pub async fn run(args: AclArgs) -> anyhow::Result<()> {
                 );
             } else {
                 if !enabled {
-                    println!("authentication is off: this cluster was created with --insecure-no-auth");
+                    println!(
+                        "authentication is off: this cluster was created with --insecure-no-auth"
+                    );
                 }
                 println!(
                     "{:<18} {:<24} {:<26} {:<16} {:<20} DESCRIPTION",
@@ -182,11 +194,7 @@ pub async fn run(args: AclArgs) -> anyhow::Result<()> {
 }
 
 fn names(allow: &[Permission]) -> String {
-    allow
-        .iter()
-        .map(|p| p.name())
-        .collect::<Vec<_>>()
-        .join(",")
+    allow.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
 }
 
 /// `never`, `expired`, or how long is left.

@@ -38,7 +38,12 @@ pub struct Connection {
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
     /// The token to present, overriding the config file's `token` / `token-file`.
-    #[arg(long, env = "ROSTER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ROSTER_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 

@@ -145,7 +145,12 @@ fn authorize(state: &AppState, headers: &HeaderMap, source: IpAddr) -> Result<()
             serde_json::json!({"error": "the server is still starting"}),
         )
     };
-    let acl = state.admin.source().ok_or_else(starting)?.acl().ok_or_else(starting)?;
+    let acl = state
+        .admin
+        .source()
+        .ok_or_else(starting)?
+        .acl()
+        .ok_or_else(starting)?;
     if !acl.enabled {
         return Ok(());
     }

@@ -238,7 +238,11 @@ pub struct MetaArgs {
     /// With --bootstrap: create the cluster without authentication. Any client that reaches a
     /// session server may then publish and subscribe anything, and anyone may read /admin. Every
     /// server logs a warning about it at start. Fixed when the cluster is created.
-    #[arg(long, env = "ROSTER_INSECURE_NO_AUTH", conflicts_with = "admin_token_file")]
+    #[arg(
+        long,
+        env = "ROSTER_INSECURE_NO_AUTH",
+        conflicts_with = "admin_token_file"
+    )]
     #[serde(default)]
     insecure_no_auth: bool,
 }
@@ -255,15 +259,15 @@ fn bootstrap_admin_token(
     voters: usize,
 ) -> anyhow::Result<Option<Secret>> {
     let has_state = std::fs::read_dir(data_dir)
-        .map(|mut entries| {
-            entries.any(|e| e.is_ok_and(|e| e.file_name() != ADMIN_TOKEN_FILE))
-        })
+        .map(|mut entries| entries.any(|e| e.is_ok_and(|e| e.file_name() != ADMIN_TOKEN_FILE)))
         .unwrap_or(false);
     if has_state {
         return Ok(None);
     }
     if args.insecure_no_auth {
-        warn!("creating the cluster WITHOUT authentication (--insecure-no-auth): anyone who reaches it may publish, subscribe and read /admin");
+        warn!(
+            "creating the cluster WITHOUT authentication (--insecure-no-auth): anyone who reaches it may publish, subscribe and read /admin"
+        );
         return Ok(None);
     }
     let path = match &args.admin_token_file {

@@ -64,6 +64,7 @@ impl Deployment {
                 "tls",
                 "--bootstrap",
                 &voters,
+                "--insecure-no-auth",
                 "--rebalance-delay-ms",
                 "1000",
             ],

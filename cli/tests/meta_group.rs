@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use roster_common::proto::{Member, MetaRequest, MetaResponse, Role};
 use roster_common::{Error, ErrorCode};
 use serde_json::Value;
-use support::{Proc, cluster_status, free_udp_addr, meta_call, roster, run, run_within, wait_for};
+use support::{
+    Proc, cluster_status, create_token, free_udp_addr, meta_call, roster, run, run_within, wait_for,
+};
 
 const START: Duration = Duration::from_secs(30);
 
@@ -34,6 +36,8 @@ struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
+    /// `n` voters started with `extra`; without authentication unless `extra` names an
+    /// `--admin-token-file`.
     fn new(cwd: &'a Path, n: usize, extra: &[&str]) -> Self {
         let addrs: Vec<String> = (0..n).map(|_| free_udp_addr()).collect();
         let voters = addrs
@@ -49,6 +53,9 @@ impl<'a> Group<'a> {
             procs: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
+        if !extra.contains(&"--admin-token-file") {
+            group.extra.push("--insecure-no-auth".into());
+        }
         for id in 1..=n as u64 {
             let proc = group.spawn(id);
             group.procs.push(Some(proc));
@@ -168,14 +175,20 @@ fn member(cwd: &Path, role: &str, metas: &[String]) -> (Proc, String) {
 }
 
 fn http_status(addr: &str, path: &str) -> u16 {
+    http_get_bearer(addr, path, None)
+}
+
+/// The status of `GET path`, with `Authorization: Bearer TOKEN` if given.
+fn http_get_bearer(addr: &str, path: &str, token: Option<&str>) -> u16 {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return 0;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let _ = write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     );
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
@@ -184,6 +197,32 @@ fn http_status(addr: &str, path: &str) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
+}
+
+/// The ids of the cluster's tokens, as `roster acl token list --json` gives them.
+fn token_ids(cwd: &Path, metas: &str) -> Vec<String> {
+    let (ok, out, err) = run(
+        cwd,
+        &[
+            "acl",
+            "token",
+            "list",
+            "--json",
+            "--meta",
+            metas,
+            "--tls-dir",
+            "tls",
+        ],
+    );
+    assert!(ok, "roster acl token list: {err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["auth"], true);
+    list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// `(role, id, instance)` of every member in a status, sorted.
@@ -216,12 +255,17 @@ fn fake_member(role: Role, id: u64) -> Member {
 }
 
 #[test]
-fn leader_failover_keeps_every_member_and_all_metas_restart_from_disk() {
+fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     certs(cwd);
-    let mut group = Group::new(cwd, 3, &[]);
+    // Authentication on: every voter is given the same admin token.
+    let (ok, admin_token, err) = run(cwd, &["acl", "token", "generate"]);
+    assert!(ok, "{err}");
+    std::fs::write(cwd.join("admin.token"), &admin_token).unwrap();
+    let admin_token = admin_token.trim().to_owned();
+    let mut group = Group::new(cwd, 3, &["--admin-token-file", "admin.token"]);
     let status = group.leader_status(START);
     let cluster = status["cluster_id"].as_str().unwrap().to_owned();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
@@ -263,7 +307,10 @@ fn leader_failover_keeps_every_member_and_all_metas_restart_from_disk() {
         })
     };
 
-    // kill -9 the leader: a new one within 2 s.
+    // A token is created (acknowledged), and the leader is killed at once: kill -9 the leader,
+    // a new one within 2 s.
+    let metas = group.addrs.join(",");
+    let token = create_token(cwd, &metas, "prod", "subscribe", &[]);
     let old_leader = before["leader"].as_u64().unwrap();
     let start = Instant::now();
     group.kill(old_leader);
@@ -303,6 +350,11 @@ fn leader_failover_keeps_every_member_and_all_metas_restart_from_disk() {
     }
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
+    let token_id = &token[4..20];
+    assert!(
+        token_ids(cwd, &group.live().join(",")).contains(&token_id.to_owned()),
+        "the token acknowledged before the leader was killed is kept"
+    );
     assert!(
         failures.lock().unwrap().is_empty(),
         "members were not ready during the failover: {:?}",
@@ -327,6 +379,17 @@ fn leader_failover_keeps_every_member_and_all_metas_restart_from_disk() {
             .filter(|s| s["leases"].as_array().unwrap().len() == 2)
     });
     let restarted = Value::Object(restarted);
+    let ids = token_ids(cwd, &metas);
+    assert_eq!(ids.len(), 2, "the admin token and the one created: {ids:?}");
+    assert!(ids.contains(&token_id.to_owned()));
+    // The members learn the rules again from the restarted group: /admin wants the admin token.
+    wait_for(
+        START,
+        "the session's /admin to check the admin token",
+        || (http_get_bearer(&session_http, "/admin", Some(&admin_token)) == 200).then_some(()),
+    );
+    assert_eq!(http_get_bearer(&session_http, "/admin", None), 401);
+    assert_eq!(http_get_bearer(&data_http, "/admin", Some(&token)), 403);
     assert_eq!(restarted["cluster_id"].as_str().unwrap(), cluster);
     assert_eq!(members(&restarted), members_before);
     assert_eq!(restarted["table_epoch"].as_u64().unwrap(), epoch_before);
@@ -471,7 +534,13 @@ fn a_node_with_another_clusters_data_is_refused() {
         cwd,
         1,
         &a,
-        &["--data-dir", "a-1", "--bootstrap", &format!("1={a}")],
+        &[
+            "--data-dir",
+            "a-1",
+            "--bootstrap",
+            &format!("1={a}"),
+            "--insecure-no-auth",
+        ],
     );
     let cluster_a = created_cluster(cwd, &a);
     // Cluster B: created, then stopped.
@@ -480,7 +549,13 @@ fn a_node_with_another_clusters_data_is_refused() {
         cwd,
         2,
         &b,
-        &["--data-dir", "b-2", "--bootstrap", &format!("2={b}")],
+        &[
+            "--data-dir",
+            "b-2",
+            "--bootstrap",
+            &format!("2={b}"),
+            "--insecure-no-auth",
+        ],
     );
     let cluster_b = created_cluster(cwd, &b);
     meta_b.signal("TERM");

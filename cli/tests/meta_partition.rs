@@ -194,6 +194,7 @@ fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
                 "tls",
                 "--bootstrap",
                 &voters,
+                "--insecure-no-auth",
             ];
             let proc = in_ns(&net, i, &format!("meta {i}"), cwd, &args);
             proc.line_matching(START, "its listen line", |l| l.contains("listening:"));

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{roster, run, start_meta, start_server};
+use support::{roster, run, start_meta, start_meta_with_auth, start_server};
 
 const START: Duration = Duration::from_secs(30);
 
@@ -265,7 +265,15 @@ fn a_copied_client_id_cannot_replace_anothers_publisher() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta_addr, _) = start_meta(cwd, &[]);
+    // Authentication on: the impostor holds a valid token too; only the id is copied.
+    let (_meta, meta_addr, _, _) = start_meta_with_auth(cwd, &[]);
+    let token = support::create_token(cwd, &meta_addr, "default", "publish,subscribe", &[]);
+    let client_config = |cwd: &Path, name: &str, session: &str| {
+        let file = client_config(cwd, name, session);
+        let text = std::fs::read_to_string(cwd.join(&file)).unwrap();
+        std::fs::write(cwd.join(&file), format!("{text}token = \"{token}\"\n")).unwrap();
+        file
+    };
     let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
     let (_s1, session1, http1) = start_server(cwd, "session", "1", &["--meta", &meta_addr]);
     let (_s2, session2, http2) = start_server(cwd, "session", "2", &["--meta", &meta_addr]);

@@ -52,6 +52,7 @@ fn one_session_server_pushes_a_change_to_every_connection() {
             "tls",
             "--bootstrap",
             &voters,
+            "--insecure-no-auth",
         ],
     );
     meta_proc.line_matching(START, "its listen line", |l| l.contains("listening:"));

@@ -1,6 +1,7 @@
 //! Session servers dying and draining under client load, with real processes: a session server
 //! killed with SIGKILL, then one stopped with SIGTERM. Their clients must be connected elsewhere
 //! within 2 s, and no subscriber anywhere may see any publisher disappear, even for one snapshot.
+//! The cluster checks tokens, as one created by `roster meta --bootstrap` does by default.
 
 mod support;
 
@@ -12,12 +13,12 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use roster_client::{Client, ClientConfig, ConnectionState, Publication, Snapshot};
 use roster_tests::{PublisherKey, check_history, keys};
-use support::{Proc, cluster_status, free_udp_addr, roster, run, wait_for};
+use support::{Proc, cluster_status, create_token, free_udp_addr, roster, run, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const SERVICES: usize = 10;
-const PUBLISHER_CLIENTS: usize = 30;
-const PER_CLIENT: usize = 10;
+const PUBLISHER_CLIENTS: usize = 40;
+const PER_CLIENT: usize = 25;
 const SUBSCRIBER_CLIENTS: usize = 6;
 
 struct Sessions {
@@ -25,7 +26,9 @@ struct Sessions {
     addrs: Vec<String>,
 }
 
-fn start(cwd: &Path) -> (Proc, Proc, Sessions, String) {
+/// Starts the cluster; returns its meta and data servers, the sessions, the meta address and a
+/// token that may publish and subscribe in the test's namespace.
+fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String) {
     let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
     assert!(ok, "{err}");
     let meta = free_udp_addr();
@@ -115,7 +118,8 @@ fn start(cwd: &Path) -> (Proc, Proc, Sessions, String) {
             && leases.iter().any(|l| l["role"] == "data"))
         .then_some(())
     });
-    (meta_proc, data, sessions, meta)
+    let token = create_token(cwd, &meta, "moving", "publish,subscribe", &[]);
+    (meta_proc, data, sessions, meta, token)
 }
 
 /// Waits until the meta tier no longer lists session `id`.
@@ -136,7 +140,7 @@ type Seen = Arc<Mutex<HashMap<(usize, String), Vec<Snapshot>>>>;
 fn killed_and_drained_session_servers_lose_no_publisher() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
-    let (_meta, _data, mut sessions, meta) = start(cwd);
+    let (_meta, _data, mut sessions, meta, token) = start(cwd);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -144,6 +148,7 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
     let config = || {
         let mut c = ClientConfig::new(sessions.addrs.clone(), cwd.join("tls/ca.pem"));
         c.refuse_empty = false;
+        c.token = Some(token.as_str().into());
         c
     };
     let service = |i: usize| format!("moving/svc/{i}");

@@ -196,7 +196,10 @@ impl ClientConfig {
                 )));
             }
             let text = std::fs::read_to_string(file).map_err(|e| {
-                Error::InvalidArgument(format!("cannot read the token file {}: {e}", file.display()))
+                Error::InvalidArgument(format!(
+                    "cannot read the token file {}: {e}",
+                    file.display()
+                ))
             })?;
             config.token = Some(Secret::new(text.trim()));
         }

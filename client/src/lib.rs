@@ -64,8 +64,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use config::ClientConfig;
-pub use roster_common::acl::Secret;
 pub use io::endpoint;
+pub use roster_common::acl::Secret;
 pub use roster_common::proto::{PublisherView, ServiceSummary};
 pub use roster_common::{Error, ErrorCode, Result, ServiceId, Version};
 pub use snapshot::{Event, Publishers, Snapshot, diff};

@@ -49,7 +49,11 @@ pub enum Permission {
 }
 
 impl Permission {
-    pub const ALL: [Permission; 3] = [Permission::Publish, Permission::Subscribe, Permission::Admin];
+    pub const ALL: [Permission; 3] = [
+        Permission::Publish,
+        Permission::Subscribe,
+        Permission::Admin,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -240,7 +244,8 @@ impl AclView {
                 "{MISSING}: set `token` or `token-file` in client.toml, ROSTER_TOKEN, or --token"
             ))
         })?;
-        let invalid = || Error::Unauthenticated("the token is not valid (unknown, revoked or wrong)".into());
+        let invalid =
+            || Error::Unauthenticated("the token is not valid (unknown, revoked or wrong)".into());
         let (id, secret) = parse_token(token).map_err(|_| invalid())?;
         let record = self.find(id).ok_or_else(invalid)?;
         // The same work whether or not the digest matches.
@@ -345,10 +350,15 @@ fn parse_token(token: &str) -> Result<(&str, &str), Error> {
             "a token is {TOKEN_PREFIX}<{ID_HEX} hex digits>_<{SECRET_HEX} hex digits>"
         ))
     };
-    let rest = token.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(malformed)?;
+    let rest = token
+        .trim()
+        .strip_prefix(TOKEN_PREFIX)
+        .ok_or_else(malformed)?;
     let (id, secret) = rest.split_once('_').ok_or_else(malformed)?;
     let is_hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     if !is_hex(id, ID_HEX) || !is_hex(secret, SECRET_HEX) {
         return Err(malformed());
@@ -447,7 +457,10 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(record.allow, vec![Permission::Publish, Permission::Subscribe]);
+        assert_eq!(
+            record.allow,
+            vec![Permission::Publish, Permission::Subscribe]
+        );
         let acl = view(vec![record]);
         let who = acl.authenticate(Some(&token), 0).unwrap();
         assert_eq!(who.token_id.as_deref(), Some(token_id(&token).unwrap()));
@@ -463,9 +476,13 @@ mod tests {
     #[test]
     fn missing_wrong_unknown_and_expired_tokens_are_refused() {
         let token = generate_token();
-        let record =
-            TokenRecord::of_token(&token, vec!["*".into()], vec![Permission::Admin], Some(1_000))
-                .unwrap();
+        let record = TokenRecord::of_token(
+            &token,
+            vec!["*".into()],
+            vec![Permission::Admin],
+            Some(1_000),
+        )
+        .unwrap();
         let acl = view(vec![record]);
         let reason = |t: Option<&str>, now| failure_reason(&acl.authenticate(t, now).unwrap_err());
         assert_eq!(reason(None, 0), "missing_token");
@@ -482,16 +499,23 @@ mod tests {
     #[test]
     fn revocation_and_expiry_end_what_was_granted() {
         let token = generate_token();
-        let record =
-            TokenRecord::of_token(&token, vec!["*".into()], vec![Permission::Publish], Some(50))
-                .unwrap();
+        let record = TokenRecord::of_token(
+            &token,
+            vec!["*".into()],
+            vec![Permission::Publish],
+            Some(50),
+        )
+        .unwrap();
         let acl = view(vec![record]);
         let who = acl.authenticate(Some(&token), 0).unwrap();
         assert!(acl.still_valid(&who, 10).is_ok());
         assert!(acl.still_valid(&who, 50).is_err());
         let revoked = view(vec![]);
         let e = revoked.still_valid(&who, 0).unwrap_err();
-        assert!(matches!(&e, Error::Unauthenticated(m) if m.contains("revoked")), "{e}");
+        assert!(
+            matches!(&e, Error::Unauthenticated(m) if m.contains("revoked")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -529,9 +553,14 @@ mod tests {
             assert!(limiter.check(ip, start).is_ok());
             limiter.failed(ip, start);
         }
-        let e = limiter.check(ip, start + Duration::from_secs(1)).unwrap_err();
+        let e = limiter
+            .check(ip, start + Duration::from_secs(1))
+            .unwrap_err();
         assert_eq!(failure_reason(&e), "rate_limited");
-        assert!(limiter.check(other, start).is_ok(), "other sources are not held back");
+        assert!(
+            limiter.check(other, start).is_ok(),
+            "other sources are not held back"
+        );
         assert!(limiter.check(ip, start + FAILURE_WINDOW).is_ok());
     }
 
@@ -544,6 +573,10 @@ mod tests {
             limiter.failed(ip, start + Duration::from_millis(u64::from(i)));
         }
         assert!(limiter.sources.len() <= LIMITER_CAPACITY);
-        assert!(!limiter.sources.contains_key(&IpAddr::from(0u32.to_be_bytes())));
+        assert!(
+            !limiter
+                .sources
+                .contains_key(&IpAddr::from(0u32.to_be_bytes()))
+        );
     }
 }

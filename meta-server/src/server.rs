@@ -870,11 +870,10 @@ impl AdminSource for MetaAdmin {
     }
 
     fn acl(&self) -> Option<roster_common::acl::AclView> {
-        self.node.raft.state_machine().read(|m| {
-            m.state
-                .is_initialized()
-                .then(|| m.state.acl.clone())
-        })
+        self.node
+            .raft
+            .state_machine()
+            .read(|m| m.state.is_initialized().then(|| m.state.acl.clone()))
     }
 
     fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {

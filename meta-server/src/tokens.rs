@@ -114,7 +114,10 @@ mod tests {
         assert_eq!(record.created_by, "alice");
         let secret = token.rsplit('_').next().unwrap();
         assert!(
-            !record.hash.windows(8).any(|w| secret.as_bytes().windows(8).any(|s| s == w)),
+            !record
+                .hash
+                .windows(8)
+                .any(|w| secret.as_bytes().windows(8).any(|s| s == w)),
             "the secret is not stored"
         );
     }
@@ -125,9 +128,25 @@ mod tests {
         assert!(mint(request(&[], &p), 0).is_err());
         assert!(mint(request(&["prod"], &[]), 0).is_err());
         assert!(mint(request(&["a/b"], &p), 0).is_err());
-        assert!(mint(TokenRequest { ttl_ms: Some(10), ..request(&["*"], &p) }, 0).is_err());
         assert!(
-            mint(TokenRequest { description: "a\nb".into(), ..request(&["*"], &p) }, 0).is_err()
+            mint(
+                TokenRequest {
+                    ttl_ms: Some(10),
+                    ..request(&["*"], &p)
+                },
+                0
+            )
+            .is_err()
+        );
+        assert!(
+            mint(
+                TokenRequest {
+                    description: "a\nb".into(),
+                    ..request(&["*"], &p)
+                },
+                0
+            )
+            .is_err()
         );
         assert!(mint(request(&["*"], &p), 0).is_ok());
     }

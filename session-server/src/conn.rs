@@ -29,11 +29,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
+use roster_common::acl::{Permission, Principal, failure_reason};
 use roster_common::proto::{
     CAPABILITY_DELTA, ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role,
     ServiceSummary, WriteOp,
 };
-use roster_common::acl::{Permission, Principal, failure_reason};
 use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve, unix_millis};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -271,7 +271,9 @@ async fn await_hello(
                 Some((CLOSE_PROTOCOL, &b"unsupported protocol version"[..]))
             }
             Err(Error::LimitExceeded(_)) => Some((CLOSE_FULL, &b"too many connections"[..])),
-            Err(Error::Unauthenticated(_)) => Some((CLOSE_UNAUTHENTICATED, &b"unauthenticated"[..])),
+            Err(Error::Unauthenticated(_)) => {
+                Some((CLOSE_UNAUTHENTICATED, &b"unauthenticated"[..]))
+            }
             _ => None,
         };
         let _ = rpc::send_reply(&mut send, result, max_frame).await;

@@ -304,7 +304,22 @@ impl RawClient {
         addr: SocketAddr,
         receive_window: Option<u32>,
     ) -> RawClient {
-        let roots = tls::roots_from(&cluster.identity.ca).unwrap();
+        Self::connect_trusting(&cluster.identity.ca, addr, receive_window).await
+    }
+
+    /// Connects to the session server at `addr` whose certificate chains to the CA in the PEM
+    /// file `ca` (a cluster of separate processes).
+    pub async fn connect_with_ca(ca: &std::path::Path, addr: SocketAddr) -> RawClient {
+        let certs = tls::load_certs(ca).unwrap();
+        Self::connect_trusting(&certs, addr, None).await
+    }
+
+    async fn connect_trusting(
+        ca: &[quinn::rustls::pki_types::CertificateDer<'static>],
+        addr: SocketAddr,
+        receive_window: Option<u32>,
+    ) -> RawClient {
+        let roots = tls::roots_from(ca).unwrap();
         let mut config = quic::client_config(
             tls::client(roots, ALPN_CLIENT).unwrap(),
             &TransportSettings::default(),
@@ -368,17 +383,38 @@ impl RawClient {
         self.hello_as(client_id, secret, &[]).await
     }
 
+    /// `Hello` as `client_id` (with its usual secret) presenting `token`; the server's answer.
+    pub async fn hello_with_token(
+        &self,
+        client_id: &str,
+        token: Option<&str>,
+    ) -> Reply<ClientResponse> {
+        let secret = format!("the secret of the raw client {client_id}");
+        self.hello_full(client_id, secret.as_bytes(), token, &[])
+            .await
+    }
+
     async fn hello_as(
         &self,
         client_id: &str,
         secret: &[u8],
         capabilities: &[&str],
     ) -> Reply<ClientResponse> {
+        self.hello_full(client_id, secret, None, capabilities).await
+    }
+
+    async fn hello_full(
+        &self,
+        client_id: &str,
+        secret: &[u8],
+        token: Option<&str>,
+        capabilities: &[&str],
+    ) -> Reply<ClientResponse> {
         let hello = ClientRequest::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_id: client_id.into(),
             client_name: String::new(),
-            token: None,
+            token: token.map(str::to_owned),
             client_secret: bytes::Bytes::copy_from_slice(secret),
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         };

@@ -335,7 +335,8 @@ pub fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, 
 }
 
 /// Starts a single-node meta group (data in `meta-1`) on a free loopback port, with `extra` flags;
-/// returns it, its address and its HTTP address.
+/// returns it, its address and its HTTP address. The cluster checks no tokens
+/// (`--insecure-no-auth`) unless `extra` names an `--admin-token-file`: see [`start_meta_with_auth`].
 pub fn start_meta(cwd: &Path, extra: &[&str]) -> (Proc, String, String) {
     let addr = free_udp_addr();
     let voters = format!("1={addr}");
@@ -354,6 +355,9 @@ pub fn start_meta(cwd: &Path, extra: &[&str]) -> (Proc, String, String) {
         "--bootstrap",
         &voters,
     ];
+    if !extra.contains(&"--admin-token-file") {
+        args.push("--insecure-no-auth");
+    }
     args.extend_from_slice(extra);
     let proc = roster("meta 1", cwd, &args);
     let line = proc.line_matching(LISTEN_WITHIN, "its listen line", |l| {
@@ -361,4 +365,47 @@ pub fn start_meta(cwd: &Path, extra: &[&str]) -> (Proc, String, String) {
     });
     let (_, http) = listening(&line);
     (proc, addr, http)
+}
+
+/// As [`start_meta`], for a cluster that checks tokens: its admin token is written to
+/// `admin.token` first. Returns the admin token too.
+pub fn start_meta_with_auth(cwd: &Path, extra: &[&str]) -> (Proc, String, String, String) {
+    let (ok, token, err) = run(cwd, &["acl", "token", "generate"]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_owned();
+    std::fs::write(cwd.join("admin.token"), format!("{token}\n")).unwrap();
+    let mut args = vec!["--admin-token-file", "admin.token"];
+    args.extend_from_slice(extra);
+    let (proc, addr, http) = start_meta(cwd, &args);
+    (proc, addr, http, token)
+}
+
+/// Creates a token with `roster acl token create` against the meta nodes `metas`, allowing `allow`
+/// (e.g. `publish,subscribe`) in `namespace`, with the extra flags `extra` (`--ttl 5s`).
+pub fn create_token(
+    cwd: &Path,
+    metas: &str,
+    namespace: &str,
+    allow: &str,
+    extra: &[&str],
+) -> String {
+    let mut args = vec![
+        "acl",
+        "token",
+        "create",
+        "--meta",
+        metas,
+        "--tls-dir",
+        "tls",
+        "--namespace",
+        namespace,
+        "--allow",
+        allow,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = run(cwd, &args);
+    assert!(ok, "roster acl token create: {err}");
+    let token = out.trim().to_owned();
+    assert!(token.starts_with("rst_"), "{out:?}");
+    token
 }
