@@ -267,6 +267,12 @@ fn a_copied_client_id_cannot_replace_anothers_publisher() {
     assert!(run(cwd, &["certs", "--dir", "tls"]).0);
     // Authentication on: the impostor holds a valid token too; only the id is copied.
     let (_meta, meta_addr, _, _) = start_meta_with_auth(cwd, &[]);
+    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
+    let (_s1, session1, http1) = start_server(cwd, "session", "1", &["--meta", &meta_addr]);
+    let (_s2, session2, http2) = start_server(cwd, "session", "2", &["--meta", &meta_addr]);
+    for http in [&data_http, &http1, &http2] {
+        wait_ready(http);
+    }
     let token = support::create_token(cwd, &meta_addr, "default", "publish,subscribe", &[]);
     let client_config = |cwd: &Path, name: &str, session: &str| {
         let file = client_config(cwd, name, session);
@@ -274,12 +280,6 @@ fn a_copied_client_id_cannot_replace_anothers_publisher() {
         std::fs::write(cwd.join(&file), format!("{text}token = \"{token}\"\n")).unwrap();
         file
     };
-    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
-    let (_s1, session1, http1) = start_server(cwd, "session", "1", &["--meta", &meta_addr]);
-    let (_s2, session2, http2) = start_server(cwd, "session", "2", &["--meta", &meta_addr]);
-    for http in [&data_http, &http1, &http2] {
-        wait_ready(http);
-    }
 
     let watcher = client_config(cwd, "watcher", &session2);
     let sub = roster(

@@ -13,6 +13,8 @@ use roster_common::{Error, Result};
 const MAX_DESCRIPTION: usize = 256;
 /// The shortest lifetime a token may be given.
 const MIN_TTL: Duration = Duration::from_secs(1);
+/// The longest namespace a token may name.
+const MAX_NAMESPACE_LEN: usize = 128;
 /// The most namespaces one token may name.
 const MAX_NAMESPACES: usize = 64;
 
@@ -40,9 +42,16 @@ pub fn mint(request: TokenRequest, now_ms: u64) -> Result<(String, TokenRecord)>
         )));
     }
     for namespace in &namespaces {
-        if namespace != ANY_NAMESPACE {
-            roster_common::ServiceId::new(namespace, roster_common::ids::DEFAULT_GROUP, "x")
-                .map_err(|e| Error::InvalidArgument(format!("namespace {namespace:?}: {e}")))?;
+        // A service's namespace is what precedes the first `/` of its id.
+        let possible = !namespace.is_empty()
+            && namespace.len() <= MAX_NAMESPACE_LEN
+            && !namespace.contains('/')
+            && !namespace.chars().any(char::is_control);
+        if !possible {
+            return Err(Error::InvalidArgument(format!(
+                "no service can be in namespace {namespace:?}: a namespace is 1 to \
+                 {MAX_NAMESPACE_LEN} bytes without `/` or control characters (`*`: all)"
+            )));
         }
     }
     namespaces.sort();
