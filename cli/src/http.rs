@@ -136,23 +136,20 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// Lets an operator's request through, or answers it: 503 before the server knows the cluster's
-/// access rules, 401 / 403 / 429 as the module says.
-fn authorize(state: &AppState, headers: &HeaderMap, source: IpAddr) -> Result<(), Response> {
+/// The answer to an operator's request that may not pass (`None`: it may): 503 before the server
+/// knows the cluster's access rules, 401 / 403 / 429 as the module says.
+fn refusal(state: &AppState, headers: &HeaderMap, source: IpAddr) -> Option<Response> {
     let starting = || {
         json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"error": "the server is still starting"}),
         )
     };
-    let acl = state
-        .admin
-        .source()
-        .ok_or_else(starting)?
-        .acl()
-        .ok_or_else(starting)?;
+    let Some(acl) = state.admin.source().and_then(|source| source.acl()) else {
+        return Some(starting());
+    };
     if !acl.enabled {
-        return Ok(());
+        return None;
     }
     let now = Instant::now();
     let token = headers
@@ -166,7 +163,7 @@ fn authorize(state: &AppState, headers: &HeaderMap, source: IpAddr) -> Result<()
         .and_then(|()| acl.authenticate(token, unix_millis()))
         .and_then(|who| who.check(ANY_NAMESPACE, Permission::Admin));
     let Err(e) = checked else {
-        return Ok(());
+        return None;
     };
     let reason = failure_reason(&e);
     metrics::counter!("roster_auth_failures_total", "reason" => reason).increment(1);
@@ -185,7 +182,7 @@ fn authorize(state: &AppState, headers: &HeaderMap, source: IpAddr) -> Result<()
             header::HeaderValue::from_static("Bearer realm=\"roster\""),
         );
     }
-    Err(response)
+    Some(response)
 }
 
 /// `/admin`: the whole status of the server.
@@ -194,7 +191,7 @@ async fn admin_index(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, peer.ip()) {
+    if let Some(refused) = refusal(&state, &headers, peer.ip()) {
         return refused;
     }
     match status_of(&state).await {
@@ -213,7 +210,7 @@ async fn admin_section(
     headers: HeaderMap,
     Path(section): Path<String>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, peer.ip()) {
+    if let Some(refused) = refusal(&state, &headers, peer.ip()) {
         return refused;
     }
     let Some(status) = status_of(&state).await else {

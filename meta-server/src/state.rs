@@ -406,4 +406,62 @@ mod tests {
             "a balanced table stays"
         );
     }
+
+    #[test]
+    fn tokens_are_created_and_revoked_by_commands_and_kept_in_snapshots() {
+        use roster_common::acl::{Permission, generate_token};
+        let admin = generate_token();
+        let admin_record =
+            TokenRecord::of_token(&admin, vec!["*".into()], Permission::ALL.to_vec(), None)
+                .unwrap();
+        let mut state = MetaState::default();
+        state.apply(Command::Init {
+            cluster_id: "c".into(),
+            slot_count: 16,
+            replicas: 1,
+            min_data_servers: 0,
+            admin_token: Some(admin_record.clone()),
+        });
+        assert!(state.acl.enabled);
+        assert!(state.view(None).acl.authenticate(Some(&admin), 0).is_ok());
+
+        let token = generate_token();
+        let record =
+            TokenRecord::of_token(&token, vec!["prod".into()], vec![Permission::Publish], None)
+                .unwrap();
+        assert!(state.apply(Command::CreateToken {
+            record: record.clone()
+        }));
+        assert!(
+            !state.apply(Command::CreateToken {
+                record: record.clone()
+            }),
+            "an id is created once"
+        );
+        let ids: Vec<&str> = state.acl.tokens.iter().map(|t| t.id.as_str()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "tokens stay ordered by id");
+
+        // What a snapshot holds comes back whole.
+        let bytes = rmp_serde::to_vec_named(&state).unwrap();
+        let back: MetaState = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, state);
+
+        let revoke = |id: &str| Command::RevokeToken {
+            id: id.into(),
+            by: "test".into(),
+        };
+        assert!(state.apply(revoke(&record.id)));
+        assert!(!state.apply(revoke(&record.id)), "already gone");
+        assert!(state.view(None).acl.authenticate(Some(&token), 0).is_err());
+        assert!(state.view(None).acl.authenticate(Some(&admin), 0).is_ok());
+    }
+
+    #[test]
+    fn a_cluster_created_without_an_admin_token_checks_none() {
+        let state = MetaState::new("c".into(), 16, 1);
+        assert!(!state.acl.enabled);
+        assert!(state.view(None).acl.authenticate(None, 0).is_ok());
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use roster_common::acl::{ANY_NAMESPACE, Permission, TokenRecord, generate_token};
+use roster_common::acl::{Permission, TokenRecord, generate_token};
 use roster_common::{Error, Result};
 
 /// The longest description kept with a token.
