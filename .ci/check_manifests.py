@@ -10,7 +10,7 @@
 version given, reporting every violation. Then it checks what schemas cannot see: every object in
 NAMESPACE (when given), selectors that select the pod templates, Services and probes naming ports
 that exist, StatefulSets naming a headless Service, the HPA's target and CPU requests, and every
-ConfigMap, Secret and claim referenced being rendered too (the Secret roster-tls may be external:
+ConfigMap, Secret and claim referenced being rendered too (the Secrets roster-tls and roster-admin-token may be external:
 the base and the prod overlay expect it to exist in the namespace).
 
 `dashboard` checks the Grafana dashboard is well-formed and queries only the metrics the servers
@@ -26,7 +26,7 @@ import sys
 import yaml
 
 # Secrets the manifests may reference without rendering them.
-EXTERNAL_SECRETS = {"roster-tls"}
+EXTERNAL_SECRETS = {"roster-tls", "roster-admin-token"}
 
 # What the servers export at /metrics: the catalogue in docs/OPERATIONS.md (which the Rust test
 # cli/tests/metrics_catalog.rs holds to what running servers export). Histograms also have

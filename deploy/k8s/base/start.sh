@@ -118,6 +118,10 @@ write_configs() {
     printf 'sessions = ["%s.%s.svc.%s:%s"]\nca = "%s/ca.pem"\n' \
         "$SESSION_SERVICE" "$POD_NAMESPACE" "$CLUSTER_DOMAIN" "$SESSION_PORT" "$tls" \
         >"$ROSTER_RUN_DIR/client.toml"
+    # Operator commands in the pod present the cluster's admin token (the Secret roster-admin-token).
+    if [ -n "${ROSTER_ADMIN_TOKEN_FILE:-}" ]; then
+        printf 'token-file = "%s"\n' "$ROSTER_ADMIN_TOKEN_FILE" >>"$ROSTER_RUN_DIR/client.toml"
+    fi
 }
 
 case $role in
