@@ -105,7 +105,13 @@ pub(crate) async fn connect_any(inner: &Inner, avoid: Option<SocketAddr>) -> Res
                 Ok(live) => return Ok(live),
                 Err(e) => {
                     debug!(session = %addr, error = %e, "could not use this session server");
-                    last_error = Some(e);
+                    // A refusal of who the client is says more than another server's silence.
+                    let refusal = |e: &Error| {
+                        matches!(e, Error::Unauthenticated(_) | Error::PermissionDenied(_))
+                    };
+                    if refusal(&e) || !last_error.as_ref().is_some_and(refusal) {
+                        last_error = Some(e);
+                    }
                 }
             }
         }

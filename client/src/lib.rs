@@ -36,6 +36,13 @@
 //! empty a subscription is withheld. With `cache_dir`, the last snapshot of every subscribed
 //! service is kept on disk and served at start when no session server can be reached.
 //!
+//! Where the cluster checks tokens, the client presents [`ClientConfig::token`] (`token` or
+//! `token-file` in `client.toml`) in every `Hello`: without a valid one, [`Client::connect`] fails
+//! with [`Error::Unauthenticated`]; a publish or subscribe outside the token's namespaces fails with
+//! [`Error::PermissionDenied`]. When the token is revoked or expires, the session server closes the
+//! connection and the client keeps retrying (logging the refusal at `warn`) until it is given a
+//! valid token or closed.
+//!
 //! Errors are [`Error`]s with a wire code; [`Error::is_retryable`] tells a caller whether trying
 //! again may help. A publish made while no session server is reachable succeeds as not durable
 //! ([`Publication::is_durable`]) and is registered when the client reconnects.
