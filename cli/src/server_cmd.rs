@@ -300,7 +300,7 @@ fn bootstrap_admin_token(
     let token = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
     let token = token.trim();
-    token_id(token).with_context(|| format!("{}", path.display()))?;
+    token_id(&format!("the admin token in {}", path.display()), token)?;
     Ok(Some(Secret::new(token)))
 }
 

@@ -102,7 +102,7 @@ fn http_status(http: &str, path: &str, token: Option<&str>) -> u16 {
 }
 
 fn revoke(cwd: &Path, meta: &str, token: &str) {
-    let id = acl::token_id(token).unwrap();
+    let id = acl::token_id("t", token).unwrap();
     let (ok, out, err) = run(
         cwd,
         &[

@@ -19,6 +19,7 @@ fn help_names_every_command() {
         "subscribe",
         "ls",
         "cluster",
+        "acl",
     ] {
         assert!(
             out.lines().any(|l| l.trim_start().starts_with(command)),
@@ -40,7 +41,13 @@ fn help_names_every_command() {
     }
     let (ok, out, _) = run(dir.path(), &["meta", "--help"]);
     assert!(ok);
-    for flag in ["--data-dir", "--bootstrap", "--join"] {
+    for flag in [
+        "--data-dir",
+        "--bootstrap",
+        "--join",
+        "--admin-token-file",
+        "--insecure-no-auth",
+    ] {
         assert!(out.contains(flag), "meta --help lacks {flag}:\n{out}");
     }
 }
@@ -135,4 +142,87 @@ fn certs_writes_a_pki_and_refuses_to_overwrite_it() {
         ca,
         "the existing CA is untouched"
     );
+}
+
+#[test]
+fn access_control_mistakes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let create = |extra: &[&str]| {
+        let mut args = vec![
+            "acl",
+            "token",
+            "create",
+            "--meta",
+            "127.0.0.1:1",
+            "--tls-dir",
+            "tls",
+        ];
+        args.extend_from_slice(extra);
+        run(cwd, &args)
+    };
+    let (ok, _, err) = create(&["--allow", "publish"]);
+    assert!(!ok && err.contains("--namespace"), "{err}");
+    let (ok, _, err) = create(&["--namespace", "prod", "--allow", "rule"]);
+    assert!(!ok && err.contains("publish, subscribe, admin"), "{err}");
+    let (ok, _, err) = create(&["--namespace", "prod", "--allow", "publish", "--ttl", "10y"]);
+    assert!(!ok && err.contains("s, m, h, d"), "{err}");
+
+    let (ok, token, err) = run(cwd, &["acl", "token", "generate"]);
+    assert!(ok, "{err}");
+    assert!(
+        token.trim().starts_with("rst_") && token.trim().len() == 85,
+        "{token}"
+    );
+
+    // Several initial voters need one admin token given to all of them.
+    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+    let bootstrap = |extra: &[&str]| {
+        let mut args = vec![
+            "meta",
+            "--id",
+            "1",
+            "--tls-dir",
+            "tls",
+            "--data-dir",
+            "m1",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--bootstrap",
+            "1=127.0.0.1:7100,2=127.0.0.1:7110,3=127.0.0.1:7120",
+        ];
+        args.extend_from_slice(extra);
+        run(cwd, &args)
+    };
+    let (ok, _, err) = bootstrap(&[]);
+    assert!(
+        !ok && err.contains("--admin-token-file") && err.contains("roster acl token generate"),
+        "{err}"
+    );
+    let (ok, _, err) = bootstrap(&["--admin-token-file", "missing.token"]);
+    assert!(!ok && err.contains("missing.token"), "{err}");
+    std::fs::write(cwd.join("bad.token"), "hunter2\n").unwrap();
+    let (ok, _, err) = bootstrap(&["--admin-token-file", "bad.token"]);
+    assert!(
+        !ok && err.contains("bad.token") && err.contains("malformed"),
+        "{err}"
+    );
+
+    // A client's malformed token is refused before any connection is made.
+    std::fs::write(
+        cwd.join("client.toml"),
+        "sessions = [\"127.0.0.1:1\"]\nca = \"tls/ca.pem\"\ntoken = \"abc\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(cwd, &["ls", "--config", "client.toml"]);
+    assert!(!ok && err.contains("token is malformed"), "{err}");
+    std::fs::write(
+        cwd.join("both.toml"),
+        "sessions = [\"127.0.0.1:1\"]\nca = \"tls/ca.pem\"\ntoken = \"abc\"\ntoken-file = \"t\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(cwd, &["ls", "--config", "both.toml"]);
+    assert!(!ok && err.contains("not both"), "{err}");
 }

@@ -43,6 +43,18 @@ fn publish_subscribe_ctrl_c_and_kill_9() {
         "says where clients connect: {ready}"
     );
     assert!(cwd.join(".roster/client.toml").exists() && cwd.join(".roster/ca.pem").exists());
+    // The cluster checks tokens: client.toml carries one, and both it and the admin token are the
+    // owner's alone.
+    let client_toml = std::fs::read_to_string(cwd.join(".roster/client.toml")).unwrap();
+    assert!(client_toml.contains("token = \"rst_"), "{client_toml}");
+    for secret in [".roster/client.toml", ".roster/admin.token"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(cwd.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{secret} is readable by others: {mode:o}");
+    }
 
     let sub = roster("roster subscribe", cwd, &["subscribe", "demo"]);
     sub.line_matching(START, "the initial empty snapshot", |l| {

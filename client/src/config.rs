@@ -271,9 +271,7 @@ impl ClientConfig {
             )));
         }
         if let Some(token) = &self.token {
-            roster_common::acl::token_id(token.expose()).map_err(|e| {
-                Error::InvalidArgument(format!("the client's token is malformed: {e}"))
-            })?;
+            roster_common::acl::token_id("the client's token", token.expose())?;
         }
         self.transport().transport(true)?;
         Ok(())

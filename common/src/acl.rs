@@ -338,9 +338,14 @@ pub fn generate_token() -> String {
     format!("{TOKEN_PREFIX}{}_{}", hex(&id), hex(&secret))
 }
 
-/// The id of a well-formed token.
-pub fn token_id(token: &str) -> Result<&str, Error> {
-    parse_token(token).map(|(id, _)| id)
+/// The id of a well-formed token; `InvalidArgument` naming `what` ("the admin token") otherwise.
+pub fn token_id<'a>(what: &str, token: &'a str) -> Result<&'a str, Error> {
+    parse_token(token).map(|(id, _)| id).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{what} is malformed: a token is {TOKEN_PREFIX}<{ID_HEX} hex digits>_<{SECRET_HEX} hex \
+             digits> (made by `roster acl token create` or `roster acl token generate`)"
+        ))
+    })
 }
 
 /// Splits a token into its id and secret, refusing anything not shaped like [`generate_token`]'s.
@@ -463,7 +468,10 @@ mod tests {
         );
         let acl = view(vec![record]);
         let who = acl.authenticate(Some(&token), 0).unwrap();
-        assert_eq!(who.token_id.as_deref(), Some(token_id(&token).unwrap()));
+        assert_eq!(
+            who.token_id.as_deref(),
+            Some(token_id("t", &token).unwrap())
+        );
         assert!(who.check("prod", Permission::Publish).is_ok());
         let denied = who.check("dev", Permission::Subscribe).unwrap_err();
         assert!(
@@ -488,7 +496,7 @@ mod tests {
         assert_eq!(reason(None, 0), "missing_token");
         assert_eq!(reason(Some(""), 0), "missing_token");
         assert_eq!(reason(Some("hunter2"), 0), "invalid_token");
-        let id = token_id(&token).unwrap();
+        let id = token_id("t", &token).unwrap();
         let wrong = format!("{TOKEN_PREFIX}{id}_{}", "0".repeat(SECRET_HEX));
         assert_eq!(reason(Some(&wrong), 0), "invalid_token");
         assert_eq!(reason(Some(&generate_token()), 0), "invalid_token");

@@ -130,10 +130,15 @@ pub fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
     #[cfg(not(unix))]
     let _ = secret;
     use std::io::Write;
-    options
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(fail)
+    let mut file = options.open(path).map_err(fail)?;
+    // A file that already existed keeps its mode on open: narrow it before the secret goes in.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(fail)?;
+    }
+    file.write_all(text.as_bytes()).map_err(fail)
 }
 
 /// What a server needs to speak TLS: the cluster CA, its certificate chain and its key.

@@ -156,9 +156,7 @@ impl MetaConfig {
             ));
         }
         if let Some(token) = &self.admin_token {
-            roster_common::acl::token_id(token.expose()).map_err(|e| {
-                Error::InvalidArgument(format!("the admin token is malformed: {e}"))
-            })?;
+            roster_common::acl::token_id("the admin token", token.expose())?;
         }
         if let Start::Bootstrap(voters) = &self.start
             && !voters.contains_key(&self.id)

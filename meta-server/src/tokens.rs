@@ -117,7 +117,10 @@ mod tests {
             1_000,
         )
         .unwrap();
-        assert_eq!(record.id, roster_common::acl::token_id(&token).unwrap());
+        assert_eq!(
+            record.id,
+            roster_common::acl::token_id("t", &token).unwrap()
+        );
         assert_eq!(record.namespaces, vec!["dev", "prod"]);
         assert_eq!(record.expires_at_ms, Some(61_000));
         assert_eq!(record.created_by, "alice");
