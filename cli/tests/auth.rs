@@ -15,7 +15,9 @@ use roster_client::{Client, ClientConfig};
 use roster_common::proto::{CLOSE_UNAUTHENTICATED, ClientRequest, ClientResponse, Scope};
 use roster_common::{ErrorCode, acl};
 use roster_tests::{RawClient, SnapshotLog, addresses};
-use support::{create_token, http_get, run, start_meta_with_auth, start_server, wait_for};
+use support::{
+    create_token, http_get, http_status, run, start_meta_with_auth, start_server, wait_for,
+};
 
 const START: Duration = Duration::from_secs(30);
 /// How soon a revoked or expired token's connection must be closed.
@@ -78,27 +80,6 @@ async fn closed_unauthenticated(what: &str, raw: &RawClient, within: Duration) -
         }
         other => panic!("{what}: closed with {other}, not by the server for its token"),
     }
-}
-
-fn http_status(http: &str, path: &str, token: Option<&str>) -> u16 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(http).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {http}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
 }
 
 fn revoke(cwd: &Path, meta: &str, token: &str) {

@@ -13,7 +13,8 @@ use roster_common::proto::{Member, MetaRequest, MetaResponse, Role};
 use roster_common::{Error, ErrorCode};
 use serde_json::Value;
 use support::{
-    Proc, cluster_status, create_token, free_udp_addr, meta_call, roster, run, run_within, wait_for,
+    Proc, cluster_status, create_token, free_udp_addr, http_status, meta_call, roster, run,
+    run_within, wait_for,
 };
 
 const START: Duration = Duration::from_secs(30);
@@ -174,31 +175,6 @@ fn member(cwd: &Path, role: &str, metas: &[String]) -> (Proc, String) {
     (proc, http)
 }
 
-fn http_status(addr: &str, path: &str) -> u16 {
-    http_get_bearer(addr, path, None)
-}
-
-/// The status of `GET path`, with `Authorization: Bearer TOKEN` if given.
-fn http_get_bearer(addr: &str, path: &str, token: Option<&str>) -> u16 {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let _ = write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    );
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The ids of the cluster's tokens, as `roster acl token list --json` gives them.
 fn token_ids(cwd: &Path, metas: &str) -> Vec<String> {
     let (ok, out, err) = run(
@@ -284,7 +260,7 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
         (members(&before), before["table_epoch"].as_u64().unwrap());
     for http in [&data_http, &session_http] {
         wait_for(START, "members ready", || {
-            (http_status(http, "/readyz") == 200).then_some(())
+            (http_status(http, "/readyz", None) == 200).then_some(())
         });
     }
 
@@ -297,7 +273,7 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 for url in &urls {
-                    let code = http_status(url, "/readyz");
+                    let code = http_status(url, "/readyz", None);
                     if code != 200 {
                         failures.lock().unwrap().push((url.clone(), code));
                     }
@@ -386,10 +362,10 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
     wait_for(
         START,
         "the session's /admin to check the admin token",
-        || (http_get_bearer(&session_http, "/admin", Some(&admin_token)) == 200).then_some(()),
+        || (http_status(&session_http, "/admin", Some(&admin_token)) == 200).then_some(()),
     );
-    assert_eq!(http_get_bearer(&session_http, "/admin", None), 401);
-    assert_eq!(http_get_bearer(&data_http, "/admin", Some(&token)), 403);
+    assert_eq!(http_status(&session_http, "/admin", None), 401);
+    assert_eq!(http_status(&data_http, "/admin", Some(&token)), 403);
     assert_eq!(restarted["cluster_id"].as_str().unwrap(), cluster);
     assert_eq!(members(&restarted), members_before);
     assert_eq!(restarted["table_epoch"].as_u64().unwrap(), epoch_before);

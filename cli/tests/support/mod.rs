@@ -297,6 +297,22 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The status of `GET http://ADDR/PATH`, with `Authorization: Bearer TOKEN` when given; 0 when
+/// nothing answers.
+pub fn http_status(addr: &str, path: &str, token: Option<&str>) -> u16 {
+    let mut request = ureq::get(&format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    request
+        .config()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .call()
+        .map_or(0, |r| r.status().as_u16())
+}
+
 /// The `quic=` and `http=` addresses a server prints when it starts.
 pub fn listening(line: &str) -> (String, String) {
     let field = |key: &str| {
