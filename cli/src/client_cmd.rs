@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use roster_client::{Client, ClientConfig, Snapshot};
 use serde_json::{Value, json};
 
-use crate::dev::{CLIENT_CONFIG_FILE, DEFAULT_DIR};
+use crate::files::{CLIENT_CONFIG_FILE, DEFAULT_DIR};
 use crate::shutdown_on_signal;
 
 /// How a client command finds the registry.

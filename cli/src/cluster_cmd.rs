@@ -13,10 +13,7 @@ use roster_common::tls::NodeIdentity;
 use roster_common::{Error, quic, rpc};
 use serde::{Deserialize, Serialize};
 
-use crate::dev::DEFAULT_DIR;
-
-/// The cluster config file `roster dev` writes and `roster cluster` reads by default.
-pub const CLUSTER_CONFIG_FILE: &str = "cluster.toml";
+use crate::files::{CLUSTER_CONFIG_FILE, DEFAULT_DIR};
 
 /// Where the meta nodes are and the certificates to talk to them with.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -17,15 +17,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
-use crate::cluster_cmd::CLUSTER_CONFIG_FILE;
+use crate::files::{
+    ADMIN_TOKEN_FILE, CLIENT_CONFIG_FILE, CLUSTER_CONFIG_FILE, DEFAULT_DIR, TARGETS_FILE,
+};
 use crate::shutdown_on_signal;
 
-/// The client config file `roster dev` writes and client commands read by default.
-pub const CLIENT_CONFIG_FILE: &str = "client.toml";
-/// Where `roster dev` writes, and client commands look, by default.
-pub const DEFAULT_DIR: &str = ".roster";
-/// The Prometheus file-based service discovery list `roster dev` writes: every server's admin port.
-pub const TARGETS_FILE: &str = "targets.json";
 /// How long the cluster may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long servers get to stop after SIGTERM before they are killed.
@@ -54,9 +50,6 @@ pub struct DevArgs {
     #[arg(long)]
     insecure_no_auth: bool,
 }
-
-/// The file `roster dev` keeps the cluster's admin token in.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// One server process of the dev cluster.
 struct Server {

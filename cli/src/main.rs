@@ -8,6 +8,7 @@ mod bench;
 mod client_cmd;
 mod cluster_cmd;
 mod dev;
+mod files;
 mod http;
 mod server_cmd;
 

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::files::ADMIN_TOKEN_FILE;
 use crate::{http, shutdown_on_signal};
 
 /// Arguments of `roster certs`.
@@ -246,9 +247,6 @@ pub struct MetaArgs {
     #[serde(default)]
     insecure_no_auth: bool,
 }
-
-/// The file a bootstrap admin token is kept in when none is named.
-const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// The admin token a new cluster is created with (`None`: without authentication): read from
 /// `--admin-token-file`, or, for a single voter, created in the data directory. A node that already

@@ -12,7 +12,8 @@ use roster_client::{Client, ClientConfig, Publication};
 use tokio_util::sync::CancellationToken;
 
 use super::{BenchArgs, BoxFut, Conn, ConnStats, OnChange, Target, Update};
-use crate::dev::{CLIENT_CONFIG_FILE, LocalCluster};
+use crate::dev::LocalCluster;
+use crate::files::CLIENT_CONFIG_FILE;
 
 pub struct RosterTarget {
     cluster: Option<LocalCluster>,
