@@ -134,6 +134,8 @@ fn main() -> ExitCode {
             Command::BenchHolder(args) => bench::holder(args).await,
         }
     });
+    // Tasks still running (a server that overran its stop deadline) get a moment, not forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -148,6 +150,10 @@ fn init_logging(format: LogFormat, default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A log that cannot be written (stderr a pipe whose reader died, as when `roster dev` is
+        // killed) is dropped: reporting it would panic the task that logged, and a server whose
+        // signal task panics never shuts down.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
@@ -162,8 +168,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
     let trigger = token.clone();
     tokio::spawn(async move {
         let name = wait_for_signal().await;
-        info!(signal = name, "shutting down");
+        // Cancel first: nothing that follows (a log line) may stand in its way.
         trigger.cancel();
+        info!(signal = name, "shutting down");
     });
     token
 }

@@ -407,12 +407,24 @@ const DATA_HTTP: &str = "0.0.0.0:7280";
 const SESSION_LISTEN: &str = "0.0.0.0:7300";
 const SESSION_HTTP: &str = "0.0.0.0:7380";
 
+/// Which server runs, for its start line and logs, and how long it may take to stop.
+struct Running {
+    role: &'static str,
+    /// `meta 1 of cluster …`, `data 2`: how its start line names it.
+    who: String,
+    /// From the shutdown signal to exit, at most: past it the process exits with an error, whatever
+    /// it was waiting for (a peer that is gone, a task that does not end).
+    stop_within: Duration,
+}
+
+/// Slack beyond a server's own drain for its last steps (leaving the cluster, closing links).
+const STOP_SLACK: Duration = Duration::from_secs(5);
+
 /// Binds the server's sockets, serves the HTTP admin port beside it, and runs it until SIGINT or
 /// SIGTERM. Prints where it listens on stdout, so scripts can find ports the system chose
 /// (`--listen 127.0.0.1:0`).
 async fn run_server<F, Fut>(
-    role: &'static str,
-    who: &str,
+    running: Running,
     listen: SocketAddr,
     http: SocketAddr,
     ready: watch::Receiver<bool>,
@@ -427,9 +439,19 @@ where
     let quic = socket.local_addr()?;
     let shutdown = shutdown_on_signal();
     let (http, http_task) = http::serve(http, ready, admin, shutdown.clone()).await?;
-    roster_common::admin::build_info(role);
-    println!("roster {who} listening: quic={quic} http={http}");
-    let result = run(socket, shutdown.clone()).await;
+    roster_common::admin::build_info(running.role);
+    println!("roster {} listening: quic={quic} http={http}", running.who);
+    let overdue = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(running.stop_within).await;
+    };
+    let result = tokio::select! {
+        result = run(socket, shutdown.clone()) => result,
+        () = overdue => {
+            tracing::error!(within = ?running.stop_within, "did not stop in time after the shutdown signal; exiting anyway");
+            bail!("{} did not stop within {:?} of the shutdown signal", running.who, running.stop_within);
+        }
+    };
     // Also stops the admin port when the server ended on its own.
     shutdown.cancel();
     let _ = http_task.await;
@@ -519,16 +541,14 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     let listen = addr_or(args.common.listen, META_LISTEN);
     let http = addr_or(args.common.http, META_HTTP);
     let cluster = server.cluster_id().unwrap_or_else(|| "(new)".into());
-    let who = format!("meta {id} of cluster {cluster}");
-    run_server(
-        "meta",
-        &who,
-        listen,
-        http,
-        ready,
-        admin,
-        |socket, shutdown| server.run(socket, shutdown),
-    )
+    let running = Running {
+        role: "meta",
+        who: format!("meta {id} of cluster {cluster}"),
+        stop_within: STOP_SLACK,
+    };
+    run_server(running, listen, http, ready, admin, |socket, shutdown| {
+        server.run(socket, shutdown)
+    })
     .await
 }
 
@@ -554,16 +574,14 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
     let http = addr_or(args.common.http, DATA_HTTP);
     let ready = server.ready();
     let admin = server.admin();
-    let who = format!("data {id}");
-    run_server(
-        "data",
-        &who,
-        listen,
-        http,
-        ready,
-        admin,
-        |socket, shutdown| server.run(socket, shutdown),
-    )
+    let running = Running {
+        role: "data",
+        who: format!("data {id}"),
+        stop_within: STOP_SLACK,
+    };
+    run_server(running, listen, http, ready, admin, |socket, shutdown| {
+        server.run(socket, shutdown)
+    })
     .await
 }
 
@@ -629,20 +647,19 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
         .unwrap_or(config.max_publisher_bytes);
     info!(?config, "starting session server");
     let id = config.id;
+    let drain_timeout = config.drain_timeout;
     let server = SessionServer::new(config, args.common.identity()?)?;
     let listen = addr_or(args.common.listen, SESSION_LISTEN);
     let http = addr_or(args.common.http, SESSION_HTTP);
     let ready = server.ready();
     let admin = server.admin();
-    let who = format!("session {id}");
-    run_server(
-        "session",
-        &who,
-        listen,
-        http,
-        ready,
-        admin,
-        |socket, shutdown| server.run(socket, shutdown),
-    )
+    let running = Running {
+        role: "session",
+        who: format!("session {id}"),
+        stop_within: drain_timeout + STOP_SLACK,
+    };
+    run_server(running, listen, http, ready, admin, |socket, shutdown| {
+        server.run(socket, shutdown)
+    })
     .await
 }
