@@ -750,12 +750,15 @@ impl Publication {
         self.active = false;
         let inner = self.handle.inner.clone();
         inner.registry.lock().publications.remove(&self.register_id);
+        // The service lets a session server this publication never went through remove it (the
+        // one that held it may have just died).
         let request = ClientRequest::Unpublish {
             register_id: self.register_id.clone(),
+            service: Some(self.service.clone()),
         };
         match inner.call(&request).await {
             Ok(ClientResponse::Accepted { .. }) => Ok(()),
-            // Not registered where we are now (it never made it, or the server restarted): gone.
+            // From servers that do not take the service: not registered where we are now.
             Err(Error::NotFound(_)) => Ok(()),
             Ok(other) => Err(Error::UnexpectedMessage(format!(
                 "expected Accepted, got {other:?}"
@@ -784,6 +787,7 @@ impl Drop for Publication {
                 .background_tx
                 .send(ClientRequest::Unpublish {
                     register_id: self.register_id.clone(),
+                    service: Some(self.service.clone()),
                 });
         }
     }

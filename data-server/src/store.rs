@@ -701,6 +701,7 @@ fn remove_op(p: &Publisher) -> WriteOp {
         client_id: p.client_id.clone(),
         register_id: p.register_id.clone(),
         session_instance: p.session_instance,
+        owner: None,
     }
 }
 
@@ -753,17 +754,20 @@ fn apply_op(
             client_id,
             register_id,
             session_instance,
+            owner,
         } => {
             let Some(datum) = slot.services.get_mut(service) else {
                 return Ok(None);
             };
             let key = (client_id.clone(), register_id.clone());
-            match datum.publishers.get(&key) {
-                Some(p) if p.session_instance == *session_instance => {}
+            let held_by = match datum.publishers.get(&key) {
+                Some(p) if p.session_instance == *session_instance => p.session_instance,
+                // Its owner unpublishing through another session.
+                Some(p) if p.owner != 0 && Some(p.owner) == *owner => p.session_instance,
                 _ => return Ok(None),
-            }
+            };
             datum.publishers.remove(&key);
-            release(owners, *session_instance);
+            release(owners, held_by);
             Ok(Some(PublisherChange::Remove(PublisherId {
                 client_id: key.0,
                 register_id: key.1,
@@ -980,6 +984,7 @@ mod tests {
             client_id: "c".into(),
             register_id: "r1".into(),
             session_instance: instance,
+            owner: None,
         };
         assert!(
             store.write(remove(8)).unwrap().ops.is_empty(),
@@ -988,6 +993,28 @@ mod tests {
         assert_eq!(store.write(remove(9)).unwrap().ops.len(), 1);
         assert!(store.snapshot(&demo()).unwrap().publishers.is_empty());
         assert_eq!(store.owners().count(), 0);
+    }
+
+    #[test]
+    fn an_owner_removes_its_record_through_another_session() {
+        let mut store = leader(1, 1, &[1]);
+        store.write(put(publisher("c", "r1", "a", 9))).unwrap();
+        let remove = |owner: u128| WriteOp::Remove {
+            service: demo(),
+            client_id: "c".into(),
+            register_id: "r1".into(),
+            session_instance: 8,
+            owner: Some(owner),
+        };
+        let impostor = roster_common::ids::owner_of("c", b"another secret entirely");
+        assert!(
+            store.write(remove(impostor)).unwrap().ops.is_empty(),
+            "only the owner may"
+        );
+        let owner = roster_common::ids::owner_of("c", b"the secret of this client");
+        assert_eq!(store.write(remove(owner)).unwrap().ops.len(), 1);
+        assert!(store.snapshot(&demo()).unwrap().publishers.is_empty());
+        assert_eq!(store.owners().count(), 0, "session 9's hold is released");
     }
 
     #[test]

@@ -555,11 +555,31 @@ async fn handle_request(
                 }
             }
         }
-        ClientRequest::Unpublish { register_id } => {
-            let Some(service) = client.publishers.lock().remove(&register_id) else {
-                return Err(Error::NotFound(format!(
-                    "no publisher {register_id:?} on this connection"
-                )));
+        ClientRequest::Unpublish {
+            register_id,
+            service: named,
+        } => {
+            let held = client.publishers.lock().remove(&register_id);
+            let Some(service) = held else {
+                let Some(service) = named else {
+                    return Err(Error::NotFound(format!(
+                        "no publisher {register_id:?} on this connection"
+                    )));
+                };
+                // Registered through another connection (a session server that died, say): the
+                // slot leader removes it if this client owns it.
+                check_register_id(&register_id)?;
+                client
+                    .principal
+                    .check(service.namespace(), Permission::Publish)?;
+                let mut op = remove_op(shared, client, service, register_id);
+                if let WriteOp::Remove { owner, .. } = &mut op {
+                    *owner = Some(client.owner);
+                }
+                let (ack_tx, ack_rx) = oneshot::channel();
+                forward(shared, op, Some(ack_tx)).await?;
+                let durable = ack_rx.await.map_err(|_| Error::ShuttingDown)??;
+                return Ok(ClientResponse::Accepted { durable });
             };
             shared
                 .owned
@@ -676,6 +696,7 @@ fn remove_op(
         client_id: client.client_id.clone(),
         register_id,
         session_instance: shared.instance,
+        owner: None,
     }
 }
 

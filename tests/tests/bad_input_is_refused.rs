@@ -110,6 +110,7 @@ async fn garbage_oversized_and_wrong_frames_get_clear_errors_while_others_keep_w
             &raw,
             &ClientRequest::Unpublish {
                 register_id: "nope".into(),
+                service: None,
             },
         )
         .await,

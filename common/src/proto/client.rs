@@ -39,8 +39,14 @@ pub enum ClientRequest {
         #[serde(default)]
         client_version: u64,
     },
-    /// Removes the publisher `register_id` of this client.
-    Unpublish { register_id: RegisterId },
+    /// Removes the publisher `register_id` of this client. With `service`, it is removed even when
+    /// it was registered through another connection (a session server that died before the client
+    /// could unpublish there): the slot leader removes the record if this client owns it.
+    Unpublish {
+        register_id: RegisterId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<ServiceId>,
+    },
     /// Subscribes `register_id` to `service`: a snapshot is pushed now and on every change.
     Subscribe {
         register_id: RegisterId,

@@ -402,12 +402,16 @@ impl Publisher {
 pub enum WriteOp {
     /// Adds or replaces the publisher `(client_id, register_id)`.
     Put { publisher: Publisher },
-    /// Removes the publisher `(client_id, register_id)` if `session_instance` still owns it.
+    /// Removes the publisher `(client_id, register_id)` if `session_instance` still holds it, or,
+    /// with `owner`, if that client owns it whichever session holds it (an unpublish that arrived
+    /// through another session server).
     Remove {
         service: ServiceId,
         client_id: ClientId,
         register_id: RegisterId,
         session_instance: InstanceId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u128>,
     },
 }
 
