@@ -153,7 +153,7 @@ impl MetaState {
             }
             Command::Rebalance {} => {
                 let epoch = self.table.epoch;
-                self.recompute_table(false);
+                self.recompute_table(None);
                 self.table.epoch != epoch
             }
             Command::SelfPreservation { on } => {
@@ -192,9 +192,12 @@ impl MetaState {
                 }
                 self.members.insert(key, member.clone());
                 if key.role == Role::Data {
-                    // A restarted data server holds nothing: even where its slots stay put, the new
-                    // epoch makes it take them over with a new term, so versions keep growing.
-                    let restarted = replaced.is_some_and(|old| old != member.instance);
+                    // A restarted data server holds nothing: it is placed as a joiner — its slots
+                    // are led by the followers that kept them, it gets follower seats to copy into,
+                    // and its share of leaderships comes with the next `Rebalance`.
+                    let restarted = replaced
+                        .is_some_and(|old| old != member.instance)
+                        .then_some(member.id);
                     self.recompute_table(restarted);
                 }
                 true
@@ -207,7 +210,7 @@ impl MetaState {
                 self.members.remove(&key);
                 info!(member = %key, "member removed");
                 if key.role == Role::Data {
-                    self.recompute_table(false);
+                    self.recompute_table(None);
                 }
                 true
             }
@@ -222,7 +225,10 @@ impl MetaState {
             .collect()
     }
 
-    fn recompute_table(&mut self, force_new_epoch: bool) {
+    /// Places the slots over the live data servers. `restarted` held seats in the table but came
+    /// back empty: it is placed as if it held none, and the table gets a new epoch even if nothing
+    /// moves (its slots are then taken over with a new term, so versions keep growing).
+    fn recompute_table(&mut self, restarted: Option<NodeId>) {
         let nodes = self.data_nodes();
         if (nodes.len() as u32) < self.min_data_servers {
             tracing::warn!(
@@ -232,13 +238,19 @@ impl MetaState {
             );
             return;
         }
+        let mut previous = self.table.clone();
+        if let Some(node) = restarted {
+            for replicas in &mut previous.slots {
+                replicas.retain(|n| *n != node);
+            }
+        }
         let slots = place(
             &nodes,
             self.table.slot_count,
             self.table.replicas,
-            &self.table,
+            &previous,
         );
-        if force_new_epoch || slots != self.table.slots {
+        if restarted.is_some() || slots != self.table.slots {
             self.table.slots = slots;
             self.table.epoch += 1;
             info!(
@@ -371,6 +383,61 @@ mod tests {
             state.table.epoch,
             epoch + 1,
             "a restarted data server gets a new epoch"
+        );
+    }
+
+    #[test]
+    fn a_restarted_data_server_first_follows_then_leads_after_a_rebalance() {
+        let mut state = MetaState::new("c".into(), 256, 3);
+        for id in 1..=3 {
+            state.apply(Command::Join {
+                member: member(Role::Data, id, id),
+            });
+        }
+        state.apply(Command::Rebalance {});
+        let leads = |s: &MetaState, id| s.table.led_by(id).count();
+        assert!(leads(&state, 2) > 0);
+        let follows = |s: &MetaState, id| {
+            s.table
+                .slots
+                .iter()
+                .filter(|r| r.iter().skip(1).any(|n| *n == id))
+                .count()
+        };
+
+        // Data server 2 restarts (a new instance) before its lease lapsed.
+        assert!(state.apply(Command::Join {
+            member: member(Role::Data, 2, 22)
+        }));
+        assert_eq!(leads(&state, 2), 0, "it came back empty: it leads nothing yet");
+        assert!(follows(&state, 2) > 0, "it gets follower seats to copy into");
+        assert!(
+            state.table.slots.iter().all(|r| r.len() == 3),
+            "every slot keeps its replicas"
+        );
+        assert!(state.needs_rebalance());
+        state.apply(Command::Rebalance {});
+        assert!(
+            (80..=90).contains(&leads(&state, 2)),
+            "its share after the rebalance: {}",
+            leads(&state, 2)
+        );
+    }
+
+    #[test]
+    fn a_restarted_sole_data_server_leads_its_empty_slots() {
+        let mut state = MetaState::new("c".into(), 16, 3);
+        state.apply(Command::Join {
+            member: member(Role::Data, 1, 1),
+        });
+        let epoch = state.table.epoch;
+        state.apply(Command::Join {
+            member: member(Role::Data, 1, 2),
+        });
+        assert_eq!(state.table.epoch, epoch + 1);
+        assert!(
+            state.table.slots.iter().all(|r| r == &vec![1]),
+            "nobody else holds them"
         );
     }
 
