@@ -3,7 +3,9 @@
 //! minority: it must step down while the majority elects a leader; after healing there is one
 //! leader and one history.
 //!
-//! Needs root (to create namespaces). Without it the test says so and does nothing else.
+//! Needs root and iproute2 (to create namespaces), so it is `#[ignore]`d: the README's test command
+//! lists it as ignored, and `.ci/run` runs it with `--ignored` where it can. Run by hand, it fails
+//! (it does not pass quietly) where namespaces cannot be made.
 
 mod support;
 
@@ -145,16 +147,11 @@ fn local_status(net: &Net, i: usize, cwd: &Path) -> Option<Value> {
 }
 
 #[test]
+#[ignore = "needs root and iproute2 (network namespaces): cargo test --test meta_partition -- --ignored"]
 fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
-    let net = match Net::create(3) {
-        Ok(net) => net,
-        Err(e) => {
-            eprintln!(
-                "SKIPPED: cannot create network namespaces here (needs root and iproute2): {e}"
-            );
-            return;
-        }
-    };
+    let net = Net::create(3).unwrap_or_else(|e| {
+        panic!("cannot create network namespaces (needs root and iproute2): {e}")
+    });
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     let (ok, _, err) = support::run(

@@ -409,8 +409,15 @@ mod tests {
         assert!(state.apply(Command::Join {
             member: member(Role::Data, 2, 22)
         }));
-        assert_eq!(leads(&state, 2), 0, "it came back empty: it leads nothing yet");
-        assert!(follows(&state, 2) > 0, "it gets follower seats to copy into");
+        assert_eq!(
+            leads(&state, 2),
+            0,
+            "it came back empty: it leads nothing yet"
+        );
+        assert!(
+            follows(&state, 2) > 0,
+            "it gets follower seats to copy into"
+        );
         assert!(
             state.table.slots.iter().all(|r| r.len() == 3),
             "every slot keeps its replicas"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, on a Debian or Ubuntu machine with a Rust toolchain and nothing else:
+# installs what the tests need and the machine lacks (Debian's `prometheus`, which one test runs
+# to scrape a cluster), then runs `cargo test --workspace`. Extra arguments go to `cargo test`.
+#
+# Tests that need more than that are `#[ignore]`d and listed as ignored, not passed: the network
+# partition test needs root and iproute2 (`cargo test -p roster-cli --test meta_partition --
+# --ignored`; `.ci/run` runs it where it can).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${ROSTER_TEST_PROMETHEUS:-}" ] && ! command -v prometheus >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: a test needs Prometheus: install it, or set ROSTER_TEST_PROMETHEUS to its binary" >&2
+        exit 1
+    fi
+    echo "scripts/test.sh: installing Debian's prometheus (a test scrapes a cluster with it)" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+fi
+
+exec cargo test --workspace --locked "$@"
