@@ -314,6 +314,34 @@ impl RawClient {
         Self::connect_trusting(&certs, addr, None).await
     }
 
+    /// As [`RawClient::connect_with_ca`], failing with the error instead of the test (for clients
+    /// that dial servers which may be down).
+    pub async fn try_connect_with_ca(
+        ca: &std::path::Path,
+        addr: SocketAddr,
+    ) -> roster_common::Result<RawClient> {
+        let roots = tls::roots_from(&tls::load_certs(ca)?)?;
+        let config = quic::client_config(
+            tls::client(roots, ALPN_CLIENT)?,
+            &TransportSettings::default(),
+            true,
+        )?;
+        let endpoint = quic::client_endpoint(addr)?;
+        let conn = quic::connect(
+            &endpoint,
+            &config,
+            &addr.to_string(),
+            None,
+            Duration::from_secs(2),
+        )
+        .await?;
+        Ok(RawClient {
+            endpoint,
+            conn,
+            push: None,
+        })
+    }
+
     async fn connect_trusting(
         ca: &[quinn::rustls::pki_types::CertificateDer<'static>],
         addr: SocketAddr,
@@ -354,15 +382,25 @@ impl RawClient {
 
     /// Sends `bytes`, whatever they are, as the whole content of a new stream and returns the
     /// reply frame. (The server may stop the stream before reading it all; the reply still comes.)
+    /// A connection that is gone answers `Connection` (a client of a server being killed sees
+    /// that); anything else that is not a well-formed reply in time fails the test.
     pub async fn call_raw(&self, bytes: &[u8]) -> Reply<ClientResponse> {
-        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        let gone = |e: &dyn std::fmt::Display| {
+            Err(roster_common::Error::Connection(e.to_string()).to_wire())
+        };
+        let (mut send, mut recv) = match self.conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(e) => return gone(&e),
+        };
         let _ = send.write_all(bytes).await;
         let _ = send.finish();
-        tokio::time::timeout(DEADLINE, frame::read_frame(&mut recv, DEFAULT_MAX_FRAME))
+        match tokio::time::timeout(DEADLINE, frame::read_frame(&mut recv, DEFAULT_MAX_FRAME))
             .await
             .expect("a reply in time")
-            .expect("a well-formed reply")
-            .expect("a reply frame")
+        {
+            Err(e @ roster_common::Error::Connection(_)) => gone(&e),
+            other => other.expect("a well-formed reply").expect("a reply frame"),
+        }
     }
 
     /// `Hello` as `client_id`, asking for `capabilities`; returns those granted. The secret is
@@ -434,16 +472,18 @@ impl RawClient {
         ));
     }
 
-    /// The next push, or `None` if none arrives within `wait`.
+    /// The next push, or `None` if none arrives within `wait` or the connection is gone.
     pub async fn next_push(&mut self, wait: Duration) -> Option<Push> {
         let read = async {
             if self.push.is_none() {
                 self.push = Some(self.conn.accept_uni().await.ok()?);
             }
             let stream = self.push.as_mut().expect("accepted above");
-            frame::read_frame::<_, Push>(stream, DEFAULT_MAX_FRAME)
-                .await
-                .expect("a well-formed push")
+            match frame::read_frame::<_, Push>(stream, DEFAULT_MAX_FRAME).await {
+                // The connection went away: nothing more will come.
+                Err(roster_common::Error::Connection(_)) => None,
+                other => other.expect("a well-formed push"),
+            }
         };
         tokio::time::timeout(wait, read).await.ok().flatten()
     }

@@ -1,0 +1,553 @@
+//! The chaos suite: a 3/3/2 cluster of real processes under 40 publishing clients on 4 services,
+//! watched by subscribers that record every push exactly as a session server sent it (raw
+//! protocol, full snapshots; the SDK would hide a server-side regression by dropping pushes that
+//! are not newer). Faults, one at a time, each with a publisher leaving and another joining right
+//! after it:
+//!
+//! kill -9 a data server and restart it · kill -9 the meta leader · kill -9 a session server ·
+//! SIGSTOP a data server for 15 s · SIGSTOP the meta leader for 10 s · kill -9 two data servers at
+//! once · kill -9 a publisher · SIGSTOP a session server for 10 s.
+//!
+//! After every fault every subscriber must converge on exactly the live publishers (the time it
+//! took is printed), and over the whole record: versions of a service strictly increase on every
+//! subscriber connection, and no snapshot ever lacks a publisher that was live throughout.
+//!
+//! `ROSTER_CHAOS_ROUNDS=N` then runs N more faults chosen at random (a soak, by hand), printing the
+//! servers' memory after each.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use roster_client::Snapshot;
+use roster_client::{Client, ClientConfig, Publication};
+use roster_common::proto::{ClientRequest, ClientResponse, Push, Scope};
+use roster_tests::{PublisherKey, RawClient, check_history, keys};
+use support::{Proc, cluster_status, free_udp_addr, roster, run, wait_for};
+
+const START: Duration = Duration::from_secs(60);
+const SERVICES: usize = 4;
+const PUBLISHERS: usize = 40;
+/// Publishers that may leave during the run; the others are live throughout.
+const LEAVERS: usize = 10;
+/// How long every subscriber may take to see exactly the live publishers after a fault.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(45);
+
+fn service(i: usize) -> String {
+    format!("chaos/svc/s{i}")
+}
+
+/// The servers, restartable with the same identity.
+struct Cluster {
+    cwd: PathBuf,
+    metas: Vec<String>,
+    voters: String,
+    sessions: Vec<String>,
+    procs: BTreeMap<(&'static str, u64), Proc>,
+}
+
+impl Cluster {
+    fn start(cwd: &Path) -> Cluster {
+        assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+        let metas: Vec<String> = (0..3).map(|_| free_udp_addr()).collect();
+        let voters = metas
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sessions = (0..2).map(|_| free_udp_addr()).collect();
+        let mut cluster = Cluster {
+            cwd: cwd.to_owned(),
+            metas,
+            voters,
+            sessions,
+            procs: BTreeMap::new(),
+        };
+        for id in 1..=3 {
+            cluster.spawn("meta", id);
+        }
+        for id in 1..=3 {
+            cluster.spawn("data", id);
+        }
+        for id in 1..=2 {
+            cluster.spawn("session", id);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, role: &'static str, id: u64) {
+        let id_text = id.to_string();
+        let meta_list = self.metas.join(",");
+        let meta_dir = format!("meta-{id}");
+        let mut args = vec![
+            role,
+            "--id",
+            &id_text,
+            "--tls-dir",
+            "tls",
+            "--http",
+            "127.0.0.1:0",
+        ];
+        match role {
+            "meta" => args.extend([
+                "--listen",
+                &self.metas[id as usize - 1],
+                "--data-dir",
+                &meta_dir,
+                "--bootstrap",
+                &self.voters,
+                "--insecure-no-auth",
+            ]),
+            "data" => args.extend(["--listen", "127.0.0.1:0", "--meta", &meta_list]),
+            _ => args.extend([
+                "--listen",
+                &self.sessions[id as usize - 1],
+                "--meta",
+                &meta_list,
+                "--drain-timeout-ms",
+                "2000",
+            ]),
+        }
+        let proc = roster(&format!("{role} {id}"), &self.cwd, &args);
+        proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
+        self.procs.insert((role, id), proc);
+    }
+
+    fn signal(&self, role: &'static str, id: u64, signal: &str) {
+        self.procs[&(role, id)].signal(signal);
+    }
+
+    fn kill(&mut self, role: &'static str, id: u64) {
+        let mut proc = self.procs.remove(&(role, id)).expect("running");
+        proc.signal("KILL");
+        let _ = proc.wait_exit(Duration::from_secs(10));
+    }
+
+    fn meta_leader(&self) -> u64 {
+        wait_for(START, "a meta leader", || {
+            let status = cluster_status(&self.cwd, &[&self.metas.join(",")], false)?;
+            status["leader"].as_u64()
+        })
+    }
+
+    fn rss_kib(&self) -> Vec<(String, u64)> {
+        self.procs
+            .iter()
+            .filter_map(|((role, id), proc)| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).ok()?;
+                let kib = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .parse()
+                    .ok()?;
+                Some((format!("{role} {id}"), kib))
+            })
+            .collect()
+    }
+}
+
+/// Every push one raw subscriber was sent: one list of snapshots per connection it held.
+type Record = Arc<Mutex<Vec<Vec<Snapshot>>>>;
+
+/// A subscriber speaking the protocol by hand: subscribes to every service on one session
+/// server, records each snapshot pushed, and on losing the connection moves to the next server.
+async fn raw_subscriber(ca: PathBuf, sessions: Vec<SocketAddr>, first: usize, record: Record) {
+    let mut at = first;
+    loop {
+        let addr = sessions[at % sessions.len()];
+        at += 1;
+        let Ok(mut raw) = RawClient::try_connect_with_ca(&ca, addr).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let hello = raw
+            .hello_with_secret("chaos-watcher", b"the secret of the chaos watcher")
+            .await;
+        if !matches!(hello, Ok(ClientResponse::Welcome { .. })) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let mut subscribed = true;
+        for i in 0..SERVICES {
+            let request = ClientRequest::Subscribe {
+                register_id: format!("w{i}"),
+                service: service(i).parse().unwrap(),
+                scope: Scope::Global,
+            };
+            subscribed &= matches!(raw.call(&request).await, Ok(ClientResponse::Done {}));
+        }
+        if !subscribed {
+            continue;
+        }
+        record.lock().push(Vec::new());
+        loop {
+            match raw.next_push(Duration::from_millis(500)).await {
+                Some(Push::Snapshot(snapshot)) => record
+                    .lock()
+                    .last_mut()
+                    .expect("pushed above")
+                    .push(Snapshot::from_wire(snapshot)),
+                Some(_) => {}
+                None if raw.conn.close_reason().is_some() => break,
+                None => {}
+            }
+        }
+    }
+}
+
+/// The publishers a raw record currently shows, per service: the latest snapshot of each.
+fn latest(record: &Record) -> BTreeMap<String, BTreeSet<PublisherKey>> {
+    let mut out = BTreeMap::new();
+    if let Some(connection) = record.lock().last() {
+        for snapshot in connection {
+            out.insert(snapshot.service.as_str().to_owned(), keys(snapshot));
+        }
+    }
+    out
+}
+
+struct Publishers {
+    ca: PathBuf,
+    sessions: Vec<String>,
+    live: Vec<(Client, Publication)>,
+    joined: usize,
+}
+
+impl Publishers {
+    async fn join(&mut self) {
+        let n = self.joined;
+        self.joined += 1;
+        let mut config = ClientConfig::new(self.sessions.clone(), self.ca.clone());
+        config.client_id = Some(format!("publisher-{n}"));
+        let client = Client::connect(config).await.unwrap();
+        let publication = client
+            .publisher(service(n % SERVICES))
+            .register_id(format!("p{n}"))
+            .publish(vec![format!("10.0.{}.{}:80", n / 250, n % 250).into()])
+            .await
+            .unwrap();
+        self.live.push((client, publication));
+    }
+
+    /// The newest leaver of the first `LEAVERS` still live unpublishes and goes.
+    async fn leave(&mut self) {
+        let at = self
+            .live
+            .iter()
+            .position(|(client, _)| {
+                let n: usize = client.client_id()["publisher-".len()..].parse().unwrap();
+                n < LEAVERS
+            })
+            .expect("a leaver is left");
+        let (client, publication) = self.live.remove(at);
+        publication.unpublish().await.unwrap();
+        client.close().await;
+    }
+
+    fn expected(&self, cli: &[(String, PublisherKey)]) -> BTreeMap<String, BTreeSet<PublisherKey>> {
+        let mut out: BTreeMap<String, BTreeSet<PublisherKey>> = (0..SERVICES)
+            .map(|i| (service(i), BTreeSet::new()))
+            .collect();
+        for (client, publication) in &self.live {
+            out.get_mut(publication.service().as_str())
+                .unwrap()
+                .insert((
+                    client.client_id().to_owned(),
+                    publication.register_id().to_owned(),
+                ));
+        }
+        for (service, key) in cli {
+            out.get_mut(service).unwrap().insert(key.clone());
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillData,
+    KillMetaLeader,
+    KillSession,
+    StopData,
+    StopMetaLeader,
+    KillTwoData,
+    KillPublisher,
+    StopSession,
+}
+
+#[test]
+fn the_cluster_rides_through_every_fault_without_a_dip() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let mut cluster = Cluster::start(cwd);
+    wait_for(
+        START,
+        "two sessions and three data servers registered",
+        || {
+            let status = cluster_status(cwd, &[&cluster.metas.join(",")], false)?;
+            let leases = status["leases"].as_array()?;
+            (leases.len() == 5).then_some(())
+        },
+    );
+    let ca = cwd.join("tls/ca.pem");
+    let session_addrs: Vec<SocketAddr> = cluster
+        .sessions
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+
+    let records: Vec<Record> = (0..2).map(|_| Record::default()).collect();
+    for (i, record) in records.iter().enumerate() {
+        runtime.spawn(raw_subscriber(
+            ca.clone(),
+            session_addrs.clone(),
+            i,
+            record.clone(),
+        ));
+    }
+    let mut publishers = Publishers {
+        ca: ca.clone(),
+        sessions: cluster.sessions.clone(),
+        live: Vec::new(),
+        joined: 0,
+    };
+    runtime.block_on(async {
+        for _ in 0..PUBLISHERS {
+            publishers.join().await;
+        }
+    });
+    // A publisher in a process of its own, for the fault that kills one.
+    let client_toml = cwd.join("publisher.toml");
+    std::fs::write(
+        &client_toml,
+        format!(
+            "sessions = [{}]\nca = \"tls/ca.pem\"\nclient_id = \"cli-publisher\"\n",
+            cluster
+                .sessions
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .unwrap();
+    let cli_service = service(0);
+    let mut cli_publisher = Some(roster(
+        "roster publish",
+        cwd,
+        &[
+            "publish",
+            "--config",
+            "publisher.toml",
+            "--register-id",
+            "cli",
+            &service(0),
+            "10.9.9.9:80",
+        ],
+    ));
+    let mut cli_live = vec![(cli_service, ("cli-publisher".to_owned(), "cli".to_owned()))];
+
+    let converge = |what: &str, publishers: &Publishers, cli: &[(String, PublisherKey)]| {
+        let expected = publishers.expected(cli);
+        let start = Instant::now();
+        wait_for(
+            CONVERGE_WITHIN,
+            &format!("every subscriber exact after {what}"),
+            || records.iter().all(|r| latest(r) == expected).then_some(()),
+        );
+        start.elapsed()
+    };
+    let took = converge("start", &publishers, &cli_live);
+    println!("chaos: converged at start in {took:?}");
+
+    let scripted = [
+        Fault::KillData,
+        Fault::KillMetaLeader,
+        Fault::KillSession,
+        Fault::StopData,
+        Fault::StopMetaLeader,
+        Fault::KillTwoData,
+        Fault::KillPublisher,
+        Fault::StopSession,
+    ];
+    let rounds: usize = std::env::var("ROSTER_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let random = (0..rounds).map(|r| {
+        let pick = [
+            Fault::KillData,
+            Fault::KillMetaLeader,
+            Fault::KillSession,
+            Fault::StopData,
+            Fault::StopMetaLeader,
+            Fault::KillTwoData,
+            Fault::StopSession,
+        ];
+        pick[(r * 7 + rand_index()) % pick.len()]
+    });
+    let faults: Vec<Fault> = scripted.into_iter().chain(random).collect();
+    let mut leavers_left = LEAVERS;
+    for (round, fault) in faults.into_iter().enumerate() {
+        let started = Instant::now();
+        let churn = |publishers: &mut Publishers, leavers_left: &mut usize| {
+            runtime.block_on(async {
+                if *leavers_left > 0 {
+                    publishers.leave().await;
+                    *leavers_left -= 1;
+                }
+                publishers.join().await;
+            })
+        };
+        match fault {
+            Fault::KillData => {
+                let id = 1 + (round as u64 % 3);
+                cluster.kill("data", id);
+                churn(&mut publishers, &mut leavers_left);
+                cluster.spawn("data", id);
+            }
+            Fault::KillMetaLeader => {
+                let leader = cluster.meta_leader();
+                cluster.kill("meta", leader);
+                churn(&mut publishers, &mut leavers_left);
+                cluster.meta_leader();
+                cluster.spawn("meta", leader);
+            }
+            Fault::KillSession => {
+                let id = 1 + (round as u64 % 2);
+                cluster.kill("session", id);
+                churn(&mut publishers, &mut leavers_left);
+                cluster.spawn("session", id);
+            }
+            Fault::StopData => {
+                let id = 1 + (round as u64 % 3);
+                cluster.signal("data", id, "STOP");
+                churn(&mut publishers, &mut leavers_left);
+                std::thread::sleep(Duration::from_secs(15));
+                cluster.signal("data", id, "CONT");
+            }
+            Fault::StopMetaLeader => {
+                let leader = cluster.meta_leader();
+                cluster.signal("meta", leader, "STOP");
+                churn(&mut publishers, &mut leavers_left);
+                std::thread::sleep(Duration::from_secs(10));
+                cluster.signal("meta", leader, "CONT");
+            }
+            Fault::KillTwoData => {
+                let a = 1 + (round as u64 % 3);
+                let b = 1 + ((round as u64 + 1) % 3);
+                cluster.kill("data", a);
+                cluster.kill("data", b);
+                churn(&mut publishers, &mut leavers_left);
+                cluster.spawn("data", a);
+                cluster.spawn("data", b);
+            }
+            Fault::KillPublisher => {
+                if let Some(mut proc) = cli_publisher.take() {
+                    proc.signal("KILL");
+                    let _ = proc.wait_exit(Duration::from_secs(10));
+                    cli_live.clear();
+                }
+                churn(&mut publishers, &mut leavers_left);
+            }
+            Fault::StopSession => {
+                let id = 1 + (round as u64 % 2);
+                cluster.signal("session", id, "STOP");
+                churn(&mut publishers, &mut leavers_left);
+                std::thread::sleep(Duration::from_secs(10));
+                cluster.signal("session", id, "CONT");
+            }
+        }
+        let took = converge(&format!("{fault:?}"), &publishers, &cli_live);
+        println!(
+            "chaos: round {round} {fault:?}: every subscriber exact {took:?} after recovery ({:?} since the fault)",
+            started.elapsed()
+        );
+        if round >= scripted.len() {
+            println!(
+                "chaos: server RSS KiB after round {round}: {:?}",
+                cluster.rss_kib()
+            );
+        }
+    }
+
+    // Over the whole record: versions strictly increase on every connection, and no snapshot
+    // lacks a publisher that was live throughout.
+    let stable_keys: BTreeSet<PublisherKey> = publishers
+        .live
+        .iter()
+        .filter(|(client, _)| {
+            let n: usize = client.client_id()["publisher-".len()..].parse().unwrap();
+            (LEAVERS..PUBLISHERS).contains(&n)
+        })
+        .map(|(client, p)| (client.client_id().to_owned(), p.register_id().to_owned()))
+        .collect();
+    let mut checked = 0;
+    for record in &records {
+        for (nth, connection) in record.lock().iter().enumerate() {
+            let mut by_service: BTreeMap<&str, Vec<Snapshot>> = BTreeMap::new();
+            for snapshot in connection {
+                by_service
+                    .entry(snapshot.service.as_str())
+                    .or_default()
+                    .push(snapshot.clone());
+            }
+            for (name, snapshots) in by_service {
+                let stable: BTreeSet<PublisherKey> = stable_keys
+                    .iter()
+                    .filter(|(client, _)| {
+                        let n: usize = client["publisher-".len()..].parse().unwrap();
+                        service(n % SERVICES) == name
+                    })
+                    .cloned()
+                    .collect();
+                // The first connection's first snapshots predate the initial load; every later
+                // connection must show every stable publisher from its first snapshot on.
+                let from = if nth == 0 {
+                    snapshots
+                        .iter()
+                        .position(|s| stable.iter().all(|k| keys(s).contains(k)))
+                        .unwrap_or(snapshots.len())
+                } else {
+                    0
+                };
+                if let Err(e) = check_history(&snapshots[from..], &stable) {
+                    panic!("a subscriber saw a regression or a dip: {e}");
+                }
+                checked += snapshots.len();
+            }
+        }
+    }
+    println!(
+        "chaos: {checked} pushes checked over {} subscriber connections",
+        records.iter().map(|r| r.lock().len()).sum::<usize>()
+    );
+    runtime.block_on(async move {
+        for (client, publication) in publishers.live {
+            drop(publication);
+            client.close().await;
+        }
+    });
+}
+
+/// A different start for each soak run.
+fn rand_index() -> usize {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as usize)
+        .unwrap_or(0)
+}
