@@ -288,6 +288,7 @@ enum Fault {
 fn the_cluster_rides_through_every_fault_without_a_dip() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
+    let _ = std::fs::remove_file(Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.txt"));
     let mut cluster = Cluster::start(cwd);
     wait_for(
         START,
@@ -372,7 +373,7 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
         start.elapsed()
     };
     let took = converge("start", &publishers, &cli_live);
-    println!("chaos: converged at start in {took:?}");
+    report(format!("chaos: converged at start in {took:?}"));
 
     let scripted = [
         Fault::KillData,
@@ -473,15 +474,15 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
             }
         }
         let took = converge(&format!("{fault:?}"), &publishers, &cli_live);
-        println!(
+        report(format!(
             "chaos: round {round} {fault:?}: every subscriber exact {took:?} after recovery ({:?} since the fault)",
             started.elapsed()
-        );
+        ));
         if round >= scripted.len() {
-            println!(
+            report(format!(
                 "chaos: server RSS KiB after round {round}: {:?}",
                 cluster.rss_kib()
-            );
+            ));
         }
     }
 
@@ -532,16 +533,32 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
             }
         }
     }
-    println!(
+    report(format!(
         "chaos: {checked} pushes checked over {} subscriber connections",
         records.iter().map(|r| r.lock().len()).sum::<usize>()
-    );
+    ));
     runtime.block_on(async move {
         for (client, publication) in publishers.live {
             drop(publication);
             client.close().await;
         }
     });
+}
+
+/// Prints a line of the suite's report and appends it to `chaos-report.txt` in the test target's
+/// scratch directory, which `.ci/run` prints (the test harness keeps a passing test's output to
+/// itself).
+fn report(line: String) {
+    use std::io::Write;
+    println!("{line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(file, "{line}");
+    }
 }
 
 /// A different start for each soak run.
