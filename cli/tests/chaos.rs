@@ -389,7 +389,8 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    let random = (0..rounds).map(|r| {
+    let mut seed = rand_index() as u64 | 1;
+    let random = (0..rounds).map(|_| {
         let pick = [
             Fault::KillData,
             Fault::KillMetaLeader,
@@ -399,7 +400,11 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
             Fault::KillTwoData,
             Fault::StopSession,
         ];
-        pick[(r * 7 + rand_index()) % pick.len()]
+        // A small linear congruential generator: a different sequence each soak run.
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        pick[(seed >> 33) as usize % pick.len()]
     });
     let faults: Vec<Fault> = scripted.into_iter().chain(random).collect();
     let mut leavers_left = LEAVERS;
