@@ -229,7 +229,7 @@ pub const METRICS: &[MetricDef] = &[
         name: "roster_data_repairs_total",
         kind: Counter,
         role: "data",
-        labels: &[("kind", &["slot_fetch", "drift", "session_sync"])],
+        labels: &[("kind", &["slot_fetch", "drift", "lag", "session_sync"])],
         help: "repairs: followed slots fetched whole, drift found, session records synced",
     },
     MetricDef {

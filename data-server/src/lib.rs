@@ -2,18 +2,26 @@
 //!
 //! A data server joins the cluster through the member agent and adopts every slot table the meta
 //! tier commits. For each slot it leads it holds the datum of every service in the slot — the live
-//! publishers and a version — in [`store::Store`]. Sessions send publisher changes
-//! ([`roster_common::proto::DataRequest::Write`]); the leader applies them in arrival order, bumps
-//! the datum's version, and queues a `Changed` event for every session that registered interest in
-//! the service ([`interest::Interests`]). Sessions fetch the new datum and push it to subscribers.
+//! publishers and a version — in [`store::Store`]. Sessions send publisher changes in batches
+//! ([`roster_common::proto::DataRequest::WriteBatch`]); the leader applies them in arrival order
+//! (refusing a record's replacement by another owner), bumps the datum's version, replicates the
+//! ops in order to the slot's followers, and sends every session that registered interest in the
+//! service ([`interest::Interests`]) a `Changed` event carrying the change itself, which the
+//! session applies to its copy.
+//!
+//! Followers keep a copy of each slot they follow: fetched whole when they get the seat, then
+//! kept by the leader's replication stream, fetched again after a gap, and compared with the
+//! leader's digest every `repair_interval` (drift at the same version, or a copy still behind what
+//! the leader had at the previous check). A promoted follower leads from its copy. A new leader
+//! (or one without a copy) takes the slot over: it serves it only once every live session has
+//! reported its digests and synced what differs, or `takeover_timeout` passed.
 //!
 //! Sessions own their clients' publishers. When the meta tier removes a session server, its
 //! publishers here are dropped after `session_grace` ([`owners::OwnerSweep`]) unless they were
 //! re-registered through another session meanwhile.
 //!
-//! Caveats: followers hold no copy yet, and a slot that moves or a data server that restarts starts
-//! empty: until sessions re-send, its services look empty. Records live in memory only; sessions are
-//! the source of truth.
+//! Caveats: records live in memory only; sessions are the source of truth, and a slot with no
+//! surviving copy is rebuilt from them.
 
 pub mod interest;
 pub mod owners;

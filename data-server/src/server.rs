@@ -582,7 +582,8 @@ async fn fetch_slot(shared: &Shared, slot: SlotId, addr: &str) -> Result<()> {
 }
 
 /// Compares the digests of followed slots with their leaders; a slot that differs at the same
-/// version has drifted and is fetched again.
+/// version has drifted, and one still behind what its leader had at the previous check has lost a
+/// replication batch: either is fetched again (see `Store::compare_with_leader`).
 async fn check_drift(shared: &Shared, view: &ClusterView) {
     let slots = shared.store.lock().followed_in_sync();
     let mut by_leader: HashMap<NodeId, Vec<SlotId>> = HashMap::new();
@@ -610,17 +611,15 @@ async fn check_drift(shared: &Shared, view: &ClusterView) {
         };
         let mut store = shared.store.lock();
         for theirs in digests {
-            let Some(ours) = store.slot_digest(theirs.slot) else {
+            let Some(why) = store.compare_with_leader(&theirs) else {
                 continue;
             };
-            if ours.version == theirs.version && ours.digest != theirs.digest {
-                warn!(
-                    slot = theirs.slot,
-                    leader, "a followed slot drifted from its leader; fetching it again"
-                );
-                shared.repaired("drift");
-                store.mark_out_of_sync(theirs.slot);
-            }
+            warn!(
+                slot = theirs.slot,
+                leader, why, "a followed slot is not what its leader holds; fetching it again"
+            );
+            shared.repaired(why);
+            store.mark_out_of_sync(theirs.slot);
         }
     }
 }

@@ -56,6 +56,8 @@ struct Slot {
     heard: HashSet<InstanceId>,
     /// Follower: holds a copy consistent with the leader up to `version`.
     in_sync: bool,
+    /// Follower: the leader's version at the last drift check, when this copy was behind it.
+    behind: Option<Version>,
     term: Epoch,
     counter: u32,
     /// The version of the slot's last change.
@@ -200,10 +202,6 @@ impl Store {
     /// The epoch of the last table applied; 0 before any.
     pub fn epoch(&self) -> Epoch {
         self.epoch
-    }
-
-    pub fn slot_count(&self) -> u32 {
-        self.slot_count
     }
 
     /// Adopts a committed table. Tables older than the current one are ignored.
@@ -530,27 +528,6 @@ impl Store {
         opened
     }
 
-    /// Live sessions not heard from in a slot whose takeover times out at `now`.
-    pub fn silent_sessions(
-        &self,
-        live: &HashSet<InstanceId>,
-        now: Instant,
-        timeout: Duration,
-    ) -> Vec<InstanceId> {
-        let mut silent: HashSet<InstanceId> = HashSet::new();
-        for slot in &self.slots {
-            let Some(since) = slot.moving_since else {
-                continue;
-            };
-            if now.duration_since(since) >= timeout {
-                silent.extend(live.difference(&slot.heard).copied());
-            }
-        }
-        let mut out: Vec<InstanceId> = silent.into_iter().collect();
-        out.sort_unstable();
-        out
-    }
-
     /// Slots this server leads that are still being taken over.
     pub fn moving(&self) -> usize {
         self.slots
@@ -676,6 +653,30 @@ impl Store {
         {
             s.in_sync = false;
         }
+    }
+
+    /// Compares a followed slot with its leader's digest: `Some(why)` when the copy must be fetched
+    /// again — it differs at the same version (`"drift"`), or it is still behind a version the
+    /// leader already had at the previous check (`"lag"`: a replication batch was lost and no later
+    /// write brought it; plain replication lag catches up between two checks).
+    pub fn compare_with_leader(&mut self, theirs: &SlotDigest) -> Option<&'static str> {
+        let ours = self.slot_digest(theirs.slot)?;
+        let slot = self.slots.get_mut(theirs.slot as usize)?;
+        if slot.role != Role::Follower || !slot.in_sync {
+            return None;
+        }
+        let was_behind = slot.behind.take();
+        if ours.version == theirs.version {
+            return (ours.digest != theirs.digest).then_some("drift");
+        }
+        if ours.version > theirs.version {
+            return None;
+        }
+        if was_behind.is_some_and(|then| ours.version < then) {
+            return Some("lag");
+        }
+        slot.behind = Some(theirs.version);
+        None
     }
 
     /// The digest of a whole slot, with its version, whatever this server's role in it.
@@ -1154,6 +1155,36 @@ mod tests {
             follow.slot_digest(slot_of_demo()),
             lead.slot_digest(slot_of_demo())
         );
+    }
+
+    #[test]
+    fn a_lost_last_batch_is_caught_by_the_next_drift_check_but_lag_is_not() {
+        let mut lead = leader(1, 1, &[1, 2]);
+        let now = Instant::now();
+        let mut follow = Store::new(2);
+        follow.apply_table(&table(1, &[1, 2]), now);
+        assert!(follow.install_dump(lead.dump(slot_of_demo()).unwrap()));
+        let check = |follow: &mut Store, lead: &Store| {
+            follow.compare_with_leader(&lead.slot_digest(slot_of_demo()).unwrap())
+        };
+        assert_eq!(check(&mut follow, &lead), None, "the same copy");
+
+        // A write whose replication is merely in flight at one check, and arrives before the next.
+        let first = lead.write(put(publisher("c", "a", "1", 9))).unwrap();
+        assert_eq!(check(&mut follow, &lead), None, "lag is not drift");
+        follow.replicate(first.ops);
+        assert_eq!(check(&mut follow, &lead), None, "caught up");
+
+        // The last batch is lost and no later write comes: the second check catches it.
+        let _lost = lead.write(put(publisher("c", "b", "2", 9))).unwrap();
+        assert_eq!(check(&mut follow, &lead), None);
+        assert_eq!(check(&mut follow, &lead), Some("lag"));
+
+        // Different content at the same version is drift at once.
+        assert!(follow.install_dump(lead.dump(slot_of_demo()).unwrap()));
+        let mut other = lead.slot_digest(slot_of_demo()).unwrap();
+        other.digest.hash ^= 1;
+        assert_eq!(follow.compare_with_leader(&other), Some("drift"));
     }
 
     #[test]

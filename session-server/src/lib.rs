@@ -12,8 +12,15 @@
 //! `client_grace` if it was lost — unless the same client comes back within the grace, when they
 //! stay.
 //!
-//! Caveats: a client's identity is the `client_id` it declares; a snapshot must fit in one frame
-//! (`max_frame`), so a service's publishers together are limited to about 1 MiB by default.
+//! Changes that arrive while a push of a service is still being written merge into the next one
+//! ([`hub`]); a quiet service's change goes at once. Each connection is held to limits (connections
+//! per server, publishers, subscriptions and requests per connection, publisher size). Where the
+//! cluster checks tokens, `Hello` is authenticated and each request authorized against the
+//! token's namespaces ([`conn`]). Session servers balance their connection counts and drain on
+//! shutdown with `GoAway`; `links` also keeps the data tier repaired: digest reports and syncs.
+//!
+//! Caveats: a snapshot must fit in one frame (`max_frame`), so a service's publishers together are
+//! limited to about 1 MiB by default.
 
 mod admin;
 mod conn;
