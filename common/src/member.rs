@@ -102,13 +102,13 @@ async fn run(
     if let Some(addr) = last_meta {
         let member = &config.member;
         let leave = async {
-            let conn = pool.get(&addr).await?;
             let request = MetaRequest::Leave {
                 role: member.role,
                 id: member.id,
                 instance: member.instance,
             };
-            rpc::call::<_, MetaResponse>(&conn, &request, config.max_frame, LEAVE_TIMEOUT).await
+            pool.call::<_, MetaResponse>(&addr, &request, config.max_frame, LEAVE_TIMEOUT)
+                .await
         };
         match tokio::time::timeout(LEAVE_TIMEOUT, leave).await {
             Ok(Ok(_)) => info!(member = %member.key(), "left the cluster"),

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use quinn::{Connection, Endpoint};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::error::Result;
 use crate::quic;
@@ -46,6 +48,22 @@ impl PeerPool {
         .await?;
         self.conns.lock().insert(addr.to_owned(), conn.clone());
         Ok(conn)
+    }
+
+    /// One request to `addr` on a pooled connection, answered within `timeout`.
+    pub async fn call<Req, Resp>(
+        &self,
+        addr: &str,
+        request: &Req,
+        max_frame: u32,
+        timeout: Duration,
+    ) -> Result<Resp>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let conn = self.get(addr).await?;
+        crate::rpc::call(&conn, request, max_frame, timeout).await
     }
 
     /// Closes every pooled connection.

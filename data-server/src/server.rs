@@ -463,9 +463,8 @@ fn spawn_replicator(
                 ops.push(op);
             }
             let sent = async {
-                let conn = pool.get(&target).await?;
-                rpc::call::<_, DataResponse>(
-                    &conn,
+                pool.call::<_, DataResponse>(
+                    &target,
                     &DataRequest::Replicate { ops },
                     config.max_frame,
                     config.request_timeout,
@@ -560,14 +559,15 @@ async fn keep_copies(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 async fn fetch_slot(shared: &Shared, slot: SlotId, addr: &str) -> Result<()> {
-    let conn = shared.pool.get(addr).await?;
-    let answer = rpc::call(
-        &conn,
-        &DataRequest::SlotDump { slot },
-        shared.config.max_frame,
-        shared.config.request_timeout,
-    )
-    .await?;
+    let answer = shared
+        .pool
+        .call(
+            addr,
+            &DataRequest::SlotDump { slot },
+            shared.config.max_frame,
+            shared.config.request_timeout,
+        )
+        .await?;
     let DataResponse::Slot(dump) = answer else {
         return Err(Error::UnexpectedMessage(format!(
             "expected a slot, got {answer:?}"
@@ -596,16 +596,13 @@ async fn check_drift(shared: &Shared, view: &ClusterView) {
         let Some(addr) = view.data_addr(leader) else {
             continue;
         };
-        let answer = async {
-            let conn = shared.pool.get(addr).await?;
-            rpc::call::<_, DataResponse>(
-                &conn,
-                &DataRequest::SlotDigests { slots },
-                shared.config.max_frame,
-                shared.config.request_timeout,
-            )
-            .await
-        };
+        let request = DataRequest::SlotDigests { slots };
+        let answer = shared.pool.call::<_, DataResponse>(
+            addr,
+            &request,
+            shared.config.max_frame,
+            shared.config.request_timeout,
+        );
         let Ok(DataResponse::Digests { digests }) = answer.await else {
             continue;
         };

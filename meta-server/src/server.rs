@@ -217,16 +217,12 @@ async fn refuse_other_cluster(
     ours: &str,
     config: &MetaConfig,
 ) -> Result<()> {
-    let answer = async {
-        let conn = pool.get(addr).await?;
-        rpc::call::<_, MetaResponse>(
-            &conn,
-            &MetaRequest::NodeInfo {},
-            config.max_frame,
-            config.request_timeout,
-        )
-        .await
-    };
+    let answer = pool.call::<_, MetaResponse>(
+        addr,
+        &MetaRequest::NodeInfo {},
+        config.max_frame,
+        config.request_timeout,
+    );
     match answer.await {
         Ok(MetaResponse::NodeInfo {
             cluster_id: Some(theirs),
@@ -300,14 +296,15 @@ async fn try_join(node: &Node, addr: &str, learner: bool) -> Result<()> {
     {
         return Ok(());
     }
-    let conn = node.pool.get(addr).await?;
-    let info = rpc::call(
-        &conn,
-        &MetaRequest::NodeInfo {},
-        node.config.max_frame,
-        node.config.request_timeout,
-    )
-    .await?;
+    let info = node
+        .pool
+        .call(
+            addr,
+            &MetaRequest::NodeInfo {},
+            node.config.max_frame,
+            node.config.request_timeout,
+        )
+        .await?;
     let MetaResponse::NodeInfo {
         cluster_id: Some(theirs),
         ..
@@ -323,7 +320,9 @@ async fn try_join(node: &Node, addr: &str, learner: bool) -> Result<()> {
         addr: node.advertise.clone(),
         learner,
     };
-    rpc::call::<_, MetaResponse>(&conn, &request, node.config.max_frame, ADD_META_TIMEOUT).await?;
+    node.pool
+        .call::<_, MetaResponse>(addr, &request, node.config.max_frame, ADD_META_TIMEOUT)
+        .await?;
     info!(learner, "joined the meta group");
     Ok(())
 }
@@ -395,11 +394,12 @@ impl Node {
     /// Sends `request` to the leader and returns its answer.
     async fn forward(&self, request: MetaRequest, timeout: Duration) -> Result<MetaResponse> {
         let addr = self.leader_addr()?;
-        let conn = self.pool.get(&addr).await?;
         let forwarded = MetaRequest::Forwarded {
             request: Box::new(request),
         };
-        rpc::call(&conn, &forwarded, self.config.max_frame, timeout).await
+        self.pool
+            .call(&addr, &forwarded, self.config.max_frame, timeout)
+            .await
     }
 
     /// The current view, if the cluster exists.
@@ -638,14 +638,15 @@ impl Node {
     }
 
     async fn add_meta(&self, addr: String, learner: bool) -> Result<MetaResponse> {
-        let conn = self.pool.get(&addr).await?;
-        let info = rpc::call(
-            &conn,
-            &MetaRequest::NodeInfo {},
-            self.config.max_frame,
-            self.config.request_timeout,
-        )
-        .await?;
+        let info = self
+            .pool
+            .call(
+                &addr,
+                &MetaRequest::NodeInfo {},
+                self.config.max_frame,
+                self.config.request_timeout,
+            )
+            .await?;
         let MetaResponse::NodeInfo { id, cluster_id, .. } = info else {
             return Err(Error::UnexpectedMessage(format!(
                 "{addr} did not say who it is"
@@ -676,8 +677,7 @@ impl Node {
         let timeout = self.config.request_timeout;
         self.raft
             .transfer_leadership(target, |addr| async move {
-                let conn = pool.get(&addr).await?;
-                rpc::call::<_, MetaResponse>(&conn, &MetaRequest::Campaign {}, max_frame, timeout)
+                pool.call::<_, MetaResponse>(&addr, &MetaRequest::Campaign {}, max_frame, timeout)
                     .await
                     .map(|_| ())
             })

@@ -719,14 +719,15 @@ async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
         .ok_or_else(|| Error::Unavailable("no cluster view yet".into()))?;
     let mut all = Vec::new();
     for member in view.members_of(Role::Data) {
-        let conn = shared.pool.get(&member.addr).await?;
-        match rpc::call(
-            &conn,
-            &DataRequest::ListServices {},
-            shared.config.max_frame,
-            shared.config.request_timeout,
-        )
-        .await?
+        match shared
+            .pool
+            .call(
+                &member.addr,
+                &DataRequest::ListServices {},
+                shared.config.max_frame,
+                shared.config.request_timeout,
+            )
+            .await?
         {
             DataResponse::Services { services } => all.extend(services),
             other => {

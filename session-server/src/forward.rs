@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roster_common::proto::{DataRequest, DataResponse, Publisher, WriteOp};
-use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc};
+use roster_common::{ClientId, Error, RegisterId, Result, ServiceId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -376,15 +376,16 @@ async fn send_batch(shared: Arc<Shared>, addr: String, batch: Batch) -> BatchDon
 }
 
 async fn send_once(shared: &Shared, addr: &str, ops: Vec<WriteOp>) -> Result<Vec<Result<()>>> {
-    let conn = shared.pool.get(addr).await?;
     let request = DataRequest::WriteBatch { ops };
-    match rpc::call::<_, DataResponse>(
-        &conn,
-        &request,
-        shared.config.max_frame,
-        shared.config.request_timeout,
-    )
-    .await?
+    match shared
+        .pool
+        .call::<_, DataResponse>(
+            addr,
+            &request,
+            shared.config.max_frame,
+            shared.config.request_timeout,
+        )
+        .await?
     {
         DataResponse::WrittenBatch { results } => Ok(results
             .into_iter()

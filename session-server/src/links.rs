@@ -24,7 +24,7 @@ use roster_common::proto::{
     ClusterView, DataEvent, DataRequest, DataResponse, PublisherChange, Reply, Role,
 };
 use roster_common::push::encode_publisher;
-use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId, Version, frame, rpc};
+use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId, Version, frame};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -593,14 +593,15 @@ async fn report(
 }
 
 async fn call(shared: &Shared, addr: &str, request: &DataRequest) -> Result<DataResponse> {
-    let conn = shared.pool.get(addr).await?;
-    rpc::call(
-        &conn,
-        request,
-        shared.config.max_frame,
-        shared.config.request_timeout,
-    )
-    .await
+    shared
+        .pool
+        .call(
+            addr,
+            request,
+            shared.config.max_frame,
+            shared.config.request_timeout,
+        )
+        .await
 }
 
 fn count_change(outcome: Applied) {
