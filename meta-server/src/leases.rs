@@ -4,11 +4,69 @@
 //! Leases live in memory on the meta leader; only their outcome (a removal) is a command. A new
 //! leader starts every lease afresh. Time is passed in, so the logic is tested without sleeping.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use roster_common::InstanceId;
-use roster_common::proto::MemberKey;
+use roster_common::proto::{MemberKey, Role};
+
+/// The leader's lease clocks and what it learns from renewals. Empty, and unused, while not
+/// leading.
+#[derive(Debug)]
+pub struct LeaseBook {
+    /// The term this book was started for; `None` while not leading.
+    pub leader_term: Option<u64>,
+    pub leases: Leases,
+    pub preservation: Preservation,
+    /// The last load each session server reported with its renewal.
+    loads: BTreeMap<MemberKey, u64>,
+    /// The table epoch last seen and since when, to rebalance once it has settled.
+    table_since: (u64, Instant),
+}
+
+impl LeaseBook {
+    pub fn new(lease_timeout: Duration, preservation: Preservation, now: Instant) -> Self {
+        LeaseBook {
+            leader_term: None,
+            leases: Leases::new(lease_timeout),
+            preservation,
+            loads: BTreeMap::new(),
+            table_since: (0, now),
+        }
+    }
+
+    /// Records the connection count a session server reported.
+    pub fn report_load(&mut self, key: MemberKey, load: u64) {
+        self.loads.insert(key, load);
+    }
+
+    /// Forgets a member that left or expired.
+    pub fn forget(&mut self, key: &MemberKey) {
+        self.leases.remove(key);
+        self.loads.remove(key);
+    }
+
+    /// The mean load of the session servers that hold a lease at `now` and reported one.
+    pub fn mean_session_load(&self, now: Instant) -> Option<u64> {
+        let loads: Vec<u64> = self
+            .loads
+            .iter()
+            .filter(|(key, _)| {
+                key.role == Role::Session && self.leases.remaining(key, now).is_some()
+            })
+            .map(|(_, load)| *load)
+            .collect();
+        (!loads.is_empty()).then(|| loads.iter().sum::<u64>() / loads.len() as u64)
+    }
+
+    /// Whether the table at `epoch` has stood for `delay` at `now` (a new epoch starts the clock).
+    pub fn table_settled(&mut self, epoch: u64, now: Instant, delay: Duration) -> bool {
+        if self.table_since.0 != epoch {
+            self.table_since = (epoch, now);
+        }
+        now.duration_since(self.table_since.1) >= delay
+    }
+}
 
 /// The lease deadline of every live member.
 #[derive(Debug)]
@@ -225,5 +283,64 @@ mod tests {
         );
         leases.remove(&b);
         assert_eq!(leases.lapsed(t0 + Duration::from_secs(5)), vec![(a, 10)]);
+    }
+
+    #[test]
+    fn the_mean_load_counts_session_servers_holding_a_lease() {
+        let now = Instant::now();
+        let mut book = LeaseBook::new(
+            Duration::from_secs(3),
+            Preservation::new(0.5, Duration::from_secs(10)),
+            now,
+        );
+        let session = |id| MemberKey {
+            role: Role::Session,
+            id,
+        };
+        assert_eq!(book.mean_session_load(now), None);
+        for (id, load) in [(1, 10), (2, 30)] {
+            book.leases.grant(session(id), 1, now);
+            book.report_load(session(id), load);
+        }
+        let data = MemberKey {
+            role: Role::Data,
+            id: 1,
+        };
+        book.leases.grant(data, 1, now);
+        book.report_load(data, 1_000);
+        assert_eq!(
+            book.mean_session_load(now),
+            Some(20),
+            "data servers do not count"
+        );
+        book.forget(&session(2));
+        assert_eq!(book.mean_session_load(now), Some(10));
+        book.report_load(session(3), 99);
+        assert_eq!(
+            book.mean_session_load(now),
+            Some(10),
+            "a load without a lease does not count"
+        );
+    }
+
+    #[test]
+    fn a_table_settles_after_it_stood_for_the_delay() {
+        let start = Instant::now();
+        let delay = Duration::from_secs(5);
+        let mut book = LeaseBook::new(
+            Duration::from_secs(3),
+            Preservation::new(0.5, Duration::from_secs(10)),
+            start,
+        );
+        assert!(
+            !book.table_settled(1, start, delay),
+            "a new epoch starts the clock"
+        );
+        assert!(!book.table_settled(1, start + Duration::from_secs(4), delay));
+        assert!(book.table_settled(1, start + delay, delay));
+        assert!(
+            !book.table_settled(2, start + delay, delay),
+            "another epoch starts it again"
+        );
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::leases::{Leases, Preservation};
+use crate::leases::{LeaseBook, Leases, Preservation};
 use crate::raft::RaftNode;
 use crate::raft::store::Disk;
 use crate::state::Command;
@@ -57,33 +57,6 @@ struct Node {
     view_tx: watch::Sender<Option<Arc<ClusterView>>>,
     /// When a refusal of each foreign node was last logged (they repeat with every heartbeat).
     refusals_logged: Mutex<BTreeMap<NodeId, Instant>>,
-}
-
-/// The leader's lease clocks. Empty, and unused, while not leading.
-struct LeaseBook {
-    leader_term: Option<u64>,
-    /// The last load each session server reported with its renewal.
-    loads: BTreeMap<MemberKey, u64>,
-    /// The table epoch last seen by this leader and since when, to rebalance once it has settled.
-    table_since: (u64, Instant),
-    leases: Leases,
-    preservation: Preservation,
-}
-
-impl LeaseBook {
-    /// The mean load of the session servers that hold a lease and reported one.
-    fn mean_session_load(&self) -> Option<u64> {
-        let now = Instant::now();
-        let loads: Vec<u64> = self
-            .loads
-            .iter()
-            .filter(|(key, _)| {
-                key.role == Role::Session && self.leases.remaining(key, now).is_some()
-            })
-            .map(|(_, load)| *load)
-            .collect();
-        (!loads.is_empty()).then(|| loads.iter().sum::<u64>() / loads.len() as u64)
-    }
 }
 
 impl MetaServer {
@@ -159,16 +132,11 @@ impl MetaServer {
         )
         .await?;
         let node = Arc::new(Node {
-            leases: Mutex::new(LeaseBook {
-                leader_term: None,
-                loads: BTreeMap::new(),
-                table_since: (0, Instant::now()),
-                leases: Leases::new(config.lease_timeout),
-                preservation: Preservation::new(
-                    config.preservation_share,
-                    config.preservation_window,
-                ),
-            }),
+            leases: Mutex::new(LeaseBook::new(
+                config.lease_timeout,
+                Preservation::new(config.preservation_share, config.preservation_window),
+                Instant::now(),
+            )),
             config: config.clone(),
             raft: raft.clone(),
             disk: self.disk,
@@ -587,9 +555,9 @@ impl Node {
         let now = Instant::now();
         let mut book = self.leases.lock();
         if let Some(load) = load {
-            book.loads.insert(key, load);
+            book.report_load(key, load);
         }
-        let mean = book.mean_session_load();
+        let mean = book.mean_session_load(now);
         if book.leases.renew(key, instance, now) {
             metrics::counter!("roster_lease_renewals_total", "role" => key.role.name())
                 .increment(1);
@@ -620,7 +588,7 @@ impl Node {
         if applied.changed {
             info!(member = %key, "member left");
         }
-        self.leases.lock().leases.remove(&key);
+        self.leases.lock().forget(&key);
         Ok(MetaResponse::Done {})
     }
 
@@ -975,13 +943,10 @@ async fn maybe_rebalance(node: &Node) {
         .raft
         .state_machine()
         .read(|m| (m.state.table.epoch, m.state.needs_rebalance()));
-    let settled = {
-        let mut book = node.leases.lock();
-        if book.table_since.0 != epoch {
-            book.table_since = (epoch, Instant::now());
-        }
-        book.table_since.1.elapsed() >= node.config.rebalance_delay
-    };
+    let settled =
+        node.leases
+            .lock()
+            .table_settled(epoch, Instant::now(), node.config.rebalance_delay);
     if needed && settled {
         match node.raft.write(Command::Rebalance {}).await {
             Ok(_) => info!(epoch, "rebalanced slot leadership over the data servers"),
@@ -1114,9 +1079,7 @@ async fn expire(node: &Node, key: MemberKey, instance: u64) -> bool {
             info!(member = %key, "lease expired");
             metrics::counter!("roster_lease_expiries_total", "role" => key.role.name())
                 .increment(1);
-            let mut book = node.leases.lock();
-            book.leases.remove(&key);
-            book.loads.remove(&key);
+            node.leases.lock().forget(&key);
             true
         }
         Err(e) => {
