@@ -398,6 +398,10 @@ pub struct SessionArgs {
     /// pushes merge [default: 30000].
     #[arg(long, env = "ROSTER_PUSH_STALL_MS", value_name = "MS")]
     push_stall_ms: Option<u64>,
+    /// How often the server compares its connection count with the mean of the session servers
+    /// and asks some clients to move when it holds well more, in milliseconds [default: 5000].
+    #[arg(long, env = "ROSTER_BALANCE_INTERVAL_MS", value_name = "MS")]
+    balance_interval_ms: Option<u64>,
 }
 
 const META_LISTEN: &str = "0.0.0.0:7100";
@@ -598,6 +602,7 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
             "max-publisher-bytes",
             "coalesce-ms",
             "push-stall-ms",
+            "balance-interval-ms",
         ],
     ]
     .concat();
@@ -606,7 +611,7 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     args.member.layer(file.member);
     layer!(args, file; client_grace_ms, drain_timeout_ms, max_connections, max_publishers_per_connection,
         max_subscriptions_per_connection, max_requests_per_connection, max_publisher_bytes, coalesce_ms,
-        push_stall_ms);
+        push_stall_ms, balance_interval_ms);
 
     let mut config = SessionConfig::new(args.common.id()?, args.member.metas()?);
     config.advertise = args.member.advertise;
@@ -631,6 +636,9 @@ pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
     }
     if let Some(ms) = args.push_stall_ms {
         config.push_stall_timeout = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.balance_interval_ms {
+        config.balance_interval = Duration::from_millis(ms);
     }
     config.max_connections = args.max_connections.unwrap_or(config.max_connections);
     config.max_publishers_per_connection = args

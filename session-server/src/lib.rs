@@ -23,6 +23,7 @@
 //! limited to about 1 MiB by default.
 
 mod admin;
+pub mod balance;
 mod conn;
 mod forward;
 mod gate;
@@ -99,6 +100,9 @@ pub struct SessionConfig {
     /// [`CLOSE_SLOW_CONSUMER`]. A client that reads slowly is not cut off: its pushes merge.
     /// Default 30 s.
     pub push_stall_timeout: Duration,
+    /// How often the server compares its connection count with the mean and asks clients to move
+    /// when well above it (`--balance-interval-ms`). Default 5 s.
+    pub balance_interval: Duration,
 }
 
 impl SessionConfig {
@@ -126,10 +130,16 @@ impl SessionConfig {
             max_publisher_bytes: 64 << 10,
             coalesce_window: Duration::ZERO,
             push_stall_timeout: Duration::from_secs(30),
+            balance_interval: Duration::from_secs(5),
         }
     }
 
     fn validate(&self) -> Result<()> {
+        if self.balance_interval.is_zero() {
+            return Err(Error::InvalidArgument(
+                "the balance interval must be above zero".into(),
+            ));
+        }
         if self.metas.is_empty() {
             return Err(Error::InvalidArgument(
                 "at least one meta address is needed (--meta)".into(),

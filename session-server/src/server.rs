@@ -248,11 +248,10 @@ impl SessionServer {
     }
 }
 
-/// Moves clients off this server when it holds well more than the mean: every
-/// [`BALANCE_EVERY`], if the connections here exceed the mean by more than a quarter (and by more
-/// than [`BALANCE_SLACK`]), asks half the excess to move. Also reports the count for the meta tier.
+/// Moves clients off this server when it holds well more than the mean (see [`crate::balance`]),
+/// every `balance_interval`. Also reports the count for the meta tier.
 async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(BALANCE_EVERY);
+    let mut tick = tokio::time::interval(shared.config.balance_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -264,19 +263,11 @@ async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationTo
         let reported = load.swap(here, Ordering::Relaxed);
         let sessions = shared
             .view()
-            .map_or(0, |v| v.members_of(Role::Session).count()) as u64;
-        if sessions < 2 {
-            // Nowhere to move to: asking clients to move would only reconnect them here.
-            continue;
-        }
-        // The mean was computed with the load we reported, not with ours now: compare like with
-        // like. (Comparing today's load with a mean of stale ones would have every server moving
-        // clients while they all still fill up.)
+            .map_or(0, |v| v.members_of(Role::Session).count());
         let mean = shared.mean_load.load(Ordering::Relaxed);
-        if mean == 0 || reported <= mean + mean / 4 || reported - mean <= BALANCE_SLACK {
+        let Some(excess) = crate::balance::clients_to_move(reported, mean, here, sessions) else {
             continue;
-        }
-        let excess = ((reported - mean) / 2).min(here);
+        };
         let asked = shared.hub.lock().go_away(
             excess as usize,
             "rebalancing: this session server holds more than its share",
@@ -287,11 +278,6 @@ async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationTo
         );
     }
 }
-
-/// How often a session server compares its load with the mean.
-const BALANCE_EVERY: Duration = Duration::from_secs(5);
-/// Connections above the mean that never trigger rebalancing.
-const BALANCE_SLACK: u64 = 10;
 
 /// Ready: a member of the cluster (so connected to the meta tier), with a watch stream up to every
 /// data server of the slot table, and not draining.
