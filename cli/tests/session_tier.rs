@@ -24,11 +24,14 @@ const SUBSCRIBER_CLIENTS: usize = 6;
 struct Sessions {
     procs: Vec<Option<Proc>>,
     addrs: Vec<String>,
+    /// HTTP admin addresses.
+    https: Vec<String>,
 }
 
-/// Starts the cluster; returns its meta and data servers, the sessions, the meta address and a
-/// token that may publish and subscribe in the test's namespace.
-fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String) {
+/// Starts the cluster; returns its meta and data servers, the sessions, the meta address, a
+/// token that may publish and subscribe in the test's namespace, and the data server's HTTP
+/// address.
+fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String, String) {
     let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
     assert!(ok, "{err}");
     let meta = free_udp_addr();
@@ -74,10 +77,12 @@ fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String) {
             "500",
         ],
     );
-    data.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let line = data.line_matching(START, "its listen line", |l| l.contains("listening:"));
+    let data_http = line.split("http=").nth(1).unwrap().trim().to_owned();
     let mut sessions = Sessions {
         procs: Vec::new(),
         addrs: Vec::new(),
+        https: Vec::new(),
     };
     for id in 1..=3 {
         let proc = roster(
@@ -109,6 +114,9 @@ fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String) {
                 .unwrap()
                 .to_owned(),
         );
+        sessions
+            .https
+            .push(line.split("http=").nth(1).unwrap().trim().to_owned());
         sessions.procs.push(Some(proc));
     }
     wait_for(START, "three sessions registered", || {
@@ -119,7 +127,7 @@ fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String) {
         .then_some(())
     });
     let token = create_token(cwd, &meta, "moving", "publish,subscribe", &[]);
-    (meta_proc, data, sessions, meta, token)
+    (meta_proc, data, sessions, meta, token, data_http)
 }
 
 /// Waits until the meta tier no longer lists session `id`.
@@ -140,7 +148,16 @@ type Seen = Arc<Mutex<HashMap<(usize, String), Vec<Snapshot>>>>;
 fn killed_and_drained_session_servers_lose_no_publisher() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
-    let (_meta, _data, mut sessions, meta, token) = start(cwd);
+    let (_meta, _data, mut sessions, meta, token, data_http) = start(cwd);
+    // The cluster checks tokens: /admin wants the admin token `roster meta --bootstrap` wrote.
+    let admin = std::fs::read_to_string(cwd.join("meta-1/admin.token")).unwrap();
+    let admin = admin.trim().to_owned();
+    let admin_json = |http: &str, path: &str| -> Option<serde_json::Value> {
+        let (status, body) = support::http_get_with(&format!("{http}{path}"), Some(&admin))?;
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -223,6 +240,12 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
             .filter(|c| c.session_id() == Some(victim))
             .collect();
         let mut states: Vec<_> = moving.iter().map(|c| c.connection_state()).collect();
+        let victim_http = &sessions.https[victim as usize - 1];
+        let instance =
+            admin_json(victim_http, "/admin/server").expect("the victim's status")["instance"]
+                .as_str()
+                .unwrap()
+                .to_owned();
         let hit = Instant::now();
         let mut proc = sessions.procs[victim as usize - 1].take().unwrap();
         proc.signal(signal);
@@ -253,10 +276,18 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
                 "session {victim} exits 0 after draining"
             );
         }
-        // The old session is removed, and its grace on the data tier (0.5 s) passes: had any
-        // publisher stayed owned by it, it would be dropped within this observation window.
+        // The old session is removed, and the data tier holds nothing of it any more: every
+        // publisher moved to another session (had any stayed, its grace would drop it, and the
+        // subscribers would no longer be exact).
         wait_session_gone(cwd, &meta, victim);
-        std::thread::sleep(Duration::from_millis(1_500));
+        wait_for(
+            Duration::from_secs(10),
+            "the data tier to hold nothing of the old session",
+            || {
+                let owners = admin_json(&data_http, "/admin/owners")?;
+                (!owners.as_object()?.contains_key(&instance)).then_some(())
+            },
+        );
         wait_for(Duration::from_secs(10), "every subscriber exact", || {
             exact().then_some(())
         });

@@ -1,7 +1,7 @@
 //! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
 //! replicates to followers and keeps its own copies in step with the leaders.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -827,6 +827,7 @@ impl AdminSource for DataAdmin {
                     "followers": shared.replicators.lock().len(),
                 },
                 "repairs": *shared.repairs.lock(),
+                "owners": shared.store.lock().owner_counts().map(|(instance, n)| (format!("{instance:016x}"), n)).collect::<BTreeMap<String, usize>>(),
                 "slots": slots,
             })
         })

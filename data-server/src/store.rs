@@ -380,6 +380,11 @@ impl Store {
         self.owners.keys().copied()
     }
 
+    /// Each session instance holding publishers here (any slot, any role), with how many.
+    pub fn owner_counts(&self) -> impl Iterator<Item = (InstanceId, usize)> + '_ {
+        self.owners.iter().map(|(instance, n)| (*instance, *n))
+    }
+
     /// Drops every publisher owned by `instance` in the slots this server leads.
     pub fn drop_owner(&mut self, instance: InstanceId) -> Applied {
         let mut applied = Applied::default();

@@ -285,7 +285,16 @@ impl MetaClient {
 
 /// `GET http://{url}`: the status and body, or `None` if nothing answered within a second.
 pub fn http_get(url: &str) -> Option<(u16, String)> {
-    let mut response = ureq::get(&format!("http://{url}"))
+    http_get_with(url, None)
+}
+
+/// As [`http_get`], with `Authorization: Bearer TOKEN` when given.
+pub fn http_get_with(url: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let mut request = ureq::get(&format!("http://{url}"));
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request
         .config()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(1)))
@@ -300,17 +309,7 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
 /// The status of `GET http://ADDR/PATH`, with `Authorization: Bearer TOKEN` when given; 0 when
 /// nothing answers.
 pub fn http_status(addr: &str, path: &str, token: Option<&str>) -> u16 {
-    let mut request = ureq::get(&format!("http://{addr}{path}"));
-    if let Some(token) = token {
-        request = request.header("Authorization", &format!("Bearer {token}"));
-    }
-    request
-        .config()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(2)))
-        .build()
-        .call()
-        .map_or(0, |r| r.status().as_u16())
+    http_get_with(&format!("{addr}{path}"), token).map_or(0, |(status, _)| status)
 }
 
 /// The `quic=` and `http=` addresses a server prints when it starts.
