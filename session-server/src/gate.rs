@@ -10,13 +10,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use roster_common::SlotId;
-
-/// How often a waiting write or sync looks again.
-const POLL: Duration = Duration::from_millis(1);
+use tokio::sync::Notify;
 
 #[derive(Default)]
 struct State {
@@ -27,6 +24,8 @@ struct State {
 #[derive(Clone, Default)]
 pub struct SlotGate {
     state: Arc<Mutex<State>>,
+    /// Woken whenever a pass is given back: a waiting sync looks again.
+    released: Arc<Notify>,
 }
 
 /// Held while a write of a slot is in flight.
@@ -58,20 +57,28 @@ impl SlotGate {
     /// Closes `slot` to new writes, waits for those in flight, and returns the pass for the sync.
     /// Syncs of one slot take turns.
     pub async fn sync(&self, slot: SlotId) -> SyncPass {
-        loop {
-            if self.state.lock().syncing.insert(slot) {
-                break;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.until(|state| state.syncing.insert(slot)).await;
         let pass = SyncPass {
             gate: self.clone(),
             slot,
         };
-        while self.state.lock().writes.get(&slot).is_some_and(|n| *n > 0) {
-            tokio::time::sleep(POLL).await;
-        }
+        self.until(|state| state.writes.get(&slot).is_none_or(|n| *n == 0))
+            .await;
         pass
+    }
+
+    /// Waits until `ready` holds of the state, looking again each time a pass is given back.
+    async fn until(&self, mut ready: impl FnMut(&mut State) -> bool) {
+        loop {
+            // Registered before looking, so a pass given back in between is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if ready(&mut self.state.lock()) {
+                return;
+            }
+            released.await;
+        }
     }
 }
 
@@ -84,17 +91,22 @@ impl Drop for WritePass {
                 state.writes.remove(&self.slot);
             }
         }
+        drop(state);
+        self.gate.released.notify_waiters();
     }
 }
 
 impl Drop for SyncPass {
     fn drop(&mut self) {
         self.gate.state.lock().syncing.remove(&self.slot);
+        self.gate.released.notify_waiters();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -132,5 +144,23 @@ mod tests {
             gate.try_write(7).is_some(),
             "the slot opens again after the sync"
         );
+    }
+
+    #[tokio::test]
+    async fn syncs_of_one_slot_take_turns() {
+        let gate = SlotGate::default();
+        let first = gate.sync(3).await;
+        let second = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.sync(3).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "the second waits for the first");
+        drop(first);
+        let pass = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("woken when the first is done")
+            .unwrap();
+        drop(pass);
     }
 }
