@@ -44,7 +44,8 @@ impl AdminSource for SessionAdmin {
                 (c, s, hub.services())
             };
             let publishers = shared.owned.lock().len();
-            let (data_servers, links_up) = *shared.data_links.lock();
+            let links = *shared.data_links.lock();
+            let (data_servers, links_up) = (links.wanted, links.up);
             let view = shared.view();
             json!({
                 "server": {

@@ -195,7 +195,7 @@ pub async fn run(
         }
         let wanted = manager.links.len();
         let up = manager.links.values().filter(|l| l.up.is_some()).count();
-        *manager.shared.data_links.lock() = (wanted, up);
+        *manager.shared.data_links.lock() = crate::server::DataLinks { wanted, up };
     }
     for link in manager.links.values() {
         link.cancel.cancel();

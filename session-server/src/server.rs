@@ -56,7 +56,7 @@ pub(crate) struct Shared {
     /// The mean of the session servers' connection counts, as the meta tier last reported it.
     pub mean_load: Arc<AtomicU64>,
     /// Data servers in the slot table, and those with a watch stream up (set by the link manager).
-    pub data_links: Mutex<(usize, usize)>,
+    pub data_links: Mutex<DataLinks>,
     /// Keeps a slot's writes and syncs from overtaking each other.
     pub slot_gate: SlotGate,
     /// The publishers of lost connections within their `client_grace`, by client.
@@ -65,6 +65,13 @@ pub(crate) struct Shared {
     pub identities: Mutex<HashMap<ClientId, Identity>>,
     /// Failed authentications by source address.
     pub auth_failures: Mutex<FailureLimiter>,
+}
+
+/// The data servers of the slot table, and how many of them have a watch stream up.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DataLinks {
+    pub wanted: usize,
+    pub up: usize,
 }
 
 /// A client id in use on this server: the owner its connections proved, and how many of them
@@ -173,7 +180,7 @@ impl SessionServer {
             next_conn: AtomicU64::new(1),
             draining: shutdown.clone(),
             mean_load,
-            data_links: Mutex::new((0, 0)),
+            data_links: Mutex::new(DataLinks::default()),
             slot_gate: SlotGate::default(),
             orphans: Mutex::new(HashMap::new()),
             identities: Mutex::new(HashMap::new()),
@@ -296,8 +303,11 @@ async fn track_readiness(
             .as_ref()
             .and_then(|v| v.member(Role::Session, shared.config.id))
             .is_some_and(|m| m.instance == instance);
-        let (wanted, up) = *shared.data_links.lock();
-        let ready = member && wanted > 0 && up == wanted && !shared.draining.is_cancelled();
+        let links = *shared.data_links.lock();
+        let ready = member
+            && links.wanted > 0
+            && links.up == links.wanted
+            && !shared.draining.is_cancelled();
         ready_tx.send_if_modified(|r| std::mem::replace(r, ready) != ready);
         tokio::select! {
             _ = shutdown.cancelled() => {
