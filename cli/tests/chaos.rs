@@ -130,10 +130,27 @@ impl Cluster {
     }
 
     fn meta_leader(&self) -> u64 {
-        wait_for(START, "a meta leader", || {
-            let status = cluster_status(&self.cwd, &[&self.metas.join(",")], false)?;
-            status["leader"].as_u64()
-        })
+        meta_leader(&self.cwd, &self.metas.join(","))
+    }
+
+    /// Kills `victims` with SIGKILL, runs `during`, then starts them again.
+    fn kill_then_restart(&mut self, victims: &[(&'static str, u64)], during: impl FnOnce()) {
+        for (role, id) in victims {
+            self.kill(role, *id);
+        }
+        during();
+        for (role, id) in victims {
+            self.spawn(role, *id);
+        }
+    }
+
+    /// Stops a server with SIGSTOP for `pause`, running `during` right after stopping it.
+    fn pause(&self, role: &'static str, id: u64, pause: Duration, during: impl FnOnce()) {
+        self.signal(role, id, "STOP");
+        during();
+        // The fault lasts this long: a duration chosen, not a wait for a condition.
+        std::thread::sleep(pause);
+        self.signal(role, id, "CONT");
     }
 
     fn rss_kib(&self) -> Vec<(String, u64)> {
@@ -153,6 +170,14 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// The leader of the meta group at `metas`, once there is one.
+fn meta_leader(cwd: &Path, metas: &str) -> u64 {
+    wait_for(START, "a meta leader", || {
+        let status = cluster_status(cwd, &[metas], false)?;
+        status["leader"].as_u64()
+    })
 }
 
 /// Every push one raw subscriber was sent: one list of snapshots per connection it held.
@@ -419,48 +444,36 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
                 publishers.join().await;
             })
         };
+        let mut during = || churn(&mut publishers, &mut leavers_left);
         match fault {
             Fault::KillData => {
                 let id = 1 + (round as u64 % 3);
-                cluster.kill("data", id);
-                churn(&mut publishers, &mut leavers_left);
-                cluster.spawn("data", id);
+                cluster.kill_then_restart(&[("data", id)], during);
             }
             Fault::KillMetaLeader => {
                 let leader = cluster.meta_leader();
-                cluster.kill("meta", leader);
-                churn(&mut publishers, &mut leavers_left);
-                cluster.meta_leader();
-                cluster.spawn("meta", leader);
+                let (cwd, metas) = (cluster.cwd.clone(), cluster.metas.join(","));
+                cluster.kill_then_restart(&[("meta", leader)], || {
+                    during();
+                    meta_leader(&cwd, &metas);
+                });
             }
             Fault::KillSession => {
                 let id = 1 + (round as u64 % 2);
-                cluster.kill("session", id);
-                churn(&mut publishers, &mut leavers_left);
-                cluster.spawn("session", id);
+                cluster.kill_then_restart(&[("session", id)], during);
             }
             Fault::StopData => {
                 let id = 1 + (round as u64 % 3);
-                cluster.signal("data", id, "STOP");
-                churn(&mut publishers, &mut leavers_left);
-                std::thread::sleep(Duration::from_secs(15));
-                cluster.signal("data", id, "CONT");
+                cluster.pause("data", id, Duration::from_secs(15), during);
             }
             Fault::StopMetaLeader => {
                 let leader = cluster.meta_leader();
-                cluster.signal("meta", leader, "STOP");
-                churn(&mut publishers, &mut leavers_left);
-                std::thread::sleep(Duration::from_secs(10));
-                cluster.signal("meta", leader, "CONT");
+                cluster.pause("meta", leader, Duration::from_secs(10), during);
             }
             Fault::KillTwoData => {
                 let a = 1 + (round as u64 % 3);
                 let b = 1 + ((round as u64 + 1) % 3);
-                cluster.kill("data", a);
-                cluster.kill("data", b);
-                churn(&mut publishers, &mut leavers_left);
-                cluster.spawn("data", a);
-                cluster.spawn("data", b);
+                cluster.kill_then_restart(&[("data", a), ("data", b)], during);
             }
             Fault::KillPublisher => {
                 if let Some(mut proc) = cli_publisher.take() {
@@ -468,14 +481,11 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
                     let _ = proc.wait_exit(Duration::from_secs(10));
                     cli_live.clear();
                 }
-                churn(&mut publishers, &mut leavers_left);
+                during();
             }
             Fault::StopSession => {
                 let id = 1 + (round as u64 % 2);
-                cluster.signal("session", id, "STOP");
-                churn(&mut publishers, &mut leavers_left);
-                std::thread::sleep(Duration::from_secs(10));
-                cluster.signal("session", id, "CONT");
+                cluster.pause("session", id, Duration::from_secs(10), during);
             }
         }
         let took = converge(&format!("{fault:?}"), &publishers, &cli_live);
