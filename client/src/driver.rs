@@ -18,6 +18,7 @@ use roster_common::{Error, RegisterId, Result, ServiceId, frame, quic, rpc};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::accept::{DeltaVerdict, accept, judge_delta, snapshot_is_newer};
 use crate::liveness::Liveness;
 use crate::snapshot::Snapshot;
 use crate::{ConnectionState, Inner, Live, SubscriptionState, publish_request};
@@ -464,11 +465,7 @@ fn deliver_snapshot(inner: &Inner, snapshot: proto::Snapshot) {
     let Some(entry) = registry.subscriptions.get_mut(&snapshot.service) else {
         return;
     };
-    if entry
-        .latest
-        .as_ref()
-        .is_some_and(|l| l.version >= snapshot.version)
-    {
+    if !snapshot_is_newer(entry.latest.as_ref().map(|l| l.version), snapshot.version) {
         return;
     }
     entry.latest = Some(snapshot);
@@ -480,14 +477,15 @@ fn deliver_snapshot(inner: &Inner, snapshot: proto::Snapshot) {
 fn deliver_delta(inner: &Inner, delta: Delta) -> Option<(RegisterId, ServiceId)> {
     let mut registry = inner.registry.lock();
     let entry = registry.subscriptions.get_mut(&delta.service)?;
-    match entry.latest.as_mut() {
-        Some(latest) if delta.version <= latest.version => None,
-        Some(latest) if latest.version == delta.base => {
-            latest.apply(delta);
+    let held = entry.latest.as_ref().map(|l| l.version);
+    match judge_delta(held, delta.base, delta.version) {
+        DeltaVerdict::Stale => None,
+        DeltaVerdict::Apply => {
+            entry.latest.as_mut().expect("judged").apply(delta);
             publish(inner, entry);
             None
         }
-        _ => {
+        DeltaVerdict::Resync => {
             warn!(service = %delta.service, base = delta.base, version = delta.version, "a push does not follow the version held; asking for the full snapshot");
             Some((entry.register_id.clone(), delta.service))
         }
@@ -498,13 +496,12 @@ fn deliver_delta(inner: &Inner, delta: Delta) -> Option<(RegisterId, ServiceId)>
 /// empty one that would replace publishers.
 fn publish(inner: &Inner, entry: &mut SubscriptionState) {
     let Some(latest) = &entry.latest else { return };
-    let emptying = latest.publishers.is_empty()
-        && entry
-            .tx
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| !c.publishers.is_empty());
-    if emptying && inner.config.refuse_empty {
+    let shown = accept(
+        entry.tx.borrow().as_ref(),
+        latest,
+        inner.config.refuse_empty,
+    );
+    if !shown {
         inner.stats.refused_empty.fetch_add(1, Ordering::Relaxed);
         warn!(service = %latest.service, version = latest.version, "withheld an empty snapshot (refuse_empty)");
         return;

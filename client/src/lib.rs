@@ -47,6 +47,7 @@
 //! again may help. A publish made while no session server is reachable succeeds as not durable
 //! ([`Publication::is_durable`]) and is registered when the client reconnects.
 
+mod accept;
 mod cache;
 mod config;
 mod driver;
