@@ -32,11 +32,15 @@
 //! Caveats: self-preservation ends only when leases come back (there is no operator override yet);
 //! leadership transfer pauses heartbeats for one election timeout.
 
+mod entry;
+mod leader;
 pub mod leases;
+mod node;
 pub mod placement;
 pub mod raft;
 mod server;
 pub mod state;
+mod status;
 pub mod tokens;
 
 use std::collections::BTreeMap;
