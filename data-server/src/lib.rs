@@ -23,9 +23,13 @@
 //! Caveats: records live in memory only; sessions are the source of truth, and a slot with no
 //! surviving copy is rebuilt from them.
 
+mod admin;
+mod copies;
 pub mod interest;
 pub mod owners;
+mod replication;
 mod server;
+mod shared;
 pub mod store;
 
 use std::time::Duration;

@@ -1,0 +1,328 @@
+//! What every task of a data server shares ([`Shared`]), and the leader-side path of a change:
+//! apply under the store lock, notify interested sessions, hand the ops to the replicators.
+
+//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
+//! replicates to followers and keeps its own copies in step with the leaders.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use roster_common::member::ViewRx;
+use roster_common::peers::PeerPool;
+use roster_common::proto::{
+    ClusterView, DataResponse, Publisher, ReplicatedOp, Role, Snapshot, WriteOp, reply,
+};
+use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::DataConfig;
+use crate::interest::Interests;
+use crate::owners::OwnerSweep;
+use crate::store::{Applied, Change, Store};
+
+use crate::replication::{Replicator, spawn_replicator};
+
+/// How often slots being taken over are checked for readiness, and missing copies fetched.
+pub(crate) const STEP: Duration = Duration::from_millis(50);
+/// Repairs, by kind: `slot_fetch` (a followed slot fetched whole: a new copy, a gap in
+/// replication, drift), `drift` (a followed slot found to differ from its leader's at the same
+/// version), `lag` (one still behind what its leader had at the previous check),
+/// `session_sync` (a session's records in a slot differed from this leader's).
+pub(crate) const METRIC_REPAIRS: &str = "roster_data_repairs_total";
+
+pub(crate) struct Shared {
+    pub(crate) config: DataConfig,
+    pub(crate) instance: InstanceId,
+    pub(crate) store: Mutex<Store>,
+    pub(crate) interests: Mutex<Interests>,
+    pub(crate) view: ViewRx,
+    pub(crate) ready_tx: watch::Sender<bool>,
+    pub(crate) pool: Arc<PeerPool>,
+    pub(crate) replicators: Mutex<HashMap<NodeId, Replicator>>,
+    /// Repairs made since start, by kind (also counted in `roster_data_repairs_total`).
+    pub(crate) repairs: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl Shared {
+    /// The current view, if one arrived.
+    pub(crate) fn view(&self) -> Option<Arc<ClusterView>> {
+        self.view.borrow().clone()
+    }
+
+    /// Fills in the leader's address on a `NotLeader` error.
+    pub(crate) fn with_leader_hint(&self, err: Error, service: &ServiceId) -> Error {
+        match err {
+            Error::NotLeader { leader: None } => Error::NotLeader {
+                leader: self.view().and_then(|view| {
+                    let id = view.table.leader_of(service)?;
+                    view.data_addr(id).map(str::to_owned)
+                }),
+            },
+            other => other,
+        }
+    }
+
+    pub(crate) fn notify(&self, changes: &[Change]) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut interests = self.interests.lock();
+        for change in changes {
+            let detached = interests.notify(change);
+            if detached > 0 {
+                warn!(service = %change.service, detached, "sessions fell behind on notifications and were detached; they will resync");
+            }
+        }
+    }
+
+    /// Runs a leader-side change: applies it under the store lock, queues its ops for the
+    /// followers (in the order applied), then notifies interested sessions.
+    pub(crate) fn lead(
+        &self,
+        change: impl FnOnce(&mut Store) -> Result<Applied>,
+    ) -> Result<Applied> {
+        let applied = {
+            let mut store = self.store.lock();
+            let applied = change(&mut store)?;
+            self.queue_replication(&applied.ops);
+            applied
+        };
+        self.notify(&applied.changes);
+        Ok(applied)
+    }
+
+    /// Queues `ops` to the followers of their slots. Never waits: a full queue drops the op, and the
+    /// follower repairs the gap by fetching the slot.
+    pub(crate) fn queue_replication(&self, ops: &[ReplicatedOp]) {
+        if ops.is_empty() {
+            return;
+        }
+        let Some(view) = self.view() else { return };
+        let mut replicators = self.replicators.lock();
+        for op in ops {
+            let followers = view
+                .table
+                .slots
+                .get(op.slot as usize)
+                .map(|r| &r[1.min(r.len())..])
+                .unwrap_or(&[]);
+            for follower in followers {
+                let Some(addr) = view.data_addr(*follower) else {
+                    continue;
+                };
+                let replicator = replicators.entry(*follower).or_insert_with(|| {
+                    spawn_replicator(
+                        self.pool.clone(),
+                        self.config.clone(),
+                        *follower,
+                        addr.to_owned(),
+                    )
+                });
+                if replicator.tx.try_send(op.clone()).is_err() {
+                    debug!(
+                        follower,
+                        slot = op.slot,
+                        "replication queue full; the follower will fetch the slot"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A single change: the batch path with a batch of one.
+    pub(crate) fn handle_write(&self, op: WriteOp) -> Result<DataResponse> {
+        match self.handle_write_batch(vec![op])? {
+            DataResponse::WrittenBatch { mut results } => match results.pop() {
+                Some(Ok(version)) => Ok(DataResponse::Written { version }),
+                Some(Err(wire)) => Err(Error::from_wire(wire)),
+                None => Err(Error::Internal("a batch of one gave no result".into())),
+            },
+            other => Err(Error::Internal(format!(
+                "expected WrittenBatch, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Applies a batch of session changes under one store lock; each op succeeds or fails on
+    /// its own.
+    pub(crate) fn handle_write_batch(&self, ops: Vec<WriteOp>) -> Result<DataResponse> {
+        if ops.iter().any(|op| match op {
+            WriteOp::Put { publisher } => {
+                publisher.register_id.is_empty() || publisher.client_id.is_empty()
+            }
+            WriteOp::Remove { .. } => false,
+        }) {
+            return Err(Error::InvalidArgument(
+                "every publisher needs a client id and a register id".into(),
+            ));
+        }
+        let services: Vec<ServiceId> = ops.iter().map(|op| op.service().clone()).collect();
+        let mut results = Vec::new();
+        self.lead(|store| {
+            let (each, applied) = store.write_batch(ops);
+            results = each;
+            Ok(applied)
+        })?;
+        let written = results.iter().filter(|r| r.is_ok()).count();
+        metrics::counter!("roster_data_writes_total").increment(written as u64);
+        let results = results
+            .into_iter()
+            .zip(&services)
+            .map(|(result, service)| reply(result.map_err(|e| self.with_leader_hint(e, service))))
+            .collect();
+        Ok(DataResponse::WrittenBatch { results })
+    }
+
+    pub(crate) fn snapshots(&self, services: &[ServiceId]) -> Result<Vec<Snapshot>> {
+        let store = self.store.lock();
+        services
+            .iter()
+            .map(|s| store.snapshot(s).map_err(|e| (e, s)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|(e, s)| self.with_leader_hint(e, s))
+    }
+
+    pub(crate) fn handle_interest(
+        &self,
+        instance: InstanceId,
+        services: Vec<ServiceId>,
+        on: bool,
+    ) -> Result<DataResponse> {
+        // Register before reading, so a change landing in between is either in the datum read or
+        // notified afterwards: never lost.
+        if !self.interests.lock().set(instance, &services, on) {
+            return Err(Error::NotFound(format!(
+                "no watch stream for session instance {instance:x}; open a Watch first"
+            )));
+        }
+        if !on {
+            return Ok(DataResponse::Done {});
+        }
+        let versions = {
+            let store = self.store.lock();
+            services
+                .iter()
+                .map(|s| {
+                    store
+                        .ready_version(s)
+                        .map(|v| (s.clone(), v))
+                        .map_err(|e| (e, s))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        match versions {
+            Ok(versions) => Ok(DataResponse::Versions { versions }),
+            Err((e, service)) => {
+                self.interests.lock().set(instance, &services, false);
+                Err(self.with_leader_hint(e, service))
+            }
+        }
+    }
+
+    pub(crate) fn handle_session_sync(
+        &self,
+        instance: InstanceId,
+        slot: SlotId,
+        publishers: Vec<Publisher>,
+    ) -> Result<DataResponse> {
+        let applied = self.lead(|store| store.session_sync(instance, slot, publishers))?;
+        if !applied.ops.is_empty() {
+            self.repaired("session_sync");
+            info!(
+                slot,
+                session_instance = format_args!("{instance:x}"),
+                changes = applied.ops.len(),
+                "synced a session's publishers"
+            );
+        }
+        Ok(DataResponse::Done {})
+    }
+
+    pub(crate) fn handle_replicate(&self, ops: Vec<ReplicatedOp>) -> DataResponse {
+        let (_, resync) = self.store.lock().replicate(ops);
+        if !resync.is_empty() {
+            debug!(slots = ?resync, "replication gap; fetching those slots whole");
+        }
+        DataResponse::Replicated { resync }
+    }
+
+    pub(crate) fn handle_slot_digests(&self, slots: &[SlotId]) -> DataResponse {
+        let store = self.store.lock();
+        DataResponse::Digests {
+            digests: slots.iter().filter_map(|s| store.slot_digest(*s)).collect(),
+        }
+    }
+
+    /// Adopts the latest committed view: its table, and the departure of followers.
+    pub(crate) fn apply_view(&self, view: &ClusterView) {
+        let me = view.member(Role::Data, self.config.id);
+        let member = me.is_some_and(|m| m.instance == self.instance);
+        if member {
+            let change = self.store.lock().apply_table(&view.table, Instant::now());
+            if !change.took.is_empty() || !change.to_fetch.is_empty() || !change.dropped.is_empty()
+            {
+                info!(
+                    epoch = view.table.epoch,
+                    took = change.took.len(),
+                    to_fetch = change.to_fetch.len(),
+                    dropped = change.dropped.len(),
+                    "new slot table"
+                );
+            }
+            // Forget the queues of data servers that left or moved.
+            self.replicators
+                .lock()
+                .retain(|id, r| view.data_addr(*id) == Some(r.addr.as_str()));
+        }
+        self.update_readiness(Some(view));
+    }
+
+    pub(crate) fn repaired(&self, kind: &'static str) {
+        metrics::counter!(METRIC_REPAIRS, "kind" => kind).increment(1);
+        *self.repairs.lock().entry(kind).or_default() += 1;
+    }
+
+    pub(crate) fn update_readiness(&self, view: Option<&ClusterView>) {
+        let member = view
+            .and_then(|v| v.member(Role::Data, self.config.id))
+            .is_some_and(|m| m.instance == self.instance);
+        let ready = member && self.store.lock().moving() == 0;
+        self.ready_tx
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    pub(crate) fn sweep_owners(&self, sweep: &mut OwnerSweep, view: &ClusterView) {
+        let live: HashSet<InstanceId> =
+            view.members_of(Role::Session).map(|m| m.instance).collect();
+        let expired = {
+            let store = self.store.lock();
+            sweep.sweep(&live, store.owners(), Instant::now())
+        };
+        for instance in expired {
+            if let Ok(applied) = self.lead(|store| Ok(store.drop_owner(instance))) {
+                info!(
+                    session_instance = format_args!("{instance:x}"),
+                    removed = applied.ops.len(),
+                    "dropped the publishers of a departed session"
+                );
+            }
+        }
+    }
+
+    /// Opens slots whose takeover completed.
+    pub(crate) fn open_ready_slots(&self, view: &ClusterView) {
+        let live: HashSet<InstanceId> =
+            view.members_of(Role::Session).map(|m| m.instance).collect();
+        let opened =
+            self.store
+                .lock()
+                .open_ready(&live, Instant::now(), self.config.takeover_timeout);
+        if !opened.is_empty() {
+            info!(slots = opened.len(), "slots taken over and open");
+        }
+        self.update_readiness(Some(view));
+    }
+}
