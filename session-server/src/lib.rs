@@ -30,6 +30,7 @@ mod gate;
 pub mod hub;
 mod links;
 pub mod owned;
+mod repair;
 mod server;
 
 use std::time::Duration;

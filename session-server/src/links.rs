@@ -13,13 +13,16 @@
 //! is redialed with backoff; interest does not survive it (the data server drops it with the
 //! stream), so the manager registers again when the link comes back, and the versions returned
 //! with that registration tell what to fetch to cover anything missed.
+//!
+//! The manager also decides when the data tier gets a repair report from this session (after
+//! every table change, every new link and every `repair_interval`); [`crate::repair`] sends it and
+//! the syncs it calls for.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use roster_common::proto::{
     ClusterView, DataEvent, DataRequest, DataResponse, PublisherChange, Reply, Role,
 };
@@ -40,8 +43,6 @@ pub const LINK_EVENTS: usize = 8192;
 
 /// How often the manager re-checks everything, catching up after failed requests.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// Slot syncs sent to one data server at once.
-const SYNC_CONCURRENCY: usize = 16;
 /// How soon a request refused for a moving slot or a missing leader is tried again.
 const RETRY_SOON: Duration = Duration::from_millis(100);
 const FIRST_REDIAL: Duration = Duration::from_millis(100);
@@ -448,7 +449,8 @@ impl Manager {
             self.reporting.insert(node);
             let shared = self.shared.clone();
             self.tasks.spawn(async move {
-                let result = report(shared, addr, mark.epoch, slots, slot_count).await;
+                let result =
+                    crate::repair::report(shared, addr, mark.epoch, slots, slot_count).await;
                 Done::Reported { node, mark, result }
             });
         }
@@ -544,55 +546,12 @@ impl Manager {
     }
 }
 
-/// Sends this session's digests of `slots` to the data server at `addr`, then a full sync of every
-/// slot that differs. Returns how many slots were synced.
-async fn report(
-    shared: Arc<Shared>,
-    addr: String,
-    epoch: u64,
-    slots: Vec<SlotId>,
-    slot_count: u32,
-) -> Result<usize> {
-    let digests = shared.owned.lock().digests(&slots, slot_count);
-    let request = DataRequest::SessionDigests {
-        instance: shared.instance,
-        epoch,
-        digests,
-    };
-    let mismatched = match call(&shared, &addr, &request).await? {
-        DataResponse::Mismatched { slots } => slots,
-        other => {
-            return Err(Error::UnexpectedMessage(format!(
-                "expected mismatched slots, got {other:?}"
-            )));
-        }
-    };
-    // Several slots at once: a data server that restarted empty needs every slot synced, and it
-    // waits for this session before it opens them.
-    let syncs = futures_util::stream::iter(mismatched.clone().into_iter().map(|slot| {
-        let (shared, addr) = (shared.clone(), addr.clone());
-        async move {
-            // Built and sent while no write of the slot is in flight (see `gate`).
-            let _pass = shared.slot_gate.sync(slot).await;
-            let publishers = shared.owned.lock().in_slot(slot, slot_count);
-            let sync = DataRequest::SessionSync {
-                instance: shared.instance,
-                slot,
-                publishers,
-            };
-            call(&shared, &addr, &sync).await
-        }
-    }))
-    .buffer_unordered(SYNC_CONCURRENCY)
-    .collect::<Vec<_>>()
-    .await;
-    for result in syncs {
-        result?;
-    }
-    Ok(mismatched.len())
-}
-
-async fn call(shared: &Shared, addr: &str, request: &DataRequest) -> Result<DataResponse> {
+/// One request to the data server at `addr`.
+pub(crate) async fn call(
+    shared: &Shared,
+    addr: &str,
+    request: &DataRequest,
+) -> Result<DataResponse> {
     shared
         .pool
         .call(
