@@ -163,15 +163,20 @@ impl LocalCluster {
                 let extra = ["--meta", &meta_list, "--drain-timeout-ms", "2000"];
                 servers.push(spawn("session", id, &extra, &tls_arg, log).await?);
             }
-            write_files(&dir, servers, &meta_list, None)?;
+            write_files(&dir, servers, &meta_list)?;
+            write_client_config(&dir, servers, None)?;
             let admin_ports: Vec<String> = servers.iter().map(|s| s.http.clone()).collect();
             tokio::select! {
                 ready = wait_ready(&admin_ports) => ready?,
                 _ = tokio::time::sleep(START_TIMEOUT) => bail!("the cluster did not become ready within {START_TIMEOUT:?}"),
             }
             if auth {
-                let token = client_token(&dir).await?;
-                write_files(&dir, servers, &meta_list, Some(token))?;
+                let meta = crate::cluster_cmd::ClusterConfig {
+                    meta: voters.values().cloned().collect(),
+                    tls_dir: tls_dir.clone(),
+                };
+                let token = client_token(&meta).await?;
+                write_client_config(&dir, servers, Some(token))?;
             }
             anyhow::Ok(())
         };
@@ -345,8 +350,7 @@ async fn spawn(
 
 /// Asks the meta group of the cluster in `dir` for a token that may publish and subscribe in
 /// every namespace.
-async fn client_token(dir: &Path) -> anyhow::Result<String> {
-    let config = crate::cluster_cmd::ClusterConfig::load(&dir.join(CLUSTER_CONFIG_FILE))?;
+async fn client_token(meta: &crate::cluster_cmd::ClusterConfig) -> anyhow::Result<String> {
     let request = MetaRequest::CreateToken {
         namespaces: vec![ANY_NAMESPACE.to_owned()],
         allow: vec![Permission::Publish, Permission::Subscribe],
@@ -354,18 +358,16 @@ async fn client_token(dir: &Path) -> anyhow::Result<String> {
         description: "client.toml of roster dev".into(),
         by: "roster dev".into(),
     };
-    match crate::cluster_cmd::ask(&config, &request, Duration::from_secs(10)).await? {
+    match crate::cluster_cmd::ask(meta, &request, Duration::from_secs(10)).await? {
         MetaResponse::TokenCreated { token, .. } => Ok(token),
         other => bail!("unexpected answer to CreateToken: {other:?}"),
     }
 }
 
-/// Writes client.toml (with `token`, if given; readable by its owner only then), cluster.toml
-/// and targets.json into `dir`.
-fn write_files(
+/// Writes client.toml (with `token`, if given; readable by its owner only then) into `dir`.
+fn write_client_config(
     dir: &Path,
     servers: &[Server],
-    meta_list: &str,
     token: Option<String>,
 ) -> anyhow::Result<()> {
     let session_addrs: Vec<String> = servers
@@ -381,6 +383,11 @@ fn write_files(
         &client_config.to_toml(),
         secret,
     )?;
+    Ok(())
+}
+
+/// Writes cluster.toml and targets.json into `dir`.
+fn write_files(dir: &Path, servers: &[Server], meta_list: &str) -> anyhow::Result<()> {
     let cluster_config = crate::cluster_cmd::ClusterConfig {
         meta: meta_list.split(',').map(str::to_owned).collect(),
         tls_dir: "tls".into(),

@@ -256,10 +256,7 @@ fn bootstrap_admin_token(
     data_dir: &Path,
     voters: usize,
 ) -> anyhow::Result<Option<Secret>> {
-    let has_state = std::fs::read_dir(data_dir)
-        .map(|mut entries| entries.any(|e| e.is_ok_and(|e| e.file_name() != ADMIN_TOKEN_FILE)))
-        .unwrap_or(false);
-    if has_state {
+    if roster_meta::holds_state(data_dir)? {
         return Ok(None);
     }
     if args.insecure_no_auth {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roster_client::{Client, ClientConfig};
-use support::{Proc, free_udp_addr, roster, start_server, wait_for};
+use support::{Proc, roster, start_server, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const DRAIN: Duration = Duration::from_secs(2);
@@ -70,13 +70,7 @@ fn every_server_of_a_cluster_stops_cleanly_when_all_get_sigterm_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     certs(cwd);
-    let addrs: Vec<String> = (0..3).map(|_| free_udp_addr()).collect();
-    let voters = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (addrs, voters) = support::voters(3);
     let metas = addrs.join(",");
     let mut procs: Vec<(String, Proc)> = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {

@@ -40,13 +40,7 @@ impl<'a> Group<'a> {
     /// `n` voters started with `extra`; without authentication unless `extra` names an
     /// `--admin-token-file`.
     fn new(cwd: &'a Path, n: usize, extra: &[&str]) -> Self {
-        let addrs: Vec<String> = (0..n).map(|_| free_udp_addr()).collect();
-        let voters = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}={a}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let (addrs, voters) = support::voters(n);
         let mut group = Group {
             cwd,
             addrs,

@@ -179,6 +179,16 @@ impl MetaConfig {
     }
 }
 
+/// Whether `data_dir` holds a meta node's state: then the node recovers it, and `--bootstrap` or
+/// `--join` (and what comes with them, such as the admin token) do not apply.
+pub fn holds_state(data_dir: &std::path::Path) -> Result<bool> {
+    if !data_dir.join(raft::store::DB_FILE).exists() {
+        return Ok(false);
+    }
+    let disk = raft::store::Disk::open(data_dir)?;
+    Ok(disk.has_raft_state()? || disk.cluster_id()?.is_some())
+}
+
 /// Parses `ID=ADDR,ID=ADDR,...`.
 pub fn parse_voters(text: &str) -> Result<BTreeMap<NodeId, String>> {
     let mut voters = BTreeMap::new();

@@ -540,7 +540,7 @@ async fn handle_request(
             if let Some(old) = moved_from.filter(|old| *old != service) {
                 forward(
                     shared,
-                    remove_op(shared, client, old, register_id.clone()),
+                    remove_op(shared, client, old, register_id.clone(), None),
                     None,
                 )
                 .await?;
@@ -572,10 +572,7 @@ async fn handle_request(
                 client
                     .principal
                     .check(service.namespace(), Permission::Publish)?;
-                let mut op = remove_op(shared, client, service, register_id);
-                if let WriteOp::Remove { owner, .. } = &mut op {
-                    *owner = Some(client.owner);
-                }
+                let op = remove_op(shared, client, service, register_id, Some(client.owner));
                 let (ack_tx, ack_rx) = oneshot::channel();
                 forward(shared, op, Some(ack_tx)).await?;
                 let durable = ack_rx.await.map_err(|_| Error::ShuttingDown)??;
@@ -588,7 +585,7 @@ async fn handle_request(
             let (ack_tx, ack_rx) = oneshot::channel();
             forward(
                 shared,
-                remove_op(shared, client, service, register_id),
+                remove_op(shared, client, service, register_id, None),
                 Some(ack_tx),
             )
             .await?;
@@ -685,18 +682,21 @@ fn forget_refused(
     }
 }
 
+/// The `Remove` of this client's publisher: held by this session, or, with `owner`, whichever
+/// session holds it, if the record is this client's.
 fn remove_op(
     shared: &Shared,
     client: &Client,
     service: ServiceId,
     register_id: RegisterId,
+    owner: Option<u128>,
 ) -> WriteOp {
     WriteOp::Remove {
         service,
         client_id: client.client_id.clone(),
         register_id,
         session_instance: shared.instance,
-        owner: None,
+        owner,
     }
 }
 
@@ -821,7 +821,7 @@ async fn cleanup(
     for (register_id, service) in publishers {
         let _ = forward(
             shared,
-            remove_op(shared, client, service, register_id),
+            remove_op(shared, client, service, register_id, None),
             None,
         )
         .await;

@@ -288,6 +288,11 @@ pub fn check_history(
     Ok(())
 }
 
+/// The secret every `RawClient` of `client_id` presents: a new connection is the same client.
+fn raw_secret(client_id: &str) -> String {
+    format!("the secret of the raw client {client_id}")
+}
+
 /// A client speaking `roster/1` by hand over its own QUIC connection, for tests that need to
 /// control what a client asks for and when it reads.
 pub struct RawClient {
@@ -314,32 +319,14 @@ impl RawClient {
         Self::connect_trusting(&certs, addr, None).await
     }
 
-    /// As [`RawClient::connect_with_ca`], failing with the error instead of the test (for clients
-    /// that dial servers which may be down).
+    /// As [`RawClient::connect_with_ca`], failing with the error instead of the test, and giving up
+    /// on a handshake after 2 s (for clients that dial servers which may be down).
     pub async fn try_connect_with_ca(
         ca: &std::path::Path,
         addr: SocketAddr,
     ) -> roster_common::Result<RawClient> {
-        let roots = tls::roots_from(&tls::load_certs(ca)?)?;
-        let config = quic::client_config(
-            tls::client(roots, ALPN_CLIENT)?,
-            &TransportSettings::default(),
-            true,
-        )?;
-        let endpoint = quic::client_endpoint(addr)?;
-        let conn = quic::connect(
-            &endpoint,
-            &config,
-            &addr.to_string(),
-            None,
-            Duration::from_secs(2),
-        )
-        .await?;
-        Ok(RawClient {
-            endpoint,
-            conn,
-            push: None,
-        })
+        let certs = tls::load_certs(ca)?;
+        Self::try_connect(&certs, addr, None, Duration::from_secs(2)).await
     }
 
     async fn connect_trusting(
@@ -347,13 +334,23 @@ impl RawClient {
         addr: SocketAddr,
         receive_window: Option<u32>,
     ) -> RawClient {
-        let roots = tls::roots_from(ca).unwrap();
+        Self::try_connect(ca, addr, receive_window, DEADLINE)
+            .await
+            .unwrap()
+    }
+
+    async fn try_connect(
+        ca: &[quinn::rustls::pki_types::CertificateDer<'static>],
+        addr: SocketAddr,
+        receive_window: Option<u32>,
+        handshake: Duration,
+    ) -> roster_common::Result<RawClient> {
+        let roots = tls::roots_from(ca)?;
         let mut config = quic::client_config(
-            tls::client(roots, ALPN_CLIENT).unwrap(),
+            tls::client(roots, ALPN_CLIENT)?,
             &TransportSettings::default(),
             true,
-        )
-        .unwrap();
+        )?;
         if let Some(window) = receive_window {
             let mut transport = quinn::TransportConfig::default();
             transport
@@ -363,15 +360,13 @@ impl RawClient {
                 .receive_window(window.into());
             config.transport_config(std::sync::Arc::new(transport));
         }
-        let endpoint = quic::client_endpoint(addr).unwrap();
-        let conn = quic::connect(&endpoint, &config, &addr.to_string(), None, DEADLINE)
-            .await
-            .unwrap();
-        RawClient {
+        let endpoint = quic::client_endpoint(addr)?;
+        let conn = quic::connect(&endpoint, &config, &addr.to_string(), None, handshake).await?;
+        Ok(RawClient {
             endpoint,
             conn,
             push: None,
-        }
+        })
     }
 
     /// One request, one reply.
@@ -406,7 +401,7 @@ impl RawClient {
     /// `Hello` as `client_id`, asking for `capabilities`; returns those granted. The secret is
     /// the same for every `RawClient` of that id: a new connection is the same client.
     pub async fn hello(&self, client_id: &str, capabilities: &[&str]) -> Vec<String> {
-        let secret = format!("the secret of the raw client {client_id}");
+        let secret = raw_secret(client_id);
         match self
             .hello_as(client_id, secret.as_bytes(), capabilities)
             .await
@@ -427,7 +422,7 @@ impl RawClient {
         client_id: &str,
         token: Option<&str>,
     ) -> Reply<ClientResponse> {
-        let secret = format!("the secret of the raw client {client_id}");
+        let secret = raw_secret(client_id);
         self.hello_full(client_id, secret.as_bytes(), token, &[])
             .await
     }

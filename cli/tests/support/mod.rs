@@ -160,6 +160,19 @@ pub fn free_udp_addr() -> String {
     socket.local_addr().expect("local addr").to_string()
 }
 
+/// `n` free loopback addresses for a meta group's initial voters, and the `--bootstrap` list
+/// naming them `1=ADDR,2=ADDR,...`.
+pub fn voters(n: usize) -> (Vec<String>, String) {
+    let addrs: Vec<String> = (0..n).map(|_| free_udp_addr()).collect();
+    let list = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    (addrs, list)
+}
+
 /// `roster cluster status --json` against `metas`, or `None` if no meta node answered.
 pub fn cluster_status(cwd: &Path, metas: &[&str], local: bool) -> Option<serde_json::Value> {
     let list = metas.join(",");

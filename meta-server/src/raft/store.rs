@@ -57,6 +57,9 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
 
+/// The name of the store's file in a meta node's data directory.
+pub const DB_FILE: &str = "meta.redb";
+
 /// The redb file every part of the store shares.
 #[derive(Clone)]
 pub struct Disk {
@@ -72,7 +75,7 @@ impl Disk {
                 dir.display()
             ))
         })?;
-        let path = dir.join("meta.redb");
+        let path = dir.join(DB_FILE);
         let db = Database::create(&path).map_err(|e| {
             roster_common::Error::InvalidArgument(format!("cannot open {}: {e}", path.display()))
         })?;
