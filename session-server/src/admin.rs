@@ -9,7 +9,7 @@ use roster_common::admin::AdminSource;
 use roster_common::proto::Role;
 use serde_json::json;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 pub(crate) struct SessionAdmin {
     pub shared: Arc<Shared>,
@@ -19,11 +19,11 @@ pub(crate) struct SessionAdmin {
 impl AdminSource for SessionAdmin {
     fn refresh_metrics(&self) {
         let (connections, subscribers, _, pending) = {
-            let hub = self.shared.hub.lock();
+            let hub = self.shared.hub();
             let (c, s, v) = hub.counts();
             (c, s, v, hub.pending())
         };
-        let publishers = self.shared.owned.lock().len();
+        let publishers = self.shared.owned().len();
         metrics::gauge!("roster_session_connections").set(connections as f64);
         metrics::gauge!("roster_session_subscribers").set(subscribers as f64);
         metrics::gauge!("roster_session_publishers").set(publishers as f64);
@@ -37,25 +37,25 @@ impl AdminSource for SessionAdmin {
     fn status(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>> {
         Box::pin(async move {
             let shared = &self.shared;
-            let config = &shared.config;
+            let config = shared.config();
             let (connections, subscribers, services) = {
-                let hub = shared.hub.lock();
+                let hub = shared.hub();
                 let (c, s, _) = hub.counts();
                 (c, s, hub.services())
             };
-            let publishers = shared.owned.lock().len();
-            let links = *shared.data_links.lock();
+            let publishers = shared.owned().len();
+            let links = shared.data_links();
             let (data_servers, links_up) = (links.wanted, links.up);
             let view = shared.view();
             json!({
                 "server": {
                     "role": "session",
                     "id": config.id,
-                    "instance": format!("{:x}", shared.instance),
+                    "instance": format!("{:x}", shared.instance()),
                     "addr": self.advertise,
                     "zone": config.zone,
                     "version": env!("CARGO_PKG_VERSION"),
-                    "draining": shared.draining.is_cancelled(),
+                    "draining": shared.draining().is_cancelled(),
                 },
                 "cluster": {
                     "cluster_id": view.as_ref().map(|v| v.cluster_id.clone()),
@@ -64,7 +64,7 @@ impl AdminSource for SessionAdmin {
                     "sessions": view.as_ref().map_or(0, |v| v.members_of(Role::Session).count()),
                     "data_servers": data_servers,
                     "data_links_up": links_up,
-                    "mean_session_load": shared.mean_load.load(std::sync::atomic::Ordering::Relaxed),
+                    "mean_session_load": shared.mean_load(),
                 },
                 "connections": {
                     "count": connections,

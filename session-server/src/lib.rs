@@ -24,14 +24,18 @@
 
 mod admin;
 pub mod balance;
+mod batching;
+mod clients;
 mod conn;
 mod forward;
 mod gate;
+mod hello;
 pub mod hub;
 mod links;
 pub mod owned;
 mod repair;
 mod server;
+mod shared;
 
 use std::time::Duration;
 

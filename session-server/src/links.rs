@@ -35,11 +35,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::hub::{self, Applied, Fetched, Op};
-use crate::server::Shared;
-
-/// Events queued for the manager before senders wait. Link tasks then stop reading their watch
-/// streams, the data servers' queues fill, and they detach this session, which then resyncs.
-pub const LINK_EVENTS: usize = 8192;
+use crate::repair;
+use crate::shared::{DataLinks, LinkEvent, Shared};
 
 /// How often the manager re-checks everything, catching up after failed requests.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -47,34 +44,6 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const RETRY_SOON: Duration = Duration::from_millis(100);
 const FIRST_REDIAL: Duration = Duration::from_millis(100);
 const MAX_REDIAL: Duration = Duration::from_secs(2);
-
-/// Input to the manager.
-#[derive(Debug)]
-pub enum LinkEvent {
-    /// The first subscriber of a service arrived.
-    Want(ServiceId),
-    /// The last subscriber of a service left.
-    Unwant(ServiceId),
-    Up {
-        node: NodeId,
-        generation: u64,
-    },
-    Down {
-        node: NodeId,
-        generation: u64,
-    },
-    /// `service` is at `version` on its leader; fetch it if this session is behind.
-    Changed {
-        node: NodeId,
-        service: ServiceId,
-        version: Version,
-    },
-    /// The hub could not apply a change of `service` (and marked it as being fetched): fetch it.
-    Fetch {
-        node: NodeId,
-        service: ServiceId,
-    },
-}
 
 struct Link {
     addr: String,
@@ -139,14 +108,13 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 /// Runs the manager until `shutdown`.
 pub async fn run(
     shared: Arc<Shared>,
-    events_tx: mpsc::Sender<LinkEvent>,
     mut events: mpsc::Receiver<LinkEvent>,
     shutdown: CancellationToken,
 ) {
-    let mut views = shared.view.clone();
+    let mut views = shared.views();
     let mut manager = Manager {
+        events_tx: shared.link_events(),
         shared,
-        events_tx,
         links: HashMap::new(),
         registered: HashMap::new(),
         pending: HashSet::new(),
@@ -187,7 +155,7 @@ pub async fn run(
                     manager.last_full_pass = Instant::now();
                     manager.refetch_stale();
                     manager.reconcile_all();
-                    let behind = manager.shared.hub.lock().rescan();
+                    let behind = manager.shared.hub().rescan();
                     if behind > 0 {
                         debug!(subscriptions = behind, "re-marked subscriptions that were behind");
                     }
@@ -196,7 +164,7 @@ pub async fn run(
         }
         let wanted = manager.links.len();
         let up = manager.links.values().filter(|l| l.up.is_some()).count();
-        *manager.shared.data_links.lock() = crate::server::DataLinks { wanted, up };
+        manager.shared.set_data_links(DataLinks { wanted, up });
     }
     for link in manager.links.values() {
         link.cancel.cancel();
@@ -279,7 +247,7 @@ impl Manager {
                 service,
                 version,
             } => {
-                if self.shared.hub.lock().changed(&service, version) {
+                if self.shared.hub().changed(&service, version) {
                     self.fetch(node, service);
                 }
             }
@@ -309,7 +277,7 @@ impl Manager {
                         // Fetch what this session does not have yet (or never had: version 0 of a
                         // service nobody published is an empty snapshot to push too).
                         let wanted: Vec<ServiceId> = {
-                            let mut hub = self.shared.hub.lock();
+                            let mut hub = self.shared.hub();
                             versions
                                 .into_iter()
                                 .filter(|(service, version)| hub.changed(service, *version))
@@ -351,10 +319,10 @@ impl Manager {
             }
             Done::Fetch { service, result } => {
                 let again = match result {
-                    Ok(datum) => self.shared.hub.lock().fetched(datum, Instant::now()),
+                    Ok(datum) => self.shared.hub().fetched(datum, Instant::now()),
                     Err(e) => {
                         debug!(%service, error = %e, "fetch failed; will retry");
-                        self.shared.hub.lock().fetch_failed(&service);
+                        self.shared.hub().fetch_failed(&service);
                         self.stale.insert(service.clone());
                         self.retry_soon = true;
                         false
@@ -364,7 +332,7 @@ impl Manager {
                     match self.leader_of(&service) {
                         Some(node) => self.fetch(node, service),
                         None => {
-                            self.shared.hub.lock().fetch_failed(&service);
+                            self.shared.hub().fetch_failed(&service);
                             self.stale.insert(service);
                         }
                     }
@@ -380,7 +348,7 @@ impl Manager {
     /// Fetches `service` from `node`; the hub has marked it as being fetched.
     fn fetch(&mut self, node: NodeId, service: ServiceId) {
         let Some(link) = self.links.get(&node) else {
-            self.shared.hub.lock().fetch_failed(&service);
+            self.shared.hub().fetch_failed(&service);
             self.stale.insert(service);
             self.retry_soon = true;
             return;
@@ -391,16 +359,18 @@ impl Manager {
             let request = DataRequest::Fetch {
                 services: vec![service.clone()],
             };
-            let result = call(&shared, &addr, &request)
-                .await
-                .and_then(|response| match response {
-                    DataResponse::Datums { mut datums } if datums.len() == 1 => {
-                        Ok(Fetched::encode(datums.remove(0)))
-                    }
-                    other => Err(Error::UnexpectedMessage(format!(
-                        "expected one datum, got {other:?}"
-                    ))),
-                });
+            let result =
+                shared
+                    .call_data(&addr, &request)
+                    .await
+                    .and_then(|response| match response {
+                        DataResponse::Datums { mut datums } if datums.len() == 1 => {
+                            Ok(Fetched::encode(datums.remove(0)))
+                        }
+                        other => Err(Error::UnexpectedMessage(format!(
+                            "expected one datum, got {other:?}"
+                        ))),
+                    });
             Done::Fetch { service, result }
         });
     }
@@ -410,11 +380,10 @@ impl Manager {
             let Some(node) = self.leader_of(&service) else {
                 continue;
             };
-            let version = self.shared.hub.lock().version(&service).unwrap_or(0);
+            let version = self.shared.hub().version(&service).unwrap_or(0);
             if self
                 .shared
-                .hub
-                .lock()
+                .hub()
                 .changed(&service, version.saturating_add(1))
             {
                 self.fetch(node, service);
@@ -438,7 +407,7 @@ impl Manager {
                     generation: link.up?,
                 };
                 let fresh = self.reported.get(node).is_some_and(|(last, at)| {
-                    *last == mark && at.elapsed() < self.shared.config.repair_interval
+                    *last == mark && at.elapsed() < self.shared.config().repair_interval
                 });
                 (!fresh && !self.reporting.contains(node)).then(|| (*node, link.addr.clone(), mark))
             })
@@ -449,15 +418,14 @@ impl Manager {
             self.reporting.insert(node);
             let shared = self.shared.clone();
             self.tasks.spawn(async move {
-                let result =
-                    crate::repair::report(shared, addr, mark.epoch, slots, slot_count).await;
+                let result = repair::report(shared, addr, mark.epoch, slots, slot_count).await;
                 Done::Reported { node, mark, result }
             });
         }
     }
 
     fn reconcile_all(&mut self) {
-        let mut services: Vec<ServiceId> = self.shared.hub.lock().wanted();
+        let mut services: Vec<ServiceId> = self.shared.hub().wanted();
         services.extend(self.registered.keys().cloned());
         services.sort();
         services.dedup();
@@ -472,7 +440,7 @@ impl Manager {
         let mut on: HashMap<NodeId, Vec<ServiceId>> = HashMap::new();
         let mut off: HashMap<NodeId, Vec<ServiceId>> = HashMap::new();
         {
-            let hub = self.shared.hub.lock();
+            let hub = self.shared.hub();
             for service in services {
                 if self.pending.contains(service) {
                     continue;
@@ -522,11 +490,11 @@ impl Manager {
         }
         self.tasks.spawn(async move {
             let request = DataRequest::Interest {
-                instance: shared.instance,
+                instance: shared.instance(),
                 services: services.clone(),
                 on,
             };
-            let result = call(&shared, &addr, &request).await;
+            let result = shared.call_data(&addr, &request).await;
             if !on {
                 return Done::InterestOff;
             }
@@ -544,23 +512,6 @@ impl Manager {
             }
         });
     }
-}
-
-/// One request to the data server at `addr`.
-pub(crate) async fn call(
-    shared: &Shared,
-    addr: &str,
-    request: &DataRequest,
-) -> Result<DataResponse> {
-    shared
-        .pool
-        .call(
-            addr,
-            request,
-            shared.config.max_frame,
-            shared.config.request_timeout,
-        )
-        .await
 }
 
 fn count_change(outcome: Applied) {
@@ -616,12 +567,12 @@ async fn watch(
     generation: u64,
     events: &mpsc::Sender<LinkEvent>,
 ) -> Result<bool> {
-    let max_frame = shared.config.max_frame;
-    let conn = shared.pool.get(addr).await?;
+    let max_frame = shared.config().max_frame;
+    let conn = shared.pool().get(addr).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let request = DataRequest::Watch {
-        session: shared.config.id,
-        instance: shared.instance,
+        session: shared.config().id,
+        instance: shared.instance(),
     };
     frame::write_frame(&mut send, &request, max_frame).await?;
     let _ = send.finish();
@@ -652,7 +603,7 @@ async fn watch(
                     version,
                     op,
                 };
-                let outcome = shared.hub.lock().apply(change, Instant::now());
+                let outcome = shared.hub().apply(change, Instant::now());
                 count_change(outcome);
                 if outcome != Applied::Fetch {
                     continue;

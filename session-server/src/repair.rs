@@ -10,8 +10,7 @@ use futures_util::StreamExt;
 use roster_common::proto::{DataRequest, DataResponse};
 use roster_common::{Error, Result, SlotId};
 
-use crate::links::call;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Slot syncs sent to one data server at once.
 const SYNC_CONCURRENCY: usize = 16;
@@ -25,13 +24,13 @@ pub(crate) async fn report(
     slots: Vec<SlotId>,
     slot_count: u32,
 ) -> Result<usize> {
-    let digests = shared.owned.lock().digests(&slots, slot_count);
+    let digests = shared.owned().digests(&slots, slot_count);
     let request = DataRequest::SessionDigests {
-        instance: shared.instance,
+        instance: shared.instance(),
         epoch,
         digests,
     };
-    let mismatched = match call(&shared, &addr, &request).await? {
+    let mismatched = match shared.call_data(&addr, &request).await? {
         DataResponse::Mismatched { slots } => slots,
         other => {
             return Err(Error::UnexpectedMessage(format!(
@@ -45,14 +44,14 @@ pub(crate) async fn report(
         let (shared, addr) = (shared.clone(), addr.clone());
         async move {
             // Built and sent while no write of the slot is in flight (see `gate`).
-            let _pass = shared.slot_gate.sync(slot).await;
-            let publishers = shared.owned.lock().in_slot(slot, slot_count);
+            let _pass = shared.slot_gate().sync(slot).await;
+            let publishers = shared.owned().in_slot(slot, slot_count);
             let sync = DataRequest::SessionSync {
-                instance: shared.instance,
+                instance: shared.instance(),
                 slot,
                 publishers,
             };
-            call(&shared, &addr, &sync).await
+            shared.call_data(&addr, &sync).await
         }
     }))
     .buffer_unordered(SYNC_CONCURRENCY)

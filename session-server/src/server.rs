@@ -1,33 +1,26 @@
 //! The session server's shell: the client endpoint, the member agent, the forwarder and the data
 //! links, wired together.
 
-use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use roster_common::admin::Admin;
-use roster_common::member::{self, MemberConfig, ViewRx};
+use roster_common::member::{self, MemberConfig};
 use roster_common::peers::PeerPool;
-use roster_common::proto::{ALPN_CLIENT, ALPN_PEER, ClusterView, Member, Role};
+use roster_common::proto::{ALPN_CLIENT, ALPN_PEER, Member, Role};
 use roster_common::tls::{self, NodeIdentity};
-use roster_common::{ClientId, InstanceId, RegisterId, Result, ServiceId, ids, quic, serve};
-use tokio::sync::{mpsc, watch};
+use roster_common::{InstanceId, Result, ids, quic, serve};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::SessionConfig;
 use crate::conn::serve_client;
-use crate::forward::{self, FORWARD_QUEUE, Forward};
-use roster_common::acl::FailureLimiter;
-
-use crate::gate::SlotGate;
-use crate::hub::{ConnId, Hub};
-use crate::links::{self, LINK_EVENTS, LinkEvent};
-use crate::owned::Owned;
+use crate::shared::Shared;
+use crate::{forward, links};
 
 /// A session server, built from its config and run until a shutdown signal.
 pub struct SessionServer {
@@ -36,70 +29,6 @@ pub struct SessionServer {
     instance: InstanceId,
     ready_tx: watch::Sender<bool>,
     admin: Admin,
-}
-
-/// What every task of a session server shares.
-pub(crate) struct Shared {
-    pub config: SessionConfig,
-    pub instance: InstanceId,
-    pub hub: Mutex<Hub>,
-    /// The publishers of every client connected here: the source copy.
-    pub owned: Mutex<Owned>,
-    pub pool: Arc<PeerPool>,
-    pub view: ViewRx,
-    pub forward_tx: mpsc::Sender<Forward>,
-    links_tx: mpsc::Sender<LinkEvent>,
-    next_conn: AtomicU64,
-    /// Cancelled when the server starts shutting down: clients are asked to move, and a closing
-    /// connection's publishers are left for the data tier to hand over, not removed.
-    pub draining: CancellationToken,
-    /// The mean of the session servers' connection counts, as the meta tier last reported it.
-    pub mean_load: Arc<AtomicU64>,
-    /// Data servers in the slot table, and those with a watch stream up (set by the link manager).
-    pub data_links: Mutex<DataLinks>,
-    /// Keeps a slot's writes and syncs from overtaking each other.
-    pub slot_gate: SlotGate,
-    /// The publishers of lost connections within their `client_grace`, by client.
-    pub orphans: Mutex<HashMap<ClientId, Vec<Orphan>>>,
-    /// The client ids in use here, with the owner that proved each (see `conn::claim`).
-    pub identities: Mutex<HashMap<ClientId, Identity>>,
-    /// Failed authentications by source address.
-    pub auth_failures: Mutex<FailureLimiter>,
-}
-
-/// The data servers of the slot table, and how many of them have a watch stream up.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct DataLinks {
-    pub wanted: usize,
-    pub up: usize,
-}
-
-/// A client id in use on this server: the owner its connections proved, and how many of them
-/// (live, or lost and within their grace) hold it.
-pub(crate) struct Identity {
-    pub owner: u128,
-    pub holds: usize,
-}
-
-/// The publishers of a lost connection, waiting `client_grace` for their client to come back.
-pub(crate) struct Orphan {
-    pub conn: ConnId,
-    pub publishers: HashMap<RegisterId, ServiceId>,
-}
-
-impl Shared {
-    pub fn view(&self) -> Option<Arc<ClusterView>> {
-        self.view.borrow().clone()
-    }
-
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub async fn link_event(&self, event: LinkEvent) {
-        // Fails only when the manager has stopped, at shutdown.
-        let _ = self.links_tx.send(event).await;
-    }
 }
 
 impl SessionServer {
@@ -166,26 +95,14 @@ impl SessionServer {
             pool.clone(),
             agent_shutdown.clone(),
         );
-        let (forward_tx, forward_rx) = mpsc::channel(FORWARD_QUEUE);
-        let (links_tx, links_rx) = mpsc::channel(LINK_EVENTS);
-        let shared = Arc::new(Shared {
-            hub: Mutex::new(Hub::new(config.max_frame, config.coalesce_window)),
-            owned: Mutex::new(Owned::new(config.id, self.instance)),
-            config: config.clone(),
-            instance: self.instance,
-            pool: pool.clone(),
+        let (shared, inboxes) = Shared::new(
+            config.clone(),
+            self.instance,
+            pool.clone(),
             view,
-            forward_tx,
-            links_tx: links_tx.clone(),
-            next_conn: AtomicU64::new(1),
-            draining: shutdown.clone(),
+            shutdown.clone(),
             mean_load,
-            data_links: Mutex::new(DataLinks::default()),
-            slot_gate: SlotGate::default(),
-            orphans: Mutex::new(HashMap::new()),
-            identities: Mutex::new(HashMap::new()),
-            auth_failures: Mutex::new(FailureLimiter::default()),
-        });
+        );
         self.admin.install(Arc::new(crate::admin::SessionAdmin {
             shared: shared.clone(),
             advertise: advertise.clone(),
@@ -195,8 +112,8 @@ impl SessionServer {
         // `stop` ends everything once draining is done; until then connections keep being served.
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(forward::run(shared.clone(), forward_rx, stop.clone()));
-        tracker.spawn(links::run(shared.clone(), links_tx, links_rx, stop.clone()));
+        tracker.spawn(forward::run(shared.clone(), inboxes.forward, stop.clone()));
+        tracker.spawn(links::run(shared.clone(), inboxes.links, stop.clone()));
         tracker.spawn(track_readiness(
             shared.clone(),
             self.ready_tx,
@@ -225,8 +142,7 @@ impl SessionServer {
         });
         let asked = if elsewhere {
             shared
-                .hub
-                .lock()
+                .hub()
                 .go_away(usize::MAX, "the session server is shutting down")
         } else {
             info!("no other session server to move clients to; closing their connections");
@@ -235,10 +151,10 @@ impl SessionServer {
         if asked > 0 {
             info!(clients = asked, timeout = ?config.drain_timeout, "draining: asked every client to move");
             let deadline = tokio::time::Instant::now() + config.drain_timeout;
-            while shared.hub.lock().counts().0 > 0 && tokio::time::Instant::now() < deadline {
+            while shared.hub().counts().0 > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let left = shared.hub.lock().counts().0;
+            let left = shared.hub().counts().0;
             if left > 0 {
                 warn!(
                     clients = left,
@@ -258,24 +174,24 @@ impl SessionServer {
 /// Moves clients off this server when it holds well more than the mean (see [`crate::balance`]),
 /// every `balance_interval`. Also reports the count for the meta tier.
 async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(shared.config.balance_interval);
+    let mut tick = tokio::time::interval(shared.config().balance_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let here = shared.hub.lock().counts().0 as u64;
+        let here = shared.hub().counts().0 as u64;
         // What the meta tier last heard from us: the load set at the previous tick.
         let reported = load.swap(here, Ordering::Relaxed);
         let sessions = shared
             .view()
             .map_or(0, |v| v.members_of(Role::Session).count());
-        let mean = shared.mean_load.load(Ordering::Relaxed);
+        let mean = shared.mean_load();
         let Some(excess) = crate::balance::clients_to_move(reported, mean, here, sessions) else {
             continue;
         };
-        let asked = shared.hub.lock().go_away(
+        let asked = shared.hub().go_away(
             excess as usize,
             "rebalancing: this session server holds more than its share",
         );
@@ -294,20 +210,20 @@ async fn track_readiness(
     instance: InstanceId,
     shutdown: CancellationToken,
 ) {
-    let mut views = shared.view.clone();
+    let mut views = shared.views();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let member = views
             .borrow_and_update()
             .as_ref()
-            .and_then(|v| v.member(Role::Session, shared.config.id))
+            .and_then(|v| v.member(Role::Session, shared.config().id))
             .is_some_and(|m| m.instance == instance);
-        let links = *shared.data_links.lock();
+        let links = shared.data_links();
         let ready = member
             && links.wanted > 0
             && links.up == links.wanted
-            && !shared.draining.is_cancelled();
+            && !shared.draining().is_cancelled();
         ready_tx.send_if_modified(|r| std::mem::replace(r, ready) != ready);
         tokio::select! {
             _ = shutdown.cancelled() => {
