@@ -44,11 +44,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use roster_common::proto::{Push, Snapshot};
-use roster_common::push::{delta_frame, encode_publisher, removed_len, snapshot_frame};
-use roster_common::{ClientId, RegisterId, Result, ServiceId, Version, frame};
+use roster_common::push::{encode_publisher, removed_len};
+use roster_common::{ClientId, RegisterId, ServiceId, Version, frame};
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tracing::warn;
+
+use datum::Datum;
+
+mod datum;
 
 /// A client connection's number within this session server.
 pub type ConnId = u64;
@@ -184,188 +188,6 @@ pub struct Pull {
     pub frames: Vec<Outgoing>,
     /// Pushes held back by the coalescing window are due at this moment: wake then.
     pub wake_at: Option<Instant>,
-}
-
-/// One recorded change of a datum (several ops when it stands for a fetched datum).
-#[derive(Debug)]
-struct Step {
-    prev: Version,
-    version: Version,
-    at: Instant,
-    ops: Vec<Op>,
-    bytes: usize,
-}
-
-#[derive(Debug)]
-struct Datum {
-    version: Version,
-    entries: BTreeMap<PubKey, Bytes>,
-    /// Encoded size of every publisher.
-    bytes: usize,
-    /// Oldest first; each step's `prev` is the previous step's `version`, the last's `version` is
-    /// the datum's.
-    history: VecDeque<Step>,
-    history_bytes: usize,
-    /// Frames taking a subscription to this version, by the version it starts from (`None`: the
-    /// full snapshot).
-    frames: HashMap<Option<Version>, (Bytes, PushKind)>,
-}
-
-impl Datum {
-    fn new(version: Version, entries: BTreeMap<PubKey, Bytes>) -> Self {
-        let bytes = entries.values().map(Bytes::len).sum();
-        Datum {
-            version,
-            entries,
-            bytes,
-            history: VecDeque::new(),
-            history_bytes: 0,
-            frames: HashMap::new(),
-        }
-    }
-
-    /// Applies `ops` as the step from the current version to `version`.
-    fn step(&mut self, version: Version, ops: Vec<Op>, at: Instant) {
-        debug_assert!(
-            self.history
-                .back()
-                .is_none_or(|s| s.version == self.version),
-            "the history ends at the datum's version"
-        );
-        let mut weight = 0;
-        for op in &ops {
-            weight += op.weight();
-            match op {
-                Op::Put(key, bytes) => {
-                    self.bytes += bytes.len();
-                    if let Some(old) = self.entries.insert(key.clone(), bytes.clone()) {
-                        self.bytes -= old.len();
-                    }
-                }
-                Op::Removed(key) => {
-                    if let Some(old) = self.entries.remove(key) {
-                        self.bytes -= old.len();
-                    }
-                }
-            }
-        }
-        self.history.push_back(Step {
-            prev: self.version,
-            version,
-            at,
-            ops,
-            bytes: weight,
-        });
-        self.history_bytes += weight;
-        self.version = version;
-        self.frames.clear();
-        while self.history.len() > MAX_STEPS
-            || (self.history.len() > MIN_STEPS && self.history_bytes > 2 * self.bytes)
-        {
-            let old = self.history.pop_front().expect("not empty");
-            self.history_bytes -= old.bytes;
-        }
-    }
-
-    /// Replaces the publishers with a fetched set at a newer `version`, recording the difference
-    /// as one step.
-    fn replace(&mut self, version: Version, entries: BTreeMap<PubKey, Bytes>, at: Instant) {
-        let mut ops = Vec::new();
-        for (key, bytes) in &entries {
-            if self.entries.get(key) != Some(bytes) {
-                ops.push(Op::Put(key.clone(), bytes.clone()));
-            }
-        }
-        for key in self.entries.keys() {
-            if !entries.contains_key(key) {
-                ops.push(Op::Removed(key.clone()));
-            }
-        }
-        self.step(version, ops, at);
-    }
-
-    /// Forgets the steps no subscription needs: those before `oldest`, the earliest version a
-    /// subscription still has to be taken from (all of them when none is behind).
-    fn forget_before(&mut self, oldest: Option<Version>) {
-        while let Some(step) = self.history.front()
-            && oldest.is_none_or(|base| step.prev < base)
-        {
-            self.history_bytes -= step.bytes;
-            self.history.pop_front();
-        }
-    }
-
-    /// Where the history continues from `base`, if it reaches back that far.
-    fn steps_from(&self, base: Version) -> Option<usize> {
-        let i = self.history.partition_point(|s| s.prev < base);
-        (self.history.get(i)?.prev == base).then_some(i)
-    }
-
-    /// When the oldest change after `last` reached this server.
-    fn since(&self, last: Option<Version>) -> Option<Instant> {
-        let i = self.steps_from(last?)?;
-        Some(self.history[i].at)
-    }
-
-    /// The frame taking a subscription at `base` (`None`: nothing yet) to the current version:
-    /// a delta when allowed, reachable and smaller than the snapshot, else the snapshot.
-    fn frame(
-        &mut self,
-        service: &ServiceId,
-        base: Option<Version>,
-        deltas: bool,
-        max_frame: u32,
-    ) -> Result<(Bytes, PushKind)> {
-        let key = if deltas { base } else { None };
-        if let Some(frame) = self.frames.get(&key) {
-            return Ok(frame.clone());
-        }
-        // A delta too large for one frame falls back to the snapshot.
-        if let Some(base) = key
-            && let Ok(Some(frame)) = self.delta(service, base, max_frame)
-        {
-            // Cached under the base; the snapshot, when chosen instead, under `None`.
-            self.frames
-                .insert(Some(base), (frame.clone(), PushKind::Delta));
-            return Ok((frame, PushKind::Delta));
-        }
-        let frame = snapshot_frame(service, self.version, self.entries.values(), max_frame)?;
-        self.frames
-            .insert(None, (frame.clone(), PushKind::Snapshot));
-        if let Some(base) = key {
-            self.frames
-                .insert(Some(base), (frame.clone(), PushKind::Snapshot));
-        }
-        Ok((frame, PushKind::Snapshot))
-    }
-
-    /// The delta from `base`, or `None` when the history does not reach it or the snapshot would
-    /// be smaller.
-    fn delta(&self, service: &ServiceId, base: Version, max_frame: u32) -> Result<Option<Bytes>> {
-        let Some(first) = self.steps_from(base) else {
-            return Ok(None);
-        };
-        // Squash: the last op on each publisher wins.
-        let mut last: BTreeMap<&PubKey, &Op> = BTreeMap::new();
-        for step in self.history.range(first..) {
-            for op in &step.ops {
-                last.insert(op.key(), op);
-            }
-        }
-        let weight: usize = last.values().map(|op| op.weight()).sum();
-        if weight > self.bytes {
-            return Ok(None);
-        }
-        let mut put = Vec::new();
-        let mut removed = Vec::new();
-        for op in last.values() {
-            match op {
-                Op::Put(_, bytes) => put.push(bytes),
-                Op::Removed((c, r)) => removed.push((c.as_str(), r.as_str())),
-            }
-        }
-        delta_frame(service, base, self.version, &put, &removed, max_frame).map(Some)
-    }
 }
 
 /// One subscription of a connection to a service.
@@ -576,7 +398,7 @@ impl Hub {
             .get(service)?
             .datum
             .as_ref()
-            .map(|d| d.version)
+            .map(|d| d.version())
     }
 
     /// Takes one change from the slot leader (see [`Applied`]).
@@ -597,10 +419,10 @@ impl Hub {
             state.held.push((change, now));
             return Applied::Fetch;
         };
-        if change.version <= datum.version {
+        if change.version <= datum.version() {
             return Applied::Stale;
         }
-        if change.prev != datum.version {
+        if change.prev != datum.version() {
             // A gap: fetch the datum, and replay this change (and those after it) on top.
             state.fetching = true;
             state.held.push((change, now));
@@ -618,7 +440,7 @@ impl Hub {
         let Some(state) = self.services.get_mut(service) else {
             return false;
         };
-        if state.datum.as_ref().is_some_and(|d| d.version >= version) {
+        if state.datum.as_ref().is_some_and(|d| d.version() >= version) {
             return false;
         }
         if state.fetching {
@@ -635,10 +457,10 @@ impl Hub {
         let Some(state) = self.services.get_mut(&fetched.service) else {
             return false;
         };
-        let before = state.datum.as_ref().map(|d| d.version);
+        let before = state.datum.as_ref().map(|d| d.version());
         match state.datum.as_mut() {
             None => state.datum = Some(Datum::new(fetched.version, fetched.entries)),
-            Some(datum) if fetched.version > datum.version => {
+            Some(datum) if fetched.version > datum.version() => {
                 datum.replace(fetched.version, fetched.entries, now)
             }
             Some(_) => {}
@@ -648,17 +470,17 @@ impl Hub {
         let mut held = std::mem::take(&mut state.held);
         held.sort_by_key(|(c, _)| c.version);
         for (change, at) in held {
-            if change.version <= datum.version {
+            if change.version <= datum.version() {
                 continue;
             }
-            if change.prev != datum.version {
+            if change.prev != datum.version() {
                 again = true;
                 break;
             }
             datum.step(change.version, vec![change.op], at);
         }
         state.fetching = again;
-        if before != Some(datum.version) {
+        if before != Some(datum.version()) {
             mark_watchers_due(&mut self.conns, &fetched.service, state);
         }
         again
@@ -714,7 +536,7 @@ impl Hub {
             };
             conn_watch.due = false;
             for watch in conn_watch.watches.iter_mut() {
-                if watch.last == Some(datum.version) {
+                if watch.last == Some(datum.version()) {
                     continue;
                 }
                 match datum.frame(&service, watch.last, push.deltas, self.max_frame) {
@@ -722,12 +544,12 @@ impl Hub {
                         bytes += frame.len();
                         let since = datum.since(watch.last);
                         pull.frames.push(Outgoing { frame, since, kind });
-                        watch.last = Some(datum.version);
+                        watch.last = Some(datum.version());
                     }
                     Err(e) => {
                         // Too large for one frame: this version is skipped, not retried forever.
-                        warn!(%service, version = datum.version, error = %e, "cannot push this service");
-                        watch.last = Some(datum.version);
+                        warn!(%service, version = datum.version(), error = %e, "cannot push this service");
+                        watch.last = Some(datum.version());
                     }
                 }
             }
@@ -753,12 +575,15 @@ impl Hub {
                 .values()
                 .flat_map(|w| &w.watches)
                 .filter_map(|w| w.last)
-                .filter(|last| *last < datum.version)
+                .filter(|last| *last < datum.version())
                 .min();
             datum.forget_before(oldest);
             for (conn, watch) in &mut state.watchers {
                 if !watch.due
-                    && watch.watches.iter().any(|w| w.last != Some(datum.version))
+                    && watch
+                        .watches
+                        .iter()
+                        .any(|w| w.last != Some(datum.version()))
                     && let Some(push) = self.conns.get_mut(conn)
                 {
                     push.mark_due(watch, service);
@@ -812,7 +637,7 @@ impl Hub {
                 (
                     service.clone(),
                     state.subscribers(),
-                    state.datum.as_ref().map(|d| d.version),
+                    state.datum.as_ref().map(|d| d.version()),
                 )
             })
             .collect();
@@ -832,7 +657,7 @@ fn mark_watchers_due(
     service: &ServiceId,
     state: &mut ServiceState,
 ) {
-    let Some(version) = state.datum.as_ref().map(|d| d.version) else {
+    let Some(version) = state.datum.as_ref().map(|d| d.version()) else {
         return;
     };
     for (conn, watch) in &mut state.watchers {

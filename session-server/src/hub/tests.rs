@@ -278,7 +278,7 @@ fn the_history_is_bounded_and_a_subscriber_behind_it_gets_the_snapshot() {
         pushes(&mut hub, 1, now);
     }
     let datum = hub.services[&svc("a")].datum.as_ref().unwrap();
-    assert_eq!(datum.history.len(), MIN_STEPS);
+    assert_eq!(datum.steps(), MIN_STEPS);
     let got = pushes(&mut hub, 2, now);
     assert!(matches!(&got[..], [Push::Snapshot(s)] if s.version == version));
 }
@@ -296,27 +296,12 @@ fn history_no_subscriber_needs_is_forgotten() {
     pushes(&mut hub, 1, now);
     // Connection 2 is still at version 1: both steps stay.
     hub.rescan();
-    assert_eq!(
-        hub.services[&svc("a")]
-            .datum
-            .as_ref()
-            .unwrap()
-            .history
-            .len(),
-        2
-    );
+    assert_eq!(hub.services[&svc("a")].datum.as_ref().unwrap().steps(), 2);
     let got = pushes(&mut hub, 2, now);
     assert!(matches!(&got[..], [Push::Delta(d)] if (d.base, d.version) == (1, 3)));
     // Everyone is current: nothing is kept.
     hub.rescan();
-    assert!(
-        hub.services[&svc("a")]
-            .datum
-            .as_ref()
-            .unwrap()
-            .history
-            .is_empty()
-    );
+    assert!(hub.services[&svc("a")].datum.as_ref().unwrap().steps() == 0);
     hub.apply(change("a", 3, 4, put("w", "4")), now);
     let got = pushes(&mut hub, 1, now);
     assert!(matches!(&got[..], [Push::Delta(d)] if (d.base, d.version) == (3, 4)));
