@@ -18,14 +18,13 @@ pub(crate) struct SessionAdmin {
 
 impl AdminSource for SessionAdmin {
     fn refresh_metrics(&self) {
-        let (connections, subscribers, _, pending) = {
+        let (counts, pending) = {
             let hub = self.shared.hub();
-            let (c, s, v) = hub.counts();
-            (c, s, v, hub.pending())
+            (hub.counts(), hub.pending())
         };
         let publishers = self.shared.owned().len();
-        metrics::gauge!("roster_session_connections").set(connections as f64);
-        metrics::gauge!("roster_session_subscribers").set(subscribers as f64);
+        metrics::gauge!("roster_session_connections").set(counts.connections as f64);
+        metrics::gauge!("roster_session_subscribers").set(counts.subscribers as f64);
         metrics::gauge!("roster_session_publishers").set(publishers as f64);
         metrics::gauge!("roster_session_push_pending").set(pending as f64);
     }
@@ -38,10 +37,9 @@ impl AdminSource for SessionAdmin {
         Box::pin(async move {
             let shared = &self.shared;
             let config = shared.config();
-            let (connections, subscribers, services) = {
+            let (counts, services) = {
                 let hub = shared.hub();
-                let (c, s, _) = hub.counts();
-                (c, s, hub.services())
+                (hub.counts(), hub.services())
             };
             let publishers = shared.owned().len();
             let links = shared.data_links();
@@ -67,9 +65,9 @@ impl AdminSource for SessionAdmin {
                     "mean_session_load": shared.mean_load(),
                 },
                 "connections": {
-                    "count": connections,
+                    "count": counts.connections,
                     "max": config.max_connections,
-                    "subscribers": subscribers,
+                    "subscribers": counts.subscribers,
                     "publishers": publishers,
                     "limits": {
                         "publishers_per_connection": config.max_publishers_per_connection,
@@ -81,10 +79,10 @@ impl AdminSource for SessionAdmin {
                 },
                 "services": services
                     .into_iter()
-                    .map(|(service, subscribers, version)| json!({
-                        "service": service,
-                        "subscribers": subscribers,
-                        "version": version,
+                    .map(|s| json!({
+                        "service": s.service,
+                        "subscribers": s.subscribers,
+                        "version": s.version,
                     }))
                     .collect::<Vec<_>>(),
             })

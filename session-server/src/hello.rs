@@ -269,7 +269,7 @@ pub(crate) async fn rights_lost(shared: &Shared, principal: &Principal) -> Error
 
 /// Refuses a connection beyond `max_connections`.
 fn check_capacity(shared: &Shared) -> Result<()> {
-    let connections = shared.hub().counts().0;
+    let connections = shared.hub().counts().connections;
     if connections >= shared.config().max_connections {
         return Err(Error::LimitExceeded(format!(
             "this session server holds its maximum of {} connections; try another",

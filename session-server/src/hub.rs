@@ -181,6 +181,23 @@ impl PushKind {
     }
 }
 
+/// How much a hub holds: connections, subscriptions, services with a subscriber.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub connections: usize,
+    pub subscribers: usize,
+    pub services: usize,
+}
+
+/// One subscribed service as the admin view shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub service: ServiceId,
+    pub subscribers: usize,
+    /// The version cached here; `None` until the first fetch or change.
+    pub version: Option<Version>,
+}
+
 /// What a connection's writer gets from [`Hub::take_pushes`].
 #[derive(Debug, Default)]
 pub struct Pull {
@@ -629,25 +646,27 @@ impl Hub {
     }
 
     /// Each service with its subscriber count and cached version, sorted by service.
-    pub fn services(&self) -> Vec<(ServiceId, usize, Option<Version>)> {
+    pub fn services(&self) -> Vec<ServiceStatus> {
         let mut out: Vec<_> = self
             .services
             .iter()
-            .map(|(service, state)| {
-                (
-                    service.clone(),
-                    state.subscribers(),
-                    state.datum.as_ref().map(|d| d.version()),
-                )
+            .map(|(service, state)| ServiceStatus {
+                service: service.clone(),
+                subscribers: state.subscribers(),
+                version: state.datum.as_ref().map(|d| d.version()),
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.service.cmp(&b.service));
         out
     }
 
-    /// Counts for status reporting: (connections, subscribers, services).
-    pub fn counts(&self) -> (usize, usize, usize) {
-        (self.conns.len(), self.subs.len(), self.services.len())
+    /// Counts for status reporting and limits.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            connections: self.conns.len(),
+            subscribers: self.subs.len(),
+            services: self.services.len(),
+        }
     }
 }
 

@@ -73,6 +73,19 @@ enum Done {
     },
 }
 
+/// A watch stream: the data server it is to and its generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stream {
+    node: NodeId,
+    generation: u64,
+}
+
+/// The last digest report a data server took, and when.
+struct Reported {
+    mark: ReportMark,
+    at: Instant,
+}
+
 /// What a digest report to a data server covered: the table epoch and the watch generation. A new
 /// table or a new stream (a restarted server) calls for a new report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,8 +98,8 @@ struct Manager {
     shared: Arc<Shared>,
     events_tx: mpsc::Sender<LinkEvent>,
     links: HashMap<NodeId, Link>,
-    /// Where each service's interest is registered: the node and the watch generation.
-    registered: HashMap<ServiceId, (NodeId, u64)>,
+    /// Where each service's interest is registered.
+    registered: HashMap<ServiceId, Stream>,
     /// Services with an interest request in flight.
     pending: HashSet<ServiceId>,
     /// Services whose last fetch failed, fetched again on the next reconcile.
@@ -94,7 +107,7 @@ struct Manager {
     tasks: JoinSet<Done>,
     link_tasks: TaskTracker,
     /// What was last reported to each data server, and when.
-    reported: HashMap<NodeId, (ReportMark, Instant)>,
+    reported: HashMap<NodeId, Reported>,
     /// Data servers with a report in flight.
     reporting: HashSet<NodeId>,
     /// Something failed for a reason that passes quickly (a slot moving): try again soon.
@@ -220,7 +233,7 @@ impl Manager {
 
     /// Interest registered through `node` is gone with its stream.
     fn forget_node(&mut self, node: NodeId) {
-        self.registered.retain(|_, (n, _)| *n != node);
+        self.registered.retain(|_, stream| stream.node != node);
     }
 
     fn handle_event(&mut self, event: LinkEvent) {
@@ -271,7 +284,8 @@ impl Manager {
                         let still_up = self.links.get(&node).and_then(|l| l.up) == Some(generation);
                         if still_up {
                             for service in &services {
-                                self.registered.insert(service.clone(), (node, generation));
+                                self.registered
+                                    .insert(service.clone(), Stream { node, generation });
                             }
                         }
                         // Fetch what this session does not have yet (or never had: version 0 of a
@@ -309,7 +323,13 @@ impl Manager {
                                 "synced this session's publishers with a data server"
                             );
                         }
-                        self.reported.insert(node, (mark, Instant::now()));
+                        self.reported.insert(
+                            node,
+                            Reported {
+                                mark,
+                                at: Instant::now(),
+                            },
+                        );
                     }
                     Err(e) => {
                         debug!(node, error = %e, "digest report failed; will retry");
@@ -406,8 +426,8 @@ impl Manager {
                     epoch: view.table.epoch,
                     generation: link.up?,
                 };
-                let fresh = self.reported.get(node).is_some_and(|(last, at)| {
-                    *last == mark && at.elapsed() < self.shared.config().repair_interval
+                let fresh = self.reported.get(node).is_some_and(|last| {
+                    last.mark == mark && last.at.elapsed() < self.shared.config().repair_interval
                 });
                 (!fresh && !self.reporting.contains(node)).then(|| (*node, link.addr.clone(), mark))
             })
@@ -449,7 +469,7 @@ impl Manager {
                 let target = if hub.is_wanted(service) {
                     view.table.leader_of(service).and_then(|node| {
                         let generation = self.links.get(&node)?.up?;
-                        Some((node, generation))
+                        Some(Stream { node, generation })
                     })
                 } else {
                     None
@@ -457,16 +477,16 @@ impl Manager {
                 if current == target {
                     continue;
                 }
-                if let Some((node, _)) = current {
+                if let Some(current) = current {
                     self.registered.remove(service);
                     // Re-registering with the same node replaces the interest; an `off` racing the
                     // new `on` could undo it.
-                    if target.map(|(n, _)| n) != Some(node) {
-                        off.entry(node).or_default().push(service.clone());
+                    if target.map(|t| t.node) != Some(current.node) {
+                        off.entry(current.node).or_default().push(service.clone());
                     }
                 }
-                if let Some((node, _)) = target {
-                    on.entry(node).or_default().push(service.clone());
+                if let Some(target) = target {
+                    on.entry(target.node).or_default().push(service.clone());
                 }
             }
         }

@@ -151,10 +151,10 @@ impl SessionServer {
         if asked > 0 {
             info!(clients = asked, timeout = ?config.drain_timeout, "draining: asked every client to move");
             let deadline = tokio::time::Instant::now() + config.drain_timeout;
-            while shared.hub().counts().0 > 0 && tokio::time::Instant::now() < deadline {
+            while shared.hub().counts().connections > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let left = shared.hub().counts().0;
+            let left = shared.hub().counts().connections;
             if left > 0 {
                 warn!(
                     clients = left,
@@ -181,7 +181,7 @@ async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationTo
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let here = shared.hub().counts().0 as u64;
+        let here = shared.hub().counts().connections as u64;
         // What the meta tier last heard from us: the load set at the previous tick.
         let reported = load.swap(here, Ordering::Relaxed);
         let sessions = shared

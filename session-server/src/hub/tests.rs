@@ -316,7 +316,7 @@ fn a_detached_connection_is_gone_and_goaways_come_first() {
     assert!(matches!(&got[..], [Push::GoAway { .. }, Push::Snapshot(_)]));
     assert_eq!(hub.detach(1), vec![svc("a")]);
     assert!(hub.take_pushes(1, now).is_none());
-    assert_eq!(hub.counts(), (0, 0, 0));
+    assert_eq!(hub.counts(), Counts::default());
 }
 
 #[test]
@@ -339,7 +339,7 @@ fn the_last_subscriber_leaving_abandons_the_service() {
     );
     assert_eq!(hub.subscriptions_of(1), 1);
     assert_eq!(hub.detach(1), vec![svc("c")]);
-    assert_eq!(hub.counts(), (0, 0, 0));
+    assert_eq!(hub.counts(), Counts::default());
 }
 
 #[derive(Clone, Debug)]
