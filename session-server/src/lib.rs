@@ -1,9 +1,9 @@
 //! The session tier: where clients connect, publish and subscribe.
 //!
 //! A session server accepts clients on ALPN `roster/1` ([`conn`]). It keeps each connection's
-//! publishers as the source copy and forwards every change to the slot leader ([`forward`]), one at
-//! a time per publisher so order is kept, in batches per slot leader, retrying while no leader is
-//! reachable. It registers interest with the slot leader of every service its clients subscribe
+//! publishers as the source copy and forwards every change to the slot leader ([`batching`]
+//! decides, [`forward`] sends), one at a time per publisher so order is kept, in batches per slot
+//! leader, retrying while no leader is reachable. It registers interest with the slot leader of every service its clients subscribe
 //! to and hears of each change on a watch stream — the change itself, which it applies to its copy
 //! of the datum — and pushes each subscriber what changed since its last push, or the whole
 //! snapshot when that is smaller or the subscriber has nothing yet ([`links`], [`hub`]), never an
@@ -15,9 +15,10 @@
 //! Changes that arrive while a push of a service is still being written merge into the next one
 //! ([`hub`]); a quiet service's change goes at once. Each connection is held to limits (connections
 //! per server, publishers, subscriptions and requests per connection, publisher size). Where the
-//! cluster checks tokens, `Hello` is authenticated and each request authorized against the
-//! token's namespaces ([`conn`]). Session servers balance their connection counts and drain on
-//! shutdown with `GoAway`; `links` also keeps the data tier repaired: digest reports and syncs.
+//! cluster checks tokens, `Hello` is authenticated ([`hello`]) and each request authorized against
+//! the token's namespaces ([`conn`]). Session servers balance their connection counts and drain on
+//! shutdown with `GoAway`; [`links`] also decides when the data tier gets this session's digests,
+//! and [`repair`] sends them and the syncs they call for. The tasks share [`shared::Shared`].
 //!
 //! Caveats: a snapshot must fit in one frame (`max_frame`), so a service's publishers together are
 //! limited to about 1 MiB by default.
