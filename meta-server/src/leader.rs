@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use roster_common::acl::{ANY_NAMESPACE, Permission, TokenRecord};
 use roster_common::proto::{MemberKey, Role};
-use roster_common::unix_millis;
+use roster_common::{InstanceId, unix_millis};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -181,7 +181,7 @@ pub(crate) async fn expire_lapsed(node: &Node) {
     }
 }
 
-pub(crate) async fn expire(node: &Node, key: MemberKey, instance: u64) -> bool {
+pub(crate) async fn expire(node: &Node, key: MemberKey, instance: InstanceId) -> bool {
     match node.raft.write(Command::Remove { key, instance }).await {
         Ok(_) => {
             info!(member = %key, "lease expired");

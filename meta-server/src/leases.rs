@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 use roster_common::InstanceId;
 use roster_common::proto::{MemberKey, Role};
 
+/// A slot-table epoch, and when it was first seen.
+#[derive(Clone, Copy, Debug)]
+struct EpochSeen {
+    epoch: u64,
+    at: Instant,
+}
+
 /// The leader's lease clocks and what it learns from renewals. Empty, and unused, while not
 /// leading.
 #[derive(Debug)]
@@ -21,7 +28,7 @@ pub struct LeaseBook {
     /// The last load each session server reported with its renewal.
     loads: BTreeMap<MemberKey, u64>,
     /// The table epoch last seen and since when, to rebalance once it has settled.
-    table_since: (u64, Instant),
+    table_since: EpochSeen,
 }
 
 impl LeaseBook {
@@ -31,7 +38,7 @@ impl LeaseBook {
             leases: Leases::new(lease_timeout),
             preservation,
             loads: BTreeMap::new(),
-            table_since: (0, now),
+            table_since: EpochSeen { epoch: 0, at: now },
         }
     }
 
@@ -61,10 +68,10 @@ impl LeaseBook {
 
     /// Whether the table at `epoch` has stood for `delay` at `now` (a new epoch starts the clock).
     pub fn table_settled(&mut self, epoch: u64, now: Instant, delay: Duration) -> bool {
-        if self.table_since.0 != epoch {
-            self.table_since = (epoch, now);
+        if self.table_since.epoch != epoch {
+            self.table_since = EpochSeen { epoch, at: now };
         }
-        now.duration_since(self.table_since.1) >= delay
+        now.duration_since(self.table_since.at) >= delay
     }
 }
 

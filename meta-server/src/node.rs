@@ -15,7 +15,7 @@ use roster_common::proto::{
     ClusterStatus, ClusterView, LeaseStatus, Member, MemberKey, MetaNodeStatus, MetaRequest,
     MetaResponse,
 };
-use roster_common::{Error, NodeId, Result, unix_millis};
+use roster_common::{Error, InstanceId, NodeId, Result, unix_millis};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -314,7 +314,7 @@ impl Node {
     pub(crate) fn renew(
         &self,
         key: MemberKey,
-        instance: u64,
+        instance: InstanceId,
         load: Option<u64>,
     ) -> Result<MetaResponse> {
         let now = Instant::now();
@@ -348,7 +348,7 @@ impl Node {
         )))
     }
 
-    pub(crate) async fn leave(&self, key: MemberKey, instance: u64) -> Result<MetaResponse> {
+    pub(crate) async fn leave(&self, key: MemberKey, instance: InstanceId) -> Result<MetaResponse> {
         let applied = self.raft.write(Command::Remove { key, instance }).await?;
         if applied.changed {
             info!(member = %key, "member left");
