@@ -178,21 +178,26 @@ async fn handle_stream(
     mut recv: RecvStream,
 ) {
     let max_frame = shared.config().max_frame;
-    // A request holds its slot from the moment its stream opens until it is answered.
-    let permit = client.requests.clone().try_acquire_owned();
-    let (name, result) = match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
-        Ok(request) => {
-            let name = request_name(&request);
-            let result = match permit {
-                Ok(_permit) => handle_request(&shared, &client, request).await,
-                Err(_) => Err(Error::LimitExceeded(format!(
+    // A request holds its slot from the moment its stream opens until it is answered. A stream
+    // opened while every slot is taken is refused at once, unread: it costs nothing more.
+    let (name, result) = match client.requests.clone().try_acquire_owned() {
+        Ok(_permit) => match rpc::read_request::<ClientRequest>(&mut recv, max_frame).await {
+            Ok(request) => (
+                request_name(&request),
+                handle_request(&shared, &client, request).await,
+            ),
+            Err(e) => ("Unreadable", Err(e)),
+        },
+        Err(_) => {
+            let _ = recv.stop(rpc::STOP_REFUSED);
+            (
+                "OverLimit",
+                Err(Error::LimitExceeded(format!(
                     "more than {} requests outstanding on this connection",
                     shared.config().max_requests_per_connection
                 ))),
-            };
-            (name, result)
+            )
         }
-        Err(e) => ("Unreadable", Err(e)),
     };
     roster_common::admin::count_request("session", name, &result);
     if let Err(e) = &result {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use roster_client::{Client, ErrorCode};
 use roster_common::Error;
-use roster_common::proto::{ClientRequest, ClientResponse};
+use roster_common::frame::{self, DEFAULT_MAX_FRAME};
+use roster_common::proto::{ClientRequest, ClientResponse, Reply};
 use roster_tests::{
     Cluster, ClusterOptions, DEADLINE, RawClient, addresses, eventually, next_matching,
 };
@@ -95,22 +96,32 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
     })
     .await;
     // Hold two requests open by sending only part of their frames.
+    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
     let mut open = Vec::new();
     for _ in 0..2 {
-        let (mut send, recv) = raw.conn.open_bi().await.unwrap();
+        let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
         // Half a frame: the server reads and waits for the rest, holding a request slot.
         send.write_all(&[0, 0, 0, 50]).await.unwrap();
-        open.push((send, recv));
-    }
-    // Once the server has taken both, a third request is refused.
-    let start = std::time::Instant::now();
-    loop {
-        match raw.call(&ClientRequest::Ping {}).await {
-            Err(wire) => {
-                assert_eq!(wire.code, ErrorCode::LimitExceeded.as_u16(), "{wire:?}");
-                assert!(wire.message.contains("2 requests"), "{}", wire.message);
-                break;
+        open.push(send);
+        // Unless a ping below took the slot first: then this stream is refused at once.
+        let refused_tx = refused_tx.clone();
+        tokio::spawn(async move {
+            let reply =
+                frame::read_frame::<_, Reply<ClientResponse>>(&mut recv, DEFAULT_MAX_FRAME).await;
+            if let Ok(Some(Err(wire))) = reply {
+                let _ = refused_tx.send(wire);
             }
+        });
+    }
+    // With both slots taken, a third request is refused: a ping, or one of the two held streams
+    // when a ping was served before it. Either way the limit holds.
+    let start = std::time::Instant::now();
+    let refusal = loop {
+        if let Ok(wire) = refused.try_recv() {
+            break wire;
+        }
+        match raw.call(&ClientRequest::Ping {}).await {
+            Err(wire) => break wire,
             Ok(ClientResponse::Pong {}) => {
                 assert!(
                     start.elapsed() < DEADLINE,
@@ -120,7 +131,17 @@ async fn each_limit_gives_its_error_and_the_server_keeps_serving() {
             }
             Ok(other) => panic!("unexpected {other:?}"),
         }
-    }
+    };
+    assert_eq!(
+        refusal.code,
+        ErrorCode::LimitExceeded.as_u16(),
+        "{refusal:?}"
+    );
+    assert!(
+        refusal.message.contains("2 requests"),
+        "{}",
+        refusal.message
+    );
     drop(open);
 
     // The bystander still publishes and is pushed to.
