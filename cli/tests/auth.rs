@@ -15,11 +15,8 @@ use roster_client::{Client, ClientConfig};
 use roster_common::proto::{CLOSE_UNAUTHENTICATED, ClientRequest, ClientResponse, Scope};
 use roster_common::{ErrorCode, acl};
 use roster_tests::{RawClient, SnapshotLog, addresses};
-use support::{
-    create_token, http_get, http_status, run, start_meta_with_auth, start_server, wait_for,
-};
+use support::{Cluster, create_token, http_get, http_status, run};
 
-const START: Duration = Duration::from_secs(30);
 /// How soon a revoked or expired token's connection must be closed.
 const LOSS_WITHIN: Duration = Duration::from_secs(2);
 const SERVICE: &str = "prod/api/web";
@@ -102,17 +99,16 @@ fn revoke(cwd: &Path, meta: &str, token: &str) {
 
 #[test]
 fn tokens_decide_who_may_do_what_and_a_bystander_never_notices() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta, _meta_http, admin) = start_meta_with_auth(cwd, &[]);
-    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta]);
-    let (_session, session, session_http) = start_server(cwd, "session", "1", &["--meta", &meta]);
-    for http in [&data_http, &session_http] {
-        wait_for(START, "ready", || {
-            (http_get(&format!("{http}/readyz")).map(|r| r.0) == Some(200)).then_some(())
-        });
-    }
+    // Started ready: its data and session servers answer /readyz.
+    let cluster = Cluster::builder().auth(true).start();
+    let cwd = cluster.cwd();
+    let meta = cluster.meta_list();
+    let admin = cluster.admin_token.clone().unwrap();
+    let (data_http, session, session_http) = (
+        cluster.http("data", 1),
+        cluster.addr("session", 1),
+        cluster.http("session", 1),
+    );
     let good = create_token(
         cwd,
         &meta,

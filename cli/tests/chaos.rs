@@ -28,7 +28,7 @@ use roster_client::Snapshot;
 use roster_client::{Client, ClientConfig, Publication};
 use roster_common::proto::{ClientRequest, ClientResponse, Push, Scope};
 use roster_tests::{PublisherKey, RawClient, check_history, keys};
-use support::{Proc, cluster_status, free_udp_addr, roster, run, wait_for};
+use support::{Cluster, cluster_status, roster, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const SERVICES: usize = 4;
@@ -42,103 +42,31 @@ fn service(i: usize) -> String {
     format!("chaos/svc/s{i}")
 }
 
-/// The servers, restartable with the same identity.
-struct Cluster {
-    cwd: PathBuf,
-    metas: Vec<String>,
-    voters: String,
-    sessions: Vec<String>,
-    procs: BTreeMap<(&'static str, u64), Proc>,
+/// The faults the suite inflicts on the cluster's processes.
+trait Faults {
+    fn meta_leader(&self) -> u64;
+    /// Kills `victims` with SIGKILL, runs `during`, then starts them again.
+    fn kill_then_restart(&mut self, victims: &[(&'static str, u64)], during: impl FnOnce());
+    /// Stops a server with SIGSTOP for `pause`, running `during` right after stopping it.
+    fn pause(&self, role: &'static str, id: u64, pause: Duration, during: impl FnOnce());
+    fn rss_kib(&self) -> Vec<(String, u64)>;
 }
 
-impl Cluster {
-    fn start(cwd: &Path) -> Cluster {
-        assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-        let (metas, voters) = support::voters(3);
-        let sessions = (0..2).map(|_| free_udp_addr()).collect();
-        let mut cluster = Cluster {
-            cwd: cwd.to_owned(),
-            metas,
-            voters,
-            sessions,
-            procs: BTreeMap::new(),
-        };
-        for id in 1..=3 {
-            cluster.spawn("meta", id);
-        }
-        for id in 1..=3 {
-            cluster.spawn("data", id);
-        }
-        for id in 1..=2 {
-            cluster.spawn("session", id);
-        }
-        cluster
-    }
-
-    fn spawn(&mut self, role: &'static str, id: u64) {
-        let id_text = id.to_string();
-        let meta_list = self.metas.join(",");
-        let meta_dir = format!("meta-{id}");
-        let mut args = vec![
-            role,
-            "--id",
-            &id_text,
-            "--tls-dir",
-            "tls",
-            "--http",
-            "127.0.0.1:0",
-        ];
-        match role {
-            "meta" => args.extend([
-                "--listen",
-                &self.metas[id as usize - 1],
-                "--data-dir",
-                &meta_dir,
-                "--bootstrap",
-                &self.voters,
-                "--insecure-no-auth",
-            ]),
-            "data" => args.extend(["--listen", "127.0.0.1:0", "--meta", &meta_list]),
-            _ => args.extend([
-                "--listen",
-                &self.sessions[id as usize - 1],
-                "--meta",
-                &meta_list,
-                "--drain-timeout-ms",
-                "2000",
-            ]),
-        }
-        let proc = roster(&format!("{role} {id}"), &self.cwd, &args);
-        proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-        self.procs.insert((role, id), proc);
-    }
-
-    fn signal(&self, role: &'static str, id: u64, signal: &str) {
-        self.procs[&(role, id)].signal(signal);
-    }
-
-    fn kill(&mut self, role: &'static str, id: u64) {
-        let mut proc = self.procs.remove(&(role, id)).expect("running");
-        proc.signal("KILL");
-        let _ = proc.wait_exit(Duration::from_secs(10));
-    }
-
+impl Faults for Cluster {
     fn meta_leader(&self) -> u64 {
-        meta_leader(&self.cwd, &self.metas.join(","))
+        meta_leader(self.cwd(), &self.meta_list())
     }
 
-    /// Kills `victims` with SIGKILL, runs `during`, then starts them again.
     fn kill_then_restart(&mut self, victims: &[(&'static str, u64)], during: impl FnOnce()) {
         for (role, id) in victims {
             self.kill(role, *id);
         }
         during();
         for (role, id) in victims {
-            self.spawn(role, *id);
+            self.restart(role, *id);
         }
     }
 
-    /// Stops a server with SIGSTOP for `pause`, running `during` right after stopping it.
     fn pause(&self, role: &'static str, id: u64, pause: Duration, during: impl FnOnce()) {
         self.signal(role, id, "STOP");
         during();
@@ -148,11 +76,14 @@ impl Cluster {
     }
 
     fn rss_kib(&self) -> Vec<(String, u64)> {
-        self.procs
+        ["meta", "data", "session"]
             .iter()
-            .filter_map(|((role, id), proc)| {
+            .flat_map(|role| self.of(role))
+            .filter(|server| server.running())
+            .filter_map(|server| {
                 let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).ok()?;
+                    std::fs::read_to_string(format!("/proc/{}/status", server.proc().pid()))
+                        .ok()?;
                 let kib = status
                     .lines()
                     .find_map(|l| l.strip_prefix("VmRSS:"))?
@@ -160,7 +91,7 @@ impl Cluster {
                     .trim_end_matches(" kB")
                     .parse()
                     .ok()?;
-                Some((format!("{role} {id}"), kib))
+                Some((format!("{} {}", server.role, server.id), kib))
             })
             .collect()
     }
@@ -305,22 +236,21 @@ enum Fault {
 
 #[test]
 fn the_cluster_rides_through_every_fault_without_a_dip() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
     let _ = std::fs::remove_file(Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.txt"));
-    let mut cluster = Cluster::start(cwd);
-    wait_for(
-        START,
-        "two sessions and three data servers registered",
-        || {
-            let status = cluster_status(cwd, &[&cluster.metas.join(",")], false)?;
-            let leases = status["leases"].as_array()?;
-            (leases.len() == 5).then_some(())
-        },
-    );
-    let ca = cwd.join("tls/ca.pem");
+    // Session servers come back where their clients look for them.
+    let mut cluster = Cluster::builder()
+        .metas(3)
+        .datas(3)
+        .sessions(2)
+        .picked_session_ports()
+        .session_args(&["--drain-timeout-ms", "2000"])
+        .start();
+    cluster.wait_members(3, 2);
+    let cwd = cluster.cwd().to_owned();
+    let cwd = cwd.as_path();
+    let ca = cluster.ca();
     let session_addrs: Vec<SocketAddr> = cluster
-        .sessions
+        .session_addrs()
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
@@ -341,7 +271,7 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
     }
     let mut publishers = Publishers {
         ca: ca.clone(),
-        sessions: cluster.sessions.clone(),
+        sessions: cluster.session_addrs(),
         live: Vec::new(),
         joined: 0,
     };
@@ -357,7 +287,7 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
         format!(
             "sessions = [{}]\nca = \"tls/ca.pem\"\nclient_id = \"cli-publisher\"\n",
             cluster
-                .sessions
+                .session_addrs()
                 .iter()
                 .map(|s| format!("\"{s}\""))
                 .collect::<Vec<_>>()
@@ -442,7 +372,7 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
             }
             Fault::KillMetaLeader => {
                 let leader = cluster.meta_leader();
-                let (cwd, metas) = (cluster.cwd.clone(), cluster.metas.join(","));
+                let (cwd, metas) = (cluster.cwd().to_owned(), cluster.meta_list());
                 cluster.kill_then_restart(&[("meta", leader)], || {
                     during();
                     meta_leader(&cwd, &metas);

@@ -5,11 +5,10 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roster_client::{Client, ClientConfig};
-use support::{Proc, roster, start_server, wait_for};
+use support::{Cluster, Proc, roster, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const DRAIN: Duration = Duration::from_secs(2);
@@ -60,64 +59,16 @@ fn a_killed_roster_dev_leaves_no_server_behind() {
     );
 }
 
-fn certs(cwd: &Path) {
-    let (ok, _, err) = support::run(cwd, &["certs", "--dir", "tls"]);
-    assert!(ok, "{err}");
-}
-
 #[test]
 fn every_server_of_a_cluster_stops_cleanly_when_all_get_sigterm_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    certs(cwd);
-    let (addrs, voters) = support::voters(3);
-    let metas = addrs.join(",");
-    let mut procs: Vec<(String, Proc)> = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let id = (i + 1).to_string();
-        let data_dir = format!("meta-{id}");
-        let extra = [
-            "--data-dir",
-            &data_dir,
-            "--bootstrap",
-            &voters,
-            "--insecure-no-auth",
-        ];
-        let mut args = vec![
-            "meta",
-            "--id",
-            &id,
-            "--listen",
-            addr,
-            "--http",
-            "127.0.0.1:0",
-        ];
-        args.extend(["--tls-dir", "tls"]);
-        args.extend(extra);
-        let proc = roster(&format!("meta {id}"), cwd, &args);
-        proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-        procs.push((format!("meta {id}"), proc));
-    }
-    let mut https = Vec::new();
-    for id in ["1", "2", "3"] {
-        let (proc, _, http) = start_server(cwd, "data", id, &["--meta", &metas]);
-        procs.push((format!("data {id}"), proc));
-        https.push(http);
-    }
     let drain_ms = DRAIN.as_millis().to_string();
-    let mut sessions = Vec::new();
-    for id in ["1", "2"] {
-        let extra = ["--meta", &metas, "--drain-timeout-ms", &drain_ms];
-        let (proc, quic, http) = start_server(cwd, "session", id, &extra);
-        procs.push((format!("session {id}"), proc));
-        sessions.push(quic);
-        https.push(http);
-    }
-    for http in &https {
-        wait_for(START, &format!("{http} ready"), || {
-            (support::http_status(http, "/readyz", None) == 200).then_some(())
-        });
-    }
+    let mut cluster = Cluster::builder()
+        .metas(3)
+        .datas(3)
+        .sessions(2)
+        .session_args(&["--drain-timeout-ms", &drain_ms])
+        .start();
+    let sessions = cluster.session_addrs();
 
     // Clients on both sessions: draining asks them to move, and there is nowhere to go.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -127,7 +78,7 @@ fn every_server_of_a_cluster_stops_cleanly_when_all_get_sigterm_at_once() {
     let clients = runtime.block_on(async {
         let mut clients = Vec::new();
         for i in 0..4 {
-            let config = ClientConfig::new(sessions.clone(), cwd.join("tls/ca.pem"));
+            let config = ClientConfig::new(sessions.clone(), cluster.ca());
             let client = Client::connect(config).await.unwrap();
             let publication = client
                 .publish("exits/svc/a", vec![format!("10.0.0.{i}:80").into()])
@@ -138,6 +89,11 @@ fn every_server_of_a_cluster_stops_cleanly_when_all_get_sigterm_at_once() {
         clients
     });
 
+    let mut procs: Vec<(String, Proc)> = cluster
+        .servers_mut()
+        .map(|s| (format!("{} {}", s.role, s.id), s.take()))
+        .collect();
+    assert_eq!(procs.len(), 8);
     let pids: Vec<String> = procs.iter().map(|(_, p)| p.pid().to_string()).collect();
     let mut kill = std::process::Command::new("kill");
     kill.arg("-TERM").args(&pids);

@@ -10,7 +10,6 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use roster_client::{Client, ClientConfig, Publication, Snapshot};
 use roster_tests::{PublisherKey, check_history, keys};
-use support::{Proc, cluster_status, free_udp_addr, roster, run, wait_for};
+use support::{Cluster, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const SERVICES: usize = 100;
@@ -31,129 +30,30 @@ fn scale(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The processes of one deployment.
+/// The processes of one deployment: 1 meta node, `datas` data servers and 2 sessions.
 struct Deployment {
-    cwd: std::path::PathBuf,
-    meta: String,
-    _meta_proc: Proc,
-    datas: Vec<Option<Proc>>,
-    _sessions: Vec<Proc>,
-    session_addrs: Vec<String>,
+    cluster: Cluster,
 }
 
 impl Deployment {
-    fn start(cwd: &Path, datas: usize) -> Self {
-        let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
-        assert!(ok, "{err}");
-        let meta = free_udp_addr();
-        let voters = format!("1={meta}");
-        let meta_proc = roster(
-            "meta",
-            cwd,
-            &[
-                "meta",
-                "--id",
-                "1",
-                "--listen",
-                &meta,
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-                "meta-1",
-                "--tls-dir",
-                "tls",
-                "--bootstrap",
-                &voters,
-                "--insecure-no-auth",
-                "--rebalance-delay-ms",
-                "1000",
-            ],
-        );
-        meta_proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-        let mut deployment = Deployment {
-            cwd: cwd.to_owned(),
-            meta,
-            _meta_proc: meta_proc,
-            datas: Vec::new(),
-            _sessions: Vec::new(),
-            session_addrs: Vec::new(),
-        };
-        for id in 1..=datas as u64 {
-            let proc = deployment.spawn_data(id);
-            deployment.datas.push(Some(proc));
-        }
-        for id in 1..=2 {
-            let proc = roster(
-                &format!("session {id}"),
-                cwd,
-                &[
-                    "session",
-                    "--id",
-                    &id.to_string(),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--http",
-                    "127.0.0.1:0",
-                    "--meta",
-                    &deployment.meta,
-                    "--tls-dir",
-                    "tls",
-                ],
-            );
-            let line = proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-            let quic = line
-                .split("quic=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_owned();
-            deployment.session_addrs.push(quic);
-            deployment._sessions.push(proc);
-        }
+    fn start(datas: usize) -> Self {
+        let cluster = Cluster::builder()
+            .datas(datas)
+            .sessions(2)
+            .meta_args(&["--rebalance-delay-ms", "1000"])
+            .start();
+        let deployment = Deployment { cluster };
         deployment.wait_members(datas);
         deployment
     }
 
-    fn spawn_data(&self, id: u64) -> Proc {
-        let proc = roster(
-            &format!("data {id}"),
-            &self.cwd,
-            &[
-                "data",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--meta",
-                &self.meta,
-                "--tls-dir",
-                "tls",
-            ],
-        );
-        proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-        proc
-    }
-
     fn status(&self) -> Option<serde_json::Value> {
-        cluster_status(&self.cwd, &[&self.meta], false)
+        self.cluster.status()
     }
 
     /// Waits until the meta tier lists `datas` data servers and both sessions.
     fn wait_members(&self, datas: usize) -> serde_json::Value {
-        wait_for(
-            START,
-            &format!("{datas} data servers and 2 sessions"),
-            || {
-                let status = self.status()?;
-                let leases = status["leases"].as_array()?;
-                let count = |role: &str| leases.iter().filter(|l| l["role"] == role).count();
-                (count("data") == datas && count("session") == 2).then_some(status)
-            },
-        )
+        self.cluster.wait_members(datas, 2)
     }
 
     fn epoch(&self) -> u64 {
@@ -163,24 +63,23 @@ impl Deployment {
     }
 
     fn kill_data(&mut self, id: u64) {
-        let mut proc = self.datas[id as usize - 1].take().expect("running");
-        proc.signal("KILL");
-        proc.wait_exit(Duration::from_secs(5));
+        self.cluster.kill("data", id);
     }
 
+    /// Starts data server `id` again, empty, or a new one.
     fn restart_data(&mut self, id: u64) {
-        let proc = self.spawn_data(id);
-        if self.datas.len() < id as usize {
-            self.datas.resize_with(id as usize, || None);
+        if self.cluster.of("data").any(|s| s.id == id) {
+            self.cluster.restart("data", id);
+        } else {
+            assert_eq!(self.cluster.add("data", &[]), id);
         }
-        self.datas[id as usize - 1] = Some(proc);
     }
 
     /// The committed slot table.
     fn table(&self) -> roster_common::proto::SlotTable {
         match support::meta_call(
-            &self.cwd.join("tls"),
-            &self.meta,
+            &self.cluster.cwd().join("tls"),
+            &self.cluster.meta_list(),
             &roster_common::proto::MetaRequest::GetView { stale: true },
         ) {
             Ok(roster_common::proto::MetaResponse::View { view, .. }) => view.table,
@@ -206,8 +105,8 @@ impl Deployment {
 
     fn client_config(&self, session: usize) -> ClientConfig {
         ClientConfig::new(
-            vec![self.session_addrs[session % 2].clone()],
-            self.cwd.join("tls/ca.pem"),
+            vec![self.cluster.session_addrs()[session % 2].clone()],
+            self.cluster.ca(),
         )
     }
 }
@@ -388,8 +287,7 @@ impl Load {
 fn data_servers_die_join_and_restart_without_losing_a_publisher() {
     let publishers = scale("ROSTER_TEST_PUBLISHERS", 100_000);
     let connections = scale("ROSTER_TEST_CONNECTIONS", 200);
-    let dir = tempfile::tempdir().unwrap();
-    let mut deployment = Deployment::start(dir.path(), 3);
+    let mut deployment = Deployment::start(3);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -440,7 +338,7 @@ fn data_servers_die_join_and_restart_without_losing_a_publisher() {
 
     // Bring the two back (empty), then add a fourth under churn.
     for id in (1..=3u64)
-        .filter(|id| deployment.datas[*id as usize - 1].is_none())
+        .filter(|id| !deployment.cluster.server("data", *id).running())
         .collect::<Vec<_>>()
     {
         deployment.restart_data(id);

@@ -13,8 +13,7 @@ use roster_common::proto::{Member, MetaRequest, MetaResponse, Role};
 use roster_common::{Error, ErrorCode};
 use serde_json::Value;
 use support::{
-    Proc, cluster_status, create_token, free_udp_addr, http_status, meta_call, roster, run,
-    run_within, wait_for,
+    Cluster, cluster_status, create_token, http_status, meta_call, run, run_within, wait_for,
 };
 
 const START: Duration = Duration::from_secs(30);
@@ -27,104 +26,36 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A meta group of processes sharing one working directory and TLS dir.
-struct Group<'a> {
-    cwd: &'a Path,
-    addrs: Vec<String>,
-    voters: String,
-    procs: Vec<Option<Proc>>,
-    extra: Vec<String>,
+/// A meta group: the meta nodes of a [`Cluster`], by id.
+trait Group {
+    /// The leader's status, once some live node answers as the leader of a created cluster.
+    fn leader_status(&self, deadline: Duration) -> Value;
+    /// Node `id`'s own view of the group.
+    fn local_status(&self, id: u64) -> Option<Value>;
 }
 
-impl<'a> Group<'a> {
-    /// `n` voters started with `extra`; without authentication unless `extra` names an
-    /// `--admin-token-file`.
-    fn new(cwd: &'a Path, n: usize, extra: &[&str]) -> Self {
-        let (addrs, voters) = support::voters(n);
-        let mut group = Group {
-            cwd,
-            addrs,
-            voters,
-            procs: Vec::new(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        if !extra.contains(&"--admin-token-file") {
-            group.extra.push("--insecure-no-auth".into());
-        }
-        for id in 1..=n as u64 {
-            let proc = group.spawn(id);
-            group.procs.push(Some(proc));
-        }
-        group
-    }
-
-    fn addr(&self, id: u64) -> &str {
-        &self.addrs[id as usize - 1]
-    }
-
-    fn spawn(&self, id: u64) -> Proc {
-        let mut extra = vec!["--bootstrap", &self.voters];
-        extra.extend(self.extra.iter().map(String::as_str));
-        start_meta(self.cwd, id, self.addr(id), &extra)
-    }
-
-    fn kill(&mut self, id: u64) {
-        let mut proc = self.procs[id as usize - 1].take().expect("running");
-        proc.signal("KILL");
-        proc.wait_exit(Duration::from_secs(5));
-    }
-
-    fn restart(&mut self, id: u64) {
-        let proc = self.spawn(id);
-        self.procs[id as usize - 1] = Some(proc);
-    }
-
-    fn live(&self) -> Vec<&str> {
-        self.procs
-            .iter()
-            .zip(&self.addrs)
-            .filter(|(p, _)| p.is_some())
-            .map(|(_, a)| a.as_str())
-            .collect()
-    }
-
-    /// The leader's status, once some live node answers as the leader of a created cluster.
+impl Group for Cluster {
     fn leader_status(&self, deadline: Duration) -> Value {
         wait_for(deadline, "a meta leader", || {
-            cluster_status(self.cwd, &self.live(), false).filter(|s| {
+            self.status().filter(|s| {
                 s["from_leader"] == true && s["cluster_id"].as_str().is_some_and(|c| !c.is_empty())
             })
         })
     }
 
     fn local_status(&self, id: u64) -> Option<Value> {
-        cluster_status(self.cwd, &[self.addr(id)], true)
+        cluster_status(self.cwd(), &[&self.addr("meta", id)], true)
     }
 }
 
-/// Starts `roster meta --id ID --listen ADDR` with `extra` flags (`--data-dir meta-ID` unless
-/// given) and waits for it to listen.
-fn start_meta(cwd: &Path, id: u64, addr: &str, extra: &[&str]) -> Proc {
-    let id_text = id.to_string();
-    let default_dir = format!("meta-{id}");
-    let mut args = vec![
-        "meta",
-        "--id",
-        &id_text,
-        "--listen",
-        addr,
-        "--http",
-        "127.0.0.1:0",
-        "--tls-dir",
-        "tls",
-    ];
-    if !extra.contains(&"--data-dir") {
-        args.extend(["--data-dir", &default_dir]);
-    }
-    args.extend_from_slice(extra);
-    let proc = roster(&format!("meta {id}"), cwd, &args);
-    proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    proc
+/// A group of `n` meta nodes started with `extra`, without data or session servers.
+fn group(n: usize, extra: &[&str]) -> Cluster {
+    Cluster::builder()
+        .metas(n)
+        .datas(0)
+        .sessions(0)
+        .meta_args(extra)
+        .start()
 }
 
 /// The id of the cluster the meta node at `addr` leads, once it has been created.
@@ -137,36 +68,6 @@ fn created_cluster(cwd: &Path, addr: &str) -> String {
                 .map(str::to_owned)
         })
     })
-}
-
-fn certs(cwd: &Path) {
-    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
-    assert!(ok, "{err}");
-}
-
-/// Starts a data or session server against the group; returns it and its HTTP address.
-fn member(cwd: &Path, role: &str, metas: &[String]) -> (Proc, String) {
-    let list = metas.join(",");
-    let proc = roster(
-        role,
-        cwd,
-        &[
-            role,
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--meta",
-            &list,
-            "--tls-dir",
-            "tls",
-        ],
-    );
-    let line = proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let http = line.split("http=").nth(1).expect("http=").trim().to_owned();
-    (proc, http)
 }
 
 /// The ids of the cluster's tokens, as `roster acl token list --json` gives them.
@@ -227,21 +128,23 @@ fn fake_member(role: Role, id: u64) -> Member {
 #[test]
 fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    certs(cwd);
     // Authentication on: every voter is given the same admin token.
-    let (ok, admin_token, err) = run(cwd, &["acl", "token", "generate"]);
-    assert!(ok, "{err}");
-    std::fs::write(cwd.join("admin.token"), &admin_token).unwrap();
-    let admin_token = admin_token.trim().to_owned();
-    let mut group = Group::new(cwd, 3, &["--admin-token-file", "admin.token"]);
+    let mut group = Cluster::builder()
+        .auth(true)
+        .metas(3)
+        .datas(0)
+        .sessions(0)
+        .start();
+    let cwd = group.cwd().to_owned();
+    let cwd = cwd.as_path();
+    let admin_token = group.admin_token.clone().unwrap();
     let status = group.leader_status(START);
     let cluster = status["cluster_id"].as_str().unwrap().to_owned();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
 
-    let (_data, data_http) = member(cwd, "data", &group.addrs);
-    let (_session, session_http) = member(cwd, "session", &group.addrs);
+    group.add("data", &[]);
+    group.add("session", &[]);
+    let (data_http, session_http) = (group.http("data", 1), group.http("session", 1));
     let before = wait_for(START, "both members registered", || {
         group
             .leader_status(START)
@@ -279,11 +182,11 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
 
     // A token is created (acknowledged), and the leader is killed at once: kill -9 the leader,
     // a new one within 2 s.
-    let metas = group.addrs.join(",");
+    let metas = group.meta_list();
     let token = create_token(cwd, &metas, "prod", "subscribe", &[]);
     let old_leader = before["leader"].as_u64().unwrap();
     let start = Instant::now();
-    group.kill(old_leader);
+    group.kill("meta", old_leader);
     // A survivor that says it leads, in its own words.
     let new_leader = wait_for(Duration::from_secs(10), "a new leader", || {
         (1..=3u64).filter(|id| *id != old_leader).find(|id| {
@@ -302,9 +205,7 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
     // For more than a lease period after, nobody is expired and the table stays.
     let observe_until = Instant::now() + Duration::from_millis(4_000);
     while Instant::now() < observe_until {
-        if let Some(status) =
-            cluster_status(cwd, &group.live(), false).filter(|s| s["from_leader"] == true)
-        {
+        if let Some(status) = group.status().filter(|s| s["from_leader"] == true) {
             assert_eq!(
                 members(&status),
                 members_before,
@@ -322,7 +223,7 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
     watcher.join().unwrap();
     let token_id = &token[4..20];
     assert!(
-        token_ids(cwd, &group.live().join(",")).contains(&token_id.to_owned()),
+        token_ids(cwd, &group.live_metas().join(",")).contains(&token_id.to_owned()),
         "the token acknowledged before the leader was killed is kept"
     );
     assert!(
@@ -332,14 +233,14 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
     );
 
     // All three killed and restarted from disk: the same cluster, members and table epoch.
-    group.restart(old_leader);
+    group.restart("meta", old_leader);
     let survivors: Vec<u64> = (1..=3).filter(|id| *id != old_leader).collect();
     for id in survivors {
-        group.kill(id);
+        group.kill("meta", id);
     }
-    group.kill(old_leader);
+    group.kill("meta", old_leader);
     for id in 1..=3 {
-        group.restart(id);
+        group.restart("meta", id);
     }
     let restarted = wait_for(START, "the restarted group with both members", || {
         group
@@ -368,9 +269,6 @@ fn leader_failover_keeps_every_member_and_acl_and_all_metas_restart_from_disk() 
 #[test]
 fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    certs(cwd);
     let flags = [
         "--snapshot-every",
         "20",
@@ -379,9 +277,11 @@ fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
         "--lease-timeout-ms",
         "60000",
     ];
-    let group = Group::new(cwd, 3, &flags);
+    let mut group = group(3, &flags);
+    let cwd = group.cwd().to_owned();
+    let cwd = cwd.as_path();
     let leader = group.leader_status(START);
-    let leader_addr = group.addr(leader["leader"].as_u64().unwrap()).to_owned();
+    let leader_addr = group.addr("meta", leader["leader"].as_u64().unwrap());
 
     // Make the log long enough that it was snapshotted and compacted.
     let tls = cwd.join("tls");
@@ -425,14 +325,11 @@ fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
     let follower = (1..=3u64)
         .find(|id| Some(*id) != leader["leader"].as_u64())
         .unwrap();
-    let addr4 = free_udp_addr();
-    let _joiner = start_meta(cwd, 4, &addr4, &["--join", group.addr(follower)]);
-    let all: Vec<&str> = group
-        .addrs
-        .iter()
-        .map(String::as_str)
-        .chain([addr4.as_str()])
-        .collect();
+    let joiner = group.add("meta", &["--join", &group.addr("meta", follower)]);
+    assert_eq!(joiner, 4);
+    let addr4 = group.addr("meta", 4);
+    let all = group.meta_addrs();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
     wait_for(START, "node 4 a caught-up voter", || {
         let status = cluster_status(cwd, &all, false).filter(|s| s["from_leader"] == true)?;
         let node = status["nodes"]
@@ -451,8 +348,9 @@ fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
     assert_eq!(local["cluster_id"], leader["cluster_id"]);
 
     // A learner: joins and stays a learner until an operator promotes it.
-    let addr5 = free_udp_addr();
-    let _learner = start_meta(cwd, 5, &addr5, &["--join", &leader_addr, "--learner"]);
+    let learner = group.add("meta", &["--join", &leader_addr, "--learner"]);
+    assert_eq!(learner, 5);
+    let addr5 = group.addr("meta", 5);
     let node5 = |status: &Value| {
         status["nodes"]
             .as_array()
@@ -495,39 +393,22 @@ fn a_new_node_joins_from_a_snapshot_and_the_group_is_operated() {
 #[test]
 fn a_node_with_another_clusters_data_is_refused() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    certs(cwd);
     // Cluster A: one node.
-    let a = free_udp_addr();
-    let meta_a = start_meta(
-        cwd,
-        1,
-        &a,
-        &[
-            "--data-dir",
-            "a-1",
-            "--bootstrap",
-            &format!("1={a}"),
-            "--insecure-no-auth",
-        ],
-    );
+    let meta_a = group(1, &[]);
+    let cwd = meta_a.cwd();
+    let a = meta_a.addr("meta", 1);
     let cluster_a = created_cluster(cwd, &a);
-    // Cluster B: created, then stopped.
-    let b = free_udp_addr();
-    let mut meta_b = start_meta(
-        cwd,
-        2,
-        &b,
-        &[
-            "--data-dir",
-            "b-2",
-            "--bootstrap",
-            &format!("2={b}"),
-            "--insecure-no-auth",
-        ],
-    );
+    // Cluster B, in the same directory with the same certificates: created, then stopped.
+    let mut group_b = Cluster::builder()
+        .in_dir(cwd)
+        .first_meta_id(2)
+        .datas(0)
+        .sessions(0)
+        .start();
+    let b = group_b.addr("meta", 2);
+    let data_b = group_b.server("meta", 2).data_dir.clone().unwrap();
     let cluster_b = created_cluster(cwd, &b);
+    let mut meta_b = group_b.take("meta", 2);
     meta_b.signal("TERM");
     assert!(meta_b.wait_exit(Duration::from_secs(10)));
     assert_ne!(cluster_a, cluster_b);
@@ -544,7 +425,7 @@ fn a_node_with_another_clusters_data_is_refused() {
             "--http",
             "127.0.0.1:0",
             "--data-dir",
-            "b-2",
+            &data_b,
             "--tls-dir",
             "tls",
             "--join",
@@ -587,17 +468,15 @@ fn a_node_with_another_clusters_data_is_refused() {
 #[test]
 fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    certs(cwd);
-    let mut group = Group::new(cwd, 3, &["--lease-timeout-ms", "60000"]);
+    let mut group = group(3, &["--lease-timeout-ms", "60000"]);
+    let cwd = group.cwd().to_owned();
     let status = group.leader_status(START);
     let leader = status["leader"].as_u64().unwrap();
     let tls = cwd.join("tls");
     let acknowledged = fake_member(Role::Data, 42);
     let registered = meta_call(
         &tls,
-        group.addr(leader),
+        &group.addr("meta", leader),
         &MetaRequest::Register {
             member: acknowledged.clone(),
             cluster_id: None,
@@ -613,8 +492,8 @@ fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
     let other = (1..=3u64)
         .find(|id| *id != leader && *id != survivor)
         .unwrap();
-    group.kill(leader);
-    group.kill(other);
+    group.kill("meta", leader);
+    group.kill("meta", other);
     wait_for(
         Duration::from_secs(10),
         "the survivor to see no leader",
@@ -625,7 +504,7 @@ fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
         },
     );
 
-    let addr = group.addr(survivor).to_owned();
+    let addr = group.addr("meta", survivor);
     let start = Instant::now();
     let write = meta_call(
         &tls,
@@ -658,8 +537,8 @@ fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
     }
 
     // They return: nothing acknowledged was lost, and writes work again.
-    group.restart(leader);
-    group.restart(other);
+    group.restart("meta", leader);
+    group.restart("meta", other);
     group.leader_status(START);
     let view = wait_for(START, "a linearizable read", || {
         match meta_call(&tls, &addr, &MetaRequest::GetView { stale: false }) {
@@ -691,12 +570,10 @@ fn without_a_quorum_writes_fail_fast_stale_reads_answer_and_nothing_is_lost() {
 #[test]
 fn self_preservation_holds_session_expiry_when_too_many_lapse_at_once() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    certs(cwd);
-    let group = Group::new(cwd, 1, &["--lease-timeout-ms", "1000"]);
+    let group = group(1, &["--lease-timeout-ms", "1000"]);
+    let cwd = group.cwd().to_owned();
     group.leader_status(START);
-    let addr = group.addr(1).to_owned();
+    let addr = group.addr("meta", 1);
     let tls = cwd.join("tls");
     let sessions_in = |status: &Value| -> Vec<u64> {
         status["leases"]

@@ -137,8 +137,11 @@ fn ls_lists_services_with_their_publisher_counts() {
         v["publishers"].as_array().unwrap().len() == 2
     });
     // `other` may land on another data server; wait until ls sees all three publishers.
-    let deadline = Instant::now() + START;
-    loop {
+    let want = [
+        ("default/DEFAULT/other".to_owned(), 1),
+        ("prod/web/api".to_owned(), 2),
+    ];
+    support::wait_for(START, "ls to show both services", || {
         let (ok, out, err) = support::run(cwd, &["ls", "--json"]);
         assert!(ok, "roster ls failed: {err}");
         let rows: Value = serde_json::from_str(&out).unwrap();
@@ -153,20 +156,8 @@ fn ls_lists_services_with_their_publisher_counts() {
                 )
             })
             .collect();
-        if counts
-            == [
-                ("default/DEFAULT/other".to_owned(), 1),
-                ("prod/web/api".to_owned(), 2),
-            ]
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ls never showed both services: {counts:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (counts == want).then_some(())
+    });
     let (ok, table, _) = support::run(cwd, &["ls"]);
     assert!(ok);
     assert!(table.starts_with("SERVICE"), "{table}");

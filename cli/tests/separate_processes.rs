@@ -4,21 +4,18 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{roster, run, start_meta, start_meta_with_auth, start_server};
+use support::{Cluster, roster, wait_ready};
 
 const START: Duration = Duration::from_secs(30);
 
 /// Configuration layers: file, then `ROSTER_*` environment, then flags, later winning.
 #[test]
 fn settings_come_from_file_environment_and_flags_in_that_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta_addr, _) = start_meta(cwd, &[]);
+    let cluster = Cluster::builder().datas(0).sessions(0).start();
+    let (cwd, meta_addr) = (cluster.cwd(), cluster.meta_list());
     std::fs::write(
         cwd.join("data.toml"),
         format!("id = 5\nmeta = [\"{meta_addr}\"]\ntls-dir = \"tls\"\nlisten = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:0\"\n"),
@@ -48,22 +45,6 @@ fn status(addr: &str, path: &str) -> u16 {
     support::http_get(&format!("{addr}{path}")).map_or(0, |(status, _)| status)
 }
 
-fn wait_ready(http: &str) {
-    support::wait_for(START, &format!("{http} ready"), || {
-        (status(http, "/readyz") == 200).then_some(())
-    });
-}
-
-fn client_config(cwd: &Path, name: &str, session: &str) -> String {
-    let file = format!("{name}.toml");
-    std::fs::write(
-        cwd.join(&file),
-        format!("sessions = [\"{session}\"]\nca = \"tls/ca.pem\"\n"),
-    )
-    .unwrap();
-    file
-}
-
 fn publisher_count(line: &str) -> usize {
     let v: Value = serde_json::from_str(line).unwrap();
     v["publishers"].as_array().unwrap().len()
@@ -71,30 +52,18 @@ fn publisher_count(line: &str) -> usize {
 
 #[test]
 fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
-    assert!(ok, "{err}");
+    // Started ready: the data server and both sessions answer /readyz.
+    let mut cluster = Cluster::builder()
+        .sessions(2)
+        .data_args(&["--session-grace-ms", "500"])
+        .start();
+    let cwd = cluster.cwd().to_owned();
+    let cwd = cwd.as_path();
+    assert_eq!(status(&cluster.http("meta", 1), "/healthz"), 200);
+    assert_eq!(status(&cluster.http("data", 1), "/nope"), 404);
 
-    let (mut meta, meta_addr, meta_http) = start_meta(cwd, &[]);
-    assert_eq!(status(&meta_http, "/healthz"), 200);
-    let (mut data, _, data_http) = start_server(
-        cwd,
-        "data",
-        "1",
-        &["--meta", &meta_addr, "--session-grace-ms", "500"],
-    );
-    let (session1, session1_addr, session1_http) =
-        start_server(cwd, "session", "1", &["--meta", &meta_addr]);
-    let (mut session2, session2_addr, session2_http) =
-        start_server(cwd, "session", "2", &["--meta", &meta_addr]);
-    for http in [&data_http, &session1_http, &session2_http] {
-        wait_ready(http);
-    }
-    assert_eq!(status(&data_http, "/nope"), 404);
-
-    let via1 = client_config(cwd, "via1", &session1_addr);
-    let via2 = client_config(cwd, "via2", &session2_addr);
+    let via1 = cluster.client_toml("via1", &[&cluster.addr("session", 1)], "");
+    let via2 = cluster.client_toml("via2", &[&cluster.addr("session", 2)], "");
     let sub = roster(
         "subscribe via 2",
         cwd,
@@ -113,7 +82,7 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
     // The publisher's session dies without a word. Its lease (3 s) lapses, the meta removes it, the
     // data server waits out session_grace (0.5 s) and drops what that session owned.
     let start = Instant::now();
-    session1.signal("KILL");
+    cluster.signal("session", 1, "KILL");
     sub.line_matching(Duration::from_secs(10), "the empty snapshot", |l| {
         publisher_count(l) == 0
     });
@@ -126,7 +95,8 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
 
     // Every survivor stops cleanly on SIGTERM.
     drop(sub);
-    for proc in [&mut session2, &mut data, &mut meta] {
+    for (role, id) in [("session", 2), ("data", 1), ("meta", 1)] {
+        let mut proc = cluster.take(role, id);
         proc.signal("TERM");
         assert!(
             proc.wait_exit(Duration::from_secs(10)),
@@ -150,35 +120,25 @@ fn connections(http: &str) -> Option<u64> {
 #[test]
 fn a_client_that_comes_back_within_the_grace_keeps_its_publishers() {
     const GRACE: Duration = Duration::from_secs(4);
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta_addr, _) = start_meta(cwd, &[]);
-    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
     let grace = GRACE.as_millis().to_string();
-    let (_session, session_addr, session_http) = start_server(
-        cwd,
-        "session",
-        "1",
-        &["--meta", &meta_addr, "--client-grace-ms", &grace],
-    );
-    wait_ready(&data_http);
-    wait_ready(&session_http);
+    let cluster = Cluster::builder()
+        .session_args(&["--client-grace-ms", &grace])
+        .start();
+    let cwd = cluster.cwd();
+    let (session_addr, session_http) = (cluster.addr("session", 1), cluster.http("session", 1));
 
-    let watcher = client_config(cwd, "watcher", &session_addr);
-    let returning = client_config(cwd, "returning", &session_addr);
-    let leaving = client_config(cwd, "leaving", &session_addr);
+    let watcher = cluster.client_toml("watcher", &[&session_addr], "");
     // The returning client keeps its secret in a file, so its next process is the same client.
-    for (file, extra) in [
-        (
-            &returning,
-            "client_id = \"returning-client\"\nclient_secret_file = \"returning.secret\"\n",
-        ),
-        (&leaving, "client_id = \"leaving-client\"\n"),
-    ] {
-        let text = std::fs::read_to_string(cwd.join(file)).unwrap();
-        std::fs::write(cwd.join(file), format!("{text}{extra}")).unwrap();
-    }
+    let returning = cluster.client_toml(
+        "returning",
+        &[&session_addr],
+        "client_id = \"returning-client\"\nclient_secret_file = \"returning.secret\"\n",
+    );
+    let leaving = cluster.client_toml(
+        "leaving",
+        &[&session_addr],
+        "client_id = \"leaving-client\"\n",
+    );
     let sub = roster(
         "subscribe",
         cwd,
@@ -262,40 +222,28 @@ fn a_client_that_comes_back_within_the_grace_keeps_its_publishers() {
 /// another one, and no subscriber ever sees its address under the victim's id.
 #[test]
 fn a_copied_client_id_cannot_replace_anothers_publisher() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
     // Authentication on: the impostor holds a valid token too; only the id is copied.
-    let (_meta, meta_addr, _, _) = start_meta_with_auth(cwd, &[]);
-    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta_addr]);
-    let (_s1, session1, http1) = start_server(cwd, "session", "1", &["--meta", &meta_addr]);
-    let (_s2, session2, http2) = start_server(cwd, "session", "2", &["--meta", &meta_addr]);
-    for http in [&data_http, &http1, &http2] {
-        wait_ready(http);
-    }
-    let token = support::create_token(cwd, &meta_addr, "default", "publish,subscribe", &[]);
-    let client_config = |cwd: &Path, name: &str, session: &str| {
-        let file = client_config(cwd, name, session);
-        let text = std::fs::read_to_string(cwd.join(&file)).unwrap();
-        std::fs::write(cwd.join(&file), format!("{text}token = \"{token}\"\n")).unwrap();
-        file
+    let cluster = Cluster::builder().auth(true).sessions(2).start();
+    let cwd = cluster.cwd();
+    let (session1, session2) = (cluster.addr("session", 1), cluster.addr("session", 2));
+    let token = cluster.create_token("default", "publish,subscribe", &[]);
+    let client_config = |name: &str, session: &str, extra: &str| {
+        cluster.client_toml(name, &[session], &format!("token = \"{token}\"\n{extra}"))
     };
 
-    let watcher = client_config(cwd, "watcher", &session2);
+    let watcher = client_config("watcher", &session2, "");
     let sub = roster(
         "subscribe",
         cwd,
         &["subscribe", "--config", &watcher, "web"],
     );
     sub.line_matching(START, "the initial snapshot", |l| publisher_count(l) == 0);
-    let victim = client_config(cwd, "victim", &session1);
-    let text = std::fs::read_to_string(cwd.join(&victim)).unwrap();
     // Its processes share a secret file: each of them is the victim.
-    std::fs::write(
-        cwd.join(&victim),
-        format!("{text}client_id = \"victim\"\nclient_secret_file = \"victim.secret\"\n"),
-    )
-    .unwrap();
+    let victim = client_config(
+        "victim",
+        &session1,
+        "client_id = \"victim\"\nclient_secret_file = \"victim.secret\"\n",
+    );
     let publish = |config: &str, register_id: &str, addr: &str| {
         vec![
             "publish".to_owned(),
@@ -315,9 +263,7 @@ fn a_copied_client_id_cannot_replace_anothers_publisher() {
     });
 
     for (name, session) in [("impostor-same", &session1), ("impostor-other", &session2)] {
-        let config = client_config(cwd, name, session);
-        let text = std::fs::read_to_string(cwd.join(&config)).unwrap();
-        std::fs::write(cwd.join(&config), format!("{text}client_id = \"victim\"\n")).unwrap();
+        let config = client_config(name, session, "client_id = \"victim\"\n");
         let args = publish(&config, "web-a", "6.6.6.6:66");
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (ok, _, err) = support::run_within(cwd, &args, START);

@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roster_client::{Client, ClientConfig};
-use support::{cluster_status, free_udp_addr, roster, run, wait_for};
+use support::Cluster;
 
-const START: Duration = Duration::from_secs(120);
 const ENDPOINTS: usize = 32;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -30,87 +29,17 @@ fn one_session_server_pushes_a_change_to_every_connection() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
-    let meta = free_udp_addr();
-    let voters = format!("1={meta}");
-    let meta_proc = roster(
-        "meta",
-        cwd,
-        &[
-            "meta",
-            "--id",
-            "1",
-            "--listen",
-            &meta,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "m",
-            "--tls-dir",
-            "tls",
-            "--bootstrap",
-            &voters,
-            "--insecure-no-auth",
-        ],
-    );
-    meta_proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let data = roster(
-        "data",
-        cwd,
-        &[
-            "data",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--meta",
-            &meta,
-            "--tls-dir",
-            "tls",
-        ],
-    );
-    data.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let session = roster(
-        "session",
-        cwd,
-        &[
-            "session",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--meta",
-            &meta,
-            "--tls-dir",
-            "tls",
-        ],
-    );
-    let line = session.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let addr = line
-        .split("quic=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    wait_for(START, "the session and data server registered", || {
-        let status = cluster_status(cwd, &[&meta], false)?;
-        (status["leases"].as_array()?.len() == 2).then_some(())
-    });
+    let cluster = Cluster::builder().start();
+    cluster.wait_members(1, 1);
+    let addr = cluster.addr("session", 1);
+    let session = cluster.proc("session", 1);
     let rss_idle = rss_kib(session.pid());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut config = ClientConfig::new(vec![addr.clone()], cwd.join("tls/ca.pem"));
+    let mut config = ClientConfig::new(vec![addr.clone()], cluster.ca());
     config.refuse_empty = false;
     // Thousands of connections from one process: keep-alives at the session's own pace.
     config.keep_alive_ms = 1_000;

@@ -1,19 +1,18 @@
 //! Session servers dying and draining under client load, with real processes: a session server
 //! killed with SIGKILL, then one stopped with SIGTERM. Their clients must be connected elsewhere
 //! within 2 s, and no subscriber anywhere may see any publisher disappear, even for one snapshot.
-//! The cluster checks tokens, as one created by `roster meta --bootstrap` does by default.
+//! The cluster checks tokens.
 
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use roster_client::{Client, ClientConfig, ConnectionState, Publication, Snapshot};
+use roster_client::{Client, ConnectionState, Publication, Snapshot};
 use roster_tests::{PublisherKey, check_history, keys};
-use support::{Proc, cluster_status, create_token, free_udp_addr, roster, run, wait_for};
+use support::{Cluster, cluster_status, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const SERVICES: usize = 10;
@@ -21,119 +20,10 @@ const PUBLISHER_CLIENTS: usize = 40;
 const PER_CLIENT: usize = 25;
 const SUBSCRIBER_CLIENTS: usize = 6;
 
-struct Sessions {
-    procs: Vec<Option<Proc>>,
-    addrs: Vec<String>,
-    /// HTTP admin addresses.
-    https: Vec<String>,
-}
-
-/// Starts the cluster; returns its meta and data servers, the sessions, the meta address, a
-/// token that may publish and subscribe in the test's namespace, and the data server's HTTP
-/// address.
-fn start(cwd: &Path) -> (Proc, Proc, Sessions, String, String, String) {
-    let (ok, _, err) = run(cwd, &["certs", "--dir", "tls"]);
-    assert!(ok, "{err}");
-    let meta = free_udp_addr();
-    let voters = format!("1={meta}");
-    let meta_proc = roster(
-        "meta",
-        cwd,
-        &[
-            "meta",
-            "--id",
-            "1",
-            "--listen",
-            &meta,
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            "meta-1",
-            "--tls-dir",
-            "tls",
-            "--bootstrap",
-            &voters,
-        ],
-    );
-    meta_proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    // A short session grace: the moved publishers must survive their old session's removal, and
-    // the test need not wait long to see it.
-    let data = roster(
-        "data",
-        cwd,
-        &[
-            "data",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--meta",
-            &meta,
-            "--tls-dir",
-            "tls",
-            "--session-grace-ms",
-            "500",
-        ],
-    );
-    let line = data.line_matching(START, "its listen line", |l| l.contains("listening:"));
-    let data_http = line.split("http=").nth(1).unwrap().trim().to_owned();
-    let mut sessions = Sessions {
-        procs: Vec::new(),
-        addrs: Vec::new(),
-        https: Vec::new(),
-    };
-    for id in 1..=3 {
-        let proc = roster(
-            &format!("session {id}"),
-            cwd,
-            &[
-                "session",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--meta",
-                &meta,
-                "--tls-dir",
-                "tls",
-                "--drain-timeout-ms",
-                "5000",
-            ],
-        );
-        let line = proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-        sessions.addrs.push(
-            line.split("quic=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_owned(),
-        );
-        sessions
-            .https
-            .push(line.split("http=").nth(1).unwrap().trim().to_owned());
-        sessions.procs.push(Some(proc));
-    }
-    wait_for(START, "three sessions registered", || {
-        let status = cluster_status(cwd, &[&meta], false)?;
-        let leases = status["leases"].as_array()?;
-        (leases.iter().filter(|l| l["role"] == "session").count() == 3
-            && leases.iter().any(|l| l["role"] == "data"))
-        .then_some(())
-    });
-    let token = create_token(cwd, &meta, "moving", "publish,subscribe", &[]);
-    (meta_proc, data, sessions, meta, token, data_http)
-}
-
 /// Waits until the meta tier no longer lists session `id`.
-fn wait_session_gone(cwd: &Path, meta: &str, id: u64) {
+fn wait_session_gone(cluster: &Cluster, id: u64) {
     wait_for(START, &format!("session {id} removed"), || {
-        let status = cluster_status(cwd, &[meta], false)?;
+        let status = cluster_status(cluster.cwd(), &[&cluster.meta_list()], false)?;
         let leases = status["leases"].as_array()?;
         (!leases
             .iter()
@@ -146,12 +36,19 @@ type Seen = Arc<Mutex<HashMap<(usize, String), Vec<Snapshot>>>>;
 
 #[test]
 fn killed_and_drained_session_servers_lose_no_publisher() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    let (_meta, _data, mut sessions, meta, token, data_http) = start(cwd);
-    // The cluster checks tokens: /admin wants the admin token `roster meta --bootstrap` wrote.
-    let admin = std::fs::read_to_string(cwd.join("meta-1/admin.token")).unwrap();
-    let admin = admin.trim().to_owned();
+    // A short session grace: the moved publishers must survive their old session's removal, and
+    // the test need not wait long to see it.
+    let mut cluster = Cluster::builder()
+        .auth(true)
+        .sessions(3)
+        .data_args(&["--session-grace-ms", "500"])
+        .session_args(&["--drain-timeout-ms", "5000"])
+        .start();
+    cluster.wait_members(1, 3);
+    let token = cluster.create_token("moving", "publish,subscribe", &[]);
+    let data_http = cluster.http("data", 1);
+    // The cluster checks tokens: /admin wants the admin token.
+    let admin = cluster.admin_token.clone().unwrap();
     let admin_json = |http: &str, path: &str| -> Option<serde_json::Value> {
         let (status, body) = support::http_get_with(&format!("{http}{path}"), Some(&admin))?;
         (status == 200)
@@ -163,9 +60,8 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
         .build()
         .unwrap();
     let config = || {
-        let mut c = ClientConfig::new(sessions.addrs.clone(), cwd.join("tls/ca.pem"));
+        let mut c = cluster.client_config(Some(&token));
         c.refuse_empty = false;
-        c.token = Some(token.as_str().into());
         c
     };
     let service = |i: usize| format!("moving/svc/{i}");
@@ -240,14 +136,14 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
             .filter(|c| c.session_id() == Some(victim))
             .collect();
         let mut states: Vec<_> = moving.iter().map(|c| c.connection_state()).collect();
-        let victim_http = &sessions.https[victim as usize - 1];
+        let victim_http = &cluster.http("session", victim);
         let instance =
             admin_json(victim_http, "/admin/server").expect("the victim's status")["instance"]
                 .as_str()
                 .unwrap()
                 .to_owned();
         let hit = Instant::now();
-        let mut proc = sessions.procs[victim as usize - 1].take().unwrap();
+        let mut proc = cluster.take("session", victim);
         proc.signal(signal);
         // Every client of the victim is connected to another session server.
         let moved = runtime.block_on(async {
@@ -279,7 +175,7 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
         // The old session is removed, and the data tier holds nothing of it any more: every
         // publisher moved to another session (had any stayed, its grace would drop it, and the
         // subscribers would no longer be exact).
-        wait_session_gone(cwd, &meta, victim);
+        wait_session_gone(&cluster, victim);
         wait_for(
             Duration::from_secs(10),
             "the data tier to hold nothing of the old session",

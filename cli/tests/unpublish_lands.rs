@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use roster_client::{Client, ClientConfig};
 use roster_tests::addresses;
-use support::{start_meta, start_server, wait_for};
+use support::Cluster;
 
 const START: Duration = Duration::from_secs(30);
 /// The usual push latency is milliseconds; a second is the promise.
@@ -17,23 +17,9 @@ const LANDS_WITHIN: Duration = Duration::from_secs(1);
 
 #[test]
 fn an_unpublish_through_another_session_server_lands_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    assert!(support::run(cwd, &["certs", "--dir", "tls"]).0);
-    let (_meta, meta, _) = start_meta(cwd, &[]);
-    let (_data, _, data_http) = start_server(cwd, "data", "1", &["--meta", &meta]);
-    let mut sessions = Vec::new();
-    for id in ["1", "2"] {
-        sessions.push(start_server(cwd, "session", id, &["--meta", &meta]));
-    }
-    let https = [&data_http, &sessions[0].2, &sessions[1].2];
-    for http in https {
-        wait_for(START, "ready", || {
-            (support::http_status(http, "/readyz", None) == 200).then_some(())
-        });
-    }
-    let addrs: Vec<String> = sessions.iter().map(|s| s.1.clone()).collect();
-    let ca = cwd.join("tls/ca.pem");
+    let cluster = Cluster::builder().sessions(2).start();
+    let addrs = cluster.session_addrs();
+    let ca = cluster.ca();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,7 +51,7 @@ fn an_unpublish_through_another_session_server_lands_at_once() {
             subscribers.push(client);
         }
 
-        sessions[doomed].0.signal("KILL");
+        cluster.signal("session", doomed as u64 + 1, "KILL");
         publication.unpublish().await.unwrap();
         let acked = Instant::now();
         for sub in &subscriptions {

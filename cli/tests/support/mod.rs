@@ -3,6 +3,11 @@
 
 #![allow(dead_code)]
 
+mod cluster;
+
+#[allow(unused_imports)]
+pub use cluster::{Builder, Cluster, Server, wait_ready};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -195,7 +200,11 @@ pub fn cluster_status(cwd: &Path, metas: &[&str], local: bool) -> Option<serde_j
     serde_json::from_str(&out).ok()
 }
 
-/// Polls `check` every 20 ms until it returns `Some`, failing the test after `deadline`.
+/// How long a cluster may take to start and a server to become ready.
+pub const START: Duration = Duration::from_secs(60);
+
+/// Polls `check` every 20 ms until it returns `Some`, failing the test after `deadline`. The one
+/// way these tests wait for a condition.
 pub fn wait_for<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -337,76 +346,7 @@ pub fn listening(line: &str) -> (String, String) {
 }
 
 /// How long a server may take to print where it listens.
-const LISTEN_WITHIN: Duration = Duration::from_secs(30);
-
-/// Starts `roster ROLE --id ID --listen 127.0.0.1:0 --http 127.0.0.1:0 --tls-dir tls EXTRA...` and
-/// returns it with the QUIC and HTTP addresses it printed.
-pub fn start_server(cwd: &Path, role: &str, id: &str, extra: &[&str]) -> (Proc, String, String) {
-    let mut args = vec![
-        role,
-        "--id",
-        id,
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--tls-dir",
-        "tls",
-    ];
-    args.extend_from_slice(extra);
-    let proc = roster(&format!("{role} {id}"), cwd, &args);
-    let line = proc.line_matching(LISTEN_WITHIN, "its listen addresses", |l| {
-        l.contains("listening:")
-    });
-    let (quic, http) = listening(&line);
-    (proc, quic, http)
-}
-
-/// Starts a single-node meta group (data in `meta-1`) on a free loopback port, with `extra` flags;
-/// returns it, its address and its HTTP address. The cluster checks no tokens
-/// (`--insecure-no-auth`) unless `extra` names an `--admin-token-file`: see [`start_meta_with_auth`].
-pub fn start_meta(cwd: &Path, extra: &[&str]) -> (Proc, String, String) {
-    let addr = free_udp_addr();
-    let voters = format!("1={addr}");
-    let mut args = vec![
-        "meta",
-        "--id",
-        "1",
-        "--listen",
-        &addr,
-        "--http",
-        "127.0.0.1:0",
-        "--tls-dir",
-        "tls",
-        "--data-dir",
-        "meta-1",
-        "--bootstrap",
-        &voters,
-    ];
-    if !extra.contains(&"--admin-token-file") {
-        args.push("--insecure-no-auth");
-    }
-    args.extend_from_slice(extra);
-    let proc = roster("meta 1", cwd, &args);
-    let line = proc.line_matching(LISTEN_WITHIN, "its listen line", |l| {
-        l.contains("listening:")
-    });
-    let (_, http) = listening(&line);
-    (proc, addr, http)
-}
-
-/// As [`start_meta`], for a cluster that checks tokens: its admin token is written to
-/// `admin.token` first. Returns the admin token too.
-pub fn start_meta_with_auth(cwd: &Path, extra: &[&str]) -> (Proc, String, String, String) {
-    let (ok, token, err) = run(cwd, &["acl", "token", "generate"]);
-    assert!(ok, "{err}");
-    let token = token.trim().to_owned();
-    std::fs::write(cwd.join("admin.token"), format!("{token}\n")).unwrap();
-    let mut args = vec!["--admin-token-file", "admin.token"];
-    args.extend_from_slice(extra);
-    let (proc, addr, http) = start_meta(cwd, &args);
-    (proc, addr, http, token)
-}
+pub(crate) const LISTEN_WITHIN: Duration = Duration::from_secs(30);
 
 /// Creates a token with `roster acl token create` against the meta nodes `metas`, allowing `allow`
 /// (e.g. `publish,subscribe`) in `namespace`, with the extra flags `extra` (`--ttl 5s`).
