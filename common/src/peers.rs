@@ -1,6 +1,9 @@
-//! One QUIC connection per peer address, dialed on first use and redialed once it breaks.
+//! One QUIC connection per peer address, dialed on first use and redialed once it breaks; and a
+//! fault table that makes chosen peers unreachable or slow, for tests that partition servers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -8,15 +11,116 @@ use quinn::{Connection, Endpoint};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::quic;
+
+type ConnMap = Mutex<HashMap<String, Connection>>;
+type Conns = Arc<ConnMap>;
+
+/// What happens to a pool's calls to one peer address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every dial and call fails at once with [`Error::Connection`], as if the peer were
+    /// unreachable; connections already open to it are closed when the fault is set.
+    Drop,
+    /// Every dial and call waits this long first.
+    Delay(Duration),
+}
+
+/// Faults by peer address, shared by the pools given it ([`PeerPool::with_faults`]). Empty, it
+/// costs a pool one relaxed atomic load per call.
+#[derive(Default)]
+pub struct FaultTable {
+    any: AtomicBool,
+    faults: Mutex<HashMap<String, Fault>>,
+    /// The connections of every pool given this table, closed towards a peer when it is dropped.
+    pools: Mutex<Vec<Weak<ConnMap>>>,
+}
+
+impl std::fmt::Debug for FaultTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultTable")
+            .field("faults", &*self.faults.lock())
+            .finish()
+    }
+}
+
+impl FaultTable {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Makes `addr` unreachable: calls to it fail, and open connections to it are closed (as
+    /// their idle timeout would close them once no packet gets through).
+    pub fn drop_calls(&self, addr: &str) {
+        self.set(addr, Some(Fault::Drop));
+        self.pools.lock().retain(|pool| {
+            let Some(conns) = pool.upgrade() else {
+                return false;
+            };
+            if let Some(conn) = conns.lock().remove(addr) {
+                conn.close(0u32.into(), b"unreachable");
+            }
+            true
+        });
+    }
+
+    /// Delays every call to `addr` by `delay`.
+    pub fn delay_calls(&self, addr: &str, delay: Duration) {
+        self.set(addr, Some(Fault::Delay(delay)));
+    }
+
+    /// Calls to `addr` go through again.
+    pub fn heal(&self, addr: &str) {
+        self.set(addr, None);
+    }
+
+    /// Every peer is reachable again.
+    pub fn heal_all(&self) {
+        let mut faults = self.faults.lock();
+        faults.clear();
+        self.any.store(false, Ordering::Release);
+    }
+
+    /// The fault set for `addr`, if any.
+    pub fn fault(&self, addr: &str) -> Option<Fault> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.faults.lock().get(addr).copied()
+    }
+
+    fn set(&self, addr: &str, fault: Option<Fault>) {
+        let mut faults = self.faults.lock();
+        match fault {
+            Some(fault) => faults.insert(addr.to_owned(), fault),
+            None => faults.remove(addr),
+        };
+        self.any.store(!faults.is_empty(), Ordering::Release);
+    }
+
+    /// Applies the fault for `addr`: fails for a dropped peer, waits for a delayed one.
+    async fn apply(&self, addr: &str) -> Result<()> {
+        match self.fault(addr) {
+            None => Ok(()),
+            Some(Fault::Drop) => Err(Error::Connection(format!(
+                "peer {addr} is unreachable (dropped by the fault table)"
+            ))),
+            Some(Fault::Delay(delay)) => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
+        }
+    }
+}
 
 /// The connections a server keeps to its peers.
 pub struct PeerPool {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
     connect_timeout: Duration,
-    conns: Mutex<HashMap<String, Connection>>,
+    conns: Conns,
+    faults: Option<Arc<FaultTable>>,
 }
 
 impl PeerPool {
@@ -26,13 +130,26 @@ impl PeerPool {
             endpoint,
             config,
             connect_timeout,
-            conns: Mutex::new(HashMap::new()),
+            conns: Conns::default(),
+            faults: None,
         }
+    }
+
+    /// This pool obeys `faults` (when given): see [`FaultTable`].
+    pub fn with_faults(mut self, faults: Option<Arc<FaultTable>>) -> Self {
+        if let Some(table) = &faults {
+            table.pools.lock().push(Arc::downgrade(&self.conns));
+        }
+        self.faults = faults;
+        self
     }
 
     /// A live connection to `addr`, dialing if there is none. Two callers racing to dial the same
     /// peer may both dial; the later connection replaces the earlier in the pool and both work.
     pub async fn get(&self, addr: &str) -> Result<Connection> {
+        if let Some(faults) = &self.faults {
+            faults.apply(addr).await?;
+        }
         if let Some(conn) = self.conns.lock().get(addr)
             && conn.close_reason().is_none()
         {
@@ -46,6 +163,13 @@ impl PeerPool {
             self.connect_timeout,
         )
         .await?;
+        // A peer dropped while it was being dialed stays unreachable.
+        if let Some(faults) = &self.faults
+            && faults.fault(addr) == Some(Fault::Drop)
+        {
+            conn.close(0u32.into(), b"unreachable");
+            return faults.apply(addr).await.map(|()| conn);
+        }
         self.conns.lock().insert(addr.to_owned(), conn.clone());
         Ok(conn)
     }
@@ -71,5 +195,40 @@ impl PeerPool {
         for (_, conn) in self.conns.lock().drain() {
             conn.close(0u32.into(), b"shutting down");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_set_per_address_and_healed() {
+        let table = FaultTable::new();
+        assert_eq!(table.fault("10.0.0.1:1"), None);
+        table.drop_calls("10.0.0.1:1");
+        table.delay_calls("10.0.0.2:1", Duration::from_millis(5));
+        assert_eq!(table.fault("10.0.0.1:1"), Some(Fault::Drop));
+        assert_eq!(
+            table.fault("10.0.0.2:1"),
+            Some(Fault::Delay(Duration::from_millis(5)))
+        );
+        assert_eq!(table.fault("10.0.0.3:1"), None);
+        table.heal("10.0.0.1:1");
+        assert_eq!(table.fault("10.0.0.1:1"), None);
+        assert!(table.any.load(Ordering::Relaxed));
+        table.heal_all();
+        assert!(!table.any.load(Ordering::Relaxed));
+        assert_eq!(table.fault("10.0.0.2:1"), None);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_peer_fails_like_an_unreachable_one() {
+        let table = FaultTable::new();
+        table.drop_calls("127.0.0.1:9");
+        let err = table.apply("127.0.0.1:9").await.unwrap_err();
+        assert!(matches!(err, Error::Connection(_)), "{err:?}");
+        assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
+        assert!(table.apply("127.0.0.1:10").await.is_ok());
     }
 }

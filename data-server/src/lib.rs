@@ -32,8 +32,10 @@ mod server;
 mod shared;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use roster_common::peers::FaultTable;
 use roster_common::quic::TransportSettings;
 use roster_common::{Error, NodeId, Result};
 
@@ -67,6 +69,8 @@ pub struct DataConfig {
     pub max_frame: u32,
     /// QUIC keep-alive and idle timeout. Defaults 1 s and 4 s.
     pub transport: TransportSettings,
+    /// Faults injected into this server's calls to its peers (tests only). Default none.
+    pub faults: Option<Arc<FaultTable>>,
 }
 
 impl DataConfig {
@@ -83,6 +87,7 @@ impl DataConfig {
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
             transport: TransportSettings::default(),
+            faults: None,
         }
     }
 

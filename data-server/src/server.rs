@@ -75,11 +75,10 @@ impl DataServer {
         let advertise = quic::advertised_addr(self.config.advertise.as_deref(), &socket)?;
         let (endpoint, peer_config) =
             quic::peer_endpoint(socket, &self.identity, &self.config.transport)?;
-        let pool = Arc::new(PeerPool::new(
-            endpoint.clone(),
-            peer_config,
-            self.config.request_timeout,
-        ));
+        let pool = Arc::new(
+            PeerPool::new(endpoint.clone(), peer_config, self.config.request_timeout)
+                .with_faults(self.config.faults.clone()),
+        );
         let member = Member {
             role: Role::Data,
             id: self.config.id,

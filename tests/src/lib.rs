@@ -3,14 +3,17 @@
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use quinn::{Connection, Endpoint, RecvStream};
 use roster_client::{ClientConfig, Snapshot, Subscription};
 use roster_common::frame::{self, DEFAULT_MAX_FRAME};
+use roster_common::peers::{FaultTable, PeerPool};
 use roster_common::proto::{
-    ALPN_CLIENT, ClientRequest, ClientResponse, PROTOCOL_VERSION, Push, Reply, Scope,
+    ALPN_CLIENT, ALPN_PEER, ClientRequest, ClientResponse, ClusterView, MetaRequest, MetaResponse,
+    PROTOCOL_VERSION, Push, Reply, Scope,
 };
 pub use roster_common::push::Replica;
 use roster_common::quic::{self, TransportSettings};
@@ -45,6 +48,9 @@ pub struct ClusterOptions {
     pub sessions: usize,
     /// Applied to every session server's config before it starts.
     pub session: fn(&mut SessionConfig),
+    /// The fault table of each data server's calls to its peers, by position (data server 1
+    /// first); data servers past the end have none.
+    pub data_faults: Vec<Arc<FaultTable>>,
 }
 
 impl Default for ClusterOptions {
@@ -53,6 +59,7 @@ impl Default for ClusterOptions {
             datas: 1,
             sessions: 1,
             session: |_| {},
+            data_faults: Vec::new(),
         }
     }
 }
@@ -62,6 +69,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub identity: NodeIdentity,
     pub meta_addr: SocketAddr,
+    pub data_addrs: Vec<SocketAddr>,
     pub session_addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<roster_common::Result<()>>>,
@@ -91,14 +99,15 @@ impl Cluster {
         tasks.push(tokio::spawn(meta.run(meta_socket, shutdown.clone())));
 
         let metas = vec![meta_addr.to_string()];
+        let mut data_addrs = Vec::new();
         for i in 0..options.datas {
-            let server = DataServer::new(
-                DataConfig::new(i as u64 + 1, metas.clone()),
-                identity.clone(),
-            )
-            .expect("data");
+            let mut config = DataConfig::new(i as u64 + 1, metas.clone());
+            config.faults = options.data_faults.get(i).cloned();
+            let server = DataServer::new(config, identity.clone()).expect("data");
+            let socket = bind_loopback();
+            data_addrs.push(socket.local_addr().unwrap());
             ready.push(server.ready());
-            tasks.push(tokio::spawn(server.run(bind_loopback(), shutdown.clone())));
+            tasks.push(tokio::spawn(server.run(socket, shutdown.clone())));
         }
         let mut session_addrs = Vec::new();
         for i in 0..options.sessions {
@@ -120,6 +129,7 @@ impl Cluster {
             dir,
             identity,
             meta_addr,
+            data_addrs,
             session_addrs,
             shutdown,
             tasks,
@@ -134,6 +144,31 @@ impl Cluster {
         );
         config.refuse_empty = false;
         config
+    }
+
+    /// The meta node's view of the cluster: its members and slot table.
+    pub async fn view(&self) -> ClusterView {
+        let config = quic::client_config(
+            tls::peer_client(&self.identity, ALPN_PEER).expect("peer TLS"),
+            &TransportSettings::default(),
+            false,
+        )
+        .expect("client config");
+        let endpoint = quic::client_endpoint(self.meta_addr).expect("endpoint");
+        let pool = PeerPool::new(endpoint, config, DEADLINE);
+        let answer = pool
+            .call::<_, MetaResponse>(
+                &self.meta_addr.to_string(),
+                &MetaRequest::GetView { stale: true },
+                DEFAULT_MAX_FRAME,
+                DEADLINE,
+            )
+            .await;
+        pool.close_all();
+        match answer {
+            Ok(MetaResponse::View { view, .. }) => view,
+            other => panic!("no view from the meta node: {other:?}"),
+        }
     }
 
     /// Signals every server to stop and waits for each to finish cleanly.
