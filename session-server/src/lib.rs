@@ -38,9 +38,11 @@ mod repair;
 mod server;
 mod shared;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::VarInt;
+use roster_common::peers::FaultTable;
 use roster_common::quic::TransportSettings;
 use roster_common::{Error, NodeId, Result, proto};
 
@@ -109,6 +111,8 @@ pub struct SessionConfig {
     /// How often the server compares its connection count with the mean and asks clients to move
     /// when well above it (`--balance-interval-ms`). Default 5 s.
     pub balance_interval: Duration,
+    /// Faults injected into this server's calls to its peers (tests only). Default none.
+    pub faults: Option<Arc<FaultTable>>,
 }
 
 impl SessionConfig {
@@ -137,6 +141,7 @@ impl SessionConfig {
             coalesce_window: Duration::ZERO,
             push_stall_timeout: Duration::from_secs(30),
             balance_interval: Duration::from_secs(5),
+            faults: None,
         }
     }
 

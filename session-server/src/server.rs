@@ -68,11 +68,10 @@ impl SessionServer {
         let peer_tls = tls::peer_client(&self.identity, ALPN_PEER)?;
         let peer_config = quic::client_config(peer_tls, &config.peer_transport, false)?;
         let endpoint = quic::endpoint(socket, Some(server_config))?;
-        let pool = Arc::new(PeerPool::new(
-            endpoint.clone(),
-            peer_config,
-            config.request_timeout,
-        ));
+        let pool = Arc::new(
+            PeerPool::new(endpoint.clone(), peer_config, config.request_timeout)
+                .with_faults(config.faults.clone()),
+        );
 
         let agent_shutdown = CancellationToken::new();
         let load = Arc::new(AtomicU64::new(0));

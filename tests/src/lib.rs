@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     /// The fault table of each data server's calls to its peers, by position (data server 1
     /// first); data servers past the end have none.
     pub data_faults: Vec<Arc<FaultTable>>,
+    /// The same for each session server (session server 1 first).
+    pub session_faults: Vec<Arc<FaultTable>>,
 }
 
 impl Default for ClusterOptions {
@@ -60,6 +62,7 @@ impl Default for ClusterOptions {
             sessions: 1,
             session: |_| {},
             data_faults: Vec::new(),
+            session_faults: Vec::new(),
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct Cluster {
     pub meta_addr: SocketAddr,
     pub data_addrs: Vec<SocketAddr>,
     pub session_addrs: Vec<SocketAddr>,
+    /// Whether each session server is ready: a member with a watch stream up to every data server.
+    pub session_ready: Vec<watch::Receiver<bool>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<roster_common::Result<()>>>,
 }
@@ -110,13 +115,16 @@ impl Cluster {
             tasks.push(tokio::spawn(server.run(socket, shutdown.clone())));
         }
         let mut session_addrs = Vec::new();
+        let mut session_ready = Vec::new();
         for i in 0..options.sessions {
             let mut config = SessionConfig::new(i as u64 + 1, metas.clone());
             (options.session)(&mut config);
+            config.faults = options.session_faults.get(i).cloned();
             let socket = bind_loopback();
             session_addrs.push(socket.local_addr().unwrap());
             let server = SessionServer::new(config, identity.clone()).expect("session");
             ready.push(server.ready());
+            session_ready.push(server.ready());
             tasks.push(tokio::spawn(server.run(socket, shutdown.clone())));
         }
         for mut rx in ready {
@@ -131,6 +139,7 @@ impl Cluster {
             meta_addr,
             data_addrs,
             session_addrs,
+            session_ready,
             shutdown,
             tasks,
         }

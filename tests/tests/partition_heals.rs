@@ -1,10 +1,17 @@
-//! A data server cut off from its peers (the meta node and the other data server) through the
-//! fault table of its peer pool, while clients publish, unpublish and subscribe through two session
-//! servers; then the cut is healed. The meta tier expires the cut-off server and its slots move to
-//! the other one; after healing it joins again and takes its share back. Every subscriber must end
-//! with exactly the live publishers (no acknowledged publish lost, no departed one left behind),
-//! and over everything recorded, versions only grow and no publisher live throughout ever goes
-//! missing from a snapshot.
+//! Partitions made through the fault tables of the servers' peer pools, while clients publish,
+//! unpublish and subscribe through two session servers; then each cut is healed.
+//!
+//! - A data server cut off from its peers (the meta node and the other data server): the meta
+//!   tier expires it and its slots move to the other one; after healing it joins again and takes
+//!   its share back.
+//! - A session server cut off from one data server (which the rest of the cluster still reaches):
+//!   its writes to that server's slots are acknowledged not durable and retried, its subscribers
+//!   hear nothing of that server's services; after healing its writes land and its subscribers
+//!   catch up.
+//!
+//! Every subscriber must end with exactly the live publishers (no acknowledged publish lost, no
+//! departed one left behind), and over everything recorded, versions only grow and no publisher
+//! live throughout ever goes missing from a snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -112,23 +119,15 @@ async fn converge(
     start.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_data_server_cut_off_from_its_peers_heals_without_losing_a_publisher() {
-    let faults = [FaultTable::new(), FaultTable::new()];
-    let cluster = Cluster::start_with(ClusterOptions {
-        datas: 2,
-        sessions: 2,
-        data_faults: faults.to_vec(),
-        ..Default::default()
-    })
-    .await;
+/// Subscribers on both sessions recording every snapshot of every service, and the publishers,
+/// all in place (`LEAVERS + STAYERS` publishers, both data servers leading slots, every subscriber
+/// exact).
+async fn set_up(cluster: &Cluster) -> (Record, Vec<Client>, Publishers) {
     let config = |i: usize| {
         let mut config = cluster.client_config();
         config.sessions = vec![cluster.session_addrs[i].to_string()];
         config
     };
-
-    // Subscribers on both sessions record every snapshot of every service.
     let record = Record::default();
     let mut subscribers = Vec::new();
     for s in 0..2 {
@@ -160,7 +159,59 @@ async fn a_data_server_cut_off_from_its_peers_heals_without_losing_a_publisher()
     })
     .await;
     converge("at the start", &record, &publishers, 2).await;
+    (record, subscribers, publishers)
+}
 
+/// Over everything recorded: versions only grow, and from the first snapshot holding them all,
+/// no publisher live throughout is ever missing. Then everyone leaves.
+async fn check_and_close(
+    cluster: Cluster,
+    record: Record,
+    subscribers: Vec<Client>,
+    mut publishers: Publishers,
+) {
+    let stayers = publishers.expected(true);
+    let mut checked = 0;
+    for ((s, svc), snapshots) in record.lock().iter() {
+        let stable = &stayers[svc];
+        let from = snapshots
+            .iter()
+            .position(|snap| stable.is_subset(&keys(snap)))
+            .unwrap_or_else(|| panic!("subscriber {s} never saw every stayer of {svc}"));
+        if let Err(e) = check_history(&snapshots[from..], stable) {
+            panic!("subscriber {s}: {e}");
+        }
+        // Versions only grow over the whole record, the first snapshots included.
+        if let Err(e) = check_history(snapshots, &BTreeSet::new()) {
+            panic!("subscriber {s}: {e}");
+        }
+        checked += snapshots.len();
+    }
+    println!(
+        "{checked} snapshots checked; {} of {} publishes acknowledged durable",
+        publishers.durable, publishers.joined
+    );
+    for (_, client, publication) in publishers.live.drain(..) {
+        drop(publication);
+        client.close().await;
+    }
+    for client in subscribers {
+        client.close().await;
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_server_cut_off_from_its_peers_heals_without_losing_a_publisher() {
+    let faults = [FaultTable::new(), FaultTable::new()];
+    let cluster = Cluster::start_with(ClusterOptions {
+        datas: 2,
+        sessions: 2,
+        data_faults: faults.to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let (record, subscribers, mut publishers) = set_up(&cluster).await;
     // Cut data 2 off from the meta node and from data 1, both ways between the data servers.
     let (meta, data1, data2) = (
         cluster.meta_addr.to_string(),
@@ -205,40 +256,59 @@ async fn a_data_server_cut_off_from_its_peers_heals_without_losing_a_publisher()
         "healed: data 2 leads slots again {back:?} after healing; every subscriber exact {took:?} later"
     );
 
-    // Over everything recorded: versions only grow, and from the first snapshot holding them all,
-    // no publisher live throughout is ever missing.
-    let stayers = publishers.expected(true);
-    let mut checked = 0;
-    for ((s, svc), snapshots) in record.lock().iter() {
-        let stable = &stayers[svc];
-        let from = snapshots
-            .iter()
-            .position(|snap| stable.is_subset(&keys(snap)))
-            .unwrap_or_else(|| panic!("subscriber {s} never saw every stayer of {svc}"));
-        if let Err(e) = check_history(&snapshots[from..], stable) {
-            panic!("subscriber {s}: {e}");
-        }
-        // Versions only grow over the whole record, the first snapshots included.
-        if let Err(e) = check_history(snapshots, &BTreeSet::new()) {
-            panic!("subscriber {s}: {e}");
-        }
-        checked += snapshots.len();
-    }
-    println!(
-        "{checked} snapshots checked; {} of {} publishes acknowledged durable",
-        publishers.durable, publishers.joined
-    );
     assert!(
         publishers.durable > 0,
         "publishes were acknowledged durable"
     );
+    check_and_close(cluster, record, subscribers, publishers).await;
+}
 
-    for (_, client, publication) in publishers.live.drain(..) {
-        drop(publication);
-        client.close().await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_cut_off_from_a_data_server_catches_up_without_losing_a_publisher() {
+    let faults = [FaultTable::new(), FaultTable::new()];
+    let cluster = Cluster::start_with(ClusterOptions {
+        datas: 2,
+        sessions: 2,
+        session_faults: faults.to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let (record, subscribers, mut publishers) = set_up(&cluster).await;
+
+    // Cut session 1 off from data 1; everyone else still reaches everyone.
+    let data1 = cluster.data_addrs[0].to_string();
+    faults[0].drop_calls(&data1);
+    let mut ready = cluster.session_ready[0].clone();
+    tokio::time::timeout(WITHIN, ready.wait_for(|r| !*r))
+        .await
+        .expect("session 1 sees its link to data 1 down")
+        .unwrap();
+    // Changes through both sessions to every service while the cut lasts: through session 1,
+    // those of data 1's slots are acknowledged not durable and held.
+    let durable_before = publishers.durable;
+    for _ in 0..2 * SERVICES {
+        publishers.join().await;
     }
-    for client in subscribers {
-        client.close().await;
-    }
-    cluster.stop().await;
+    publishers.leave().await;
+    publishers.leave().await;
+    let joined_during = 2 * SERVICES;
+    assert!(
+        publishers.durable - durable_before < joined_during,
+        "some publishes through session 1 were held (not durable) while it could not reach data 1"
+    );
+    assert!(cluster.view().await.member(Role::Session, 1).is_some());
+
+    // Heal: the held writes land, the link comes back, and session 1's subscribers catch up.
+    faults[0].heal_all();
+    let healed = Instant::now();
+    tokio::time::timeout(WITHIN, ready.wait_for(|r| *r))
+        .await
+        .expect("session 1 ready again")
+        .unwrap();
+    let back = healed.elapsed();
+    let took = converge("after healing", &record, &publishers, 2).await;
+    println!(
+        "healed: session 1 ready {back:?} after healing; every subscriber exact {took:?} later"
+    );
+    check_and_close(cluster, record, subscribers, publishers).await;
 }
