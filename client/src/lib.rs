@@ -53,6 +53,7 @@ mod config;
 mod driver;
 mod io;
 mod liveness;
+mod publication;
 mod snapshot;
 mod subscription;
 
@@ -73,6 +74,8 @@ use tracing::debug;
 
 pub use config::ClientConfig;
 pub use io::endpoint;
+pub(crate) use publication::publish_request;
+pub use publication::{Publication, PublishBuilder};
 pub use roster_common::acl::Secret;
 pub use roster_common::proto::{PublisherView, ServiceSummary};
 pub use roster_common::{Error, ErrorCode, Result, ServiceId, Version};
@@ -390,12 +393,7 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn publisher(&self, service: impl AsRef<str>) -> PublishBuilder<'_> {
-        PublishBuilder {
-            client: self,
-            service: service.as_ref().parse(),
-            register_id: None,
-            attributes: BTreeMap::new(),
-        }
+        PublishBuilder::new(self, service.as_ref().parse())
     }
 
     /// Subscribes to `service`. Subscribing twice to one service shares one registration. While
@@ -593,213 +591,5 @@ impl Inner {
                 other => return other,
             }
         }
-    }
-}
-
-/// Sets up a publication: made by [`Client::publisher`], sent by [`PublishBuilder::publish`].
-pub struct PublishBuilder<'a> {
-    client: &'a Client,
-    service: Result<ServiceId>,
-    register_id: Option<RegisterId>,
-    attributes: BTreeMap<String, String>,
-}
-
-impl PublishBuilder<'_> {
-    /// The register id, e.g. the instance's own name: 1 to 256 bytes, unique among this client's
-    /// publications (publishing a second one under an id in use fails with `InvalidArgument`;
-    /// update the first instead). By default the client picks one (`p1`, `p2` …).
-    pub fn register_id(mut self, register_id: impl Into<String>) -> Self {
-        self.register_id = Some(register_id.into());
-        self
-    }
-
-    /// Adds an attribute (zone, weight, version …) that subscribers see with the data.
-    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.attributes.insert(key.into(), value.into());
-        self
-    }
-
-    /// Replaces the attributes.
-    pub fn attributes(mut self, attributes: BTreeMap<String, String>) -> Self {
-        self.attributes = attributes;
-        self
-    }
-
-    /// Publishes `data` (typically one `host:port`). Returns once the session server accepted it
-    /// (see [`Publication::is_durable`]), or at once, not durable, while no session server is
-    /// reachable.
-    pub async fn publish(self, data: Vec<Bytes>) -> Result<Publication> {
-        let service = self.service?;
-        let inner = &self.client.handle.inner;
-        let register_id = {
-            let mut registry = inner.registry.lock();
-            let register_id = match self.register_id {
-                Some(id) => {
-                    ids::check_id("register_id", &id)?;
-                    if registry.publications.contains_key(&id) {
-                        return Err(Error::InvalidArgument(format!(
-                            "register id {id:?} is already published by this client; update that \
-                             publication instead"
-                        )));
-                    }
-                    id
-                }
-                None => inner.new_register_id("p", &registry),
-            };
-            // Reserved now, so two publishes cannot take the same id.
-            registry.publications.insert(
-                register_id.clone(),
-                PublicationState {
-                    service: service.clone(),
-                    data: Vec::new(),
-                    attributes: self.attributes.clone(),
-                    client_version: 0,
-                },
-            );
-            register_id
-        };
-        let mut publication = Publication {
-            handle: self.client.handle.clone(),
-            register_id,
-            service,
-            attributes: self.attributes,
-            durable: false,
-            active: false,
-        };
-        publication.update(data).await?;
-        publication.active = true;
-        Ok(publication)
-    }
-}
-
-/// One registration of this client. Dropping it unpublishes in the background.
-pub struct Publication {
-    handle: Handle,
-    register_id: RegisterId,
-    service: ServiceId,
-    attributes: BTreeMap<String, String>,
-    durable: bool,
-    active: bool,
-}
-
-impl Publication {
-    pub fn service(&self) -> &ServiceId {
-        &self.service
-    }
-
-    pub fn register_id(&self) -> &str {
-        &self.register_id
-    }
-
-    /// Whether the last change has reached the registry's data tier.
-    ///
-    /// `true`: the slot leader applied it; subscribers are being told. `false`: it is accepted but
-    /// held on the way — by the session server, because no data server could take it yet (the
-    /// data tier is restarting or its slot is moving), or by this client, because no session
-    /// server was reachable. Either keeps retrying on its own and the change lands when the tier
-    /// comes back; nothing is lost unless this client also goes away meanwhile. Care when the
-    /// publication must be visible before going on (a rolling deploy that waits for its instance
-    /// to be discoverable): then wait for a subscriber to see it rather than trusting the return
-    /// of `publish`. `is_durable` is not updated when the held change lands later.
-    pub fn is_durable(&self) -> bool {
-        self.durable
-    }
-
-    /// Replaces the published data.
-    pub async fn update(&mut self, data: Vec<Bytes>) -> Result<()> {
-        let inner = &self.handle.inner;
-        let request = {
-            let mut registry = inner.registry.lock();
-            let state = registry
-                .publications
-                .entry(self.register_id.clone())
-                .or_insert_with(|| PublicationState {
-                    service: self.service.clone(),
-                    data: Vec::new(),
-                    attributes: self.attributes.clone(),
-                    client_version: 0,
-                });
-            state.client_version += 1;
-            state.data = data;
-            publish_request(&self.register_id, state)
-        };
-        match inner.call(&request).await {
-            Ok(ClientResponse::Accepted { durable }) => {
-                self.durable = durable;
-                Ok(())
-            }
-            Ok(other) => Err(Error::UnexpectedMessage(format!(
-                "expected Accepted, got {other:?}"
-            ))),
-            Err(e) if e.is_retryable() => {
-                // Held by the client: registered on the next connection.
-                debug!(error = %e, "publication will be registered on reconnect");
-                self.durable = false;
-                Ok(())
-            }
-            Err(e) => {
-                if !self.active {
-                    inner.registry.lock().publications.remove(&self.register_id);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Removes the registration and waits for the session server to accept the removal.
-    pub async fn unpublish(mut self) -> Result<()> {
-        self.active = false;
-        let inner = self.handle.inner.clone();
-        inner.registry.lock().publications.remove(&self.register_id);
-        // The service lets a session server this publication never went through remove it (the
-        // one that held it may have just died).
-        let request = ClientRequest::Unpublish {
-            register_id: self.register_id.clone(),
-            service: Some(self.service.clone()),
-        };
-        match inner.call(&request).await {
-            Ok(ClientResponse::Accepted { .. }) => Ok(()),
-            // From servers that do not take the service: not registered where we are now.
-            Err(Error::NotFound(_)) => Ok(()),
-            Ok(other) => Err(Error::UnexpectedMessage(format!(
-                "expected Accepted, got {other:?}"
-            ))),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-impl Drop for Publication {
-    fn drop(&mut self) {
-        // Still registered (not unpublished, and not refused): remove it in the background. This
-        // also covers a publish abandoned half way, which the server may have taken.
-        let registered = self
-            .handle
-            .inner
-            .registry
-            .lock()
-            .publications
-            .remove(&self.register_id)
-            .is_some();
-        if registered {
-            let _ = self
-                .handle
-                .inner
-                .background_tx
-                .send(ClientRequest::Unpublish {
-                    register_id: self.register_id.clone(),
-                    service: Some(self.service.clone()),
-                });
-        }
-    }
-}
-
-pub(crate) fn publish_request(register_id: &str, state: &PublicationState) -> ClientRequest {
-    ClientRequest::Publish {
-        register_id: register_id.to_owned(),
-        service: state.service.clone(),
-        data: state.data.clone(),
-        attributes: state.attributes.clone(),
-        client_version: state.client_version,
     }
 }
