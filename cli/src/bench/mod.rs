@@ -10,7 +10,9 @@
 
 #[cfg(feature = "peers")]
 mod etcd;
+mod holder;
 mod proc_stats;
+mod report;
 mod roster;
 mod track;
 #[cfg(feature = "peers")]
@@ -24,10 +26,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use futures_util::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
+pub use holder::{HolderArgs, holder};
 use track::Tracker;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -276,7 +280,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_table(&report);
+        report::print_table(&report);
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
@@ -662,147 +666,3 @@ async fn failure_phase(
         "detect_seconds": detect,
     }))
 }
-
-fn print_table(report: &serde_json::Value) {
-    let f = |v: &serde_json::Value| match v {
-        serde_json::Value::Number(n) => {
-            let x = n.as_f64().unwrap_or(0.0);
-            if x.fract() == 0.0 {
-                format!("{x}")
-            } else {
-                format!("{x:.3}")
-            }
-        }
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    let r = report;
-    println!(
-        "target                     {}",
-        r["target"].as_str().unwrap_or("?")
-    );
-    println!(
-        "instances                  {}",
-        f(&r["parameters"]["instances"])
-    );
-    println!(
-        "registration /s            {}",
-        f(&r["initial_load"]["per_second"])
-    );
-    println!(
-        "convergence s              {}",
-        f(&r["subscribe"]["convergence_seconds"])
-    );
-    println!(
-        "subscribe notified         {} of {}",
-        f(&r["subscribe"]["notifications_seen"]),
-        f(&r["subscribe"]["notifications_expected"])
-    );
-    println!(
-        "churn notified             {} of {}",
-        f(&r["churn"]["notifications_seen"]),
-        f(&r["churn"]["notifications_expected"])
-    );
-    for p in ["p50", "p99", "max"] {
-        println!(
-            "notify latency {p:<4} ms      {}",
-            f(&r["churn"]["latency_ms"][p])
-        );
-    }
-    println!(
-        "push bytes / notification  {} (changed instance: {} bytes)",
-        f(&r["churn"]["push_bytes_per_notification"]),
-        f(&r["churn"]["changed_instance_bytes"])
-    );
-    println!(
-        "server CPU ms / change     {}",
-        f(&r["churn"]["server_cpu_ms_per_change"])
-    );
-    println!(
-        "failure detected s         {}",
-        f(&r["failure"]["detect_seconds"])
-    );
-    println!(
-        "client reconnects          {}",
-        f(&r["clients"]["reconnects"])
-    );
-    println!("spurious removals          {}", f(&r["spurious_removals"]));
-    println!(
-        "server RSS total KiB       {}",
-        f(&r["server_rss_kib_total"])
-    );
-    println!(
-        "server bytes / instance    {}",
-        f(&r["server_bytes_per_instance"])
-    );
-    if let Some(servers) = r["servers"].as_array() {
-        for s in servers {
-            println!(
-                "  {:<12} rss {:>8} KiB  peak {:>8} KiB  cpu {:>7} s",
-                s["name"].as_str().unwrap_or("?"),
-                f(&s["rss_kib"]),
-                f(&s["peak_rss_kib"]),
-                f(&s["cpu_seconds"])
-            );
-        }
-    }
-}
-
-/// Arguments of the hidden `roster bench-holder`: registers instances and holds them until killed.
-#[derive(Args)]
-pub struct HolderArgs {
-    #[arg(long, value_enum, default_value = "roster")]
-    target: TargetKind,
-    /// Client config of the Roster cluster.
-    #[arg(long)]
-    config: Option<std::path::PathBuf>,
-    /// The etcd or ZooKeeper server's client address.
-    #[arg(long)]
-    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
-    endpoint: Option<String>,
-    /// The etcd lease TTL or ZooKeeper session timeout, in seconds.
-    #[arg(long, default_value_t = DEFAULT_TTL)]
-    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
-    ttl: u64,
-    #[arg(long)]
-    service: String,
-    #[arg(long)]
-    count: usize,
-}
-
-pub async fn holder(args: HolderArgs) -> anyhow::Result<()> {
-    let conn: Arc<dyn Conn> = match args.target {
-        TargetKind::Roster => {
-            let config = args.config.context("--config is required")?;
-            roster::connect(&config).await?
-        }
-        #[cfg(feature = "peers")]
-        TargetKind::Etcd => {
-            let endpoint = endpoint(args.target, args.endpoint.as_deref());
-            etcd::connect(endpoint, args.ttl).await?
-        }
-        #[cfg(feature = "peers")]
-        TargetKind::Zookeeper => {
-            let endpoint = endpoint(args.target, args.endpoint.as_deref());
-            zookeeper::connect(endpoint, args.ttl).await?
-        }
-        #[cfg(not(feature = "peers"))]
-        other => bail!("--target {other:?} is not built in"),
-    };
-    let mut registering = futures_util::stream::iter(0..args.count)
-        .map(|j| {
-            let conn = conn.clone();
-            let service = args.service.clone();
-            async move { conn.register(&service, &format!("held{j}")).await }
-        })
-        .buffer_unordered(32);
-    while let Some(result) = futures_util::StreamExt::next(&mut registering).await {
-        result?;
-    }
-    println!("held");
-    // Held until killed.
-    std::future::pending::<()>().await;
-    Ok(())
-}
-
-use futures_util::StreamExt as _;
