@@ -226,3 +226,118 @@ fn access_control_mistakes_are_clear_errors() {
     let (ok, _, err) = run(cwd, &["ls", "--config", "both.toml"]);
     assert!(!ok && err.contains("not both"), "{err}");
 }
+
+/// Runs `roster ARGS...` in `cwd` with extra environment variables and the servers' start log on
+/// (each server logs its whole config at info before it loads certificates).
+fn run_logged(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .env_remove("ROSTER_CONFIG")
+        .current_dir(cwd)
+        .output()
+        .expect("run roster");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Each setting comes from its flag, else its `ROSTER_*` variable, else its config-file key, else
+/// the server's default; the config a server starts with shows which won. Without certificates the
+/// server stops right after logging it.
+#[test]
+fn settings_layer_flag_over_environment_over_file_over_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+
+    std::fs::write(
+        cwd.join("session.toml"),
+        "id = 3\nmeta = [\"127.0.0.1:1\"]\nzone = \"z1\"\ndrain-timeout-ms = 1234\n\
+         max-connections = 7\ncoalesce-ms = 20\nidle-timeout-ms = 900\n",
+    )
+    .unwrap();
+    let (ok, log) = run_logged(
+        cwd,
+        &[
+            "session",
+            "--config",
+            "session.toml",
+            "--tls-dir",
+            "nowhere",
+            "--max-connections",
+            "9",
+        ],
+        &[
+            ("ROSTER_COALESCE_MS", "30"),
+            ("ROSTER_MAX_PUBLISHER_BYTES", "999"),
+        ],
+    );
+    assert!(!ok, "no certificates: {log}");
+    for part in [
+        "id: 3",
+        "zone: \"z1\"",
+        "drain_timeout: 1.234s",    // file
+        "max_connections: 9",       // flag over file
+        "coalesce_window: 30ms",    // environment over file
+        "max_publisher_bytes: 999", // environment
+        "push_stall_timeout: 30s",  // default
+        "client_grace: 1s",         // default
+        "max_frame: 1048576",       // default
+        "idle_timeout: 900ms",      // file, for clients and peers alike
+    ] {
+        assert!(log.contains(part), "session config lacks `{part}`: {log}");
+    }
+    assert!(
+        !log.contains("2.5s"),
+        "the file's idle timeout applies to clients: {log}"
+    );
+
+    std::fs::write(
+        cwd.join("meta.toml"),
+        "id = 2\ndata-dir = \"m\"\nlease-timeout-ms = 600\nslots = 64\nreplicas = 2\n",
+    )
+    .unwrap();
+    let (ok, log) = run_logged(
+        cwd,
+        &[
+            "meta",
+            "--config",
+            "meta.toml",
+            "--tls-dir",
+            "nowhere",
+            "--replicas",
+            "1",
+        ],
+        &[("ROSTER_SLOTS", "32"), ("ROSTER_SNAPSHOT_EVERY", "50")],
+    );
+    assert!(!ok, "no certificates: {log}");
+    for part in [
+        "id: 2",
+        "slot_count: 32",             // environment over file
+        "replicas: 1",                // flag over file
+        "lease_timeout: 600ms",       // file
+        "renew_interval: 200ms",      // follows a shorter lease
+        "snapshot_every: 50",         // environment
+        "keep_behind_snapshot: 1000", // default
+        "max_frame: 16777216",        // a meta node's default
+    ] {
+        assert!(log.contains(part), "meta config lacks `{part}`: {log}");
+    }
+
+    std::fs::write(
+        cwd.join("data.toml"),
+        "id = 4\nmeta = [\"127.0.0.1:1\"]\nsession-grace-ms = 700\nkeep-alive-ms = 300\n",
+    )
+    .unwrap();
+    let (ok, log) = run_logged(
+        cwd,
+        &["data", "--config", "data.toml", "--tls-dir", "nowhere"],
+        &[("ROSTER_SESSION_GRACE_MS", "800")],
+    );
+    assert!(!ok, "no certificates: {log}");
+    for part in ["id: 4", "session_grace: 800ms", "keep_alive: 300ms"] {
+        assert!(log.contains(part), "data config lacks `{part}`: {log}");
+    }
+}
