@@ -11,6 +11,7 @@ mod dev;
 mod files;
 mod http;
 mod server_cmd;
+mod settings;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,9 @@
 //! `roster certs`, `roster meta`, `roster data`, `roster session`.
 //!
 //! Each server's settings come from three layers, later winning: a TOML file (`--config`, keys
-//! named like the long flags), `ROSTER_*` environment variables, then flags.
+//! named like the long flags), `ROSTER_*` environment variables, then flags; what none of them
+//! gives keeps the server's default. Every setting is declared once, in a [`settings!`] table
+//! below: its flag, variable, file key, help and where it goes in the server's config.
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
@@ -15,15 +17,14 @@ use roster_common::admin::Admin;
 use roster_common::quic::{TransportSettings, bind_udp};
 use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
-use roster_meta::{DEFAULT_META_MAX_FRAME, MetaConfig, MetaServer, Start, parse_voters};
+use roster_meta::{MetaConfig, MetaServer, Start, parse_voters};
 use roster_session::{SessionConfig, SessionServer};
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::files::ADMIN_TOKEN_FILE;
+use crate::settings::{ConfigFile, Defaults, Settings, millis, settings};
 use crate::{http, shutdown_on_signal};
 
 /// Arguments of `roster certs`.
@@ -61,90 +62,47 @@ pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fills every `None` field of `$flags` from `$file`.
-macro_rules! layer {
-    ($flags:ident, $file:ident; $($field:ident),+ $(,)?) => {
-        $( if $flags.$field.is_none() { $flags.$field = $file.$field; } )+
-    };
-}
-
-/// Keys every server's config file may have.
-const COMMON_KEYS: &[&str] = &[
-    "id",
-    "listen",
-    "http",
-    "tls-dir",
-    "keep-alive-ms",
-    "idle-timeout-ms",
-    "max-frame",
-];
-
-/// Reads a server's TOML config file, refusing keys that are not among `COMMON_KEYS` and `own_keys`
-/// (a misspelt key silently ignored is a setting silently lost).
-fn read_config_file<T: DeserializeOwned + Default>(
-    path: Option<&Path>,
-    own_keys: &[&str],
-) -> anyhow::Result<T> {
-    let Some(path) = path else {
-        return Ok(T::default());
-    };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
-    if let Some(unknown) = table
-        .keys()
-        .find(|k| !COMMON_KEYS.contains(&k.as_str()) && !own_keys.contains(&k.as_str()))
-    {
-        let mut known: Vec<&str> = COMMON_KEYS.iter().chain(own_keys).copied().collect();
-        known.sort_unstable();
-        bail!(
-            "config file {}: unknown key `{unknown}`; known keys: {}",
-            path.display(),
-            known.join(", ")
-        );
-    }
-    T::deserialize(table).with_context(|| format!("config file {}", path.display()))
-}
-
-/// Settings every server has.
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(rename_all = "kebab-case")]
-pub struct CommonArgs {
+/// `--config`, the file of the third layer; every server has it.
+#[derive(Args, Debug)]
+pub struct ConfigArg {
     /// TOML file with any of these settings; keys are the long flag names (e.g. `tls-dir = "..."`).
     #[arg(long, env = "ROSTER_CONFIG", value_name = "FILE")]
-    #[serde(skip)]
     config: Option<PathBuf>,
-    /// This server's id, unique within its tier. Required.
-    #[arg(long, env = "ROSTER_ID")]
-    id: Option<u64>,
-    /// UDP address to accept QUIC connections on.
-    #[arg(long, env = "ROSTER_LISTEN", value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// TCP address of the HTTP admin port: /healthz, /readyz, /metrics (Prometheus) and the JSON
-    /// admin API under /admin.
-    #[arg(long, env = "ROSTER_HTTP", value_name = "ADDR")]
-    http: Option<SocketAddr>,
-    /// Directory with ca.pem, node.pem and node-key.pem (made by `roster certs`). Required.
-    #[arg(long, env = "ROSTER_TLS_DIR", value_name = "DIR")]
-    tls_dir: Option<PathBuf>,
-    /// QUIC keep-alive interval in milliseconds [default: 1000].
-    #[arg(long, env = "ROSTER_KEEP_ALIVE_MS", value_name = "MS")]
-    keep_alive_ms: Option<u64>,
-    /// QUIC idle timeout in milliseconds: a peer silent this long is dead [default: 4000; a
-    /// session server's connections to clients: 2500].
-    #[arg(long, env = "ROSTER_IDLE_TIMEOUT_MS", value_name = "MS")]
-    idle_timeout_ms: Option<u64>,
-    /// Largest frame accepted, in bytes [default: 1048576].
-    #[arg(long, env = "ROSTER_MAX_FRAME", value_name = "BYTES")]
-    max_frame: Option<u32>,
 }
 
-impl CommonArgs {
-    fn layer(&mut self, file: CommonArgs) {
-        layer!(self, file; id, listen, http, tls_dir, keep_alive_ms, idle_timeout_ms, max_frame);
+settings! {
+    /// Settings every server has.
+    pub struct CommonSettings {
+        /// This server's id, unique within its tier. Required.
+        id: Option<u64> [env = "ROSTER_ID"];
+        /// UDP address to accept QUIC connections on.
+        listen: Option<SocketAddr> [env = "ROSTER_LISTEN", value_name = "ADDR"];
+        /// TCP address of the HTTP admin port: /healthz, /readyz, /metrics (Prometheus) and the
+        /// JSON admin API under /admin.
+        http: Option<SocketAddr> [env = "ROSTER_HTTP", value_name = "ADDR"];
+        /// Directory with ca.pem, node.pem and node-key.pem (made by `roster certs`). Required.
+        tls_dir: Option<PathBuf> [env = "ROSTER_TLS_DIR", value_name = "DIR"];
+        /// QUIC keep-alive interval in milliseconds.
+        keep_alive_ms: Option<u64> [env = "ROSTER_KEEP_ALIVE_MS", value_name = "MS"]
+            default(millis(TransportSettings::default().keep_alive));
+        /// QUIC idle timeout in milliseconds: a peer silent this long is dead.
+        idle_timeout_ms: Option<u64> [env = "ROSTER_IDLE_TIMEOUT_MS", value_name = "MS"]
+            default(format!(
+                "{}; a session server's connections to clients: {}",
+                millis(TransportSettings::default().idle_timeout),
+                millis(SessionConfig::defaults().client_transport.idle_timeout),
+            ));
+        /// Largest frame accepted, in bytes.
+        max_frame: Option<u32> [env = "ROSTER_MAX_FRAME", value_name = "BYTES"]
+            default(format!(
+                "{}; a meta node: {}",
+                DataConfig::defaults().max_frame,
+                MetaConfig::defaults().max_frame,
+            ));
     }
+}
 
+impl CommonSettings {
     fn id(&self) -> anyhow::Result<u64> {
         self.id
             .context("--id is required (or ROSTER_ID, or `id` in the config file)")
@@ -157,115 +115,121 @@ impl CommonArgs {
         Ok(NodeIdentity::load(dir)?)
     }
 
-    fn transport(&self) -> TransportSettings {
-        let defaults = TransportSettings::default();
+    /// `transport` with the keep-alive and idle timeout given.
+    fn transport(&self, transport: TransportSettings) -> TransportSettings {
         TransportSettings {
             keep_alive: self
                 .keep_alive_ms
-                .map_or(defaults.keep_alive, Duration::from_millis),
+                .map_or(transport.keep_alive, Duration::from_millis),
             idle_timeout: self
                 .idle_timeout_ms
-                .map_or(defaults.idle_timeout, Duration::from_millis),
-            ..defaults
+                .map_or(transport.idle_timeout, Duration::from_millis),
+            ..transport
         }
     }
+}
 
-    fn max_frame(&self) -> u32 {
-        self.max_frame
-            .unwrap_or(roster_common::frame::DEFAULT_MAX_FRAME)
+impl Defaults for MetaConfig {
+    fn defaults() -> Self {
+        MetaConfig::new(0, PathBuf::new())
+    }
+}
+
+impl Defaults for DataConfig {
+    fn defaults() -> Self {
+        DataConfig::new(0, Vec::new())
+    }
+}
+
+impl Defaults for SessionConfig {
+    fn defaults() -> Self {
+        SessionConfig::new(0, Vec::new())
     }
 }
 
 /// Arguments of `roster meta`.
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Args, Debug)]
 pub struct MetaArgs {
     #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
-    /// Directory for the node's durable state. Required.
-    #[arg(long, env = "ROSTER_DATA_DIR", value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// Create a new cluster with these initial voters (start every one of them with the same
-    /// list; the lowest id creates the cluster). Only for a node without state.
-    #[arg(
-        long,
-        env = "ROSTER_BOOTSTRAP",
-        value_name = "ID=ADDR,...",
-        conflicts_with = "join"
-    )]
-    bootstrap: Option<String>,
-    /// Join the cluster of the meta node at ADDR: this node is added as a learner and becomes a
-    /// voter once caught up. Only for a node without state.
-    #[arg(long, env = "ROSTER_JOIN", value_name = "ADDR")]
-    join: Option<String>,
-    /// With --join: stay a non-voting learner (a read replica).
-    #[arg(long, env = "ROSTER_LEARNER", requires = "join")]
-    #[serde(default)]
-    learner: bool,
-    /// The address other meta nodes and members dial this node at [default: the listen address,
-    /// if a specific IP]. Must match this node's address in --bootstrap.
-    #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
-    advertise: Option<String>,
-    /// Slots of a new cluster, fixed once it exists [default: 256].
-    #[arg(long, env = "ROSTER_SLOTS")]
-    slots: Option<u32>,
-    /// Data servers per slot, leader included [default: 3].
-    #[arg(long, env = "ROSTER_REPLICAS")]
-    replicas: Option<u32>,
-    /// Below this many live data servers the slot table is frozen [default: 0, never].
-    #[arg(long, env = "ROSTER_MIN_DATA_SERVERS")]
-    min_data_servers: Option<u32>,
-    /// Silence after which a data or session server is removed, in milliseconds [default: 3000].
-    #[arg(long, env = "ROSTER_LEASE_TIMEOUT_MS", value_name = "MS")]
-    lease_timeout_ms: Option<u64>,
-    /// Snapshot the meta state every N applied log entries; the log is compacted behind it
-    /// [default: 10000].
-    #[arg(long, env = "ROSTER_SNAPSHOT_EVERY", value_name = "N")]
-    snapshot_every: Option<u64>,
-    /// How long a new slot table must stand before leadership is handed to data servers that
-    /// joined, in milliseconds [default: 5000].
-    #[arg(long, env = "ROSTER_REBALANCE_DELAY_MS", value_name = "MS")]
-    rebalance_delay_ms: Option<u64>,
-    /// Log entries kept behind a snapshot for followers slightly behind [default: 1000].
-    #[arg(long, env = "ROSTER_KEEP_BEHIND_SNAPSHOT", value_name = "N")]
-    keep_behind_snapshot: Option<u64>,
-    /// With --bootstrap: the cluster's first admin token, in a file. Every initial voter must be
-    /// given the same one (a mounted Secret, or a file made with `roster acl token generate`).
-    /// With a single voter a missing file is created with a new token [default:
-    /// DATA_DIR/admin.token].
-    #[arg(long, env = "ROSTER_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
-    /// With --bootstrap: create the cluster without authentication. Any client that reaches a
-    /// session server may then publish and subscribe anything, and anyone may read /admin. Every
-    /// server logs a warning about it at start. Fixed when the cluster is created.
-    #[arg(
-        long,
-        env = "ROSTER_INSECURE_NO_AUTH",
-        conflicts_with = "admin_token_file"
-    )]
-    #[serde(default)]
-    insecure_no_auth: bool,
+    file: ConfigArg,
+    #[command(flatten)]
+    common: CommonSettings,
+    #[command(flatten)]
+    meta: MetaSettings,
+}
+
+settings! {
+    /// The settings only a meta node has.
+    pub struct MetaSettings for MetaConfig {
+        /// Directory for the node's durable state. Required.
+        data_dir: Option<PathBuf> [env = "ROSTER_DATA_DIR", value_name = "DIR"];
+        /// Create a new cluster with these initial voters (start every one of them with the same
+        /// list; the lowest id creates the cluster). Only for a node without state.
+        bootstrap: Option<String> [
+            env = "ROSTER_BOOTSTRAP",
+            value_name = "ID=ADDR,...",
+            conflicts_with = "join",
+        ];
+        /// Join the cluster of the meta node at ADDR: this node is added as a learner and becomes
+        /// a voter once caught up. Only for a node without state.
+        join: Option<String> [env = "ROSTER_JOIN", value_name = "ADDR"];
+        /// With --join: stay a non-voting learner (a read replica).
+        learner: bool [env = "ROSTER_LEARNER", requires = "join"];
+        /// The address other meta nodes and members dial this node at [default: the listen
+        /// address, if a specific IP]. Must match this node's address in --bootstrap.
+        advertise: Option<String> [env = "ROSTER_ADVERTISE", value_name = "HOST:PORT"];
+        /// Slots of a new cluster, fixed once it exists.
+        slots: Option<u32> [env = "ROSTER_SLOTS"] => slot_count;
+        /// Data servers per slot, leader included.
+        replicas: Option<u32> [env = "ROSTER_REPLICAS"] => replicas;
+        /// Below this many live data servers the slot table is frozen [default: {default}, never].
+        min_data_servers: Option<u32> [env = "ROSTER_MIN_DATA_SERVERS"] => min_data_servers;
+        /// Silence after which a data or session server is removed, in milliseconds.
+        lease_timeout_ms: Option<u64> [env = "ROSTER_LEASE_TIMEOUT_MS", value_name = "MS"]
+            => lease_timeout in millis;
+        /// Snapshot the meta state every N applied log entries; the log is compacted behind it.
+        snapshot_every: Option<u64> [env = "ROSTER_SNAPSHOT_EVERY", value_name = "N"]
+            => raft.snapshot_every;
+        /// How long a new slot table must stand before leadership is handed to data servers that
+        /// joined, in milliseconds.
+        rebalance_delay_ms: Option<u64> [env = "ROSTER_REBALANCE_DELAY_MS", value_name = "MS"]
+            => rebalance_delay in millis;
+        /// Log entries kept behind a snapshot for followers slightly behind.
+        keep_behind_snapshot: Option<u64> [env = "ROSTER_KEEP_BEHIND_SNAPSHOT", value_name = "N"]
+            => raft.keep_behind_snapshot;
+        /// With --bootstrap: the cluster's first admin token, in a file. Every initial voter must
+        /// be given the same one (a mounted Secret, or a file made with `roster acl token
+        /// generate`). With a single voter a missing file is created with a new token.
+        admin_token_file: Option<PathBuf> [env = "ROSTER_ADMIN_TOKEN_FILE", value_name = "FILE"]
+            default(format!("DATA_DIR/{ADMIN_TOKEN_FILE}"));
+        /// With --bootstrap: create the cluster without authentication. Any client that reaches a
+        /// session server may then publish and subscribe anything, and anyone may read /admin.
+        /// Every server logs a warning about it at start. Fixed when the cluster is created.
+        insecure_no_auth: bool [
+            env = "ROSTER_INSECURE_NO_AUTH",
+            conflicts_with = "admin_token_file",
+        ];
+    }
 }
 
 /// The admin token a new cluster is created with (`None`: without authentication): read from
 /// `--admin-token-file`, or, for a single voter, created in the data directory. A node that already
 /// holds state needs none: the cluster's rules are in its log.
 fn bootstrap_admin_token(
-    args: &MetaArgs,
+    settings: &MetaSettings,
     data_dir: &Path,
     voters: usize,
 ) -> anyhow::Result<Option<Secret>> {
     if roster_meta::holds_state(data_dir)? {
         return Ok(None);
     }
-    if args.insecure_no_auth {
+    if settings.insecure_no_auth {
         warn!(
             "creating the cluster WITHOUT authentication (--insecure-no-auth): anyone who reaches it may publish, subscribe and read /admin"
         );
         return Ok(None);
     }
-    let path = match &args.admin_token_file {
+    let path = match &settings.admin_token_file {
         Some(path) => path.clone(),
         None if voters > 1 => bail!(
             "a cluster of {voters} voters needs one admin token shared by all of them: write one \
@@ -299,35 +263,24 @@ fn bootstrap_admin_token(
     Ok(Some(Secret::new(token)))
 }
 
-/// Settings of the servers that join the cluster as members (data and session).
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(rename_all = "kebab-case")]
-pub struct MemberArgs {
-    /// Meta node addresses, comma-separated. Required.
-    #[arg(
-        long,
-        env = "ROSTER_META",
-        value_name = "ADDR[,ADDR...]",
-        value_delimiter = ','
-    )]
-    meta: Option<Vec<String>>,
-    /// The address others dial this server at: sessions for a data server, clients for a session
-    /// server [default: the listen address, if a specific IP].
-    #[arg(long, env = "ROSTER_ADVERTISE", value_name = "HOST:PORT")]
-    advertise: Option<String>,
-    /// Failure zone reported to the meta tier.
-    #[arg(long, env = "ROSTER_ZONE")]
-    zone: Option<String>,
+settings! {
+    /// Settings of the servers that join the cluster as members (data and session).
+    pub struct MemberSettings {
+        /// Meta node addresses, comma-separated. Required.
+        meta: Option<Vec<String>> [
+            env = "ROSTER_META",
+            value_name = "ADDR[,ADDR...]",
+            value_delimiter = ',',
+        ];
+        /// The address others dial this server at: sessions for a data server, clients for a
+        /// session server [default: the listen address, if a specific IP].
+        advertise: Option<String> [env = "ROSTER_ADVERTISE", value_name = "HOST:PORT"];
+        /// Failure zone reported to the meta tier.
+        zone: Option<String> [env = "ROSTER_ZONE"];
+    }
 }
 
-/// Keys of [`MemberArgs`] in a config file.
-const MEMBER_KEYS: [&str; 3] = ["meta", "advertise", "zone"];
-
-impl MemberArgs {
-    fn layer(&mut self, file: MemberArgs) {
-        layer!(self, file; meta, advertise, zone);
-    }
-
+impl MemberSettings {
     fn metas(&self) -> anyhow::Result<Vec<String>> {
         self.meta
             .clone()
@@ -337,68 +290,83 @@ impl MemberArgs {
 }
 
 /// Arguments of `roster data`.
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Args, Debug)]
 pub struct DataArgs {
     #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
+    file: ConfigArg,
     #[command(flatten)]
-    #[serde(flatten)]
-    member: MemberArgs,
-    /// How long a departed session's publishers are kept, in milliseconds [default: 5000].
-    #[arg(long, env = "ROSTER_SESSION_GRACE_MS", value_name = "MS")]
-    session_grace_ms: Option<u64>,
+    common: CommonSettings,
+    #[command(flatten)]
+    member: MemberSettings,
+    #[command(flatten)]
+    data: DataSettings,
+}
+
+settings! {
+    /// The settings only a data server has.
+    pub struct DataSettings for DataConfig {
+        /// How long a departed session's publishers are kept, in milliseconds.
+        session_grace_ms: Option<u64> [env = "ROSTER_SESSION_GRACE_MS", value_name = "MS"]
+            => session_grace in millis;
+    }
 }
 
 /// Arguments of `roster session`.
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Args, Debug)]
 pub struct SessionArgs {
     #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
+    file: ConfigArg,
     #[command(flatten)]
-    #[serde(flatten)]
-    member: MemberArgs,
-    /// How long the publishers of a lost client connection (timed out or reset, not closed by
-    /// the client) stay, in milliseconds; the same client connecting again within it keeps them
-    /// [default: 1000].
-    #[arg(long, env = "ROSTER_CLIENT_GRACE_MS", value_name = "MS")]
-    client_grace_ms: Option<u64>,
-    /// On SIGTERM, how long to wait for clients to move after GoAway, in milliseconds
-    /// [default: 10000].
-    #[arg(long, env = "ROSTER_DRAIN_TIMEOUT_MS", value_name = "MS")]
-    drain_timeout_ms: Option<u64>,
-    /// Client connections accepted [default: 100000].
-    #[arg(long, env = "ROSTER_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Publishers per connection [default: 10000].
-    #[arg(long, env = "ROSTER_MAX_PUBLISHERS_PER_CONNECTION")]
-    max_publishers_per_connection: Option<usize>,
-    /// Subscriptions per connection [default: 10000].
-    #[arg(long, env = "ROSTER_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
-    max_subscriptions_per_connection: Option<usize>,
-    /// Requests outstanding per connection [default: 64].
-    #[arg(long, env = "ROSTER_MAX_REQUESTS_PER_CONNECTION")]
-    max_requests_per_connection: Option<u32>,
-    /// Bytes per publisher: data plus attributes [default: 65536].
-    #[arg(long, env = "ROSTER_MAX_PUBLISHER_BYTES")]
-    max_publisher_bytes: Option<usize>,
-    /// The least time between two pushes of one service to one client, in milliseconds. 0 pushes
-    /// a change as soon as the client's push stream is free and merges what arrives while it is
-    /// busy [default: 0].
-    #[arg(long, env = "ROSTER_COALESCE_MS", value_name = "MS")]
-    coalesce_ms: Option<u64>,
-    /// How long a client's push stream may make no progress (the client reads nothing) before
-    /// the connection is closed, in milliseconds. A client that reads slowly is not cut off: its
-    /// pushes merge [default: 30000].
-    #[arg(long, env = "ROSTER_PUSH_STALL_MS", value_name = "MS")]
-    push_stall_ms: Option<u64>,
-    /// How often the server compares its connection count with the mean of the session servers
-    /// and asks some clients to move when it holds well more, in milliseconds [default: 5000].
-    #[arg(long, env = "ROSTER_BALANCE_INTERVAL_MS", value_name = "MS")]
-    balance_interval_ms: Option<u64>,
+    common: CommonSettings,
+    #[command(flatten)]
+    member: MemberSettings,
+    #[command(flatten)]
+    session: SessionSettings,
+}
+
+settings! {
+    /// The settings only a session server has.
+    pub struct SessionSettings for SessionConfig {
+        /// How long the publishers of a lost client connection (timed out or reset, not closed by
+        /// the client) stay, in milliseconds; the same client connecting again within it keeps
+        /// them.
+        client_grace_ms: Option<u64> [env = "ROSTER_CLIENT_GRACE_MS", value_name = "MS"]
+            => client_grace in millis;
+        /// On SIGTERM, how long to wait for clients to move after GoAway, in milliseconds.
+        drain_timeout_ms: Option<u64> [env = "ROSTER_DRAIN_TIMEOUT_MS", value_name = "MS"]
+            => drain_timeout in millis;
+        /// Client connections accepted.
+        max_connections: Option<usize> [env = "ROSTER_MAX_CONNECTIONS"] => max_connections;
+        /// Publishers per connection.
+        max_publishers_per_connection: Option<usize> [
+            env = "ROSTER_MAX_PUBLISHERS_PER_CONNECTION",
+        ] => max_publishers_per_connection;
+        /// Subscriptions per connection.
+        max_subscriptions_per_connection: Option<usize> [
+            env = "ROSTER_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        ] => max_subscriptions_per_connection;
+        /// Requests outstanding per connection.
+        max_requests_per_connection: Option<u32> [
+            env = "ROSTER_MAX_REQUESTS_PER_CONNECTION",
+        ] => max_requests_per_connection;
+        /// Bytes per publisher: data plus attributes.
+        max_publisher_bytes: Option<usize> [env = "ROSTER_MAX_PUBLISHER_BYTES"]
+            => max_publisher_bytes;
+        /// The least time between two pushes of one service to one client, in milliseconds. 0
+        /// pushes a change as soon as the client's push stream is free and merges what arrives
+        /// while it is busy.
+        coalesce_ms: Option<u64> [env = "ROSTER_COALESCE_MS", value_name = "MS"]
+            => coalesce_window in millis;
+        /// How long a client's push stream may make no progress (the client reads nothing) before
+        /// the connection is closed, in milliseconds. A client that reads slowly is not cut off:
+        /// its pushes merge.
+        push_stall_ms: Option<u64> [env = "ROSTER_PUSH_STALL_MS", value_name = "MS"]
+            => push_stall_timeout in millis;
+        /// How often the server compares its connection count with the mean of the session
+        /// servers and asks some clients to move when it holds well more, in milliseconds.
+        balance_interval_ms: Option<u64> [env = "ROSTER_BALANCE_INTERVAL_MS", value_name = "MS"]
+            => balance_interval in millis;
+    }
 }
 
 const META_LISTEN: &str = "0.0.0.0:7100";
@@ -463,84 +431,53 @@ fn addr_or(value: Option<SocketAddr>, default: &str) -> SocketAddr {
     value.unwrap_or_else(|| default.parse().expect("literal address"))
 }
 
-pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
-    let file: MetaArgs = read_config_file(
-        args.common.config.as_deref(),
-        &[
-            "data-dir",
-            "bootstrap",
-            "join",
-            "learner",
-            "advertise",
-            "slots",
-            "replicas",
-            "min-data-servers",
-            "lease-timeout-ms",
-            "snapshot-every",
-            "keep-behind-snapshot",
-            "rebalance-delay-ms",
-            "admin-token-file",
-            "insecure-no-auth",
-        ],
+pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
+    let MetaArgs {
+        file,
+        mut common,
+        mut meta,
+    } = args;
+    let file = ConfigFile::read(
+        file.config.as_deref(),
+        &[CommonSettings::FIELDS, MetaSettings::FIELDS],
     )?;
-    args.common.layer(file.common);
-    layer!(args, file; data_dir, bootstrap, join, advertise, slots, replicas, min_data_servers,
-        lease_timeout_ms, snapshot_every, keep_behind_snapshot, rebalance_delay_ms,
-        admin_token_file);
-    args.learner |= file.learner;
-    args.insecure_no_auth |= file.insecure_no_auth;
+    file.fill(&mut common)?;
+    file.fill(&mut meta)?;
 
-    let id = args.common.id()?;
-    let data_dir = args
+    let id = common.id()?;
+    let data_dir = meta
         .data_dir
         .clone()
         .context("--data-dir is required (or ROSTER_DATA_DIR)")?;
     let mut config = MetaConfig::new(id, data_dir.clone());
-    config.start = match (&args.bootstrap, &args.join) {
+    config.start = match (&meta.bootstrap, &meta.join) {
         (Some(voters), None) => {
             let voters = parse_voters(voters).context("--bootstrap")?;
-            config.admin_token = bootstrap_admin_token(&args, &data_dir, voters.len())?;
+            config.admin_token = bootstrap_admin_token(&meta, &data_dir, voters.len())?;
             Start::Bootstrap(voters)
         }
         (None, Some(addr)) => Start::Join {
             addr: addr.clone(),
-            learner: args.learner,
+            learner: meta.learner,
         },
         (None, None) => Start::Recover,
         (Some(_), Some(_)) => bail!("--bootstrap and --join exclude each other"),
     };
-    config.advertise = args.advertise;
-    config.transport = args.common.transport();
-    config.max_frame = args.common.max_frame.unwrap_or(DEFAULT_META_MAX_FRAME);
-    if let Some(slots) = args.slots {
-        config.slot_count = slots;
-    }
-    if let Some(replicas) = args.replicas {
-        config.replicas = replicas;
-    }
-    if let Some(min) = args.min_data_servers {
-        config.min_data_servers = min;
-    }
-    if let Some(ms) = args.lease_timeout_ms {
-        config.lease_timeout = Duration::from_millis(ms);
+    config.advertise = meta.advertise.clone();
+    config.transport = common.transport(config.transport);
+    config.max_frame = common.max_frame.unwrap_or(config.max_frame);
+    meta.apply(&mut config);
+    if meta.lease_timeout_ms.is_some() {
+        // Leases are renewed at least three times within a shorter lease.
         config.renew_interval = config.renew_interval.min(config.lease_timeout / 3);
     }
-    if let Some(n) = args.snapshot_every {
-        config.raft.snapshot_every = n;
-    }
-    if let Some(ms) = args.rebalance_delay_ms {
-        config.rebalance_delay = Duration::from_millis(ms);
-    }
-    if let Some(n) = args.keep_behind_snapshot {
-        config.raft.keep_behind_snapshot = n;
-    }
     info!(?config, "starting meta node");
-    let identity = args.common.identity()?;
+    let identity = common.identity()?;
     let server = MetaServer::open(config, identity)?;
     let ready = server.ready();
     let admin = server.admin();
-    let listen = addr_or(args.common.listen, META_LISTEN);
-    let http = addr_or(args.common.http, META_HTTP);
+    let listen = addr_or(common.listen, META_LISTEN);
+    let http = addr_or(common.http, META_HTTP);
     let cluster = server.cluster_id().unwrap_or_else(|| "(new)".into());
     let running = Running {
         role: "meta",
@@ -553,26 +490,36 @@ pub async fn meta(mut args: MetaArgs) -> anyhow::Result<()> {
     .await
 }
 
-pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
-    let keys = [&MEMBER_KEYS[..], &["session-grace-ms"]].concat();
-    let file: DataArgs = read_config_file(args.common.config.as_deref(), &keys)?;
-    args.common.layer(file.common);
-    args.member.layer(file.member);
-    layer!(args, file; session_grace_ms);
+pub async fn data(args: DataArgs) -> anyhow::Result<()> {
+    let DataArgs {
+        file,
+        mut common,
+        mut member,
+        mut data,
+    } = args;
+    let file = ConfigFile::read(
+        file.config.as_deref(),
+        &[
+            CommonSettings::FIELDS,
+            MemberSettings::FIELDS,
+            DataSettings::FIELDS,
+        ],
+    )?;
+    file.fill(&mut common)?;
+    file.fill(&mut member)?;
+    file.fill(&mut data)?;
 
-    let mut config = DataConfig::new(args.common.id()?, args.member.metas()?);
-    config.advertise = args.member.advertise;
-    config.zone = args.member.zone.unwrap_or_default();
-    config.transport = args.common.transport();
-    config.max_frame = args.common.max_frame();
-    if let Some(ms) = args.session_grace_ms {
-        config.session_grace = Duration::from_millis(ms);
-    }
+    let mut config = DataConfig::new(common.id()?, member.metas()?);
+    config.advertise = member.advertise;
+    config.zone = member.zone.unwrap_or_default();
+    config.transport = common.transport(config.transport);
+    config.max_frame = common.max_frame.unwrap_or(config.max_frame);
+    data.apply(&mut config);
     info!(?config, "starting data server");
     let id = config.id;
-    let server = DataServer::new(config, args.common.identity()?)?;
-    let listen = addr_or(args.common.listen, DATA_LISTEN);
-    let http = addr_or(args.common.http, DATA_HTTP);
+    let server = DataServer::new(config, common.identity()?)?;
+    let listen = addr_or(common.listen, DATA_LISTEN);
+    let http = addr_or(common.http, DATA_HTTP);
     let ready = server.ready();
     let admin = server.admin();
     let running = Running {
@@ -586,76 +533,39 @@ pub async fn data(mut args: DataArgs) -> anyhow::Result<()> {
     .await
 }
 
-pub async fn session(mut args: SessionArgs) -> anyhow::Result<()> {
-    let keys = [
-        &MEMBER_KEYS[..],
+pub async fn session(args: SessionArgs) -> anyhow::Result<()> {
+    let SessionArgs {
+        file,
+        mut common,
+        mut member,
+        mut session,
+    } = args;
+    let file = ConfigFile::read(
+        file.config.as_deref(),
         &[
-            "client-grace-ms",
-            "drain-timeout-ms",
-            "max-connections",
-            "max-publishers-per-connection",
-            "max-subscriptions-per-connection",
-            "max-requests-per-connection",
-            "max-publisher-bytes",
-            "coalesce-ms",
-            "push-stall-ms",
-            "balance-interval-ms",
+            CommonSettings::FIELDS,
+            MemberSettings::FIELDS,
+            SessionSettings::FIELDS,
         ],
-    ]
-    .concat();
-    let file: SessionArgs = read_config_file(args.common.config.as_deref(), &keys)?;
-    args.common.layer(file.common);
-    args.member.layer(file.member);
-    layer!(args, file; client_grace_ms, drain_timeout_ms, max_connections, max_publishers_per_connection,
-        max_subscriptions_per_connection, max_requests_per_connection, max_publisher_bytes, coalesce_ms,
-        push_stall_ms, balance_interval_ms);
+    )?;
+    file.fill(&mut common)?;
+    file.fill(&mut member)?;
+    file.fill(&mut session)?;
 
-    let mut config = SessionConfig::new(args.common.id()?, args.member.metas()?);
-    config.advertise = args.member.advertise;
-    config.zone = args.member.zone.unwrap_or_default();
-    config.client_transport = TransportSettings {
-        idle_timeout: args
-            .common
-            .idle_timeout_ms
-            .map_or(config.client_transport.idle_timeout, Duration::from_millis),
-        ..args.common.transport()
-    };
-    config.peer_transport = args.common.transport();
-    config.max_frame = args.common.max_frame();
-    if let Some(ms) = args.client_grace_ms {
-        config.client_grace = Duration::from_millis(ms);
-    }
-    if let Some(ms) = args.drain_timeout_ms {
-        config.drain_timeout = Duration::from_millis(ms);
-    }
-    if let Some(ms) = args.coalesce_ms {
-        config.coalesce_window = Duration::from_millis(ms);
-    }
-    if let Some(ms) = args.push_stall_ms {
-        config.push_stall_timeout = Duration::from_millis(ms);
-    }
-    if let Some(ms) = args.balance_interval_ms {
-        config.balance_interval = Duration::from_millis(ms);
-    }
-    config.max_connections = args.max_connections.unwrap_or(config.max_connections);
-    config.max_publishers_per_connection = args
-        .max_publishers_per_connection
-        .unwrap_or(config.max_publishers_per_connection);
-    config.max_subscriptions_per_connection = args
-        .max_subscriptions_per_connection
-        .unwrap_or(config.max_subscriptions_per_connection);
-    config.max_requests_per_connection = args
-        .max_requests_per_connection
-        .unwrap_or(config.max_requests_per_connection);
-    config.max_publisher_bytes = args
-        .max_publisher_bytes
-        .unwrap_or(config.max_publisher_bytes);
+    let mut config = SessionConfig::new(common.id()?, member.metas()?);
+    config.advertise = member.advertise;
+    config.zone = member.zone.unwrap_or_default();
+    // An idle timeout given applies to clients too, in place of their shorter default.
+    config.client_transport = common.transport(config.client_transport);
+    config.peer_transport = common.transport(config.peer_transport);
+    config.max_frame = common.max_frame.unwrap_or(config.max_frame);
+    session.apply(&mut config);
     info!(?config, "starting session server");
     let id = config.id;
     let drain_timeout = config.drain_timeout;
-    let server = SessionServer::new(config, args.common.identity()?)?;
-    let listen = addr_or(args.common.listen, SESSION_LISTEN);
-    let http = addr_or(args.common.http, SESSION_HTTP);
+    let server = SessionServer::new(config, common.identity()?)?;
+    let listen = addr_or(common.listen, SESSION_LISTEN);
+    let http = addr_or(common.http, SESSION_HTTP);
     let ready = server.ready();
     let admin = server.admin();
     let running = Running {
