@@ -62,7 +62,8 @@ pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--config`, the file of the third layer; every server has it.
+/// `--config`, which every server has: the TOML file that gives the settings neither a flag nor
+/// the environment gives.
 #[derive(Args, Debug)]
 pub struct ConfigArg {
     /// TOML file with any of these settings; keys are the long flag names (e.g. `tls-dir = "..."`).

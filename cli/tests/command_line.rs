@@ -341,3 +341,53 @@ fn settings_layer_flag_over_environment_over_file_over_default() {
         assert!(log.contains(part), "data config lacks `{part}`: {log}");
     }
 }
+
+/// Every server setting has the three names scripts and manifests use: its long flag, the
+/// `ROSTER_*` variable spelt like it, and the config-file key spelt like it.
+#[test]
+fn every_server_flag_has_its_variable_and_file_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    std::fs::write(cwd.join("bad.toml"), "no-such-key = 1\n").unwrap();
+    for server in ["meta", "data", "session"] {
+        let (ok, help, err) = run(cwd, &[server, "--help"]);
+        assert!(ok, "{err}");
+        // One entry per option, whether its help is on the flag's line or the next.
+        let mut entries: Vec<String> = Vec::new();
+        for line in help.lines() {
+            if line.trim_start().starts_with('-') {
+                entries.push(line.to_owned());
+            } else if let Some(entry) = entries.last_mut() {
+                entry.push_str(line);
+            }
+        }
+        let mut flags = Vec::new();
+        for entry in &entries {
+            let flag = entry
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("--"))
+                .unwrap_or_else(|| panic!("{server}: no long flag in `{entry}`"));
+            if flag == "help" || flag == "version" {
+                continue;
+            }
+            let env = format!("[env: ROSTER_{}=]", flag.to_uppercase().replace('-', "_"));
+            assert!(
+                entry.contains(&env),
+                "{server} --{flag} lacks {env}: {entry}"
+            );
+            if flag != "config" && flag != "log-format" {
+                flags.push(flag.to_owned());
+            }
+        }
+        flags.sort();
+
+        let (ok, _, err) = run(cwd, &[server, "--config", "bad.toml"]);
+        assert!(!ok);
+        let keys = err
+            .split("known keys: ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{server}: no key list in {err}"));
+        let keys: Vec<&str> = keys.trim().split(", ").collect();
+        assert_eq!(keys, flags, "{server}: config-file keys and flags differ");
+    }
+}
