@@ -72,7 +72,8 @@ pub struct ConfigArg {
 }
 
 settings! {
-    /// Settings every server has.
+    /// Settings every server has. The server applies them by hand, as each keeps them in its own
+    /// places (a session server has a transport for clients and one for peers).
     pub struct CommonSettings {
         /// This server's id, unique within its tier. Required.
         id: Option<u64> [env = "ROSTER_ID"];
@@ -265,7 +266,8 @@ fn bootstrap_admin_token(
 }
 
 settings! {
-    /// Settings of the servers that join the cluster as members (data and session).
+    /// Settings of the servers that join the cluster as members (data and session), applied by
+    /// hand.
     pub struct MemberSettings {
         /// Meta node addresses, comma-separated. Required.
         meta: Option<Vec<String>> [
