@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use roster_client::{Client, ClientConfig, Publication, Snapshot};
 use roster_tests::{PublisherKey, check_history, keys};
-use support::{Cluster, wait_for};
+use support::{Cluster, wait_explained, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const SERVICES: usize = 100;
@@ -230,37 +230,32 @@ impl Load {
     fn converge(&self, what: &str, deadline: Duration) -> Duration {
         let expected = self.expected();
         let start = Instant::now();
-        loop {
+        wait_explained(deadline, what, || {
             let left = self.unconverged(&expected);
             if left == 0 {
-                return start.elapsed();
+                return Ok(start.elapsed());
             }
-            if start.elapsed() >= deadline {
-                let details: Vec<String> = self
-                    .subscriptions
-                    .iter()
-                    .filter_map(|(svc, sub)| {
-                        let current = sub.current();
-                        let have = current.as_ref().map(keys).unwrap_or_default();
-                        (have != expected[svc]).then(|| {
-                            format!(
-                                "{svc}: version {:?}, {} held, {} expected, {} missing, {} extra",
-                                current.as_ref().map(|c| c.version),
-                                have.len(),
-                                expected[svc].len(),
-                                expected[svc].difference(&have).count(),
-                                have.difference(&expected[svc]).count()
-                            )
-                        })
+            let details: Vec<String> = self
+                .subscriptions
+                .iter()
+                .filter_map(|(svc, sub)| {
+                    let current = sub.current();
+                    let have = current.as_ref().map(keys).unwrap_or_default();
+                    (have != expected[svc]).then(|| {
+                        format!(
+                            "{svc}: version {:?}, {} held, {} expected, {} missing, {} extra",
+                            current.as_ref().map(|c| c.version),
+                            have.len(),
+                            expected[svc].len(),
+                            expected[svc].difference(&have).count(),
+                            have.difference(&expected[svc]).count()
+                        )
                     })
-                    .take(5)
-                    .collect();
-                panic!(
-                    "{what}: {left} subscriptions not converged after {deadline:?}: {details:#?}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                })
+                .take(5)
+                .collect();
+            Err(format!("{left} subscriptions not converged: {details:#?}"))
+        })
     }
 
     fn record(&self, on: bool) {

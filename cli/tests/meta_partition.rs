@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Proc, wait_for};
+use support::{Cluster, wait_for};
 
 const START: Duration = Duration::from_secs(30);
 
@@ -79,6 +79,13 @@ impl Net {
         Ok(net)
     }
 
+    /// The command that runs a program in node `i`'s namespace.
+    fn exec(&self, i: usize) -> Vec<String> {
+        ["ip", "netns", "exec", &self.nodes[i - 1]]
+            .map(str::to_owned)
+            .to_vec()
+    }
+
     /// Cuts (or restores) node `i`'s link to the bridge.
     fn link(&self, i: usize, up: bool) {
         let b = format!("{}b{i}", self.prefix);
@@ -104,18 +111,6 @@ impl Drop for Net {
 
 fn addr(i: usize) -> String {
     format!("10.77.0.{i}:7100")
-}
-
-/// `roster ARGS...` run inside namespace `ns`.
-fn in_ns(net: &Net, i: usize, name: &str, cwd: &Path, args: &[&str]) -> Proc {
-    let mut full = vec![
-        "netns",
-        "exec",
-        &net.nodes[i - 1],
-        env!("CARGO_BIN_EXE_roster"),
-    ];
-    full.extend_from_slice(args);
-    support::spawn_program("ip", name, cwd, &full)
 }
 
 /// Node `i`'s own view of the group.
@@ -152,52 +147,15 @@ fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
     let net = Net::create(3).unwrap_or_else(|e| {
         panic!("cannot create network namespaces (needs root and iproute2): {e}")
     });
-    let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path();
-    let (ok, _, err) = support::run(
-        cwd,
-        &[
-            "certs",
-            "--dir",
-            "tls",
-            "--name",
-            "10.77.0.1",
-            "--name",
-            "10.77.0.2",
-            "--name",
-            "10.77.0.3",
-        ],
-    );
-    assert!(ok, "{err}");
-    let voters = (1..=3)
-        .map(|i| format!("{i}={}", addr(i)))
-        .collect::<Vec<_>>()
-        .join(",");
-    let metas: Vec<Proc> = (1..=3)
-        .map(|i| {
-            let id = i.to_string();
-            let (listen, data_dir) = (addr(i), format!("meta-{i}"));
-            let args = [
-                "meta",
-                "--id",
-                &id,
-                "--listen",
-                &listen,
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data_dir,
-                "--tls-dir",
-                "tls",
-                "--bootstrap",
-                &voters,
-                "--insecure-no-auth",
-            ];
-            let proc = in_ns(&net, i, &format!("meta {i}"), cwd, &args);
-            proc.line_matching(START, "its listen line", |l| l.contains("listening:"));
-            proc
-        })
-        .collect();
+    let mut cluster = Cluster::builder()
+        .metas(3)
+        .datas(0)
+        .sessions(0)
+        .cert_names(&["10.77.0.1", "10.77.0.2", "10.77.0.3"])
+        .meta_addrs((1..=3).map(addr).collect())
+        .meta_wraps((1..=3).map(|i| net.exec(i)).collect())
+        .start();
+    let cwd = &cluster.cwd().to_owned();
 
     // A leader every node agrees on.
     let leader = wait_for(START, "an agreed leader", || {
@@ -245,45 +203,11 @@ fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
         (format!("10.77.0.{i}:7200"), meta_list)
     };
     let (listen_major, metas_major) = data_args(new_leader);
-    let _data_major = in_ns(
-        &net,
-        new_leader,
-        "data on the majority",
-        cwd,
-        &[
-            "data",
-            "--id",
-            "1",
-            "--listen",
-            &listen_major,
-            "--http",
-            "127.0.0.1:0",
-            "--meta",
-            &metas_major,
-            "--tls-dir",
-            "tls",
-        ],
-    );
+    let wrap_major = net.exec(new_leader);
+    cluster.add_wrapped("data", wrap_major, &listen_major, &metas_major, &[]);
     let (listen_minor, metas_minor) = data_args(leader);
-    let data_minor = in_ns(
-        &net,
-        leader,
-        "data on the minority",
-        cwd,
-        &[
-            "data",
-            "--id",
-            "2",
-            "--listen",
-            &listen_minor,
-            "--http",
-            "127.0.0.1:0",
-            "--meta",
-            &metas_minor,
-            "--tls-dir",
-            "tls",
-        ],
-    );
+    let wrap_minor = net.exec(leader);
+    let minor = cluster.add_wrapped("data", wrap_minor, &listen_minor, &metas_minor, &[]);
     wait_for(START, "the majority's data server registered", || {
         local_status(&net, new_leader, cwd).filter(|s| s["table_epoch"].as_u64() >= Some(1))
     });
@@ -292,7 +216,7 @@ fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
         minority["table_epoch"], 0,
         "nothing committed on the minority side: {minority}"
     );
-    drop(data_minor);
+    cluster.kill("data", minor);
 
     // Heal: one leader, one history.
     net.link(leader, true);
@@ -318,5 +242,5 @@ fn a_partitioned_leader_steps_down_and_the_group_heals_to_one_history() {
         healed["table_epoch"].as_u64() >= Some(1),
         "the majority's write survived the healing"
     );
-    drop(metas);
+    drop(cluster);
 }

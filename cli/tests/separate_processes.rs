@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Cluster, roster, wait_ready};
+use support::{Cluster, http_status, roster, wait_ready};
 
 const START: Duration = Duration::from_secs(30);
 
@@ -41,10 +41,6 @@ fn settings_come_from_file_environment_and_flags_in_that_order() {
     wait_ready(&http);
 }
 
-fn status(addr: &str, path: &str) -> u16 {
-    support::http_get(&format!("{addr}{path}")).map_or(0, |(status, _)| status)
-}
-
 fn publisher_count(line: &str) -> usize {
     let v: Value = serde_json::from_str(line).unwrap();
     v["publishers"].as_array().unwrap().len()
@@ -59,8 +55,8 @@ fn a_killed_session_servers_publishers_are_dropped_after_its_lease_lapses() {
         .start();
     let cwd = cluster.cwd().to_owned();
     let cwd = cwd.as_path();
-    assert_eq!(status(&cluster.http("meta", 1), "/healthz"), 200);
-    assert_eq!(status(&cluster.http("data", 1), "/nope"), 404);
+    assert_eq!(http_status(&cluster.http("meta", 1), "/healthz", None), 200);
+    assert_eq!(http_status(&cluster.http("data", 1), "/nope", None), 404);
 
     let via1 = cluster.client_toml("via1", &[&cluster.addr("session", 1)], "");
     let via2 = cluster.client_toml("via2", &[&cluster.addr("session", 2)], "");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use roster_client::ClientConfig;
 
-use super::{LISTEN_WITHIN, listening, wait_for};
+use super::{LISTEN_WITHIN, listening, spawn_program, wait_for};
 use super::{Proc, START, cluster_status, create_token, free_udp_addr, http_status, roster, run};
 
 /// What [`Cluster::builder`] starts.
@@ -20,6 +20,9 @@ pub struct Builder {
     auth: bool,
     first_meta_id: u64,
     picked_session_ports: bool,
+    meta_addrs: Option<Vec<String>>,
+    meta_wraps: Vec<Vec<String>>,
+    cert_names: Vec<String>,
     meta_args: Vec<String>,
     data_args: Vec<String>,
     session_args: Vec<String>,
@@ -75,6 +78,25 @@ impl Builder {
         self
     }
 
+    /// The meta nodes listen on `addrs` (one node each) instead of free loopback addresses.
+    pub fn meta_addrs(mut self, addrs: Vec<String>) -> Self {
+        self.metas = addrs.len();
+        self.meta_addrs = Some(addrs);
+        self
+    }
+
+    /// Meta node `i` (counting from 0) runs under the command `wraps[i]` (`ip netns exec NS`).
+    pub fn meta_wraps(mut self, wraps: Vec<Vec<String>>) -> Self {
+        self.meta_wraps = wraps;
+        self
+    }
+
+    /// Extra `--name`s (host names or IP addresses) the node certificate is valid for.
+    pub fn cert_names(mut self, names: &[&str]) -> Self {
+        self.cert_names = owned(names);
+        self
+    }
+
     /// Extra flags for every meta node.
     pub fn meta_args(mut self, args: &[&str]) -> Self {
         self.meta_args = owned(args);
@@ -105,7 +127,11 @@ impl Builder {
             }
         };
         if !cwd.join("tls").exists() {
-            let (ok, _, err) = run(&cwd, &["certs", "--dir", "tls"]);
+            let mut args = vec!["certs", "--dir", "tls"];
+            for name in &self.cert_names {
+                args.extend(["--name", name.as_str()]);
+            }
+            let (ok, _, err) = run(&cwd, &args);
             assert!(ok, "roster certs: {err}");
         }
         let admin_token = self.auth.then(|| {
@@ -115,7 +141,10 @@ impl Builder {
             std::fs::write(cwd.join("admin.token"), format!("{token}\n")).unwrap();
             token
         });
-        let addrs: Vec<String> = (0..self.metas).map(|_| free_udp_addr()).collect();
+        let addrs: Vec<String> = match self.meta_addrs {
+            Some(addrs) => addrs,
+            None => (0..self.metas).map(|_| free_udp_addr()).collect(),
+        };
         let first = self.first_meta_id;
         let voters = addrs
             .iter()
@@ -138,10 +167,13 @@ impl Builder {
         }
         meta_args.extend(self.meta_args);
         for (i, addr) in addrs.iter().enumerate() {
-            cluster.spawn("meta", first + i as u64, addr.clone(), meta_args.clone());
+            let wrap = self.meta_wraps.get(i).cloned().unwrap_or_default();
+            let how = How::new(addr.clone(), meta_args.clone()).wrapped(wrap);
+            cluster.spawn("meta", first + i as u64, how);
         }
         for id in 1..=self.datas as u64 {
-            cluster.spawn("data", id, "127.0.0.1:0".into(), self.data_args.clone());
+            let how = How::new("127.0.0.1:0".into(), self.data_args.clone());
+            cluster.spawn("data", id, how);
         }
         for id in 1..=self.sessions as u64 {
             let listen = if self.picked_session_ports {
@@ -149,7 +181,7 @@ impl Builder {
             } else {
                 "127.0.0.1:0".into()
             };
-            cluster.spawn("session", id, listen, self.session_args.clone());
+            cluster.spawn("session", id, How::new(listen, self.session_args.clone()));
         }
         for server in cluster.servers.values().filter(|s| s.role != "meta") {
             wait_ready(&server.http);
@@ -165,6 +197,32 @@ pub fn wait_ready(http: &str) {
     });
 }
 
+/// How one server is started, kept for its restart: what `--listen` says, the `--meta` list (every
+/// meta node's when `None`), a command it runs under (`ip netns exec NS`), and its other flags.
+#[derive(Clone)]
+struct How {
+    listen: String,
+    metas: Option<String>,
+    wrap: Vec<String>,
+    args: Vec<String>,
+}
+
+impl How {
+    fn new(listen: String, args: Vec<String>) -> Self {
+        How {
+            listen,
+            metas: None,
+            wrap: Vec::new(),
+            args,
+        }
+    }
+
+    fn wrapped(mut self, wrap: Vec<String>) -> Self {
+        self.wrap = wrap;
+        self
+    }
+}
+
 /// One server of a [`Cluster`]: where it listens and its process, while it runs.
 pub struct Server {
     pub role: &'static str,
@@ -175,10 +233,8 @@ pub struct Server {
     pub http: String,
     /// A meta node's data directory, relative to the cluster's directory.
     pub data_dir: Option<String>,
-    /// What `--listen` says: kept by a restart.
-    listen: String,
-    /// Every flag after `--listen`, kept by a restart.
-    args: Vec<String>,
+    /// How it was started: kept by a restart.
+    how: How,
     proc: Option<Proc>,
 }
 
@@ -232,6 +288,9 @@ impl Cluster {
             auth: false,
             first_meta_id: 1,
             picked_session_ports: false,
+            meta_addrs: None,
+            meta_wraps: Vec::new(),
+            cert_names: Vec::new(),
             meta_args: Vec::new(),
             data_args: Vec::new(),
             session_args: Vec::new(),
@@ -337,15 +396,14 @@ impl Cluster {
     pub fn restart(&mut self, role: &str, id: u64) {
         let server = self.server(role, id);
         assert!(!server.running(), "{role} {id} is still running");
-        let (role, listen, args) = (server.role, server.listen.clone(), server.args.clone());
-        self.spawn(role, id, listen, args);
+        let (role, how) = (server.role, server.how.clone());
+        self.spawn(role, id, how);
     }
 
     /// Starts another server of `role` with the next free id and `extra` flags (for a meta node:
     /// on a new address, with its own data directory and no `--bootstrap`, so `extra` says
     /// `--join`). Returns its id. Does not wait for readiness.
     pub fn add(&mut self, role: &'static str, extra: &[&str]) -> u64 {
-        let id = self.of(role).map(|s| s.id).max().unwrap_or(0) + 1;
         let listen = if role == "meta" {
             let addr = free_udp_addr();
             self.meta_addrs.push(addr.clone());
@@ -353,13 +411,35 @@ impl Cluster {
         } else {
             "127.0.0.1:0".into()
         };
-        self.spawn(role, id, listen, owned(extra));
+        self.add_how(role, How::new(listen, owned(extra)))
+    }
+
+    /// Starts another data or session server, as [`Cluster::add`] does, but under the command
+    /// `wrap` (`ip netns exec NS`), listening on `listen` and told of the meta nodes `metas`.
+    pub fn add_wrapped(
+        &mut self,
+        role: &'static str,
+        wrap: Vec<String>,
+        listen: &str,
+        metas: &str,
+        extra: &[&str],
+    ) -> u64 {
+        assert_ne!(role, "meta", "add_wrapped starts data and session servers");
+        let mut how = How::new(listen.to_owned(), owned(extra)).wrapped(wrap);
+        how.metas = Some(metas.to_owned());
+        self.add_how(role, how)
+    }
+
+    fn add_how(&mut self, role: &'static str, how: How) -> u64 {
+        let id = self.of(role).map(|s| s.id).max().unwrap_or(0) + 1;
+        self.spawn(role, id, how);
         id
     }
 
-    fn spawn(&mut self, role: &'static str, id: u64, listen: String, args: Vec<String>) {
+    fn spawn(&mut self, role: &'static str, id: u64, how: How) {
         let id_text = id.to_string();
-        let meta_list = self.meta_list();
+        let meta_list = how.metas.clone().unwrap_or_else(|| self.meta_list());
+        let listen = how.listen.clone();
         let data_dir = (role == "meta").then(|| format!("meta-{id}"));
         let mut full = vec![
             role,
@@ -376,8 +456,17 @@ impl Cluster {
             Some(dir) => full.extend(["--data-dir", dir.as_str()]),
             None => full.extend(["--meta", meta_list.as_str()]),
         }
-        full.extend(args.iter().map(String::as_str));
-        let proc = roster(&format!("{role} {id}"), &self.cwd, &full);
+        full.extend(how.args.iter().map(String::as_str));
+        let name = format!("{role} {id}");
+        let proc = match how.wrap.split_first() {
+            None => roster(&name, &self.cwd, &full),
+            Some((program, wrap)) => {
+                let mut line: Vec<&str> = wrap.iter().map(String::as_str).collect();
+                line.push(env!("CARGO_BIN_EXE_roster"));
+                line.extend(full);
+                spawn_program(program, &name, &self.cwd, &line)
+            }
+        };
         let line = proc.line_matching(LISTEN_WITHIN, "its listen line", |l| {
             l.contains("listening:")
         });
@@ -391,8 +480,7 @@ impl Cluster {
                 quic,
                 http,
                 data_dir,
-                listen,
-                args,
+                how,
                 proc: Some(proc),
             },
         );

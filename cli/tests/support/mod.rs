@@ -204,17 +204,32 @@ pub fn cluster_status(cwd: &Path, metas: &[&str], local: bool) -> Option<serde_j
 pub const START: Duration = Duration::from_secs(60);
 
 /// Polls `check` every 20 ms until it returns `Some`, failing the test after `deadline`. The one
-/// way these tests wait for a condition.
+/// way these tests wait for a condition (see [`wait_explained`] for its core).
 pub fn wait_for<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    wait_explained(deadline, what, || check().ok_or_else(String::new))
+}
+
+/// As [`wait_for`], with `check` saying, while the condition does not hold, where things stand:
+/// its last word is in the failure.
+pub fn wait_explained<T>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let start = Instant::now();
     loop {
-        if let Some(value) = check() {
-            return value;
+        let state = match check() {
+            Ok(value) => return value,
+            Err(state) => state,
+        };
+        if start.elapsed() >= deadline {
+            let state = if state.is_empty() {
+                state
+            } else {
+                format!(": {state}")
+            };
+            panic!("timed out after {deadline:?} waiting for {what}{state}");
         }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
