@@ -71,17 +71,93 @@ pub struct ConfigArg {
     config: Option<PathBuf>,
 }
 
+/// What the settings every server has need of the server's config: where it listens unless told
+/// otherwise, its frame limit and its QUIC transports. Each server keeps these in its own places
+/// (a session server has a transport for clients and one for peers).
+pub trait ServerConfig: Defaults {
+    /// The UDP address it accepts QUIC connections on by default.
+    const LISTEN: &'static str;
+    /// The TCP address of its HTTP admin port by default.
+    const HTTP: &'static str;
+    /// Its largest frame accepted, in bytes.
+    fn max_frame(&mut self) -> &mut u32;
+    /// Its QUIC transports; each takes the keep-alive and idle timeout given.
+    fn transports(&mut self) -> Vec<&mut TransportSettings>;
+}
+
+impl Defaults for MetaConfig {
+    fn defaults() -> Self {
+        MetaConfig::new(0, PathBuf::new())
+    }
+}
+
+impl ServerConfig for MetaConfig {
+    const LISTEN: &'static str = "0.0.0.0:7100";
+    const HTTP: &'static str = "0.0.0.0:7180";
+
+    fn max_frame(&mut self) -> &mut u32 {
+        &mut self.max_frame
+    }
+
+    fn transports(&mut self) -> Vec<&mut TransportSettings> {
+        vec![&mut self.transport]
+    }
+}
+
+impl Defaults for DataConfig {
+    fn defaults() -> Self {
+        DataConfig::new(0, Vec::new())
+    }
+}
+
+impl ServerConfig for DataConfig {
+    const LISTEN: &'static str = "0.0.0.0:7200";
+    const HTTP: &'static str = "0.0.0.0:7280";
+
+    fn max_frame(&mut self) -> &mut u32 {
+        &mut self.max_frame
+    }
+
+    fn transports(&mut self) -> Vec<&mut TransportSettings> {
+        vec![&mut self.transport]
+    }
+}
+
+impl Defaults for SessionConfig {
+    fn defaults() -> Self {
+        SessionConfig::new(0, Vec::new())
+    }
+}
+
+impl ServerConfig for SessionConfig {
+    const LISTEN: &'static str = "0.0.0.0:7300";
+    const HTTP: &'static str = "0.0.0.0:7380";
+
+    fn max_frame(&mut self) -> &mut u32 {
+        &mut self.max_frame
+    }
+
+    /// A keep-alive or idle timeout given applies to clients too, in place of their shorter
+    /// default idle timeout.
+    fn transports(&mut self) -> Vec<&mut TransportSettings> {
+        vec![&mut self.client_transport, &mut self.peer_transport]
+    }
+}
+
 settings! {
-    /// Settings every server has. The server applies them by hand, as each keeps them in its own
-    /// places (a session server has a transport for clients and one for peers).
-    pub struct CommonSettings {
+    /// Settings every server has, with the defaults of server `S`. The server applies them by
+    /// hand ([`CommonSettings::apply_common`] and the accessors), as each keeps them in its own
+    /// places.
+    pub struct CommonSettings<S: ServerConfig> for S {
         /// This server's id, unique within its tier. Required.
         id: Option<u64> [env = "ROSTER_ID"];
         /// UDP address to accept QUIC connections on.
-        listen: Option<SocketAddr> [env = "ROSTER_LISTEN", value_name = "ADDR"];
+        listen: Option<SocketAddr> [env = "ROSTER_LISTEN", value_name = "ADDR"]
+            default(S::LISTEN);
         /// TCP address of the HTTP admin port: /healthz, /readyz, /metrics (Prometheus) and the
         /// JSON admin API under /admin.
-        http: Option<SocketAddr> [env = "ROSTER_HTTP", value_name = "ADDR"];
+        http: Option<SocketAddr> [env = "ROSTER_HTTP", value_name = "ADDR"]
+            default(S::HTTP);
         /// Directory with ca.pem, node.pem and node-key.pem (made by `roster certs`). Required.
         tls_dir: Option<PathBuf> [env = "ROSTER_TLS_DIR", value_name = "DIR"];
         /// QUIC keep-alive interval in milliseconds.
@@ -96,15 +172,11 @@ settings! {
             ));
         /// Largest frame accepted, in bytes.
         max_frame: Option<u32> [env = "ROSTER_MAX_FRAME", value_name = "BYTES"]
-            default(format!(
-                "{}; a meta node: {}",
-                DataConfig::defaults().max_frame,
-                MetaConfig::defaults().max_frame,
-            ));
+            default(*S::defaults().max_frame());
     }
 }
 
-impl CommonSettings {
+impl<S: ServerConfig> CommonSettings<S> {
     fn id(&self) -> anyhow::Result<u64> {
         self.id
             .context("--id is required (or ROSTER_ID, or `id` in the config file)")
@@ -117,35 +189,31 @@ impl CommonSettings {
         Ok(NodeIdentity::load(dir)?)
     }
 
-    /// `transport` with the keep-alive and idle timeout given.
-    fn transport(&self, transport: TransportSettings) -> TransportSettings {
-        TransportSettings {
-            keep_alive: self
-                .keep_alive_ms
-                .map_or(transport.keep_alive, Duration::from_millis),
-            idle_timeout: self
-                .idle_timeout_ms
-                .map_or(transport.idle_timeout, Duration::from_millis),
-            ..transport
+    /// The UDP address to accept QUIC connections on.
+    fn listen(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| S::LISTEN.parse().expect("literal address"))
+    }
+
+    /// The TCP address of the HTTP admin port.
+    fn http(&self) -> SocketAddr {
+        self.http
+            .unwrap_or_else(|| S::HTTP.parse().expect("literal address"))
+    }
+
+    /// Copies the frame limit, keep-alive and idle timeout given into `config`.
+    fn apply_common(&self, config: &mut S) {
+        if let Some(max_frame) = self.max_frame {
+            *config.max_frame() = max_frame;
         }
-    }
-}
-
-impl Defaults for MetaConfig {
-    fn defaults() -> Self {
-        MetaConfig::new(0, PathBuf::new())
-    }
-}
-
-impl Defaults for DataConfig {
-    fn defaults() -> Self {
-        DataConfig::new(0, Vec::new())
-    }
-}
-
-impl Defaults for SessionConfig {
-    fn defaults() -> Self {
-        SessionConfig::new(0, Vec::new())
+        for transport in config.transports() {
+            if let Some(ms) = self.keep_alive_ms {
+                transport.keep_alive = Duration::from_millis(ms);
+            }
+            if let Some(ms) = self.idle_timeout_ms {
+                transport.idle_timeout = Duration::from_millis(ms);
+            }
+        }
     }
 }
 
@@ -155,7 +223,7 @@ pub struct MetaArgs {
     #[command(flatten)]
     file: ConfigArg,
     #[command(flatten)]
-    common: CommonSettings,
+    common: CommonSettings<MetaConfig>,
     #[command(flatten)]
     meta: MetaSettings,
 }
@@ -298,7 +366,7 @@ pub struct DataArgs {
     #[command(flatten)]
     file: ConfigArg,
     #[command(flatten)]
-    common: CommonSettings,
+    common: CommonSettings<DataConfig>,
     #[command(flatten)]
     member: MemberSettings,
     #[command(flatten)]
@@ -320,7 +388,7 @@ pub struct SessionArgs {
     #[command(flatten)]
     file: ConfigArg,
     #[command(flatten)]
-    common: CommonSettings,
+    common: CommonSettings<SessionConfig>,
     #[command(flatten)]
     member: MemberSettings,
     #[command(flatten)]
@@ -371,13 +439,6 @@ settings! {
             => balance_interval in millis;
     }
 }
-
-const META_LISTEN: &str = "0.0.0.0:7100";
-const META_HTTP: &str = "0.0.0.0:7180";
-const DATA_LISTEN: &str = "0.0.0.0:7200";
-const DATA_HTTP: &str = "0.0.0.0:7280";
-const SESSION_LISTEN: &str = "0.0.0.0:7300";
-const SESSION_HTTP: &str = "0.0.0.0:7380";
 
 /// Which server runs, for its start line and logs, and how long it may take to stop.
 struct Running {
@@ -430,10 +491,6 @@ where
     Ok(result?)
 }
 
-fn addr_or(value: Option<SocketAddr>, default: &str) -> SocketAddr {
-    value.unwrap_or_else(|| default.parse().expect("literal address"))
-}
-
 pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
     let MetaArgs {
         file,
@@ -442,7 +499,7 @@ pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
     } = args;
     let file = ConfigFile::read(
         file.config.as_deref(),
-        &[CommonSettings::FIELDS, MetaSettings::FIELDS],
+        &[CommonSettings::<MetaConfig>::FIELDS, MetaSettings::FIELDS],
     )?;
     file.fill(&mut common)?;
     file.fill(&mut meta)?;
@@ -467,8 +524,7 @@ pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
         (Some(_), Some(_)) => bail!("--bootstrap and --join exclude each other"),
     };
     config.advertise = meta.advertise.clone();
-    config.transport = common.transport(config.transport);
-    config.max_frame = common.max_frame.unwrap_or(config.max_frame);
+    common.apply_common(&mut config);
     meta.apply(&mut config);
     if meta.lease_timeout_ms.is_some() {
         // Leases are renewed at least three times within a shorter lease.
@@ -479,8 +535,8 @@ pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
     let server = MetaServer::open(config, identity)?;
     let ready = server.ready();
     let admin = server.admin();
-    let listen = addr_or(common.listen, META_LISTEN);
-    let http = addr_or(common.http, META_HTTP);
+    let listen = common.listen();
+    let http = common.http();
     let cluster = server.cluster_id().unwrap_or_else(|| "(new)".into());
     let running = Running {
         role: "meta",
@@ -503,7 +559,7 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
     let file = ConfigFile::read(
         file.config.as_deref(),
         &[
-            CommonSettings::FIELDS,
+            CommonSettings::<DataConfig>::FIELDS,
             MemberSettings::FIELDS,
             DataSettings::FIELDS,
         ],
@@ -515,14 +571,13 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
     let mut config = DataConfig::new(common.id()?, member.metas()?);
     config.advertise = member.advertise;
     config.zone = member.zone.unwrap_or_default();
-    config.transport = common.transport(config.transport);
-    config.max_frame = common.max_frame.unwrap_or(config.max_frame);
+    common.apply_common(&mut config);
     data.apply(&mut config);
     info!(?config, "starting data server");
     let id = config.id;
     let server = DataServer::new(config, common.identity()?)?;
-    let listen = addr_or(common.listen, DATA_LISTEN);
-    let http = addr_or(common.http, DATA_HTTP);
+    let listen = common.listen();
+    let http = common.http();
     let ready = server.ready();
     let admin = server.admin();
     let running = Running {
@@ -546,7 +601,7 @@ pub async fn session(args: SessionArgs) -> anyhow::Result<()> {
     let file = ConfigFile::read(
         file.config.as_deref(),
         &[
-            CommonSettings::FIELDS,
+            CommonSettings::<SessionConfig>::FIELDS,
             MemberSettings::FIELDS,
             SessionSettings::FIELDS,
         ],
@@ -558,17 +613,14 @@ pub async fn session(args: SessionArgs) -> anyhow::Result<()> {
     let mut config = SessionConfig::new(common.id()?, member.metas()?);
     config.advertise = member.advertise;
     config.zone = member.zone.unwrap_or_default();
-    // An idle timeout given applies to clients too, in place of their shorter default.
-    config.client_transport = common.transport(config.client_transport);
-    config.peer_transport = common.transport(config.peer_transport);
-    config.max_frame = common.max_frame.unwrap_or(config.max_frame);
+    common.apply_common(&mut config);
     session.apply(&mut config);
     info!(?config, "starting session server");
     let id = config.id;
     let drain_timeout = config.drain_timeout;
     let server = SessionServer::new(config, common.identity()?)?;
-    let listen = addr_or(common.listen, SESSION_LISTEN);
-    let http = addr_or(common.http, SESSION_HTTP);
+    let listen = common.listen();
+    let http = common.http();
     let ready = server.ready();
     let admin = server.admin();
     let running = Running {

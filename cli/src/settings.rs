@@ -196,7 +196,9 @@ impl ConfigFile {
 /// the rest of clap's `#[arg(long, ...)]` in brackets (the environment variable at least), then
 /// optionally `=> FIELD.PATH` (`in millis` when the config holds a `Duration`), which `apply` sets
 /// and whose default `--help` shows, or `default(EXPR)` for a default shown but applied by hand.
-/// A group without a config (`struct Name { ... }`) is read by hand.
+/// A group without a config (`struct Name { ... }`) is read by hand. A group that several servers
+/// share can be generic over the server's config (`struct Name<S: Bound> for S { ... }`): each
+/// server's `--help` then shows its own defaults, through `default(EXPR)` rows that name `S`.
 macro_rules! settings {
     (
         $(#[$attr:meta])*
@@ -206,7 +208,7 @@ macro_rules! settings {
     };
     (
         $(#[$attr:meta])*
-        $vis:vis struct $name:ident for $config:ty {
+        $vis:vis struct $name:ident $(<$server:ident : $bound:path>)? for $config:ty {
             $(
                 $(#[doc = $doc:literal])*
                 $field:ident : $ty:ty [ $($arg:tt)* ]
@@ -217,9 +219,10 @@ macro_rules! settings {
         }
     ) => {
         $(#[$attr])*
-        #[derive(clap::Args, serde::Deserialize, Default, Debug)]
-        #[serde(rename_all = "kebab-case", default)]
-        $vis struct $name {
+        #[derive(clap::Args, serde::Deserialize, Debug)]
+        // `bound = ""`: serde would otherwise ask a generic group's server type for `Default`.
+        #[serde(rename_all = "kebab-case", default, bound = "")]
+        $vis struct $name $(<$server: $bound>)? {
             $(
                 $(#[doc = $doc])*
                 #[arg(
@@ -240,9 +243,24 @@ macro_rules! settings {
                 )]
                 $field: $ty,
             )*
+            $(
+                /// The server whose defaults the help shows; no flag, no key.
+                #[arg(skip)]
+                #[serde(skip)]
+                server: std::marker::PhantomData<fn() -> $server>,
+            )?
         }
 
-        impl $crate::settings::Settings for $name {
+        impl $(<$server: $bound>)? Default for $name $(<$server>)? {
+            fn default() -> Self {
+                Self {
+                    $($field: Default::default(),)*
+                    $(server: std::marker::PhantomData::<fn() -> $server>,)?
+                }
+            }
+        }
+
+        impl $(<$server: $bound>)? $crate::settings::Settings for $name $(<$server>)? {
             type Config = $config;
 
             const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];

@@ -391,3 +391,34 @@ fn every_server_flag_has_its_variable_and_file_key() {
         assert_eq!(keys, flags, "{server}: config-file keys and flags differ");
     }
 }
+
+/// The settings every server has show that server's own defaults in its help: where it listens and
+/// its frame limit (larger for a meta node).
+#[test]
+fn each_server_help_shows_its_own_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    for (server, listen, http, max_frame) in [
+        ("meta", "0.0.0.0:7100", "0.0.0.0:7180", "16777216"),
+        ("data", "0.0.0.0:7200", "0.0.0.0:7280", "1048576"),
+        ("session", "0.0.0.0:7300", "0.0.0.0:7380", "1048576"),
+    ] {
+        let (ok, help, err) = run(dir.path(), &[server, "--help"]);
+        assert!(ok, "{err}");
+        // Join the lines of each option so its flag and its help are on one.
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (flag, default) in [
+            ("--listen", listen),
+            ("--http", http),
+            ("--max-frame", max_frame),
+        ] {
+            let entry = help
+                .split(" --")
+                .find(|entry| entry.starts_with(&flag[2..]))
+                .unwrap_or_else(|| panic!("{server} --help lacks {flag}: {help}"));
+            assert!(
+                entry.contains(&format!("[default: {default}]")),
+                "{server} {flag} does not show [default: {default}]: {entry}"
+            );
+        }
+    }
+}
