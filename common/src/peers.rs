@@ -231,4 +231,82 @@ mod tests {
         assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
         assert!(table.apply("127.0.0.1:10").await.is_ok());
     }
+
+    /// A peer endpoint on a loopback port of its own, holding every connection it accepts.
+    fn peer(identity: &crate::tls::NodeIdentity) -> (Endpoint, quinn::ClientConfig, String) {
+        let socket = quic::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let settings = quic::TransportSettings::default();
+        let (endpoint, client) = quic::peer_endpoint(socket, identity, &settings).unwrap();
+        let addr = endpoint.local_addr().unwrap().to_string();
+        let server = endpoint.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = server.accept().await {
+                if let Ok(conn) = incoming.await {
+                    held.push(conn);
+                }
+            }
+        });
+        (endpoint, client, addr)
+    }
+
+    #[tokio::test]
+    async fn a_pool_obeys_its_table_over_real_connections() {
+        crate::install_crypto_provider();
+        let identity = crate::tls::Pki::generate(&[])
+            .unwrap()
+            .node_identity()
+            .unwrap();
+        let (server, _, addr) = peer(&identity);
+        let (endpoint, config, _) = peer(&identity);
+        let table = FaultTable::new();
+        // A long dial timeout: a dropped peer must fail at once, not when a dial gives up.
+        let pool = PeerPool::new(endpoint, config, Duration::from_secs(30))
+            .with_faults(Some(table.clone()));
+
+        let first = pool.get(&addr).await.unwrap();
+        assert_eq!(
+            pool.get(&addr).await.unwrap().stable_id(),
+            first.stable_id()
+        );
+
+        // Dropped: the pooled connection is closed and every call fails at once.
+        table.drop_calls(&addr);
+        assert!(
+            first.close_reason().is_some(),
+            "the pooled connection is closed"
+        );
+        let start = std::time::Instant::now();
+        let err = pool.get(&addr).await.unwrap_err();
+        assert!(matches!(err, Error::Connection(_)), "{err:?}");
+        assert!(err.to_string().contains(&addr), "{err}");
+        let err = pool
+            .call::<_, ()>(&addr, &(), 1 << 10, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connection(_)), "{err:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // Delayed: calls go through, each after the delay.
+        let delay = Duration::from_millis(100);
+        table.delay_calls(&addr, delay);
+        let start = std::time::Instant::now();
+        let second = pool.get(&addr).await.unwrap();
+        assert!(start.elapsed() >= delay, "{:?}", start.elapsed());
+        assert_ne!(second.stable_id(), first.stable_id());
+
+        // Healed: straight through, on the same connection.
+        table.heal(&addr);
+        assert_eq!(table.fault(&addr), None);
+        assert_eq!(
+            pool.get(&addr).await.unwrap().stable_id(),
+            second.stable_id()
+        );
+        pool.close_all();
+        server.close(0u32.into(), b"done");
+    }
 }
