@@ -1,9 +1,6 @@
 //! Keeping this server's copies of followed slots in step with their leaders: fetching slots it
 //! lacks or lost track of, and comparing digests every `repair_interval` (drift, lost batches).
 
-//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
-//! replicates to followers and keeps its own copies in step with the leaders.
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,8 +15,10 @@ use crate::shared::{STEP, Shared};
 
 /// Slots fetched at once.
 pub(crate) const FETCH_CONCURRENCY: usize = 8;
+
 /// Keeps this server's copies of the slots it follows: fetches slots it has no copy of (new, or a
-/// gap in replication), and periodically compares digests with the leaders to catch drift.
+/// gap in replication), and every `repair_interval` compares digests with the leaders to catch
+/// drift and a lost last batch ([`check_drift`]).
 pub(crate) async fn keep_copies(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut step = tokio::time::interval(STEP * 2);
     step.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -90,7 +89,10 @@ pub(crate) async fn fetch_slot(shared: &Shared, slot: SlotId, addr: &str) -> Res
 
 /// Compares the digests of followed slots with their leaders; a slot that differs at the same
 /// version has drifted, and one still behind what its leader had at the previous check has lost a
-/// replication batch: either is fetched again (see `Store::compare_with_leader`).
+/// replication batch: either is fetched again (see `Store::compare_with_leader`). A follower
+/// whose last batch was lost while its leader then stays quiet sees no gap in replication, so this
+/// check is what repairs it: the first check after the loss notes the leader's version, the next
+/// one finds the copy still below it, so it is fetched again within about two `repair_interval`s.
 pub(crate) async fn check_drift(shared: &Shared, view: &ClusterView) {
     let slots = shared.store.lock().followed_in_sync();
     let mut by_leader: HashMap<NodeId, Vec<SlotId>> = HashMap::new();

@@ -12,9 +12,10 @@
 //! Followers keep a copy of each slot they follow: fetched whole when they get the seat, then
 //! kept by the leader's replication stream, fetched again after a gap, and compared with the
 //! leader's digest every `repair_interval` (drift at the same version, or a copy still behind what
-//! the leader had at the previous check). A promoted follower leads from its copy. A new leader
-//! (or one without a copy) takes the slot over: it serves it only once every live session has
-//! reported its digests and synced what differs, or `takeover_timeout` passed.
+//! the leader had at the previous check: a lost last batch). A promoted follower starts from its
+//! copy, a server new to the slot from nothing; either way the new leader takes the slot over and
+//! serves it only once every live session has reported its digests and synced what differs, or
+//! `takeover_timeout` passed.
 //!
 //! Sessions own their clients' publishers. When the meta tier removes a session server, its
 //! publishers here are dropped after `session_grace` ([`owners::OwnerSweep`]) unless they were

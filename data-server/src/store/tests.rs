@@ -352,7 +352,7 @@ fn followers_apply_in_order_and_fetch_whole_after_a_gap() {
 }
 
 #[test]
-fn a_lost_last_batch_is_caught_by_the_next_drift_check_but_lag_is_not() {
+fn a_lost_last_batch_is_caught_at_the_second_drift_check_but_lag_is_not() {
     let mut lead = leader(1, 1, &[1, 2]);
     let now = Instant::now();
     let mut follow = Store::new(2);
@@ -369,10 +369,22 @@ fn a_lost_last_batch_is_caught_by_the_next_drift_check_but_lag_is_not() {
     follow.replicate(first.ops);
     assert_eq!(check(&mut follow, &lead), None, "caught up");
 
-    // The last batch is lost and no later write comes: the second check catches it.
+    // The last batch is lost and the leader stays quiet (no later write reveals a gap): the first
+    // check notes the leader's version, the second finds the copy still below it.
     let _lost = lead.write(put(publisher("c", "b", "2", 9))).unwrap();
-    assert_eq!(check(&mut follow, &lead), None);
-    assert_eq!(check(&mut follow, &lead), Some("lag"));
+    assert_eq!(
+        check(&mut follow, &lead),
+        None,
+        "one check behind may be lag"
+    );
+    assert_eq!(
+        check(&mut follow, &lead),
+        Some("lag"),
+        "still behind at the next"
+    );
+    // `check_drift` then marks the copy out of sync, and it is fetched whole.
+    follow.mark_out_of_sync(slot_of_demo());
+    assert!(follow.out_of_sync().contains(&slot_of_demo()));
 
     // Different content at the same version is drift at once.
     assert!(follow.install_dump(lead.dump(slot_of_demo()).unwrap()));
