@@ -422,3 +422,47 @@ fn each_server_help_shows_its_own_defaults() {
         }
     }
 }
+
+/// A switch (`--learner`, `--insecure-no-auth`) is on when its flag, its variable or its
+/// config-file key turns it on; the file's other keys still layer under the environment.
+#[test]
+fn switches_come_from_the_config_file_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+
+    std::fs::write(
+        cwd.join("learner.toml"),
+        "id = 5\ndata-dir = \"m5\"\njoin = \"127.0.0.1:1\"\nlearner = true\nadvertise = \"a:1\"\n",
+    )
+    .unwrap();
+    let (ok, log) = run_logged(
+        cwd,
+        &["meta", "--config", "learner.toml", "--tls-dir", "nowhere"],
+        &[("ROSTER_ADVERTISE", "b:2")],
+    );
+    assert!(!ok, "no certificates: {log}");
+    for part in [
+        "start: Join { addr: \"127.0.0.1:1\", learner: true }", // file
+        "advertise: Some(\"b:2\")",                             // environment over file
+    ] {
+        assert!(log.contains(part), "meta config lacks `{part}`: {log}");
+    }
+
+    std::fs::write(
+        cwd.join("open.toml"),
+        "id = 1\ndata-dir = \"m1\"\nbootstrap = \"1=127.0.0.1:1\"\ninsecure-no-auth = true\n",
+    )
+    .unwrap();
+    let (ok, log) = run_logged(
+        cwd,
+        &["meta", "--config", "open.toml", "--tls-dir", "nowhere"],
+        &[],
+    );
+    assert!(!ok, "no certificates: {log}");
+    assert!(log.contains("WITHOUT authentication"), "{log}");
+    assert!(log.contains("admin_token: None"), "{log}");
+    assert!(
+        !cwd.join("m1").join("admin.token").exists(),
+        "no admin token is made for a cluster without authentication"
+    );
+}
