@@ -1,8 +1,5 @@
 //! The data server's HTTP admin view: slots, counts, repairs, owners, and its gauges.
 
-//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
-//! replicates to followers and keeps its own copies in step with the leaders.
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

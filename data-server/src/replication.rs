@@ -1,9 +1,6 @@
 //! Replicating to followers: one task per follower sends the slot ops this leader applied, in
 //! order and in batches; a follower that cannot keep up is cut off and fetches whole slots.
 
-//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
-//! replicates to followers and keeps its own copies in step with the leaders.
-
 use std::sync::Arc;
 
 use roster_common::NodeId;

@@ -2,9 +2,6 @@
 //! and streams change events to them. Replication lives in [`crate::replication`], copy keeping in
 //! [`crate::copies`], the shared state and the leader's write path in [`crate::shared`].
 
-//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
-//! replicates to followers and keeps its own copies in step with the leaders.
-
 use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::sync::Arc;

@@ -1,9 +1,6 @@
 //! What every task of a data server shares ([`Shared`]), and the leader-side path of a change:
 //! apply under the store lock, notify interested sessions, hand the ops to the replicators.
 
-//! The data server's network shell: joins the cluster, follows the slot table, serves sessions,
-//! replicates to followers and keeps its own copies in step with the leaders.
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

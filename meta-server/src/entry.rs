@@ -2,9 +2,6 @@
 //! initial voters) or joining one through a member of it (`--join`), and refusing to join another
 //! cluster than the one on disk.
 
-//! The meta node's network shell: serves members, operators and other meta nodes, keeps the lease
-//! clocks while leading, and streams every new view to watchers.
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

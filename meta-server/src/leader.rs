@@ -2,9 +2,6 @@
 //! cluster's `Init` if it is missing; then expiring lapsed members (session servers subject to
 //! self-preservation) and rebalancing slot leadership once a new table has settled.
 
-//! The meta node's network shell: serves members, operators and other meta nodes, keeps the lease
-//! clocks while leading, and streams every new view to watchers.
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

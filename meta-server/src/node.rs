@@ -2,9 +2,6 @@
 //! renewing, views, status, meta-group changes, tokens, Raft messages; leader-only requests are
 //! forwarded to the leader by followers.
 
-//! The meta node's network shell: serves members, operators and other meta nodes, keeps the lease
-//! clocks while leading, and streams every new view to watchers.
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,9 +2,6 @@
 //! ([`crate::node`]), starts the leader's jobs ([`crate::leader`]) and the way into a cluster
 //! ([`crate::entry`]), and streams every new view to watchers.
 
-//! The meta node's network shell: serves members, operators and other meta nodes, keeps the lease
-//! clocks while leading, and streams every new view to watchers.
-
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::sync::Arc;
