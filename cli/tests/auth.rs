@@ -23,6 +23,7 @@ const SERVICE: &str = "prod/api/web";
 
 fn publish(register_id: &str, service: &str, addr: &str) -> ClientRequest {
     ClientRequest::Publish {
+        check: None,
         register_id: register_id.into(),
         service: service.parse().unwrap(),
         data: vec![addr.to_owned().into()],
@@ -33,6 +34,7 @@ fn publish(register_id: &str, service: &str, addr: &str) -> ClientRequest {
 
 fn subscribe(service: &str) -> ClientRequest {
     ClientRequest::Subscribe {
+        healthy_only: false,
         register_id: "s".into(),
         service: service.parse().unwrap(),
         scope: Scope::Global,

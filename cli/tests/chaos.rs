@@ -129,6 +129,7 @@ async fn raw_subscriber(ca: PathBuf, sessions: Vec<SocketAddr>, first: usize, re
         let mut subscribed = true;
         for i in 0..SERVICES {
             let request = ClientRequest::Subscribe {
+                healthy_only: false,
                 register_id: format!("w{i}"),
                 service: service(i).parse().unwrap(),
                 scope: Scope::Global,

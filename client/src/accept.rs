@@ -52,6 +52,8 @@ mod tests {
             version,
             publishers: (0..publishers)
                 .map(|i| PublisherView {
+                    health: None,
+                    persistent: false,
                     client_id: "c".into(),
                     register_id: format!("r{i}"),
                     data: vec![],

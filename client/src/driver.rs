@@ -185,6 +185,7 @@ async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
                 .map(|(id, state)| publish_request(id, state))
                 .chain(registry.subscriptions.iter().map(|(service, sub)| {
                     ClientRequest::Subscribe {
+                        healthy_only: false,
                         register_id: sub.register_id.clone(),
                         service: service.clone(),
                         scope: Scope::Global,
@@ -515,6 +516,7 @@ fn publish(inner: &Inner, entry: &mut SubscriptionState) {
 /// Subscribes again under the same register id: the server answers with the full snapshot.
 async fn resync(inner: Arc<Inner>, conn: Connection, register_id: RegisterId, service: ServiceId) {
     let request = ClientRequest::Subscribe {
+        healthy_only: false,
         register_id,
         service,
         scope: Scope::Global,

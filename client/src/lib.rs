@@ -434,6 +434,7 @@ impl Client {
         };
         if let Some(register_id) = register_id {
             let request = ClientRequest::Subscribe {
+                healthy_only: false,
                 register_id,
                 service,
                 scope: Scope::Global,

@@ -220,6 +220,7 @@ impl Drop for Publication {
 
 pub(crate) fn publish_request(register_id: &str, state: &PublicationState) -> ClientRequest {
     ClientRequest::Publish {
+        check: None,
         register_id: register_id.to_owned(),
         service: state.service.clone(),
         data: state.data.clone(),

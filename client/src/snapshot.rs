@@ -51,6 +51,8 @@ impl Ord for Key {
 /// A key to look a publisher up by (a removal, a `get`).
 fn key(client_id: &str, register_id: &str) -> Key {
     Key(Arc::new(PublisherView {
+        health: None,
+        persistent: false,
         client_id: client_id.to_owned(),
         register_id: register_id.to_owned(),
         data: Vec::new(),
@@ -209,6 +211,8 @@ mod tests {
 
     fn view(reg: &str, data: &str) -> PublisherView {
         PublisherView {
+            health: None,
+            persistent: false,
             client_id: "c".into(),
             register_id: reg.into(),
             data: vec![Bytes::copy_from_slice(data.as_bytes())],

@@ -24,6 +24,18 @@ pub type ClientId = String;
 /// A publisher's or subscriber's id, chosen by the client, unique within that client.
 pub type RegisterId = String;
 
+/// The `client_id` of every persistent instance (`RegisterPersistent`). Client ids starting with
+/// `~` are reserved: a `Hello` presenting one is refused.
+pub const PERSISTENT_CLIENT_ID: &str = "~persistent";
+/// The owner of every persistent instance's record: no client's [`owner_of`] is meant to be it,
+/// and a session never writes it.
+pub const PERSISTENT_OWNER: u128 = u128::MAX;
+
+/// Whether `client_id` is reserved for records the cluster itself keeps.
+pub fn is_reserved_client_id(client_id: &str) -> bool {
+    client_id.starts_with('~')
+}
+
 /// The namespace a bare service name lands in.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// The group a bare service name lands in.

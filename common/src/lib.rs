@@ -25,6 +25,7 @@ pub mod acl;
 pub mod admin;
 pub mod error;
 pub mod frame;
+pub mod health;
 pub mod ids;
 pub mod member;
 pub mod peers;

@@ -236,6 +236,8 @@ mod tests {
 
     fn view(client: &str, reg: &str, data: &[u8], attrs: &[(&str, &str)], v: u64) -> PublisherView {
         PublisherView {
+            health: None,
+            persistent: false,
             client_id: client.into(),
             register_id: reg.into(),
             data: vec![Bytes::copy_from_slice(data)],

@@ -25,6 +25,8 @@ const MAX_FRAME: u32 = 1 << 20;
 
 fn publisher_view(n: u64) -> PublisherView {
     PublisherView {
+        health: None,
+        persistent: false,
         client_id: format!("client-{n}"),
         register_id: format!("pod-{n}"),
         data: vec![
@@ -39,6 +41,9 @@ fn publisher_view(n: u64) -> PublisherView {
 fn publisher(n: u64) -> Publisher {
     let view = publisher_view(n);
     Publisher {
+        check: None,
+        health: None,
+        persistent: false,
         client_id: view.client_id,
         register_id: view.register_id,
         service: "prod/api/web".parse().unwrap(),
@@ -69,6 +74,7 @@ fn view() -> ClusterView {
     )
     .unwrap();
     ClusterView {
+        persistent: Default::default(),
         cluster_id: "0123456789abcdef".into(),
         members: vec![Member {
             role: Role::Data,
@@ -121,6 +127,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
         (
             "client-publish",
             frame_of(&ClientRequest::Publish {
+                check: None,
                 register_id: "r".into(),
                 service: service.clone(),
                 data: publisher_view(1).data,
@@ -138,6 +145,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
         (
             "client-subscribe",
             frame_of(&ClientRequest::Subscribe {
+                healthy_only: false,
                 register_id: "s".into(),
                 service: service.clone(),
                 scope: Scope::Zone,

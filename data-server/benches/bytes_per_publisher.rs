@@ -58,6 +58,9 @@ fn main() {
     let started = Instant::now();
     for i in 0..count {
         let publisher = Publisher {
+            check: None,
+            health: None,
+            persistent: false,
             client_id: format!("{:032x}", i / 500),
             register_id: format!("p{}", i % 500 + 1),
             service: format!("prod/payments/service-{}", i % 100)

@@ -435,10 +435,19 @@ impl Store {
             .filter(|s| s.role == Role::Leader)
             .flat_map(|s| s.services.iter())
             .filter(|(_, d)| !d.publishers.is_empty())
-            .map(|(service, d)| ServiceSummary {
-                service: service.clone(),
-                publishers: d.publishers.len() as u64,
-                version: d.version,
+            .map(|(service, d)| {
+                let checked = d.publishers.values().filter(|p| p.health.is_some()).count();
+                ServiceSummary {
+                    service: service.clone(),
+                    publishers: d.publishers.len() as u64,
+                    version: d.version,
+                    healthy: (checked > 0).then(|| {
+                        d.publishers
+                            .values()
+                            .filter(|p| p.health.as_ref().is_none_or(|h| h.healthy))
+                            .count() as u64
+                    }),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.service.cmp(&b.service));

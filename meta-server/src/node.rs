@@ -201,6 +201,11 @@ impl Node {
                 .await
                 .map(|()| MetaResponse::Done {}),
             MetaRequest::TransferLeader { id } => self.transfer_leader(id).await,
+            MetaRequest::RegisterPersistent { .. }
+            | MetaRequest::DeregisterPersistent { .. }
+            | MetaRequest::PersistentSlot { .. } => Err(Error::Unavailable(
+                "persistent instances are not stored yet".into(),
+            )),
             MetaRequest::CreateToken {
                 namespaces,
                 allow,

@@ -283,6 +283,7 @@ impl MetaState {
             members: self.members.values().cloned().collect(),
             table: self.table.clone(),
             meta_leader,
+            persistent: Default::default(),
             acl: self.acl.clone(),
         }
     }

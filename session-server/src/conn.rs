@@ -218,6 +218,7 @@ async fn handle_request(
             "Hello was already sent on this connection".into(),
         )),
         ClientRequest::Publish {
+            check: _,
             register_id,
             service,
             data,
@@ -251,6 +252,9 @@ async fn handle_request(
                 }
             }
             let publisher = Publisher {
+                check: None,
+                health: None,
+                persistent: false,
                 client_id: client.client_id.clone(),
                 register_id: register_id.clone(),
                 service: service.clone(),
@@ -329,6 +333,7 @@ async fn handle_request(
             Ok(ClientResponse::Accepted { durable })
         }
         ClientRequest::Subscribe {
+            healthy_only: _,
             register_id,
             service,
             scope: _,
@@ -386,6 +391,11 @@ async fn handle_request(
             let mut services = list_services(shared).await?;
             services.retain(|s| principal.may(s.service.namespace(), Permission::Subscribe));
             Ok(ClientResponse::Services { services })
+        }
+        ClientRequest::RegisterPersistent { .. } | ClientRequest::DeregisterPersistent { .. } => {
+            Err(Error::Unavailable(
+                "persistent instances are not served yet".into(),
+            ))
         }
     }
 }

@@ -288,5 +288,7 @@ pub(crate) fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::Unsubscribe { .. } => "Unsubscribe",
         ClientRequest::Ping {} => "Ping",
         ClientRequest::ListServices {} => "ListServices",
+        ClientRequest::RegisterPersistent { .. } => "RegisterPersistent",
+        ClientRequest::DeregisterPersistent { .. } => "DeregisterPersistent",
     }
 }

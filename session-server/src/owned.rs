@@ -200,6 +200,9 @@ impl Owned {
             for (client_id, registered) in clients {
                 for (register_id, entry) in registered {
                     out.push(Publisher {
+                        check: None,
+                        health: None,
+                        persistent: false,
                         client_id: client_id.to_string(),
                         register_id: register_id.to_string(),
                         service: service.clone(),
@@ -231,6 +234,9 @@ mod tests {
 
     fn publisher(service: &str, reg: &str, version: u64) -> Publisher {
         Publisher {
+            check: None,
+            health: None,
+            persistent: false,
             client_id: "c".into(),
             register_id: reg.into(),
             service: service.parse().unwrap(),

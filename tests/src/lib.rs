@@ -501,6 +501,7 @@ impl RawClient {
     /// Subscribes `register_id` to `service`.
     pub async fn subscribe(&self, register_id: &str, service: &str) {
         let request = ClientRequest::Subscribe {
+            healthy_only: false,
             register_id: register_id.into(),
             service: service.parse().unwrap(),
             scope: Scope::Global,
@@ -541,6 +542,8 @@ mod tests {
             publishers: ids
                 .iter()
                 .map(|id| PublisherView {
+                    health: None,
+                    persistent: false,
                     client_id: "c".into(),
                     register_id: id.to_string(),
                     data: vec![],

@@ -192,6 +192,8 @@ async fn subscribers_reconstruct_the_datum_from_deltas_and_old_clients_get_snaps
 
     let changes = 120;
     let one = rmp_size(&PublisherView {
+        health: None,
+        persistent: false,
         client_id: client_id.clone(),
         register_id: "i00".into(),
         data: vec!["10.1.100.1:80".into()],

@@ -17,6 +17,7 @@ const IMPOSTOR_ADDR: &str = "6.6.6.6:6";
 /// `Publish` of `register_id` in service `demo` with one address.
 fn publish(register_id: &str, addr: &str, client_version: u64) -> ClientRequest {
     ClientRequest::Publish {
+        check: None,
         register_id: register_id.into(),
         service: "demo".parse().unwrap(),
         data: vec![addr.to_owned().into()],

@@ -218,6 +218,8 @@ impl Conn for RosterConn {
     fn instance_bytes(&self, instance: &str) -> Option<usize> {
         let client_id = self.client.lock().as_ref()?.client_id().to_owned();
         let view = roster_client::PublisherView {
+            health: None,
+            persistent: false,
             client_id,
             register_id: instance.to_owned(),
             data: vec![instance.to_owned().into()],

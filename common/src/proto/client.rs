@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::health::{CheckSpec, Health};
 use crate::ids::{ClientId, NodeId, RegisterId, ServiceId, Version};
 
 /// A client's request. The first request on a connection must be `Hello`.
@@ -38,6 +39,9 @@ pub enum ClientRequest {
         /// Bumped by the client on every update of the same `register_id`.
         #[serde(default)]
         client_version: u64,
+        /// A health check the slot leader runs on this publisher while it lives (optional).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSpec>,
     },
     /// Removes the publisher `register_id` of this client. With `service`, it is removed even when
     /// it was registered through another connection (a session server that died before the client
@@ -53,6 +57,10 @@ pub enum ClientRequest {
         service: ServiceId,
         #[serde(default)]
         scope: Scope,
+        /// Push only healthy publishers, unless more than the session's protection threshold of
+        /// them are unhealthy, in which case all are pushed, marked (`docs/PROTOCOL.md` §4).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        healthy_only: bool,
     },
     /// Ends the subscription `register_id`.
     Unsubscribe { register_id: RegisterId },
@@ -60,6 +68,20 @@ pub enum ClientRequest {
     Ping {},
     /// Every service with at least one publisher, and its publisher count.
     ListServices {},
+    /// Registers (or replaces) the persistent instance `id` of `service`: stored by the meta
+    /// group, not bound to this connection, removed only by `DeregisterPersistent`. Answered
+    /// `Accepted { durable: true }` once a quorum of the meta group has it on disk.
+    RegisterPersistent {
+        service: ServiceId,
+        id: RegisterId,
+        data: Vec<Bytes>,
+        #[serde(default)]
+        attributes: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSpec>,
+    },
+    /// Removes the persistent instance `id` of `service`; `NotFound` if there is none.
+    DeregisterPersistent { service: ServiceId, id: RegisterId },
 }
 
 /// The body of a successful reply to a [`ClientRequest`].
@@ -96,6 +118,9 @@ pub struct ServiceSummary {
     pub service: ServiceId,
     pub publishers: u64,
     pub version: Version,
+    /// How many publishers are healthy, when at least one of them is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<u64>,
 }
 
 /// Which publishers a subscriber wants. Only `global` is served today; the others are accepted and
@@ -162,6 +187,13 @@ pub struct PublisherView {
     pub attributes: BTreeMap<String, String>,
     #[serde(default)]
     pub client_version: u64,
+    /// A persistent instance (registered with `RegisterPersistent`, `client_id` is
+    /// [`crate::ids::PERSISTENT_CLIENT_ID`]) rather than an ephemeral publisher.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
+    /// What its health check found, for a checked publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
 }
 
 impl PublisherView {

@@ -16,8 +16,8 @@ pub use client::{
 };
 pub use peer::{
     ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, Digest, LeaseStatus, Member,
-    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, Publisher, PublisherChange, RaftKind,
-    ReplicatedOp, Role, SlotDigest, SlotDump, SlotTable, WriteOp,
+    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, PersistentInstance, Publisher,
+    PublisherChange, RaftKind, ReplicatedOp, Role, SlotDigest, SlotDump, SlotTable, WriteOp,
 };
 
 use crate::error::{Error, WireError};
@@ -102,7 +102,8 @@ mod tests {
             ClientRequest::Subscribe {
                 register_id: "s1".into(),
                 service: "demo".parse().unwrap(),
-                scope: Scope::Global
+                scope: Scope::Global,
+                healthy_only: false,
             }
         );
     }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::client::{PublisherId, PublisherView, ServiceSummary, Snapshot};
 use crate::acl::{AclView, Permission, TokenInfo};
+use crate::health::{CheckSpec, Health};
 use crate::ids::{ClientId, Epoch, InstanceId, NodeId, RegisterId, ServiceId, SlotId, Version};
 use crate::slot::slot_of;
 
@@ -132,6 +133,10 @@ pub struct ClusterView {
     /// Whether clients must authenticate, and the tokens they may present.
     #[serde(default)]
     pub acl: AclView,
+    /// The version of each slot's set of persistent instances (slots that never held one are
+    /// absent). A slot leader fetches the set with `PersistentSlot` when its version moves.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub persistent: BTreeMap<SlotId, Version>,
 }
 
 impl ClusterView {
@@ -223,6 +228,20 @@ pub enum MetaRequest {
         #[serde(default)]
         by: String,
     },
+    /// Stores (or replaces) a persistent instance; answered `Done` once committed. `by` names who
+    /// asked, for the log.
+    RegisterPersistent { instance: PersistentInstance },
+    /// Removes the persistent instance `id` of `service`; `NotFound` if there is none.
+    DeregisterPersistent {
+        service: ServiceId,
+        id: RegisterId,
+        #[serde(default)]
+        by: String,
+    },
+    /// The persistent instances of `slot`, from the answering node's own state, once it has
+    /// applied at least version `at_least` of that slot (`Unavailable` before). Answered
+    /// `Persistent`.
+    PersistentSlot { slot: SlotId, at_least: Version },
     /// Hands leadership to voter `id`.
     TransferLeader { id: NodeId },
     /// Meta ↔ meta: who the answering node is.
@@ -256,6 +275,9 @@ impl MetaRequest {
             MetaRequest::CreateToken { .. } => "CreateToken",
             MetaRequest::ListTokens {} => "ListTokens",
             MetaRequest::RevokeToken { .. } => "RevokeToken",
+            MetaRequest::RegisterPersistent { .. } => "RegisterPersistent",
+            MetaRequest::DeregisterPersistent { .. } => "DeregisterPersistent",
+            MetaRequest::PersistentSlot { .. } => "PersistentSlot",
             MetaRequest::TransferLeader { .. } => "TransferLeader",
             MetaRequest::NodeInfo {} => "NodeInfo",
             MetaRequest::Raft { .. } => "Raft",
@@ -316,6 +338,31 @@ pub enum MetaResponse {
         enabled: bool,
         tokens: Vec<TokenInfo>,
     },
+    /// Answer to `PersistentSlot`: the slot's persistent instances at `version`, ordered by
+    /// `(service, id)`.
+    Persistent {
+        slot: SlotId,
+        version: Version,
+        instances: Vec<PersistentInstance>,
+    },
+}
+
+/// A persistent instance as the meta group stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistentInstance {
+    pub service: ServiceId,
+    pub id: RegisterId,
+    pub data: Vec<Bytes>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+    /// When it was registered (Unix milliseconds), and who registered it (a token id or a
+    /// client's name), for people to read.
+    #[serde(default)]
+    pub registered_ms: u64,
+    #[serde(default)]
+    pub by: String,
 }
 
 /// The meta group as `roster cluster status` shows it.
@@ -381,8 +428,19 @@ pub struct Publisher {
     pub session_instance: InstanceId,
     /// Who may replace this record: [`crate::ids::owner_of`] the client's id and secret. 0 for
     /// a record written by a session server that predates ownership (anyone may replace it).
+    /// [`crate::ids::PERSISTENT_OWNER`] for a persistent instance.
     #[serde(default)]
     pub owner: u128,
+    /// A persistent instance, put by its slot leader from the meta group's set; never removed
+    /// because a session went away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
+    /// The health check the slot leader runs on it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+    /// What the check found; set by the slot leader only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
 }
 
 impl Publisher {
@@ -393,6 +451,8 @@ impl Publisher {
             data: self.data.clone(),
             attributes: self.attributes.clone(),
             client_version: self.client_version,
+            persistent: self.persistent,
+            health: self.health.clone(),
         }
     }
 }

@@ -13,6 +13,9 @@ fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
 
 fn publisher(client: &str, reg: &str, data: &str, instance: InstanceId) -> Publisher {
     Publisher {
+        check: None,
+        health: None,
+        persistent: false,
         client_id: client.into(),
         register_id: reg.into(),
         service: "demo".parse().unwrap(),

@@ -13,6 +13,9 @@ fn service(name: &str) -> ServiceId {
 fn put(svc: &str, register_id: &str, version: u64) -> WriteOp {
     WriteOp::Put {
         publisher: Publisher {
+            check: None,
+            health: None,
+            persistent: false,
             client_id: "client".into(),
             register_id: register_id.into(),
             service: service(svc),

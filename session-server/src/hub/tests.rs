@@ -17,6 +17,8 @@ fn key(reg: &str) -> PubKey {
 
 fn view(reg: &str, data: &str) -> PublisherView {
     PublisherView {
+        health: None,
+        persistent: false,
         client_id: "c".into(),
         register_id: reg.into(),
         data: vec![Bytes::copy_from_slice(data.as_bytes())],
