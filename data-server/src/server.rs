@@ -184,7 +184,7 @@ async fn handle_stream(
             stream_events(&shared, send, session, instance, shutdown).await;
             return;
         }
-        DataRequest::Write { op } => shared.handle_write(op),
+        DataRequest::Write { op } => shared.handle_write(*op),
         DataRequest::WriteBatch { ops } => shared.handle_write_batch(ops),
         DataRequest::Interest {
             instance,

@@ -494,7 +494,7 @@ pub enum DataRequest {
         instance: InstanceId,
     },
     /// Applies one publisher change at the slot leader.
-    Write { op: WriteOp },
+    Write { op: Box<WriteOp> },
     /// Applies several publisher changes at the slot leader, in order, each on its own: one may
     /// fail (its slot moved, say) while the others apply. Answered `WrittenBatch`, a result per op.
     WriteBatch { ops: Vec<WriteOp> },
