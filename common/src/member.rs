@@ -56,6 +56,36 @@ pub fn spawn(
     (view_rx, task)
 }
 
+/// One request to the meta tier: tried on each address of `metas` in turn until one answers
+/// with anything but a sign that it cannot serve now (unreachable, no quorum, not leader, not
+/// ready). Followers forward writes to their leader, so any node will do.
+pub async fn call_meta(
+    pool: &PeerPool,
+    metas: &[String],
+    request: &MetaRequest,
+    max_frame: u32,
+    timeout: Duration,
+) -> Result<MetaResponse> {
+    let mut last = Error::Unavailable("no meta node is configured".into());
+    for addr in metas {
+        match pool
+            .call::<_, MetaResponse>(addr, request, max_frame, timeout)
+            .await
+        {
+            Ok(response) => return Ok(response),
+            Err(
+                e @ (Error::NoQuorum(_)
+                | Error::Unavailable(_)
+                | Error::NotLeader { .. }
+                | Error::Connection(_)
+                | Error::Timeout(_)),
+            ) => last = e,
+            Err(other) => return Err(other),
+        }
+    }
+    Err(last)
+}
+
 async fn run(
     config: MemberConfig,
     pool: Arc<PeerPool>,
