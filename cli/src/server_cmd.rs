@@ -267,6 +267,12 @@ settings! {
         /// Log entries kept behind a snapshot for followers slightly behind.
         keep_behind_snapshot: Option<u64> [env = "ROSTER_KEEP_BEHIND_SNAPSHOT", value_name = "N"]
             => raft.keep_behind_snapshot;
+        /// The most persistent instances the cluster stores (`roster register`); a new one past it
+        /// is refused. The meta state, persistent instances included, must fit in --max-frame.
+        max_persistent_instances: Option<usize> [
+            env = "ROSTER_MAX_PERSISTENT_INSTANCES",
+            value_name = "N",
+        ] => max_persistent_instances;
         /// With --bootstrap: the cluster's first admin token, in a file. Every initial voter must
         /// be given the same one (a mounted Secret, or a file made with `roster acl token
         /// generate`). With a single voter a missing file is created with a new token.

@@ -321,7 +321,7 @@ fn settings_layer_flag_over_environment_over_file_over_default() {
         "renew_interval: 200ms",      // follows a shorter lease
         "snapshot_every: 50",         // environment
         "keep_behind_snapshot: 1000", // default
-        "max_frame: 16777216",        // a meta node's default
+        "max_frame: 67108864",        // a meta node's default
     ] {
         assert!(log.contains(part), "meta config lacks `{part}`: {log}");
     }
@@ -398,7 +398,7 @@ fn every_server_flag_has_its_variable_and_file_key() {
 fn each_server_help_shows_its_own_defaults() {
     let dir = tempfile::tempdir().unwrap();
     for (server, listen, http, max_frame) in [
-        ("meta", "0.0.0.0:7100", "0.0.0.0:7180", "16777216"),
+        ("meta", "0.0.0.0:7100", "0.0.0.0:7180", "67108864"),
         ("data", "0.0.0.0:7200", "0.0.0.0:7280", "1048576"),
         ("session", "0.0.0.0:7300", "0.0.0.0:7380", "1048576"),
     ] {

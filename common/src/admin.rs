@@ -177,6 +177,13 @@ pub const METRICS: &[MetricDef] = &[
         help: "epoch of the committed slot table",
     },
     MetricDef {
+        name: "roster_meta_persistent_instances",
+        kind: Gauge,
+        role: "meta",
+        labels: &[],
+        help: "persistent instances stored by the meta group",
+    },
+    MetricDef {
         name: "roster_lease_renewals_total",
         kind: Counter,
         role: "meta",

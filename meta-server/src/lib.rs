@@ -36,6 +36,7 @@ mod entry;
 mod leader;
 pub mod leases;
 mod node;
+pub mod persistent;
 pub mod placement;
 pub mod raft;
 mod server;
@@ -101,7 +102,7 @@ pub struct MetaConfig {
     pub raft: RaftConfig,
     /// Deadline for a request to another meta node. Default 5 s.
     pub request_timeout: Duration,
-    /// Largest accepted frame. Default 16 MiB: a snapshot of the meta state travels in one frame.
+    /// Largest accepted frame. Default 64 MiB: a snapshot of the meta state travels in one frame.
     pub max_frame: u32,
     /// QUIC keep-alive and idle timeout. Defaults 1 s and 4 s.
     pub transport: TransportSettings,
@@ -109,10 +110,16 @@ pub struct MetaConfig {
     /// (`--admin-token-file`). `None` creates a cluster without authentication
     /// (`--insecure-no-auth`). Only the node that creates the cluster uses it. Default `None`.
     pub admin_token: Option<Secret>,
+    /// The most persistent instances the cluster stores; registering a new one past it is refused
+    /// with `LimitExceeded`. Default 100,000 (their snapshot must fit in `max_frame`).
+    pub max_persistent_instances: usize,
 }
 
-/// The default frame limit of meta nodes.
-pub const DEFAULT_META_MAX_FRAME: u32 = 16 << 20;
+/// The default frame limit of meta nodes: a snapshot of the meta state, persistent instances
+/// included, travels in one frame.
+pub const DEFAULT_META_MAX_FRAME: u32 = 64 << 20;
+/// The default bound on stored persistent instances.
+pub const DEFAULT_MAX_PERSISTENT_INSTANCES: usize = 100_000;
 
 impl MetaConfig {
     /// A config with every default, for node `id` keeping its state in `data_dir`.
@@ -135,6 +142,7 @@ impl MetaConfig {
             max_frame: DEFAULT_META_MAX_FRAME,
             transport: TransportSettings::default(),
             admin_token: None,
+            max_persistent_instances: DEFAULT_MAX_PERSISTENT_INSTANCES,
         }
     }
 

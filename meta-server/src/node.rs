@@ -144,6 +144,8 @@ impl Node {
                 | MetaRequest::CreateToken { .. }
                 | MetaRequest::ListTokens {}
                 | MetaRequest::RevokeToken { .. }
+                | MetaRequest::RegisterPersistent { .. }
+                | MetaRequest::DeregisterPersistent { .. }
                 | MetaRequest::GetView { stale: false }
                 | MetaRequest::Status { local: false }
         );
@@ -201,11 +203,34 @@ impl Node {
                 .await
                 .map(|()| MetaResponse::Done {}),
             MetaRequest::TransferLeader { id } => self.transfer_leader(id).await,
-            MetaRequest::RegisterPersistent { .. }
-            | MetaRequest::DeregisterPersistent { .. }
-            | MetaRequest::PersistentSlot { .. } => Err(Error::Unavailable(
-                "persistent instances are not stored yet".into(),
-            )),
+            MetaRequest::RegisterPersistent { instance } => {
+                self.register_persistent(instance).await
+            }
+            MetaRequest::DeregisterPersistent { service, id, by } => {
+                let by = crate::persistent::clean(&by);
+                let command = Command::DeregisterPersistent {
+                    service: service.clone(),
+                    id: id.clone(),
+                    by,
+                };
+                if !self.raft.write(command).await?.changed {
+                    return Err(Error::NotFound(format!(
+                        "no persistent instance {id:?} in {service}"
+                    )));
+                }
+                Ok(MetaResponse::Done {})
+            }
+            MetaRequest::PersistentSlot { slot, at_least } => {
+                let (version, instances) = self
+                    .raft
+                    .state_machine()
+                    .read(|m| crate::persistent::read_slot(&m.state, slot, at_least))?;
+                Ok(MetaResponse::Persistent {
+                    slot,
+                    version,
+                    instances,
+                })
+            }
             MetaRequest::CreateToken {
                 namespaces,
                 allow,
@@ -370,6 +395,35 @@ impl Node {
         let info = record.info();
         self.raft.write(Command::CreateToken { record }).await?;
         Ok(MetaResponse::TokenCreated { token, info })
+    }
+
+    /// Stores a persistent instance once it is admissible and, if new, within the bound.
+    async fn register_persistent(
+        &self,
+        mut instance: roster_common::proto::PersistentInstance,
+    ) -> Result<MetaResponse> {
+        crate::persistent::admit(&mut instance)?;
+        let (known, count) = self.raft.state_machine().read(|m| {
+            (
+                m.state
+                    .persistent_instance(&instance.service, &instance.id)
+                    .is_some(),
+                m.state.persistent_count(),
+            )
+        });
+        // Checked before the write, so two racing registrations may pass it together: the bound
+        // is a brake on runaway registration, not an exact quota.
+        let max = self.config.max_persistent_instances;
+        if !known && count >= max {
+            return Err(Error::LimitExceeded(format!(
+                "the cluster holds its maximum of {max} persistent instances \
+                 (--max-persistent-instances)"
+            )));
+        }
+        self.raft
+            .write(Command::RegisterPersistent { instance })
+            .await?;
+        Ok(MetaResponse::Done {})
     }
 
     pub(crate) async fn add_meta(&self, addr: String, learner: bool) -> Result<MetaResponse> {

@@ -1,4 +1,5 @@
-//! The meta state machine: membership and the slot table, changed only by [`Command`]s.
+//! The meta state machine: membership, the slot table, tokens and persistent instances, changed
+//! only by [`Command`]s.
 //!
 //! Every change of the cluster's shape is a command applied here, in order, and nothing else writes
 //! this state. A command that changes the set of live data servers recomputes the slot table and
@@ -8,8 +9,8 @@
 use std::collections::BTreeMap;
 
 use roster_common::acl::{AclView, TokenRecord};
-use roster_common::proto::{ClusterView, Member, MemberKey, Role, SlotTable};
-use roster_common::{InstanceId, NodeId};
+use roster_common::proto::{ClusterView, Member, MemberKey, PersistentInstance, Role, SlotTable};
+use roster_common::{InstanceId, NodeId, RegisterId, ServiceId, SlotId, Version};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -46,6 +47,14 @@ pub enum Command {
     CreateToken { record: TokenRecord },
     /// Removes token `id`; `by` is who asked, for the log.
     RevokeToken { id: String, by: String },
+    /// Stores or replaces a persistent instance.
+    RegisterPersistent { instance: PersistentInstance },
+    /// Removes the persistent instance `id` of `service`; `by` is who asked, for the log.
+    DeregisterPersistent {
+        service: ServiceId,
+        id: RegisterId,
+        by: String,
+    },
 }
 
 /// What applying a command did.
@@ -66,6 +75,34 @@ pub struct MetaState {
     /// Whether clients must authenticate, and the tokens (ordered by id).
     #[serde(default)]
     pub acl: AclView,
+    /// Persistent instances by slot. A slot that ever held one keeps its entry (and its
+    /// version) after the last one is removed, so versions never go back.
+    #[serde(default)]
+    pub persistent: BTreeMap<SlotId, PersistentSlot>,
+}
+
+/// The persistent instances of one slot, and the version of that set: bumped by every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistentSlot {
+    pub version: Version,
+    pub instances: BTreeMap<ServiceId, BTreeMap<RegisterId, PersistentInstance>>,
+}
+
+impl PersistentSlot {
+    pub fn count(&self) -> usize {
+        self.instances.values().map(BTreeMap::len).sum()
+    }
+
+    /// Every instance, ordered by `(service, id)`.
+    pub fn all(&self) -> impl Iterator<Item = &PersistentInstance> {
+        self.instances.values().flat_map(BTreeMap::values)
+    }
+}
+
+/// Whether two registrations of the same instance say the same thing (who registered it and when
+/// do not count: registering again what is there changes nothing).
+fn same_instance(a: &PersistentInstance, b: &PersistentInstance) -> bool {
+    a.data == b.data && a.attributes == b.attributes && a.check == b.check
 }
 
 impl Default for MetaState {
@@ -77,6 +114,7 @@ impl Default for MetaState {
             self_preservation: false,
             min_data_servers: 0,
             acl: AclView::default(),
+            persistent: BTreeMap::new(),
         }
     }
 }
@@ -150,6 +188,46 @@ impl MetaState {
                     }
                     Err(_) => false,
                 }
+            }
+            Command::RegisterPersistent { instance } => {
+                let slot = self.table.slot_of(&instance.service);
+                let entry = self.persistent.entry(slot).or_default();
+                let by_id = entry.instances.entry(instance.service.clone()).or_default();
+                if by_id
+                    .get(&instance.id)
+                    .is_some_and(|old| same_instance(old, &instance))
+                {
+                    return false;
+                }
+                info!(
+                    service = %instance.service,
+                    id = %instance.id,
+                    slot,
+                    check = instance.check.as_ref().map(|c| c.target.as_str()),
+                    by = %instance.by,
+                    "persistent instance registered"
+                );
+                by_id.insert(instance.id.clone(), instance);
+                entry.version += 1;
+                true
+            }
+            Command::DeregisterPersistent { service, id, by } => {
+                let slot = self.table.slot_of(&service);
+                let Some(entry) = self.persistent.get_mut(&slot) else {
+                    return false;
+                };
+                let Some(by_id) = entry.instances.get_mut(&service) else {
+                    return false;
+                };
+                if by_id.remove(&id).is_none() {
+                    return false;
+                }
+                if by_id.is_empty() {
+                    entry.instances.remove(&service);
+                }
+                entry.version += 1;
+                info!(service = %service, id = %id, slot, by = %by, "persistent instance deregistered");
+                true
             }
             Command::Rebalance {} => {
                 let epoch = self.table.epoch;
@@ -276,6 +354,24 @@ impl MetaState {
         ) != self.table.slots
     }
 
+    /// How many persistent instances are stored.
+    pub fn persistent_count(&self) -> usize {
+        self.persistent.values().map(PersistentSlot::count).sum()
+    }
+
+    /// The persistent instance `id` of `service`, if stored.
+    pub fn persistent_instance(
+        &self,
+        service: &ServiceId,
+        id: &str,
+    ) -> Option<&PersistentInstance> {
+        self.persistent
+            .get(&self.table.slot_of(service))?
+            .instances
+            .get(service)?
+            .get(id)
+    }
+
     /// The view members receive.
     pub fn view(&self, meta_leader: Option<String>) -> ClusterView {
         ClusterView {
@@ -283,7 +379,11 @@ impl MetaState {
             members: self.members.values().cloned().collect(),
             table: self.table.clone(),
             meta_leader,
-            persistent: Default::default(),
+            persistent: self
+                .persistent
+                .iter()
+                .map(|(slot, set)| (*slot, set.version))
+                .collect(),
             acl: self.acl.clone(),
         }
     }

@@ -1,9 +1,6 @@
 //! The meta node's HTTP admin view: the Raft group, members, slot table, access rules, and the
 //! gauges refreshed before each scrape.
 
-//! The meta node's network shell: serves members, operators and other meta nodes, keeps the lease
-//! clocks while leading, and streams every new view to watchers.
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,18 +23,21 @@ impl AdminSource for MetaAdmin {
         metrics::gauge!("roster_raft_is_leader").set(if raft.is_leader { 1.0 } else { 0.0 });
         metrics::gauge!("roster_raft_last_log_index").set(raft.last_log_index.unwrap_or(0) as f64);
         metrics::gauge!("roster_raft_applied_index").set(raft.last_applied.unwrap_or(0) as f64);
-        let (data, sessions, epoch, preservation) = self.node.raft.state_machine().read(|m| {
-            let count = |role| m.state.members.values().filter(|x| x.role == role).count();
-            (
-                count(Role::Data),
-                count(Role::Session),
-                m.state.table.epoch,
-                m.state.self_preservation,
-            )
-        });
+        let (data, sessions, epoch, preservation, persistent) =
+            self.node.raft.state_machine().read(|m| {
+                let count = |role| m.state.members.values().filter(|x| x.role == role).count();
+                (
+                    count(Role::Data),
+                    count(Role::Session),
+                    m.state.table.epoch,
+                    m.state.self_preservation,
+                    m.state.persistent_count(),
+                )
+            });
         metrics::gauge!("roster_meta_members", "role" => "data").set(data as f64);
         metrics::gauge!("roster_meta_members", "role" => "session").set(sessions as f64);
         metrics::gauge!("roster_meta_table_epoch").set(epoch as f64);
+        metrics::gauge!("roster_meta_persistent_instances").set(persistent as f64);
         metrics::gauge!("roster_self_preservation").set(if preservation { 1.0 } else { 0.0 });
     }
 
