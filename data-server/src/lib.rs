@@ -21,17 +21,30 @@
 //! publishers here are dropped after `session_grace` ([`owners::OwnerSweep`]) unless they were
 //! re-registered through another session meanwhile.
 //!
+//! Persistent instances belong to no session: the meta group stores them, and the leader of each
+//! slot merges the slot's set into its records ([`persistent`]) and removes them only when the
+//! meta group's set no longer has them. The slot leader also runs the health checks of the
+//! records that carry one ([`health`] for the rise/fall bookkeeping, [`probe`] for the probes)
+//! and writes each change of health as a change of the record. Sessions can neither write
+//! persistent records nor set a health.
+//!
 //! Caveats: records live in memory only; sessions are the source of truth, and a slot with no
 //! surviving copy is rebuilt from them.
 
 mod admin;
+mod checker;
 mod copies;
+pub mod health;
 pub mod interest;
 pub mod owners;
+pub mod persistent;
+pub mod probe;
 mod replication;
 mod server;
 mod shared;
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +54,9 @@ use roster_common::quic::TransportSettings;
 use roster_common::{Error, NodeId, Result};
 
 pub use server::DataServer;
+
+/// The default bound on health probes running at once.
+pub const DEFAULT_PROBE_CONCURRENCY: usize = 256;
 
 /// How a data server runs. Every field's default is given in its comment.
 #[derive(Clone, Debug)]
@@ -70,6 +86,9 @@ pub struct DataConfig {
     pub max_frame: u32,
     /// QUIC keep-alive and idle timeout. Defaults 1 s and 4 s.
     pub transport: TransportSettings,
+    /// Health probes running at once, at most, across every check this server runs; more wait
+    /// their turn. Default 256.
+    pub probe_concurrency: usize,
     /// Faults injected into this server's calls to its peers (tests only). Default none.
     pub faults: Option<Arc<FaultTable>>,
 }
@@ -88,6 +107,7 @@ impl DataConfig {
             request_timeout: Duration::from_secs(5),
             max_frame: roster_common::frame::DEFAULT_MAX_FRAME,
             transport: TransportSettings::default(),
+            probe_concurrency: DEFAULT_PROBE_CONCURRENCY,
             faults: None,
         }
     }

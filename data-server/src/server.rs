@@ -27,7 +27,9 @@ use crate::owners::OwnerSweep;
 use crate::store::Store;
 
 use crate::admin::DataAdmin;
+use crate::checker::run_checks;
 use crate::copies::keep_copies;
+use crate::persistent::keep_persistent;
 use crate::shared::{STEP, Shared};
 
 /// How often publishers of departed sessions are looked for.
@@ -116,6 +118,8 @@ impl DataServer {
         let tracker = TaskTracker::new();
         tracker.spawn(follow_cluster(shared.clone(), shutdown.clone()));
         tracker.spawn(keep_copies(shared.clone(), shutdown.clone()));
+        tracker.spawn(keep_persistent(shared.clone(), shutdown.clone()));
+        tracker.spawn(run_checks(shared.clone(), shutdown.clone()));
         let stream_shutdown = shutdown.clone();
         let stream_shared = shared.clone();
         serve::serve_requests(&endpoint, &shutdown, &tracker, move |send, recv| {

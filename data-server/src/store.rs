@@ -6,6 +6,9 @@
 //! [`Store::session_sync`], [`Store::drop_owner`]) — each returning the [`ReplicatedOp`]s to send to
 //! the slot's followers and the changes to notify — and applies the leader's changes as follower
 //! ([`Store::replicate`], [`Store::install_dump`]; the follower's side lives in `store/follower.rs`).
+//! A leader also keeps records on the cluster's behalf, which no session may write: persistent
+//! instances merged from the meta group ([`Store::merge_persistent`]) and the health its checks
+//! find ([`Store::set_health`]); see `store/persistent.rs` and `store/checks.rs`.
 //!
 //! Versions: when this server takes the lead of a slot it records the table epoch as the slot's
 //! term; every change in the slot gets `(term << 32) | counter`. Terms only grow, so versions of a
@@ -63,6 +66,11 @@ struct Slot {
     /// The version of the slot's last change.
     version: Version,
     services: HashMap<ServiceId, Datum>,
+    /// Leader: the version of the meta group's persistent set merged since taking the lead.
+    persistent_merged: Option<Version>,
+    /// Moves whenever a record with a check changes or the role does, so the checker rescans
+    /// only the slots that moved.
+    check_stamp: u64,
 }
 
 impl Slot {
@@ -228,6 +236,10 @@ impl Store {
                 Some(_) => Role::Follower,
                 None => Role::None,
             };
+            if slot.role != role {
+                slot.check_stamp += 1;
+                slot.persistent_merged = None;
+            }
             match (slot.role, role) {
                 (Role::Leader, Role::Leader) => {}
                 (_, Role::Leader) => {
@@ -314,9 +326,11 @@ impl Store {
         )))
     }
 
-    /// Applies one session change as slot leader.
+    /// Applies one session change as slot leader. Sessions never write persistent records, nor
+    /// the health a check found (see `admit_session_op`).
     pub fn write(&mut self, op: WriteOp) -> Result<Applied> {
         let index = self.ready_slot(op.service())?;
+        let op = self.admit_session_op(index, op)?;
         let mut applied = Applied::default();
         if let Some(led) = self.lead(index, op)? {
             applied.push(led);
@@ -375,14 +389,18 @@ impl Store {
         })
     }
 
-    /// Session instances that own at least one publisher here.
+    /// Session instances that own at least one publisher here. Persistent records are held by
+    /// no session (instance 0, which no session ever has) and are left out.
     pub fn owners(&self) -> impl Iterator<Item = InstanceId> + '_ {
-        self.owners.keys().copied()
+        self.owners.keys().copied().filter(|i| *i != 0)
     }
 
     /// Each session instance holding publishers here (any slot, any role), with how many.
     pub fn owner_counts(&self) -> impl Iterator<Item = (InstanceId, usize)> + '_ {
-        self.owners.iter().map(|(instance, n)| (*instance, *n))
+        self.owners
+            .iter()
+            .filter(|(instance, _)| **instance != 0)
+            .map(|(instance, n)| (*instance, *n))
     }
 
     /// Drops every publisher owned by `instance` in the slots this server leads.
@@ -394,7 +412,7 @@ impl Store {
             }
             let doomed: Vec<WriteOp> = self.slots[index]
                 .publishers()
-                .filter(|p| p.session_instance == instance)
+                .filter(|p| p.session_instance == instance && !p.persistent)
                 .map(remove_op)
                 .collect();
             // Removals: never refused.
@@ -494,6 +512,7 @@ impl Store {
             .collect();
         for p in self.slots[index].publishers() {
             if p.session_instance == instance
+                && !p.persistent
                 && !wanted.contains(&(p.client_id.as_str(), p.register_id.as_str()))
             {
                 ops.push(remove_op(p));
@@ -508,7 +527,7 @@ impl Store {
                     p.client_id, p.register_id
                 )));
             }
-            ops.push(WriteOp::Put { publisher: p });
+            ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);
         }
         let mut applied = Applied::default();
         for op in ops {
@@ -616,9 +635,12 @@ fn apply_op(
             let mut record = publisher.clone();
             record.service = service;
             let view = record.view();
+            let mut checked = record.check.is_some();
             if let Some(old) = datum.publishers.insert(key, record) {
                 release(owners, old.session_instance);
+                checked |= old.check.is_some();
             }
+            slot.check_stamp += u64::from(checked);
             Ok(Some(PublisherChange::Put(view)))
         }
         WriteOp::Remove {
@@ -638,7 +660,9 @@ fn apply_op(
                 Some(p) if p.owner != 0 && Some(p.owner) == *owner => p.session_instance,
                 _ => return Ok(None),
             };
-            datum.publishers.remove(&key);
+            if let Some(old) = datum.publishers.remove(&key) {
+                slot.check_stamp += u64::from(old.check.is_some());
+            }
             release(owners, held_by);
             Ok(Some(PublisherChange::Remove(PublisherId {
                 client_id: key.0,
@@ -673,6 +697,11 @@ fn release(owners: &mut HashMap<InstanceId, usize>, instance: InstanceId) {
     }
 }
 
+mod checks;
 mod follower;
+mod persistent;
 #[cfg(test)]
 mod tests;
+
+pub use checks::{CheckCounts, Checked, RecordKey};
+pub use persistent::{persistent_diff, persistent_record};

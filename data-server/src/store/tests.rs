@@ -2,7 +2,7 @@ use bytes::Bytes;
 
 use super::*;
 
-fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
+pub(super) fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
     SlotTable {
         epoch,
         slot_count: 8,
@@ -11,7 +11,7 @@ fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
     }
 }
 
-fn publisher(client: &str, reg: &str, data: &str, instance: InstanceId) -> Publisher {
+pub(super) fn publisher(client: &str, reg: &str, data: &str, instance: InstanceId) -> Publisher {
     Publisher {
         check: None,
         health: None,
@@ -28,16 +28,16 @@ fn publisher(client: &str, reg: &str, data: &str, instance: InstanceId) -> Publi
     }
 }
 
-fn demo() -> ServiceId {
+pub(super) fn demo() -> ServiceId {
     "demo".parse().unwrap()
 }
 
-fn slot_of_demo() -> SlotId {
+pub(super) fn slot_of_demo() -> SlotId {
     roster_common::slot::slot_of(&demo(), 8)
 }
 
 /// A leader whose slots are open.
-fn leader(me: NodeId, epoch: Epoch, replicas: &[NodeId]) -> Store {
+pub(super) fn leader(me: NodeId, epoch: Epoch, replicas: &[NodeId]) -> Store {
     let mut store = Store::new(me);
     let now = Instant::now();
     store.apply_table(&table(epoch, replicas), now);
@@ -45,7 +45,7 @@ fn leader(me: NodeId, epoch: Epoch, replicas: &[NodeId]) -> Store {
     store
 }
 
-fn put(p: Publisher) -> WriteOp {
+pub(super) fn put(p: Publisher) -> WriteOp {
     WriteOp::Put { publisher: p }
 }
 
