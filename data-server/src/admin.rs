@@ -13,9 +13,9 @@ use crate::store::SlotState;
 use crate::shared::Shared;
 
 /// Records with a check in the slots this server leads, by health: `healthy` or `unhealthy`.
-pub(crate) const METRIC_CHECKED: &str = "roster_checked_instances";
+pub(crate) const METRIC_CHECKED: &str = "roster_data_checked_instances";
 /// Persistent records in the slots this server leads.
-pub(crate) const METRIC_PERSISTENT: &str = "roster_persistent_instances";
+pub(crate) const METRIC_PERSISTENT: &str = "roster_data_persistent_instances";
 
 /// The data server's admin view: slots, counts, repairs, and its gauges.
 pub(crate) struct DataAdmin {
