@@ -434,6 +434,13 @@ settings! {
         /// while it is busy.
         coalesce_ms: Option<u64> [env = "ROSTER_COALESCE_MS", value_name = "MS"]
             => coalesce_window in millis;
+        /// Above this share (0 to 1) of a service's instances unhealthy, a healthy-only subscriber
+        /// is pushed all of them, marked, instead of the few healthy ones: a health checker cut off
+        /// from the network must not empty a service.
+        protection_threshold: Option<f64> [
+            env = "ROSTER_PROTECTION_THRESHOLD",
+            value_name = "SHARE",
+        ] => protection_threshold;
         /// How long a client's push stream may make no progress (the client reads nothing) before
         /// the connection is closed, in milliseconds. A client that reads slowly is not cut off:
         /// its pushes merge.

@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use roster_common::acl::{Permission, Principal, failure_reason};
 use roster_common::proto::{
-    ClientRequest, ClientResponse, DataRequest, DataResponse, Publisher, Role, ServiceSummary,
-    WriteOp,
+    ClientRequest, ClientResponse, DataRequest, DataResponse, PersistentInstance, Publisher, Role,
+    ServiceSummary, WriteOp,
 };
 use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
 use tokio::sync::{Notify, Semaphore, oneshot};
@@ -218,7 +218,7 @@ async fn handle_request(
             "Hello was already sent on this connection".into(),
         )),
         ClientRequest::Publish {
-            check: _,
+            check,
             register_id,
             service,
             data,
@@ -229,16 +229,9 @@ async fn handle_request(
             client
                 .principal
                 .check(service.namespace(), Permission::Publish)?;
-            let size: usize = data.iter().map(Bytes::len).sum::<usize>()
-                + attributes
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>();
-            if size > shared.config().max_publisher_bytes {
-                return Err(Error::LimitExceeded(format!(
-                    "publisher of {size} bytes exceeds the limit of {} bytes",
-                    shared.config().max_publisher_bytes
-                )));
+            check_publisher_size(shared, &data, &attributes)?;
+            if let Some(check) = &check {
+                check.validate(&data)?;
             }
             {
                 let publishers = client.publishers.lock();
@@ -252,7 +245,7 @@ async fn handle_request(
                 }
             }
             let publisher = Publisher {
-                check: None,
+                check,
                 health: None,
                 persistent: false,
                 client_id: client.client_id.clone(),
@@ -333,7 +326,7 @@ async fn handle_request(
             Ok(ClientResponse::Accepted { durable })
         }
         ClientRequest::Subscribe {
-            healthy_only: _,
+            healthy_only,
             register_id,
             service,
             scope: _,
@@ -353,7 +346,7 @@ async fn handle_request(
                         shared.config().max_subscriptions_per_connection
                     )));
                 }
-                hub.subscribe(client.id, register_id, service.clone())
+                hub.subscribe_with(client.id, register_id, service.clone(), healthy_only)
             };
             if let Some(abandoned) = outcome.abandoned {
                 shared.link_event(LinkEvent::Unwant(abandoned)).await;
@@ -392,12 +385,76 @@ async fn handle_request(
             services.retain(|s| principal.may(s.service.namespace(), Permission::Subscribe));
             Ok(ClientResponse::Services { services })
         }
-        ClientRequest::RegisterPersistent { .. } | ClientRequest::DeregisterPersistent { .. } => {
-            Err(Error::Unavailable(
-                "persistent instances are not served yet".into(),
-            ))
+        ClientRequest::RegisterPersistent {
+            service,
+            id,
+            data,
+            attributes,
+            check,
+        } => {
+            roster_common::ids::check_id("id", &id)?;
+            client
+                .principal
+                .check(service.namespace(), Permission::Publish)?;
+            check_publisher_size(shared, &data, &attributes)?;
+            if data.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a persistent instance needs at least one data item".into(),
+                ));
+            }
+            if let Some(check) = &check {
+                check.validate(&data)?;
+            }
+            let instance = PersistentInstance {
+                service,
+                id,
+                data,
+                attributes,
+                check,
+                registered_ms: roster_common::unix_millis(),
+                by: who(client),
+            };
+            crate::persistent::register(shared, instance).await?;
+            Ok(ClientResponse::Accepted { durable: true })
+        }
+        ClientRequest::DeregisterPersistent { service, id } => {
+            roster_common::ids::check_id("id", &id)?;
+            client
+                .principal
+                .check(service.namespace(), Permission::Publish)?;
+            crate::persistent::deregister(shared, service, id, who(client)).await?;
+            Ok(ClientResponse::Accepted { durable: true })
         }
     }
+}
+
+/// Who asked, for the meta group's log: the token's id, or the client's id where the cluster checks
+/// no tokens.
+fn who(client: &Client) -> String {
+    match &client.principal.token_id {
+        Some(token) => format!("token {token}"),
+        None => format!("client {}", client.client_id),
+    }
+}
+
+/// Refuses data and attributes over `--max-publisher-bytes`.
+fn check_publisher_size(
+    shared: &Shared,
+    data: &[Bytes],
+    attributes: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let size: usize = data.iter().map(Bytes::len).sum::<usize>()
+        + attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+    if size > shared.config().max_publisher_bytes {
+        return Err(Error::LimitExceeded(format!(
+            "publisher of {size} bytes exceeds the limit of {} bytes",
+            shared.config().max_publisher_bytes
+        )));
+    }
+    Ok(())
 }
 
 fn check_register_id(register_id: &str) -> Result<()> {

@@ -203,6 +203,12 @@ fn check_hello(protocol_version: u32, client_id: &str, secret: &[u8]) -> Result<
         )));
     }
     roster_common::ids::check_id("client_id", client_id)?;
+    if roster_common::ids::is_reserved_client_id(client_id) {
+        return Err(Error::InvalidArgument(format!(
+            "client_id {client_id:?}: ids starting with `~` are reserved for records the cluster \
+             keeps itself"
+        )));
+    }
     let bounds = roster_common::ids::CLIENT_SECRET_LEN;
     if !bounds.contains(&secret.len()) {
         return Err(Error::InvalidArgument(format!(
@@ -290,5 +296,31 @@ pub(crate) fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::ListServices {} => "ListServices",
         ClientRequest::RegisterPersistent { .. } => "RegisterPersistent",
         ClientRequest::DeregisterPersistent { .. } => "DeregisterPersistent",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_with_a_reserved_or_bad_client_id_is_refused() {
+        let secret = [7u8; 32];
+        assert!(check_hello(1, "client-1", &secret).is_ok());
+        let reserved = check_hello(1, "~persistent", &secret).unwrap_err();
+        assert!(matches!(reserved, Error::InvalidArgument(_)), "{reserved}");
+        assert!(reserved.to_string().contains("reserved"), "{reserved}");
+        assert!(matches!(
+            check_hello(1, "", &secret),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_hello(1, "client-1", &[1u8; 4]),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_hello(2, "client-1", &secret),
+            Err(Error::UnsupportedVersion(_))
+        ));
     }
 }

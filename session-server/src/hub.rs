@@ -211,6 +211,8 @@ pub struct Pull {
 #[derive(Debug)]
 struct Watch {
     register_id: RegisterId,
+    /// Shown only healthy publishers (full snapshots, never deltas).
+    healthy_only: bool,
     /// The version last pushed; `None`: nothing yet (or a resync was asked for).
     last: Option<Version>,
 }
@@ -270,6 +272,8 @@ impl ConnPush {
 pub struct Hub {
     max_frame: u32,
     coalesce: Duration,
+    /// The share of unhealthy publishers above which healthy-only subscribers see all of them.
+    protection_threshold: f64,
     conns: FxHashMap<ConnId, ConnPush>,
     services: HashMap<ServiceId, ServiceState>,
     subs: HashMap<SubKey, ServiceId>,
@@ -282,6 +286,7 @@ impl Hub {
         Hub {
             max_frame,
             coalesce,
+            protection_threshold: roster_common::health::DEFAULT_PROTECTION_THRESHOLD,
             conns: FxHashMap::default(),
             services: HashMap::new(),
             subs: HashMap::new(),
@@ -320,13 +325,31 @@ impl Hub {
         abandoned
     }
 
-    /// Subscribes `(conn, register_id)` to `service`. Subscribing again to the same service asks
-    /// for a resync: the next push is the full snapshot.
+    /// Sets the share of unhealthy publishers above which healthy-only subscribers are shown all
+    /// of a service's publishers (`--protection-threshold`).
+    pub fn set_protection_threshold(&mut self, threshold: f64) {
+        self.protection_threshold = threshold;
+    }
+
+    /// Subscribes `(conn, register_id)` to `service`, pushed every publisher. Subscribing again to
+    /// the same service asks for a resync: the next push is the full snapshot.
     pub fn subscribe(
         &mut self,
         conn: ConnId,
         register_id: RegisterId,
         service: ServiceId,
+    ) -> Subscribed {
+        self.subscribe_with(conn, register_id, service, false)
+    }
+
+    /// Like [`Hub::subscribe`]; with `healthy_only` the subscription is pushed only healthy
+    /// publishers (see [`roster_common::health::healthy_view`]), always as full snapshots.
+    pub fn subscribe_with(
+        &mut self,
+        conn: ConnId,
+        register_id: RegisterId,
+        service: ServiceId,
+        healthy_only: bool,
     ) -> Subscribed {
         let key = (conn, register_id);
         let mut outcome = Subscribed::default();
@@ -338,6 +361,7 @@ impl Hub {
                     for w in &mut watch.watches {
                         if w.register_id == key.1 {
                             w.last = None;
+                            w.healthy_only = healthy_only;
                         }
                     }
                     if state.datum.is_some()
@@ -357,6 +381,7 @@ impl Hub {
         let watch = state.watchers.entry(conn).or_default();
         watch.watches.push(Watch {
             register_id: key.1.clone(),
+            healthy_only,
             last: None,
         });
         if let Some(push) = self.conns.get_mut(&conn) {
@@ -556,7 +581,14 @@ impl Hub {
                 if watch.last == Some(datum.version()) {
                     continue;
                 }
-                match datum.frame(&service, watch.last, push.deltas, self.max_frame) {
+                let framed = if watch.healthy_only {
+                    datum
+                        .healthy_frame(&service, self.protection_threshold, self.max_frame)
+                        .map(|frame| (frame, PushKind::Snapshot))
+                } else {
+                    datum.frame(&service, watch.last, push.deltas, self.max_frame)
+                };
+                match framed {
                     Ok((frame, kind)) => {
                         bytes += frame.len();
                         let since = datum.since(watch.last);
@@ -691,3 +723,5 @@ fn mark_watchers_due(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_healthy;

@@ -34,6 +34,7 @@ mod hello;
 pub mod hub;
 mod links;
 pub mod owned;
+mod persistent;
 mod repair;
 mod server;
 mod shared;
@@ -111,6 +112,10 @@ pub struct SessionConfig {
     /// How often the server compares its connection count with the mean and asks clients to move
     /// when well above it (`--balance-interval-ms`). Default 5 s.
     pub balance_interval: Duration,
+    /// Above this share of a service's publishers unhealthy, a healthy-only subscriber is pushed
+    /// all of them, marked, rather than the few healthy ones (`--protection-threshold`). Default
+    /// 0.5.
+    pub protection_threshold: f64,
     /// Faults injected into this server's calls to its peers (tests only). Default none.
     pub faults: Option<Arc<FaultTable>>,
 }
@@ -141,6 +146,7 @@ impl SessionConfig {
             coalesce_window: Duration::ZERO,
             push_stall_timeout: Duration::from_secs(30),
             balance_interval: Duration::from_secs(5),
+            protection_threshold: roster_common::health::DEFAULT_PROTECTION_THRESHOLD,
             faults: None,
         }
     }
@@ -150,6 +156,12 @@ impl SessionConfig {
             return Err(Error::InvalidArgument(
                 "the balance interval must be above zero".into(),
             ));
+        }
+        if !(0.0..=1.0).contains(&self.protection_threshold) {
+            return Err(Error::InvalidArgument(format!(
+                "the protection threshold {} is a share: between 0 and 1",
+                self.protection_threshold
+            )));
         }
         if self.metas.is_empty() {
             return Err(Error::InvalidArgument(

@@ -22,6 +22,8 @@ struct Entry {
     client_version: u64,
     /// The owner of the client that registered it (see `roster_common::ids::owner_of`).
     owner: u128,
+    /// The health check the client asked for, carried again by every re-sync.
+    check: Option<Box<roster_common::health::CheckSpec>>,
     /// The connection that registered it last.
     conn: ConnId,
 }
@@ -76,6 +78,7 @@ impl Owned {
             attributes: publisher.attributes,
             client_version: publisher.client_version,
             owner: publisher.owner,
+            check: publisher.check.map(Box::new),
             conn,
         };
         let clients = self.by_service.entry(publisher.service).or_default();
@@ -200,7 +203,7 @@ impl Owned {
             for (client_id, registered) in clients {
                 for (register_id, entry) in registered {
                     out.push(Publisher {
-                        check: None,
+                        check: entry.check.as_deref().cloned(),
                         health: None,
                         persistent: false,
                         client_id: client_id.to_string(),

@@ -109,7 +109,11 @@ impl Shared {
         let (forward_tx, forward) = mpsc::channel(FORWARD_QUEUE);
         let (links_tx, links) = mpsc::channel(LINK_EVENTS);
         let shared = Shared {
-            hub: Mutex::new(Hub::new(config.max_frame, config.coalesce_window)),
+            hub: Mutex::new({
+                let mut hub = Hub::new(config.max_frame, config.coalesce_window);
+                hub.set_protection_threshold(config.protection_threshold);
+                hub
+            }),
             owned: Mutex::new(Owned::new(config.id, instance)),
             clients: Mutex::new(Clients::default()),
             slot_gate: SlotGate::default(),

@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
+use roster_common::health::{Health, healthy_view};
 use roster_common::push::{delta_frame, snapshot_frame};
 use roster_common::{Result, ServiceId, Version};
+use tracing::info;
 
 use super::{MAX_STEPS, MIN_STEPS, Op, PubKey, PushKind};
 
@@ -34,6 +36,18 @@ pub(super) struct Datum {
     /// Frames taking a subscription to this version, by the version it starts from (`None`: the
     /// full snapshot).
     frames: HashMap<Option<Version>, (Bytes, PushKind)>,
+    /// The snapshot healthy-only subscribers are shown, and the version it was built at.
+    healthy: Option<(Version, Bytes)>,
+    /// Whether healthy-only subscribers were last shown every publisher because too many were
+    /// unhealthy (logged when it switches).
+    protected: bool,
+}
+
+/// The one field of an encoded publisher the healthy-only filter reads.
+#[derive(serde::Deserialize)]
+struct HealthOnly {
+    #[serde(default)]
+    health: Option<Health>,
 }
 
 impl Datum {
@@ -57,6 +71,8 @@ impl Datum {
             history: VecDeque::new(),
             history_bytes: 0,
             frames: HashMap::new(),
+            healthy: None,
+            protected: false,
         }
     }
 
@@ -178,6 +194,50 @@ impl Datum {
                 .insert(Some(base), (frame.clone(), PushKind::Snapshot));
         }
         Ok((frame, PushKind::Snapshot))
+    }
+
+    /// The full snapshot a healthy-only subscriber is shown at the current version: the publishers
+    /// not marked unhealthy, or every publisher when more than `threshold` of them are unhealthy
+    /// ([`healthy_view`]). Built once per version, whoever asks.
+    pub(super) fn healthy_frame(
+        &mut self,
+        service: &ServiceId,
+        threshold: f64,
+        max_frame: u32,
+    ) -> Result<Bytes> {
+        if let Some((version, frame)) = &self.healthy
+            && *version == self.version
+        {
+            return Ok(frame.clone());
+        }
+        let health: Vec<Option<Health>> = self
+            .entries
+            .values()
+            .map(|bytes| {
+                roster_common::frame::decode::<HealthOnly>(bytes)
+                    .ok()
+                    .and_then(|h| h.health)
+            })
+            .collect();
+        let (protected, shown) = healthy_view(health.iter().map(Option::as_ref), threshold);
+        if protected != self.protected {
+            self.protected = protected;
+            let unhealthy = health.iter().flatten().filter(|h| !h.healthy).count();
+            if protected {
+                info!(%service, unhealthy, total = health.len(), threshold, "too many instances unhealthy: healthy-only subscribers are shown all of them, marked");
+            } else {
+                info!(%service, unhealthy, total = health.len(), threshold, "healthy-only subscribers are shown healthy instances only again");
+            }
+        }
+        let entries: Vec<&Bytes> = self.entries.values().collect();
+        let frame = snapshot_frame(
+            service,
+            self.version,
+            shown.iter().map(|i| entries[*i]),
+            max_frame,
+        )?;
+        self.healthy = Some((self.version, frame.clone()));
+        Ok(frame)
     }
 
     /// The delta from `base`, or `None` when the history does not reach it or the snapshot would
