@@ -64,8 +64,26 @@ enum Command {
     Publish(client_cmd::PublishArgs),
     /// Print every snapshot of a service as one JSON object per line, until Ctrl-C.
     Subscribe(client_cmd::SubscribeArgs),
-    /// List the services that have publishers, with their publisher counts.
+    /// List the services that have publishers, with their publisher counts and how many of them
+    /// are healthy.
     Ls(client_cmd::LsArgs),
+    /// Register a persistent instance: one the registry keeps until `roster deregister`.
+    ///
+    /// A persistent instance stands for something that cannot run a Roster client itself (a
+    /// database, an appliance, a service outside the cluster). The registry's meta group stores
+    /// it; it is bound to no client or connection, so it stays after this command exits and
+    /// through restarts of every server, until `roster deregister SERVICE ID` removes it.
+    /// Registering the same SERVICE and ID again replaces it. Subscribers see it as a publisher
+    /// with `"persistent": true`, client id `~persistent` and register id ID. Prints `registered
+    /// SERVICE ID` once a quorum of the meta group has it on disk.
+    ///
+    /// With --check the registry probes it and marks it healthy or unhealthy (see --check).
+    Register(client_cmd::RegisterArgs),
+    /// Remove a persistent instance registered with `roster register`.
+    ///
+    /// Prints `deregistered SERVICE ID`; fails (exit code 1) when SERVICE has no persistent
+    /// instance ID.
+    Deregister(client_cmd::DeregisterArgs),
     /// Operate the meta group: status, add-meta, remove-meta, transfer-leader.
     Cluster(cluster_cmd::ClusterArgs),
     /// Manage access: create, list and revoke tokens (`roster acl token ...`).
@@ -129,6 +147,8 @@ fn main() -> ExitCode {
             Command::Publish(args) => client_cmd::publish(args).await,
             Command::Subscribe(args) => client_cmd::subscribe(args).await,
             Command::Ls(args) => client_cmd::ls(args).await,
+            Command::Register(args) => client_cmd::register(args).await,
+            Command::Deregister(args) => client_cmd::deregister(args).await,
             Command::Cluster(args) => cluster_cmd::run(args).await,
             Command::Acl(args) => acl_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,

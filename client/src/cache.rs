@@ -1,8 +1,10 @@
 //! The on-disk cache of the last snapshot of every subscribed service.
 //!
 //! One file per service, named by a hash of the service id and holding the MessagePack of the
-//! snapshot (which names its service, checked on load). Files are replaced by writing a temporary
-//! file and renaming it; a torn or foreign file is ignored.
+//! snapshot (which names its service, checked on load). A healthy-only subscription's snapshots
+//! are filtered by the session, so they are kept apart, under a hash that also says so: a plain
+//! subscriber must not start from a set with the unhealthy publishers left out. Files are replaced
+//! by writing a temporary file and renaming it; a torn or foreign file is ignored.
 //!
 //! Writing a file costs the size of the service, so it is not done on every change: services
 //! whose snapshot changed are marked, and [`keep`] writes the marked ones every [`FLUSH_EVERY`]
@@ -39,22 +41,24 @@ impl Cache {
         })
     }
 
-    fn path(&self, service: &ServiceId) -> PathBuf {
-        let hash = Digest::entry(service.as_str(), "", 0);
+    fn path(&self, service: &ServiceId, healthy_only: bool) -> PathBuf {
+        let kind = if healthy_only { "healthy-only" } else { "" };
+        let hash = Digest::entry(service.as_str(), kind, 0);
         self.dir.join(format!("{hash:016x}.snapshot"))
     }
 
-    /// The cached snapshot of `service`, if a valid one is there.
-    pub fn load(&self, service: &ServiceId) -> Option<Snapshot> {
-        let bytes = std::fs::read(self.path(service)).ok()?;
+    /// The cached snapshot of `service` (as a healthy-only subscription saw it, or not), if a
+    /// valid one is there.
+    pub fn load(&self, service: &ServiceId, healthy_only: bool) -> Option<Snapshot> {
+        let bytes = std::fs::read(self.path(service, healthy_only)).ok()?;
         let snapshot: proto::Snapshot = rmp_serde::from_slice(&bytes).ok()?;
         (snapshot.service == *service).then(|| Snapshot::from_wire(snapshot))
     }
 
     /// Stores `snapshot` as the last of its service. Failures are logged and otherwise ignored:
     /// the cache is a convenience, never a reason to fail.
-    pub fn store(&self, snapshot: &proto::Snapshot) {
-        let path = self.path(&snapshot.service);
+    pub fn store(&self, snapshot: &proto::Snapshot, healthy_only: bool) {
+        let path = self.path(&snapshot.service, healthy_only);
         let tmp = path.with_extension("tmp");
         let result = rmp_serde::to_vec_named(snapshot)
             .map_err(std::io::Error::other)
@@ -76,10 +80,10 @@ pub(crate) fn flush(inner: &Inner) {
             .lock()
             .subscriptions
             .get(&service)
-            .and_then(|s| s.tx.borrow().clone());
+            .and_then(|s| Some((s.tx.borrow().clone()?, s.healthy_only)));
         // Copied out of the shared snapshot outside the registry's lock.
-        if let Some(snapshot) = snapshot {
-            cache.store(&snapshot.to_wire());
+        if let Some((snapshot, healthy_only)) = snapshot {
+            cache.store(&snapshot.to_wire(), healthy_only);
         }
     }
 }

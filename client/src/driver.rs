@@ -12,16 +12,16 @@ use quinn::{Connection, ConnectionError};
 use rand::seq::SliceRandom;
 use roster_common::proto::{
     self, CAPABILITY_DELTA, CLOSE_SLOW_CONSUMER, ClientRequest, ClientResponse, Delta,
-    PROTOCOL_VERSION, Push, Scope,
+    PROTOCOL_VERSION, Push,
 };
-use roster_common::{Error, RegisterId, Result, ServiceId, frame, quic, rpc};
+use roster_common::{Error, Result, frame, quic, rpc};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::accept::{DeltaVerdict, accept, judge_delta, snapshot_is_newer};
 use crate::liveness::Liveness;
 use crate::snapshot::Snapshot;
-use crate::{ConnectionState, Inner, Live, SubscriptionState, publish_request};
+use crate::{ConnectionState, Inner, Live, SubscriptionState, publish_request, subscribe_request};
 
 /// Registrations sent at once on a new connection, besides the application's `max_in_flight`.
 pub(crate) const REGISTER_CONCURRENCY: usize = 16;
@@ -174,25 +174,19 @@ async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) 
 /// the whole (the caller tries another server); a refusal of one registration is logged and the
 /// rest go on.
 async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
-    let requests: Vec<ClientRequest> =
-        {
-            let registry = inner.registry.lock();
-            registry
-                .publications
-                .iter()
-                // A publication whose first publish is still being made is sent by that publish.
-                .filter(|(_, state)| state.client_version > 0)
-                .map(|(id, state)| publish_request(id, state))
-                .chain(registry.subscriptions.iter().map(|(service, sub)| {
-                    ClientRequest::Subscribe {
-                        healthy_only: false,
-                        register_id: sub.register_id.clone(),
-                        service: service.clone(),
-                        scope: Scope::Global,
-                    }
-                }))
-                .collect()
-        };
+    let requests: Vec<ClientRequest> = {
+        let registry = inner.registry.lock();
+        registry
+            .publications
+            .iter()
+            // A publication whose first publish is still being made is sent by that publish.
+            .filter(|(_, state)| state.client_version > 0)
+            .map(|(id, state)| publish_request(id, state))
+            .chain(registry.subscriptions.iter().map(|(service, sub)| {
+                subscribe_request(sub.register_id.clone(), service.clone(), sub.healthy_only)
+            }))
+            .collect()
+    };
     let count = requests.len();
     let results: Vec<Result<ClientResponse>> =
         futures_util::stream::iter(requests.into_iter().map(|request| async move {
@@ -433,9 +427,9 @@ async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
                 }
                 Ok(Push::Delta(delta)) => {
                     inner.stats.deltas.fetch_add(1, Ordering::Relaxed);
-                    if let Some((register_id, service)) = deliver_delta(&inner, delta) {
+                    if let Some(request) = deliver_delta(&inner, delta) {
                         inner.stats.resyncs.fetch_add(1, Ordering::Relaxed);
-                        crate::io::spawn(resync(inner.clone(), conn.clone(), register_id, service));
+                        crate::io::spawn(resync(inner.clone(), conn.clone(), request));
                     }
                 }
                 Ok(Push::GoAway { reason }) => {
@@ -473,9 +467,9 @@ fn deliver_snapshot(inner: &Inner, snapshot: proto::Snapshot) {
     publish(inner, entry);
 }
 
-/// Applies a delta to the subscription's snapshot. Returns the subscription to resync when the
-/// delta does not start from the version held (which a correct server never sends).
-fn deliver_delta(inner: &Inner, delta: Delta) -> Option<(RegisterId, ServiceId)> {
+/// Applies a delta to the subscription's snapshot. Returns the `Subscribe` that resyncs it when
+/// the delta does not start from the version held (which a correct server never sends).
+fn deliver_delta(inner: &Inner, delta: Delta) -> Option<ClientRequest> {
     let mut registry = inner.registry.lock();
     let entry = registry.subscriptions.get_mut(&delta.service)?;
     let held = entry.latest.as_ref().map(|l| l.version);
@@ -488,7 +482,11 @@ fn deliver_delta(inner: &Inner, delta: Delta) -> Option<(RegisterId, ServiceId)>
         }
         DeltaVerdict::Resync => {
             warn!(service = %delta.service, base = delta.base, version = delta.version, "a push does not follow the version held; asking for the full snapshot");
-            Some((entry.register_id.clone(), delta.service))
+            Some(subscribe_request(
+                entry.register_id.clone(),
+                delta.service,
+                entry.healthy_only,
+            ))
         }
     }
 }
@@ -514,13 +512,7 @@ fn publish(inner: &Inner, entry: &mut SubscriptionState) {
 }
 
 /// Subscribes again under the same register id: the server answers with the full snapshot.
-async fn resync(inner: Arc<Inner>, conn: Connection, register_id: RegisterId, service: ServiceId) {
-    let request = ClientRequest::Subscribe {
-        healthy_only: false,
-        register_id,
-        service,
-        scope: Scope::Global,
-    };
+async fn resync(inner: Arc<Inner>, conn: Connection, request: ClientRequest) {
     if let Err(e) = rpc::call::<_, ClientResponse>(
         &conn,
         &request,

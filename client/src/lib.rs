@@ -46,6 +46,32 @@
 //! Errors are [`Error`]s with a wire code; [`Error::is_retryable`] tells a caller whether trying
 //! again may help. A publish made while no session server is reachable succeeds as not durable
 //! ([`Publication::is_durable`]) and is registered when the client reconnects.
+//!
+//! # Persistent instances and health checks
+//!
+//! What cannot run an SDK (a database, an appliance, a service outside the cluster) is registered
+//! for it as a *persistent instance* with [`Client::register_persistent`]: the registry's meta
+//! group stores it, it is bound to no client or connection, and it stays until
+//! [`Client::deregister_persistent`] removes it; registering the same id again replaces it.
+//! Subscribers see it like any publisher, with [`PublisherView::persistent`] set. Any instance,
+//! persistent or published, may carry a [`CheckSpec`] that the registry probes; the verdict is in
+//! [`PublisherView::health`], and a subscription made with [`SubscribeOptions::healthy_only`]
+//! leaves unhealthy publishers out.
+//!
+//! ```ignore
+//! use roster_client::{CheckSpec, SubscribeOptions};
+//!
+//! client
+//!     .register_persistent("billing-db", "primary", vec!["10.0.0.9:5432".into()])
+//!     .attribute("zone", "eu-1a")
+//!     .check(CheckSpec::new("tcp"))
+//!     .await?;
+//! let healthy = client
+//!     .subscribe_with("billing-db", SubscribeOptions { healthy_only: true })
+//!     .await?;
+//! // Later, when the database is retired:
+//! client.deregister_persistent("billing-db", "primary").await?;
+//! ```
 
 mod accept;
 mod cache;
@@ -53,7 +79,9 @@ mod config;
 mod driver;
 mod io;
 mod liveness;
+mod persistent;
 mod publication;
+mod retry;
 mod snapshot;
 mod subscription;
 
@@ -74,13 +102,16 @@ use tracing::debug;
 
 pub use config::ClientConfig;
 pub use io::endpoint;
+pub use persistent::PersistentBuilder;
 pub(crate) use publication::publish_request;
 pub use publication::{Publication, PublishBuilder};
 pub use roster_common::acl::Secret;
+pub use roster_common::health::{CheckSpec, Health};
+pub use roster_common::ids::PERSISTENT_CLIENT_ID;
 pub use roster_common::proto::{PublisherView, ServiceSummary};
 pub use roster_common::{Error, ErrorCode, Result, ServiceId, Version};
 pub use snapshot::{Event, Publishers, Snapshot, diff};
-pub use subscription::{Events, Subscription};
+pub use subscription::{Events, SubscribeOptions, Subscription};
 
 /// What the client's connection is doing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,10 +167,14 @@ pub(crate) struct PublicationState {
     pub data: Vec<Bytes>,
     pub attributes: BTreeMap<String, String>,
     pub client_version: u64,
+    /// Sent with every registration, so a new session server asks the data tier to keep checking.
+    pub check: Option<CheckSpec>,
 }
 
 pub(crate) struct SubscriptionState {
     pub register_id: RegisterId,
+    /// Asked for again on every new connection: the session filters, not the client.
+    pub healthy_only: bool,
     /// What the readers see: the latest snapshot, unless `refuse_empty` withheld it.
     pub tx: watch::Sender<Option<Snapshot>>,
     /// The latest snapshot received, which deltas apply to.
@@ -399,24 +434,59 @@ impl Client {
     /// Subscribes to `service`. Subscribing twice to one service shares one registration. While
     /// the client is not connected this returns at once — with the cached snapshot as the current
     /// value when `cache_dir` has one — and the subscription is registered on connecting.
+    ///
+    /// Every publisher is shown, persistent instances and unhealthy ones included: see
+    /// [`PublisherView::persistent`] and [`PublisherView::health`].
     pub async fn subscribe(&self, service: impl AsRef<str>) -> Result<Subscription> {
+        self.subscribe_with(service, SubscribeOptions::default())
+            .await
+    }
+
+    /// Subscribes to `service` as `options` say, e.g. to be shown only healthy publishers with
+    /// `SubscribeOptions { healthy_only: true }`.
+    ///
+    /// The session server pushes one set of publishers per service to a connection, so a client
+    /// holds one kind of subscription per service at a time: asking for a healthy-only one while
+    /// a plain one of the same service is held (or the other way round) fails with
+    /// [`Error::InvalidArgument`]. Use a second [`Client`] for the other kind.
+    pub async fn subscribe_with(
+        &self,
+        service: impl AsRef<str>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription> {
         let service: ServiceId = service.as_ref().parse()?;
+        let healthy_only = options.healthy_only;
         let inner = &self.handle.inner;
         let (rx, register_id) = {
             let mut registry = inner.registry.lock();
             match registry.subscriptions.get_mut(&service) {
+                Some(entry) if entry.healthy_only != healthy_only => {
+                    return Err(Error::InvalidArgument(format!(
+                        "this client already subscribes to {service} {}; one client holds one \
+                         kind of subscription per service",
+                        if entry.healthy_only {
+                            "healthy-only"
+                        } else {
+                            "to every publisher"
+                        }
+                    )));
+                }
                 Some(entry) => {
                     entry.handles += 1;
                     (entry.tx.subscribe(), None)
                 }
                 None => {
                     let register_id = inner.new_register_id("s", &registry);
-                    let cached = inner.cache.as_ref().and_then(|c| c.load(&service));
+                    let cached = inner
+                        .cache
+                        .as_ref()
+                        .and_then(|c| c.load(&service, healthy_only));
                     let (tx, rx) = watch::channel(cached.clone());
                     registry.subscriptions.insert(
                         service.clone(),
                         SubscriptionState {
                             register_id: register_id.clone(),
+                            healthy_only,
                             tx,
                             latest: cached,
                             handles: 1,
@@ -433,12 +503,7 @@ impl Client {
             rx,
         };
         if let Some(register_id) = register_id {
-            let request = ClientRequest::Subscribe {
-                healthy_only: false,
-                register_id,
-                service,
-                scope: Scope::Global,
-            };
+            let request = subscribe_request(register_id, service, healthy_only);
             if inner.live.read().is_none() {
                 // Not connected: return at once (with the cached snapshot, if any) and register
                 // as soon as a connection is up. Registering from here too closes the gap where
@@ -460,6 +525,40 @@ impl Client {
             }
         }
         Ok(subscription)
+    }
+
+    /// Registers (or replaces) the persistent instance `id` of `service`, sent when the returned
+    /// builder ([`PersistentBuilder`]: attributes, a check) is awaited; the crate documentation
+    /// has an example.
+    ///
+    /// A persistent instance is for what cannot run an SDK itself (a database, an appliance, a
+    /// service outside the cluster): it is not bound to this client or its connection, and stays
+    /// — through this client's end and through restarts of every server — until
+    /// [`Client::deregister_persistent`] removes it. Registering the same `service` and `id` again
+    /// replaces it (data, attributes, check). Subscribers see it as a publisher whose `client_id`
+    /// is [`PERSISTENT_CLIENT_ID`], whose `register_id` is `id`, with
+    /// [`PublisherView::persistent`] set.
+    ///
+    /// Needs `publish` permission in the service's namespace. Returns once a quorum of the meta
+    /// group has it on disk; an `id` or data the registry refuses, or a bad check, fails with
+    /// [`Error::InvalidArgument`].
+    pub fn register_persistent(
+        &self,
+        service: impl AsRef<str>,
+        id: impl Into<String>,
+        data: Vec<Bytes>,
+    ) -> PersistentBuilder<'_> {
+        PersistentBuilder::new(self, service.as_ref().parse(), id.into(), data)
+    }
+
+    /// Removes the persistent instance `id` of `service`; subscribers see it go. Fails with
+    /// [`Error::NotFound`] when there is none.
+    pub async fn deregister_persistent(
+        &self,
+        service: impl AsRef<str>,
+        id: impl Into<String>,
+    ) -> Result<()> {
+        persistent::deregister(self, service.as_ref(), id.into()).await
     }
 
     /// Every service with at least one publisher, with its publisher count.
@@ -517,7 +616,7 @@ impl Handle {
                 && self.inner.cache_dirty.lock().remove(service)
                 && let Some(snapshot) = entry.tx.borrow().as_ref()
             {
-                cache.store(&snapshot.to_wire());
+                cache.store(&snapshot.to_wire(), entry.healthy_only);
             }
             let _ = self.inner.background_tx.send(ClientRequest::Unsubscribe {
                 register_id: entry.register_id,
@@ -540,22 +639,38 @@ impl Inner {
     }
 
     /// Sends `request` on the current connection. If there is none, or it breaks, waits (up to
-    /// the request timeout) for the next one and tries once more there.
+    /// the request timeout) for the next one and tries there; a server that answers
+    /// `Unavailable` is asked again after a pause (see `retry`).
     pub(crate) async fn call(&self, request: &ClientRequest) -> Result<ClientResponse> {
+        self.call_noting_resends(request).await.0
+    }
+
+    /// As [`Inner::call`], also telling whether the request was sent again after an attempt that
+    /// may have been carried out (its connection broke while the answer was awaited).
+    pub(crate) async fn call_noting_resends(
+        &self,
+        request: &ClientRequest,
+    ) -> (Result<ClientResponse>, bool) {
         let timeout = self.config.request_timeout();
         let deadline = Instant::now() + timeout;
-        let _permit = tokio::time::timeout(timeout, self.app_requests.acquire())
-            .await
-            .map_err(|_| {
-                Error::Timeout(format!(
+        let permit = tokio::time::timeout(timeout, self.app_requests.acquire()).await;
+        let _permit = match permit {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return (Err(Error::Unavailable("client closed".into())), false),
+            Err(_) => {
+                let error = Error::Timeout(format!(
                     "{} requests stayed in flight for {timeout:?} (max_in_flight)",
                     self.config.max_in_flight
-                ))
-            })?
-            .map_err(|_| Error::Unavailable("client closed".into()))?;
-        let mut attempts = 0;
+                ));
+                return (Err(error), false);
+            }
+        };
+        let mut attempt = 0;
+        let mut maybe_applied = false;
+        let mut resent = false;
         loop {
-            attempts += 1;
+            attempt += 1;
+            resent |= maybe_applied;
             let live = self.live.read().clone();
             let result = match &live {
                 Some(live) => rpc::call(&live.conn, request, self.config.max_frame, timeout).await,
@@ -563,34 +678,99 @@ impl Inner {
                     "not connected to a session server".into(),
                 )),
             };
-            match result {
-                Err(Error::Connection(_) | Error::Unavailable(_))
-                    if attempts < 3 && Instant::now() < deadline =>
-                {
-                    // Wait for a different connection than the one that failed.
-                    let failed = live.map(|l| l.conn.stable_id());
-                    let mut state = self.state_tx.subscribe();
-                    let next = async {
-                        loop {
-                            if self.shutdown.is_cancelled() {
-                                return false;
-                            }
-                            let current = self.live.read().as_ref().map(|l| l.conn.stable_id());
-                            if current.is_some() && current != failed {
-                                return true;
-                            }
-                            if state.changed().await.is_err() {
-                                return false;
-                            }
-                        }
-                    };
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if !matches!(tokio::time::timeout(left, next).await, Ok(true)) {
-                        return Err(Error::Unavailable("no session server reachable".into()));
+            let error = match result {
+                Ok(response) => return (Ok(response), resent),
+                Err(error) => error,
+            };
+            let connected = live.is_some();
+            maybe_applied |= retry::maybe_applied(&error, connected);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match retry::after_failure(&error, connected, attempt, left) {
+                retry::Retry::GiveUp => return (Err(error), resent),
+                retry::Retry::After(pause) => {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return (Err(error), resent),
+                        _ = tokio::time::sleep(pause) => {}
                     }
                 }
-                other => return other,
+                retry::Retry::OnNextConnection => {
+                    let failed = live.map(|l| l.conn.stable_id());
+                    if !self.wait_for_other_connection(failed, left).await {
+                        let error = if connected {
+                            Error::Unavailable(format!(
+                                "no session server reachable (the last one: {error})"
+                            ))
+                        } else {
+                            Error::Unavailable("no session server reachable".into())
+                        };
+                        return (Err(error), resent);
+                    }
+                }
             }
         }
+    }
+
+    /// Waits up to `left` for a connection other than `failed` to be in use; false if none came
+    /// or the client closed.
+    async fn wait_for_other_connection(&self, failed: Option<usize>, left: Duration) -> bool {
+        let mut state = self.state_tx.subscribe();
+        let next = async {
+            loop {
+                if self.shutdown.is_cancelled() {
+                    return false;
+                }
+                let current = self.live.read().as_ref().map(|l| l.conn.stable_id());
+                if current.is_some() && current != failed {
+                    return true;
+                }
+                if state.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        matches!(tokio::time::timeout(left, next).await, Ok(true))
+    }
+}
+
+/// The `Subscribe` that registers (or, under the same register id, resyncs) a subscription.
+pub(crate) fn subscribe_request(
+    register_id: RegisterId,
+    service: ServiceId,
+    healthy_only: bool,
+) -> ClientRequest {
+    ClientRequest::Subscribe {
+        register_id,
+        service,
+        scope: Scope::Global,
+        healthy_only,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the crate documentation (not a doctest, which would need a cluster to run
+    /// against): kept compiling here.
+    #[allow(dead_code)]
+    async fn persistent_example(client: Client) -> Result<()> {
+        client
+            .register_persistent("billing-db", "primary", vec!["10.0.0.9:5432".into()])
+            .attribute("zone", "eu-1a")
+            .check(CheckSpec::new("tcp"))
+            .await?;
+        let _healthy = client
+            .subscribe_with("billing-db", SubscribeOptions { healthy_only: true })
+            .await?;
+        client
+            .deregister_persistent("billing-db", "primary")
+            .await?;
+        Ok(())
+    }
+
+    /// Awaiting a registration from a spawned task needs its future to be `Send`.
+    #[allow(dead_code)]
+    fn registrations_can_be_spawned(client: Client) {
+        tokio::spawn(async move { client.register_persistent("svc", "id", vec![]).send().await });
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use roster_common::health::CheckSpec;
 use roster_common::proto::{ClientRequest, ClientResponse};
 use roster_common::{Error, RegisterId, Result, ServiceId, ids};
 use tracing::debug;
@@ -17,6 +18,7 @@ pub struct PublishBuilder<'a> {
     service: Result<ServiceId>,
     register_id: Option<RegisterId>,
     attributes: BTreeMap<String, String>,
+    check: Option<CheckSpec>,
 }
 
 impl<'a> PublishBuilder<'a> {
@@ -26,6 +28,7 @@ impl<'a> PublishBuilder<'a> {
             service,
             register_id: None,
             attributes: BTreeMap::new(),
+            check: None,
         }
     }
 
@@ -46,6 +49,19 @@ impl<'a> PublishBuilder<'a> {
     /// Replaces the attributes.
     pub fn attributes(mut self, attributes: BTreeMap<String, String>) -> Self {
         self.attributes = attributes;
+        self
+    }
+
+    /// Has the registry check the instance while it is published (see [`CheckSpec`]): the data
+    /// server leading its slot probes it every interval and marks it unhealthy after `fall`
+    /// failed probes in a row, healthy again after `rise` good ones. It starts healthy, and is
+    /// marked, never removed: it still goes away only when unpublished or when this client does.
+    /// Subscribers see the verdict in its `health`; healthy-only subscribers
+    /// ([`crate::SubscribeOptions`]) are not shown it while it is unhealthy. The check is sent
+    /// again with every re-registration on a new session server. A bad check fails the publish
+    /// with [`Error::InvalidArgument`].
+    pub fn check(mut self, check: CheckSpec) -> Self {
+        self.check = Some(check);
         self
     }
 
@@ -78,6 +94,7 @@ impl<'a> PublishBuilder<'a> {
                     data: Vec::new(),
                     attributes: self.attributes.clone(),
                     client_version: 0,
+                    check: self.check.clone(),
                 },
             );
             register_id
@@ -87,6 +104,7 @@ impl<'a> PublishBuilder<'a> {
             register_id,
             service,
             attributes: self.attributes,
+            check: self.check,
             durable: false,
             active: false,
         };
@@ -102,6 +120,7 @@ pub struct Publication {
     register_id: RegisterId,
     service: ServiceId,
     attributes: BTreeMap<String, String>,
+    check: Option<CheckSpec>,
     durable: bool,
     active: bool,
 }
@@ -142,6 +161,7 @@ impl Publication {
                     data: Vec::new(),
                     attributes: self.attributes.clone(),
                     client_version: 0,
+                    check: self.check.clone(),
                 });
             state.client_version += 1;
             state.data = data;
@@ -220,11 +240,42 @@ impl Drop for Publication {
 
 pub(crate) fn publish_request(register_id: &str, state: &PublicationState) -> ClientRequest {
     ClientRequest::Publish {
-        check: None,
         register_id: register_id.to_owned(),
         service: state.service.clone(),
         data: state.data.clone(),
         attributes: state.attributes.clone(),
         client_version: state.client_version,
+        check: state.check.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registration_carries_the_check() {
+        let mut state = PublicationState {
+            service: "demo".parse().unwrap(),
+            data: vec![Bytes::from_static(b"10.0.0.7:8080")],
+            attributes: BTreeMap::new(),
+            client_version: 3,
+            check: Some(CheckSpec::new("tcp")),
+        };
+        let ClientRequest::Publish {
+            check,
+            client_version,
+            ..
+        } = publish_request("p1", &state)
+        else {
+            panic!("not a Publish");
+        };
+        assert_eq!(check, Some(CheckSpec::new("tcp")));
+        assert_eq!(client_version, 3);
+        state.check = None;
+        assert!(matches!(
+            publish_request("p1", &state),
+            ClientRequest::Publish { check: None, .. }
+        ));
     }
 }

@@ -79,6 +79,13 @@ impl Publishers {
         self.0.values().map(|p| &**p)
     }
 
+    /// The publishers not marked unhealthy — healthy, or not checked — in the same order. Their
+    /// checks' verdicts are in each publisher's [`PublisherView::health`].
+    pub fn healthy(&self) -> impl DoubleEndedIterator<Item = &PublisherView> + '_ {
+        self.iter()
+            .filter(|p| p.health.as_ref().is_none_or(|h| h.healthy))
+    }
+
     /// Every publisher, shared: cloning one costs a pointer.
     pub fn iter_shared(&self) -> impl DoubleEndedIterator<Item = &Arc<PublisherView>> + '_ {
         self.0.values()
@@ -120,7 +127,9 @@ impl fmt::Debug for Publishers {
     }
 }
 
-/// All live publishers of one service at one version, as the registry last told this client.
+/// All live publishers of one service at one version, as the registry last told this client:
+/// ephemeral publishers and persistent instances ([`PublisherView::persistent`]) alike, each
+/// with its check's verdict when it is checked ([`PublisherView::health`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
     pub service: ServiceId,
@@ -171,7 +180,7 @@ impl Snapshot {
 pub enum Event {
     Added(Arc<PublisherView>),
     Removed(Arc<PublisherView>),
-    /// Same publisher (client and register id), new data, attributes or version.
+    /// Same publisher (client and register id), new data, attributes, version or health.
     Changed {
         old: Arc<PublisherView>,
         new: Arc<PublisherView>,
@@ -266,6 +275,51 @@ mod tests {
             ]
         );
         assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_health_change_is_a_change_and_unhealthy_publishers_are_set_apart() {
+        use roster_common::health::Health;
+
+        let persistent = PublisherView {
+            client_id: roster_common::ids::PERSISTENT_CLIENT_ID.into(),
+            persistent: true,
+            health: Some(Health::unchecked()),
+            ..view("db", "10.0.0.9:5432")
+        };
+        let old = snapshot(1, &[view("a", "1"), persistent.clone()]);
+        let failing = PublisherView {
+            health: Some(Health {
+                healthy: false,
+                checked_ms: 7,
+                failure: Some("connection refused".into()),
+            }),
+            ..persistent.clone()
+        };
+        let mut new = old.clone();
+        assert!(new.apply(Delta {
+            service: old.service.clone(),
+            base: 1,
+            version: 2,
+            put: vec![failing.clone()],
+            removed: vec![],
+        }));
+        assert_eq!(
+            diff(&old, &new),
+            vec![Event::Changed {
+                old: persistent.clone().into(),
+                new: failing.into()
+            }]
+        );
+        let names = |s: &Snapshot| -> Vec<String> {
+            s.publishers
+                .healthy()
+                .map(|p| p.register_id.clone())
+                .collect()
+        };
+        assert_eq!(names(&old), ["a", "db"], "unchecked counts as healthy");
+        assert_eq!(names(&new), ["a"]);
+        assert_eq!(new.publishers.len(), 2, "marked, not removed");
     }
 
     #[test]

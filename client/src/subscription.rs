@@ -14,6 +14,22 @@ use tokio_stream::wrappers::WatchStream;
 use crate::Handle;
 use crate::snapshot::{Event, Snapshot, diff};
 
+/// How a subscription is served, for [`crate::Client::subscribe_with`]. The default is what
+/// [`crate::Client::subscribe`] does: every publisher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Be shown only the publishers that are healthy or not checked, filtered by the session
+    /// server — unless more than its protection threshold (half, by default) of the service's
+    /// publishers are unhealthy: then every publisher is shown, the unhealthy ones marked in their
+    /// `health`, so that a checker cut off from the network cannot empty a service. A snapshot of
+    /// a healthy-only subscription holding an unhealthy publisher means that protection applies.
+    ///
+    /// Such a subscription is pushed the whole filtered set on every change of the service, not
+    /// what changed: for very large services subscribe to every publisher and filter on
+    /// [`crate::PublisherView::health`] instead.
+    pub healthy_only: bool,
+}
+
 /// Snapshots of one service, as a `Stream`: each item is newer than the last; a reader that falls
 /// behind skips to the newest. Items are shared, not copied (see [`Snapshot`]): every reader of a
 /// service gets the same one. Dropping the last handle of a service unsubscribes.
