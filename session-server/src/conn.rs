@@ -17,7 +17,7 @@
 //! Pushes go out on one unidirectional stream the server opens after `Hello`, written by a task
 //! that takes from the hub whatever is due each time it is free to write.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,6 +25,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use roster_common::acl::{Permission, Principal, failure_reason};
+use roster_common::health::CheckSpec;
 use roster_common::proto::{
     ClientRequest, ClientResponse, DataRequest, DataResponse, PersistentInstance, Publisher, Role,
     ServiceSummary, WriteOp,
@@ -38,6 +39,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::clients::Orphan;
 use crate::hello::{IdentityHold, adopt, await_hello, request_name, rights_lost};
 use crate::hub::ConnId;
+use crate::persistent;
 use crate::shared::{LinkEvent, Shared};
 use crate::{CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED};
 
@@ -229,10 +231,12 @@ async fn handle_request(
             client
                 .principal
                 .check(service.namespace(), Permission::Publish)?;
-            check_publisher_size(shared, &data, &attributes)?;
-            if let Some(check) = &check {
-                check.validate(&data)?;
-            }
+            check_publish(
+                shared.config().max_publisher_bytes,
+                &data,
+                &attributes,
+                check.as_ref(),
+            )?;
             {
                 let publishers = client.publishers.lock();
                 if !publishers.contains_key(&register_id)
@@ -392,19 +396,9 @@ async fn handle_request(
             attributes,
             check,
         } => {
-            roster_common::ids::check_id("id", &id)?;
             client
                 .principal
                 .check(service.namespace(), Permission::Publish)?;
-            check_publisher_size(shared, &data, &attributes)?;
-            if data.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "a persistent instance needs at least one data item".into(),
-                ));
-            }
-            if let Some(check) = &check {
-                check.validate(&data)?;
-            }
             let instance = PersistentInstance {
                 service,
                 id,
@@ -414,47 +408,54 @@ async fn handle_request(
                 registered_ms: roster_common::unix_millis(),
                 by: who(client),
             };
-            crate::persistent::register(shared, instance).await?;
+            persistent::check_instance(&instance, shared.config().max_publisher_bytes)?;
+            persistent::register(shared, instance).await?;
             Ok(ClientResponse::Accepted { durable: true })
         }
         ClientRequest::DeregisterPersistent { service, id } => {
-            roster_common::ids::check_id("id", &id)?;
             client
                 .principal
                 .check(service.namespace(), Permission::Publish)?;
-            crate::persistent::deregister(shared, service, id, who(client)).await?;
+            roster_common::ids::check_id("id", &id)?;
+            persistent::deregister(shared, service, id, who(client)).await?;
             Ok(ClientResponse::Accepted { durable: true })
         }
     }
 }
 
-/// Who asked, for the meta group's log: the token's id, or the client's id where the cluster checks
-/// no tokens.
+/// Who asked, as the meta group records it: the token's id, or the client's id where the cluster
+/// checks no tokens.
 fn who(client: &Client) -> String {
     match &client.principal.token_id {
-        Some(token) => format!("token {token}"),
-        None => format!("client {}", client.client_id),
+        Some(token) => token.clone(),
+        None => client.client_id.clone(),
     }
 }
 
-/// Refuses data and attributes over `--max-publisher-bytes`.
-fn check_publisher_size(
-    shared: &Shared,
+/// Refuses a publisher over `max_bytes` (`--max-publisher-bytes`) or with a check that cannot
+/// run.
+fn check_publish(
+    max_bytes: usize,
     data: &[Bytes],
-    attributes: &std::collections::BTreeMap<String, String>,
+    attributes: &BTreeMap<String, String>,
+    check: Option<&CheckSpec>,
 ) -> Result<()> {
-    let size: usize = data.iter().map(Bytes::len).sum::<usize>()
+    let size = publisher_size(data, attributes);
+    if size > max_bytes {
+        return Err(Error::LimitExceeded(format!(
+            "publisher of {size} bytes exceeds the limit of {max_bytes} bytes"
+        )));
+    }
+    check.map_or(Ok(()), |check| check.validate(data))
+}
+
+/// The bytes a publisher's limit counts: its data items, attribute keys and values.
+pub(crate) fn publisher_size(data: &[Bytes], attributes: &BTreeMap<String, String>) -> usize {
+    data.iter().map(Bytes::len).sum::<usize>()
         + attributes
             .iter()
             .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>();
-    if size > shared.config().max_publisher_bytes {
-        return Err(Error::LimitExceeded(format!(
-            "publisher of {size} bytes exceeds the limit of {} bytes",
-            shared.config().max_publisher_bytes
-        )));
-    }
-    Ok(())
+            .sum::<usize>()
 }
 
 fn check_register_id(register_id: &str) -> Result<()> {
@@ -522,8 +523,16 @@ async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
             }
         }
     }
-    all.sort_by(|a, b| a.service.cmp(&b.service));
-    Ok(all)
+    Ok(merge_services(all))
+}
+
+/// The data servers' lists as one, sorted by service. Each lists the slots it leads; while a slot
+/// changes hands two may both list a service, and the copy at the higher version is kept whole
+/// (its counts, healthy ones included, belong together).
+fn merge_services(mut all: Vec<ServiceSummary>) -> Vec<ServiceSummary> {
+    all.sort_by(|a, b| a.service.cmp(&b.service).then(b.version.cmp(&a.version)));
+    all.dedup_by(|later, kept| later.service == kept.service);
+    all
 }
 
 /// After the connection ends: forget its subscribers and, unless the server is shutting down,
@@ -597,5 +606,64 @@ async fn cleanup(
         let _ = shared
             .forward(remove_op(shared, client, service, register_id, None), None)
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_with_a_bad_check_or_too_much_data_is_refused() {
+        let data = [Bytes::from_static(b"10.0.0.1:8080")];
+        let none = BTreeMap::new();
+        assert!(check_publish(64, &data, &none, None).is_ok());
+        assert!(check_publish(64, &data, &none, Some(&CheckSpec::new("tcp"))).is_ok());
+        for bad in [
+            CheckSpec::new("udp://10.0.0.1:53"),
+            CheckSpec {
+                interval_ms: 1,
+                ..CheckSpec::new("tcp")
+            },
+        ] {
+            let refused = check_publish(64, &data, &none, Some(&bad)).unwrap_err();
+            assert!(matches!(refused, Error::InvalidArgument(_)), "{refused}");
+        }
+        // A bare `tcp` check takes its address from the first data item.
+        let not_an_address = [Bytes::from_static(b"hello")];
+        assert!(matches!(
+            check_publish(64, &not_an_address, &none, Some(&CheckSpec::new("tcp"))),
+            Err(Error::InvalidArgument(_))
+        ));
+        let attributes = BTreeMap::from([("zone".to_owned(), "x".repeat(60))]);
+        assert!(matches!(
+            check_publish(64, &data, &attributes, None),
+            Err(Error::LimitExceeded(_))
+        ));
+    }
+
+    #[test]
+    fn merged_service_lists_keep_the_newest_copy_with_its_healthy_count() {
+        let summary = |service: &str, version, healthy| ServiceSummary {
+            service: service.parse().unwrap(),
+            publishers: 10,
+            version,
+            healthy,
+        };
+        // Data server 2 took "b" over from data server 1, which still lists its older copy.
+        let merged = merge_services(vec![
+            summary("c", 4, None),
+            summary("b", 7, Some(9)),
+            summary("a", 1, Some(3)),
+            summary("b", 9, Some(2)),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                summary("a", 1, Some(3)),
+                summary("b", 9, Some(2)),
+                summary("c", 4, None),
+            ]
+        );
     }
 }

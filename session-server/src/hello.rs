@@ -306,20 +306,21 @@ mod tests {
     #[test]
     fn a_hello_with_a_reserved_or_bad_client_id_is_refused() {
         let secret = [7u8; 32];
-        assert!(check_hello(1, "client-1", &secret).is_ok());
-        let reserved = check_hello(1, "~persistent", &secret).unwrap_err();
+        let v = roster_common::proto::PROTOCOL_VERSION;
+        assert!(check_hello(v, "client-1", &secret).is_ok());
+        let reserved = check_hello(v, "~persistent", &secret).unwrap_err();
         assert!(matches!(reserved, Error::InvalidArgument(_)), "{reserved}");
         assert!(reserved.to_string().contains("reserved"), "{reserved}");
         assert!(matches!(
-            check_hello(1, "", &secret),
+            check_hello(v, "", &secret),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            check_hello(1, "client-1", &[1u8; 4]),
+            check_hello(v, "client-1", &[1u8; 4]),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            check_hello(2, "client-1", &secret),
+            check_hello(v + 1, "client-1", &secret),
             Err(Error::UnsupportedVersion(_))
         ));
     }

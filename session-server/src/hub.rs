@@ -27,6 +27,9 @@
 //! window ago waits until the window has passed: a ceiling on pushes per service per connection.
 //! It is zero by default.
 //!
+//! A healthy-only subscription is pushed, at each version, the full snapshot of the publishers it
+//! is shown instead ([`healthy`]); plain subscriptions of the same service keep their deltas.
+//!
 //! Ordering: a subscription is pushed only versions newer than the last it was pushed; the cached
 //! datum never goes back to an older version; so every subscriber sees versions strictly increase,
 //! and every delta's `base` is exactly the version that subscription holds.
@@ -38,21 +41,23 @@
 //! [`PULL_BUDGET`] bytes at most. Changes held during a fetch are bounded by [`MAX_HELD`]; past it
 //! the service is fetched again instead.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use roster_common::proto::{Push, Snapshot};
-use roster_common::push::{encode_publisher, removed_len};
+use roster_common::proto::Push;
+use roster_common::push::removed_len;
 use roster_common::{ClientId, RegisterId, ServiceId, Version, frame};
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tracing::warn;
 
 use datum::Datum;
+pub use datum::Fetched;
 
 mod datum;
+mod healthy;
 
 /// A client connection's number within this session server.
 pub type ConnId = u64;
@@ -101,33 +106,6 @@ pub struct Change {
     pub prev: Version,
     pub version: Version,
     pub op: Op,
-}
-
-/// A datum fetched whole from the slot leader, its publishers encoded.
-#[derive(Clone, Debug)]
-pub struct Fetched {
-    pub service: ServiceId,
-    pub version: Version,
-    pub entries: BTreeMap<PubKey, Bytes>,
-}
-
-impl Fetched {
-    /// Encodes a fetched snapshot's publishers (done outside the hub's lock).
-    pub fn encode(snapshot: Snapshot) -> Fetched {
-        let entries = snapshot
-            .publishers
-            .into_iter()
-            .map(|p| {
-                let bytes = encode_publisher(&p);
-                ((p.client_id, p.register_id), bytes)
-            })
-            .collect();
-        Fetched {
-            service: snapshot.service,
-            version: snapshot.version,
-            entries,
-        }
-    }
 }
 
 /// What [`Hub::apply`] did with a change.
@@ -323,12 +301,6 @@ impl Hub {
         abandoned.sort();
         abandoned.dedup();
         abandoned
-    }
-
-    /// Sets the share of unhealthy publishers above which healthy-only subscribers are shown all
-    /// of a service's publishers (`--protection-threshold`).
-    pub fn set_protection_threshold(&mut self, threshold: f64) {
-        self.protection_threshold = threshold;
     }
 
     /// Subscribes `(conn, register_id)` to `service`, pushed every publisher. Subscribing again to
@@ -582,9 +554,7 @@ impl Hub {
                     continue;
                 }
                 let framed = if watch.healthy_only {
-                    datum
-                        .healthy_frame(&service, self.protection_threshold, self.max_frame)
-                        .map(|frame| (frame, PushKind::Snapshot))
+                    datum.healthy_frame(&service, self.protection_threshold, self.max_frame)
                 } else {
                     datum.frame(&service, watch.last, push.deltas, self.max_frame)
                 };
@@ -723,5 +693,3 @@ fn mark_watchers_due(
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tests_healthy;

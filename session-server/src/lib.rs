@@ -16,7 +16,9 @@
 //! ([`hub`]); a quiet service's change goes at once. Each connection is held to limits (connections
 //! per server, publishers, subscriptions and requests per connection, publisher size). Where the
 //! cluster checks tokens, `Hello` is authenticated ([`hello`]) and each request authorized against
-//! the token's namespaces ([`conn`]). Session servers balance their connection counts and drain on
+//! the token's namespaces ([`conn`]). Persistent instances are checked the same way and stored by
+//! the meta group, not here ([`persistent`]); a healthy-only subscription is pushed snapshots of
+//! the healthy publishers ([`hub`]). Session servers balance their connection counts and drain on
 //! shutdown with `GoAway`; [`links`] also decides when the data tier gets this session's digests,
 //! and [`repair`] sends them and the syncs they call for. The tasks share [`shared::Shared`].
 //!
@@ -113,7 +115,8 @@ pub struct SessionConfig {
     /// when well above it (`--balance-interval-ms`). Default 5 s.
     pub balance_interval: Duration,
     /// Above this share of a service's publishers unhealthy, a healthy-only subscriber is pushed
-    /// all of them, marked, rather than the few healthy ones (`--protection-threshold`). Default
+    /// all of them, marked, rather than the few healthy ones (`--protection-threshold`, 0 to 1: at
+    /// 0 one unhealthy publisher shows them all, at 1 the unhealthy are always hidden). Default
     /// 0.5.
     pub protection_threshold: f64,
     /// Faults injected into this server's calls to its peers (tests only). Default none.
@@ -159,7 +162,8 @@ impl SessionConfig {
         }
         if !(0.0..=1.0).contains(&self.protection_threshold) {
             return Err(Error::InvalidArgument(format!(
-                "the protection threshold {} is a share: between 0 and 1",
+                "--protection-threshold {}: expected a share of a service's publishers, from 0 \
+                 to 1 (0.5 is half)",
                 self.protection_threshold
             )));
         }
@@ -176,5 +180,27 @@ impl SessionConfig {
         self.client_transport.transport(false)?;
         self.peer_transport.transport(false)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protection_threshold_is_a_share() {
+        let mut config = SessionConfig::new(1, vec!["127.0.0.1:7000".into()]);
+        for ok in [0.0, 0.5, 1.0] {
+            config.protection_threshold = ok;
+            assert!(config.validate().is_ok(), "{ok}");
+        }
+        for bad in [-0.1, 1.5, f64::NAN] {
+            config.protection_threshold = bad;
+            let refused = config.validate().unwrap_err();
+            assert!(
+                refused.to_string().contains("--protection-threshold"),
+                "{refused}"
+            );
+        }
     }
 }

@@ -297,4 +297,18 @@ mod tests {
         owned.reassign(&a.service, "c", "r1", 1, 3);
         assert!(owned.remove_held_by(&a.service, "c", "r1", 2));
     }
+
+    #[test]
+    fn a_resync_carries_the_check_and_never_a_health_or_persistence() {
+        let mut owned = Owned::new(1, 7);
+        let mut a = publisher("demo", "r1", 1);
+        a.check = Some(roster_common::health::CheckSpec::new("tcp://10.0.0.1:80"));
+        let slot = slot_of(&a.service, 256);
+        // Whatever a caller hands in, only the client's own fields are kept.
+        let mut handed = a.clone();
+        handed.health = Some(roster_common::health::Health::unchecked());
+        handed.persistent = true;
+        owned.put(handed, 1);
+        assert_eq!(owned.in_slot(slot, 256), vec![a]);
+    }
 }

@@ -1,17 +1,44 @@
 //! One service's cached datum: its publishers, encoded as they are pushed, the recent history of
 //! changes that led to them, and the push frames built from both (see the hub's essay for how
-//! they are used and bounded).
+//! they are used and bounded); and a datum as it arrives whole from the slot leader.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
-use roster_common::health::{Health, healthy_view};
-use roster_common::push::{delta_frame, snapshot_frame};
+use roster_common::proto::Snapshot;
+use roster_common::push::{delta_frame, encode_publisher, snapshot_frame};
 use roster_common::{Result, ServiceId, Version};
-use tracing::info;
 
+use super::healthy::HealthIndex;
 use super::{MAX_STEPS, MIN_STEPS, Op, PubKey, PushKind};
+
+/// A datum fetched whole from the slot leader, its publishers encoded.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub service: ServiceId,
+    pub version: Version,
+    pub entries: BTreeMap<PubKey, Bytes>,
+}
+
+impl Fetched {
+    /// Encodes a fetched snapshot's publishers (done outside the hub's lock).
+    pub fn encode(snapshot: Snapshot) -> Fetched {
+        let entries = snapshot
+            .publishers
+            .into_iter()
+            .map(|p| {
+                let bytes = encode_publisher(&p);
+                ((p.client_id, p.register_id), bytes)
+            })
+            .collect();
+        Fetched {
+            service: snapshot.service,
+            version: snapshot.version,
+            entries,
+        }
+    }
+}
 
 /// One recorded change of a datum (several ops when it stands for a fetched datum).
 #[derive(Debug)]
@@ -36,18 +63,10 @@ pub(super) struct Datum {
     /// Frames taking a subscription to this version, by the version it starts from (`None`: the
     /// full snapshot).
     frames: HashMap<Option<Version>, (Bytes, PushKind)>,
-    /// The snapshot healthy-only subscribers are shown, and the version it was built at.
-    healthy: Option<(Version, Bytes)>,
-    /// Whether healthy-only subscribers were last shown every publisher because too many were
-    /// unhealthy (logged when it switches).
-    protected: bool,
-}
-
-/// The one field of an encoded publisher the healthy-only filter reads.
-#[derive(serde::Deserialize)]
-struct HealthOnly {
-    #[serde(default)]
-    health: Option<Health>,
+    /// Which publishers are unhealthy: kept from the first healthy-only push on.
+    health: Option<HealthIndex>,
+    /// The snapshot healthy-only subscribers are shown at this version, once built.
+    healthy_frame: Option<Bytes>,
 }
 
 impl Datum {
@@ -71,8 +90,8 @@ impl Datum {
             history: VecDeque::new(),
             history_bytes: 0,
             frames: HashMap::new(),
-            healthy: None,
-            protected: false,
+            health: None,
+            healthy_frame: None,
         }
     }
 
@@ -87,6 +106,9 @@ impl Datum {
         let mut weight = 0;
         for op in &ops {
             weight += op.weight();
+            if let Some(index) = &mut self.health {
+                index.note(op);
+            }
             match op {
                 Op::Put(key, bytes) => {
                     self.bytes += bytes.len();
@@ -111,6 +133,7 @@ impl Datum {
         self.history_bytes += weight;
         self.version = version;
         self.frames.clear();
+        self.healthy_frame = None;
         while self.history.len() > MAX_STEPS
             || (self.history.len() > MIN_STEPS && self.history_bytes > 2 * self.bytes)
         {
@@ -196,48 +219,26 @@ impl Datum {
         Ok((frame, PushKind::Snapshot))
     }
 
-    /// The full snapshot a healthy-only subscriber is shown at the current version: the publishers
-    /// not marked unhealthy, or every publisher when more than `threshold` of them are unhealthy
-    /// ([`healthy_view`]). Built once per version, whoever asks.
+    /// The snapshot a healthy-only subscriber is shown at the current version (see
+    /// [`super::healthy`]).
     pub(super) fn healthy_frame(
         &mut self,
         service: &ServiceId,
         threshold: f64,
         max_frame: u32,
-    ) -> Result<Bytes> {
-        if let Some((version, frame)) = &self.healthy
-            && *version == self.version
-        {
-            return Ok(frame.clone());
+    ) -> Result<(Bytes, PushKind)> {
+        if let Some(frame) = &self.healthy_frame {
+            return Ok((frame.clone(), PushKind::Snapshot));
         }
-        let health: Vec<Option<Health>> = self
-            .entries
-            .values()
-            .map(|bytes| {
-                roster_common::frame::decode::<HealthOnly>(bytes)
-                    .ok()
-                    .and_then(|h| h.health)
-            })
-            .collect();
-        let (protected, shown) = healthy_view(health.iter().map(Option::as_ref), threshold);
-        if protected != self.protected {
-            self.protected = protected;
-            let unhealthy = health.iter().flatten().filter(|h| !h.healthy).count();
-            if protected {
-                info!(%service, unhealthy, total = health.len(), threshold, "too many instances unhealthy: healthy-only subscribers are shown all of them, marked");
-            } else {
-                info!(%service, unhealthy, total = health.len(), threshold, "healthy-only subscribers are shown healthy instances only again");
-            }
-        }
-        let entries: Vec<&Bytes> = self.entries.values().collect();
-        let frame = snapshot_frame(
-            service,
-            self.version,
-            shown.iter().map(|i| entries[*i]),
-            max_frame,
-        )?;
-        self.healthy = Some((self.version, frame.clone()));
-        Ok(frame)
+        let index = self
+            .health
+            .get_or_insert_with(|| HealthIndex::new(&self.entries));
+        let frame = match index.shown(service, self.entries.iter(), threshold) {
+            Some(shown) => snapshot_frame(service, self.version, shown.into_iter(), max_frame)?,
+            None => self.frame(service, None, false, max_frame)?.0,
+        };
+        self.healthy_frame = Some(frame.clone());
+        Ok((frame, PushKind::Snapshot))
     }
 
     /// The delta from `base`, or `None` when the history does not reach it or the snapshot would

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use roster_common::frame::{DEFAULT_MAX_FRAME, HEADER_LEN, decode};
 use roster_common::proto::{PublisherView, Push};
-use roster_common::push::Replica;
+use roster_common::push::{Replica, encode_publisher};
 
 use super::*;
 
