@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod cluster;
+pub mod targets;
 
 #[allow(unused_imports)]
 pub use cluster::{Builder, Cluster, Server, wait_ready};
