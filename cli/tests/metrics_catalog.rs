@@ -94,6 +94,21 @@ fn every_metric_is_exported_documented_and_the_dashboard_names_only_real_ones() 
     });
     let _second = roster("roster publish", cwd, &["publish", "demo", "10.0.0.2:80"]);
     sub.line_matching(START, "the second address", |l| l.contains("10.0.0.2:80"));
+    // A persistent instance whose check probes the data server's own admin port, so the
+    // health-check metrics have something to count and time.
+    let (ok, _, err) = support::run(
+        cwd,
+        &[
+            "register",
+            "checked",
+            &admin["data"],
+            "--check",
+            "tcp",
+            "--interval",
+            "200ms",
+        ],
+    );
+    assert!(ok, "roster register: {err}");
 
     let exported: BTreeMap<String, BTreeSet<String>> = admin
         .iter()
