@@ -257,7 +257,10 @@ pub const METRICS: &[MetricDef] = &[
         name: "roster_health_check_failures_total",
         kind: Counter,
         role: "data",
-        labels: &[("reason", &["refused", "timeout", "http_status", "resolve", "other"])],
+        labels: &[(
+            "reason",
+            &["refused", "timeout", "http_status", "resolve", "other"],
+        )],
         help: "failed health-check probes, by reason",
     },
     MetricDef {
