@@ -68,27 +68,14 @@ enum TokenCommand {
     Generate,
 }
 
-/// A lifetime like `90s`, `30m`, `12h` or `7d`.
+/// A lifetime like `90s`, `30m`, `12h` or `7d` (a duration as the client commands take them, of at
+/// least a second).
 fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 12h or 7d"))?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
-    };
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    let ttl = crate::client_cmd::parse_duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!("{text:?}: a token lives at least 1s"));
+    }
+    Ok(ttl)
 }
 
 /// Who runs this command, for the meta group's log.
@@ -238,7 +225,15 @@ mod tests {
         assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_ttl("12h"), Ok(Duration::from_secs(43_200)));
         assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
-        for bad in ["", "h", "10", "10y", "-5s", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "h",
+            "10",
+            "10y",
+            "-5s",
+            "99999999999999999999d",
+            "500ms",
+        ] {
             assert!(parse_ttl(bad).is_err(), "{bad:?}");
         }
     }

@@ -177,8 +177,8 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A duration like `500ms`, `5s`, `2m`, `1h` or `1d`: a whole number and a unit, as `--ttl`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// A duration like `500ms`, `5s`, `2m`, `1h` or `1d`: a whole number and a unit.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
