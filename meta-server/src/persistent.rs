@@ -7,7 +7,7 @@
 //! (`docs/ARCHITECTURE.md`, *Persistent instances and health checks*).
 
 use roster_common::ids::check_id;
-use roster_common::proto::PersistentInstance;
+use roster_common::proto::{PersistentInstance, publisher_size};
 use roster_common::{Error, Result, SlotId, Version};
 
 use crate::state::MetaState;
@@ -28,12 +28,7 @@ pub fn admit(instance: &mut PersistentInstance) -> Result<()> {
             instance.id
         )));
     }
-    let bytes: usize = instance.data.iter().map(|d| d.len()).sum::<usize>()
-        + instance
-            .attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>();
+    let bytes = publisher_size(&instance.data, &instance.attributes);
     if bytes > MAX_INSTANCE_BYTES {
         return Err(Error::InvalidArgument(format!(
             "persistent instance {:?} carries {bytes} bytes; at most {MAX_INSTANCE_BYTES}",

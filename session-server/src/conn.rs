@@ -440,22 +440,13 @@ fn check_publish(
     attributes: &BTreeMap<String, String>,
     check: Option<&CheckSpec>,
 ) -> Result<()> {
-    let size = publisher_size(data, attributes);
+    let size = roster_common::proto::publisher_size(data, attributes);
     if size > max_bytes {
         return Err(Error::LimitExceeded(format!(
             "publisher of {size} bytes exceeds the limit of {max_bytes} bytes"
         )));
     }
     check.map_or(Ok(()), |check| check.validate(data))
-}
-
-/// The bytes a publisher's limit counts: its data items, attribute keys and values.
-pub(crate) fn publisher_size(data: &[Bytes], attributes: &BTreeMap<String, String>) -> usize {
-    data.iter().map(Bytes::len).sum::<usize>()
-        + attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
 }
 
 fn check_register_id(register_id: &str) -> Result<()> {

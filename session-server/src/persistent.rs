@@ -9,11 +9,10 @@
 //! changes nothing).
 
 use roster_common::member::call_meta;
-use roster_common::proto::{MetaRequest, MetaResponse, PersistentInstance};
+use roster_common::proto::{MetaRequest, MetaResponse, PersistentInstance, publisher_size};
 use roster_common::{Error, RegisterId, Result, ServiceId};
 use tracing::info;
 
-use crate::conn::publisher_size;
 use crate::shared::Shared;
 
 /// Refuses an instance the cluster would not serve: a bad id, no data, data and attributes over

@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 use crate::health::{CheckSpec, Health};
 use crate::ids::{ClientId, NodeId, RegisterId, ServiceId, Version};
 
+/// The bytes a publisher's size limit counts (a publish's and a persistent instance's alike): its
+/// data items, attribute keys and values.
+pub fn publisher_size(data: &[Bytes], attributes: &BTreeMap<String, String>) -> usize {
+    data.iter().map(Bytes::len).sum::<usize>()
+        + attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// A client's request. The first request on a connection must be `Hello`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientRequest {

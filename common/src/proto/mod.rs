@@ -12,7 +12,7 @@ mod peer;
 
 pub use client::{
     CAPABILITY_DELTA, ClientRequest, ClientResponse, Delta, PublisherId, PublisherView, Push,
-    Scope, ServiceSummary, Snapshot,
+    Scope, ServiceSummary, Snapshot, publisher_size,
 };
 pub use peer::{
     ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, Digest, LeaseStatus, Member,
