@@ -38,7 +38,13 @@ pub fn encode<T: Serialize>(msg: &T, max_frame: u32) -> Result<Bytes> {
     Ok(buf.freeze())
 }
 
-/// Decodes one frame body.
+/// Marks a deserialization error raised by a value's own validation (a malformed service id, say)
+/// rather than by the shape of the message: [`decode`] answers it `InvalidArgument`.
+pub(crate) const REFUSED_VALUE: &str = "refused value: ";
+
+/// Decodes one frame body. Bytes that are not one MessagePack value are `BadFrame`; a value that
+/// is not a message of type `T` (unknown variant, missing field, wrong type) is
+/// `UnexpectedMessage`; a message with a value its type refuses is `InvalidArgument`.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     let mut rest = body;
     let result = {
@@ -57,7 +63,12 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
             let mut de = rmp_serde::Deserializer::new(&mut probe);
             let well_formed =
                 serde::de::IgnoredAny::deserialize(&mut de).is_ok() && probe.is_empty();
-            if well_formed {
+            let text = e.to_string();
+            if well_formed && let Some(at) = text.find(REFUSED_VALUE) {
+                Err(Error::InvalidArgument(
+                    text[at + REFUSED_VALUE.len()..].to_owned(),
+                ))
+            } else if well_formed {
                 Err(Error::UnexpectedMessage(format!(
                     "a well-formed MessagePack value that is not a valid message here: {e}"
                 )))
@@ -309,6 +320,33 @@ mod tests {
         let mut trailing = rmp_serde::to_vec_named(&Msg::Ping {}).unwrap();
         trailing.push(0);
         assert!(matches!(decode::<Msg>(&trailing), Err(Error::BadFrame(_))));
+    }
+
+    #[test]
+    fn a_value_its_type_refuses_is_an_invalid_argument() {
+        #[derive(Serialize)]
+        struct Raw<'a> {
+            service: &'a str,
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Typed {
+            service: crate::ServiceId,
+        }
+        let long = "x".repeat(600);
+        let body = rmp_serde::to_vec_named(&Raw { service: &long }).unwrap();
+        match decode::<Typed>(&body) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.starts_with("service id"), "{m}");
+                assert!(!m.contains(REFUSED_VALUE), "{m}");
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        let body = rmp_serde::to_vec_named(&BTreeMap::from([("service", 7)])).unwrap();
+        assert!(
+            matches!(decode::<Typed>(&body), Err(Error::UnexpectedMessage(_))),
+            "a wrong type is still a wrong message"
+        );
     }
 
     #[tokio::test]

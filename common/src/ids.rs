@@ -134,7 +134,15 @@ impl Serialize for ServiceId {
 impl<'de> Deserialize<'de> for ServiceId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
+        // Marked, so that a frame carrying it is answered `InvalidArgument` like any other value
+        // the server refuses (see `frame::decode`).
+        text.parse().map_err(|e: Error| {
+            serde::de::Error::custom(format!(
+                "{}{}",
+                crate::frame::REFUSED_VALUE,
+                e.to_wire().message
+            ))
+        })
     }
 }
 

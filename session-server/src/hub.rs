@@ -185,22 +185,20 @@ pub struct Pull {
     pub wake_at: Option<Instant>,
 }
 
-/// One subscription of a connection to a service.
-#[derive(Debug)]
-struct Watch {
-    register_id: RegisterId,
-    /// Shown only healthy publishers (full snapshots, never deltas).
-    healthy_only: bool,
-    /// The version last pushed; `None`: nothing yet (or a resync was asked for).
-    last: Option<Version>,
-}
-
-/// A connection's subscriptions to one service.
+/// A connection's subscriptions to one service. However many there are, they are pushed as
+/// one: one sequence of pushes with strictly increasing versions (pushes name the service, not
+/// the subscription, so two sequences could not be told apart). They are therefore all of one
+/// kind, plain or healthy-only.
 #[derive(Debug, Default)]
 struct ConnWatch {
     /// The service is in the connection's due list.
     due: bool,
-    watches: Vec<Watch>,
+    /// The register ids of the subscriptions, in the order they came.
+    register_ids: Vec<RegisterId>,
+    /// Shown only healthy publishers (full snapshots, never deltas).
+    healthy_only: bool,
+    /// The version last pushed; `None`: nothing yet (or a resync was asked for).
+    last: Option<Version>,
 }
 
 #[derive(Debug, Default)]
@@ -217,7 +215,7 @@ struct ServiceState {
 
 impl ServiceState {
     fn subscribers(&self) -> usize {
-        self.watchers.values().map(|w| w.watches.len()).sum()
+        self.watchers.values().map(|w| w.register_ids.len()).sum()
     }
 }
 
@@ -316,6 +314,10 @@ impl Hub {
 
     /// Like [`Hub::subscribe`]; with `healthy_only` the subscription is pushed only healthy
     /// publishers (see [`roster_common::health::healthy_view`]), always as full snapshots.
+    ///
+    /// A second subscription of the connection to the same service joins the first: both are
+    /// pushed the full snapshot next, then one sequence of pushes. It must be of the same kind
+    /// (check with [`Hub::other_kind`] first; here the newcomer's kind wins).
     pub fn subscribe_with(
         &mut self,
         conn: ConnId,
@@ -326,24 +328,7 @@ impl Hub {
         let key = (conn, register_id);
         let mut outcome = Subscribed::default();
         match self.subs.get(&key) {
-            Some(current) if *current == service => {
-                if let Some(state) = self.services.get_mut(&service)
-                    && let Some(watch) = state.watchers.get_mut(&conn)
-                {
-                    for w in &mut watch.watches {
-                        if w.register_id == key.1 {
-                            w.last = None;
-                            w.healthy_only = healthy_only;
-                        }
-                    }
-                    if state.datum.is_some()
-                        && let Some(push) = self.conns.get_mut(&conn)
-                    {
-                        push.mark_due(watch, &service);
-                    }
-                }
-                return outcome;
-            }
+            Some(current) if *current == service => {}
             Some(_) => outcome.abandoned = self.remove_sub(&key),
             None => {}
         }
@@ -351,11 +336,11 @@ impl Hub {
         outcome.first = state.watchers.is_empty();
         let has_datum = state.datum.is_some();
         let watch = state.watchers.entry(conn).or_default();
-        watch.watches.push(Watch {
-            register_id: key.1.clone(),
-            healthy_only,
-            last: None,
-        });
+        if !watch.register_ids.contains(&key.1) {
+            watch.register_ids.push(key.1.clone());
+        }
+        watch.healthy_only = healthy_only;
+        watch.last = None;
         if let Some(push) = self.conns.get_mut(&conn) {
             push.subs.insert(key.1.clone());
             if has_datum {
@@ -364,6 +349,23 @@ impl Hub {
         }
         self.subs.insert(key, service);
         outcome
+    }
+
+    /// The register id of a subscription of `conn` to `service` other than `register_id` and of
+    /// the other kind than `healthy_only`, if there is one: subscribing would mix two kinds of
+    /// pushes of one service on one connection, which a client could not tell apart.
+    pub fn other_kind(
+        &self,
+        conn: ConnId,
+        register_id: &str,
+        service: &ServiceId,
+        healthy_only: bool,
+    ) -> Option<&RegisterId> {
+        let watch = self.services.get(service)?.watchers.get(&conn)?;
+        if watch.healthy_only == healthy_only {
+            return None;
+        }
+        watch.register_ids.iter().find(|r| *r != register_id)
     }
 
     /// Ends a subscription; returns the service if no one here subscribes to it now. `None` also
@@ -384,8 +386,8 @@ impl Hub {
         let service = self.subs.remove(key)?;
         let state = self.services.get_mut(&service)?;
         if let Some(watch) = state.watchers.get_mut(&key.0) {
-            watch.watches.retain(|w| w.register_id != key.1);
-            if watch.watches.is_empty() {
+            watch.register_ids.retain(|r| *r != key.1);
+            if watch.register_ids.is_empty() {
                 state.watchers.remove(&key.0);
             }
         }
@@ -549,28 +551,25 @@ impl Hub {
                 continue;
             };
             conn_watch.due = false;
-            for watch in conn_watch.watches.iter_mut() {
-                if watch.last == Some(datum.version()) {
-                    continue;
-                }
-                let framed = if watch.healthy_only {
+            let version = datum.version();
+            if conn_watch.last != Some(version) {
+                let framed = if conn_watch.healthy_only {
                     datum.healthy_frame(&service, self.protection_threshold, self.max_frame)
                 } else {
-                    datum.frame(&service, watch.last, push.deltas, self.max_frame)
+                    datum.frame(&service, conn_watch.last, push.deltas, self.max_frame)
                 };
                 match framed {
                     Ok((frame, kind)) => {
                         bytes += frame.len();
-                        let since = datum.since(watch.last);
+                        let since = datum.since(conn_watch.last);
                         pull.frames.push(Outgoing { frame, since, kind });
-                        watch.last = Some(datum.version());
                     }
                     Err(e) => {
                         // Too large for one frame: this version is skipped, not retried forever.
-                        warn!(%service, version = datum.version(), error = %e, "cannot push this service");
-                        watch.last = Some(datum.version());
+                        warn!(%service, version, error = %e, "cannot push this service");
                     }
                 }
+                conn_watch.last = Some(version);
             }
             if !self.coalesce.is_zero() {
                 push.pushed_at.insert(service, now);
@@ -592,17 +591,13 @@ impl Hub {
             let oldest = state
                 .watchers
                 .values()
-                .flat_map(|w| &w.watches)
                 .filter_map(|w| w.last)
                 .filter(|last| *last < datum.version())
                 .min();
             datum.forget_before(oldest);
             for (conn, watch) in &mut state.watchers {
                 if !watch.due
-                    && watch
-                        .watches
-                        .iter()
-                        .any(|w| w.last != Some(datum.version()))
+                    && watch.last != Some(datum.version())
                     && let Some(push) = self.conns.get_mut(conn)
                 {
                     push.mark_due(watch, service);
@@ -683,7 +678,7 @@ fn mark_watchers_due(
     };
     for (conn, watch) in &mut state.watchers {
         if !watch.due
-            && watch.watches.iter().any(|w| w.last != Some(version))
+            && watch.last != Some(version)
             && let Some(push) = conns.get_mut(conn)
         {
             push.mark_due(watch, service);

@@ -243,6 +243,64 @@ fn subscribing_again_resyncs_with_a_snapshot() {
 }
 
 #[test]
+fn two_subscriptions_of_one_connection_to_a_service_are_pushed_as_one() {
+    let now = Instant::now();
+    let mut hub = hub_with_one_subscriber(now);
+    pushes(&mut hub, 1, now);
+    hub.apply(change("a", 1, 2, put("y", "2")), now);
+    pushes(&mut hub, 1, now);
+
+    // A second subscription joins: one snapshot, for both.
+    assert_eq!(
+        hub.subscribe(1, "s2".into(), svc("a")),
+        Subscribed::default()
+    );
+    let got = pushes(&mut hub, 1, now);
+    assert!(
+        matches!(&got[..], [Push::Snapshot(s)] if s.version == 2),
+        "{got:?}"
+    );
+    // Then one push per change, not one per subscription.
+    hub.apply(change("a", 2, 3, put("z", "3")), now);
+    let got = pushes(&mut hub, 1, now);
+    assert!(
+        matches!(&got[..], [Push::Delta(d)] if d.version == 3),
+        "{got:?}"
+    );
+
+    // The first leaves; the second goes on being pushed.
+    assert_eq!(hub.unsubscribe(1, "s"), None, "still wanted");
+    hub.apply(change("a", 3, 4, put("w", "4")), now);
+    let got = pushes(&mut hub, 1, now);
+    assert!(
+        matches!(&got[..], [Push::Delta(d)] if d.version == 4),
+        "{got:?}"
+    );
+    assert_eq!(hub.unsubscribe(1, "s2"), Some(svc("a")), "nobody left");
+}
+
+#[test]
+fn one_connection_holds_one_kind_of_subscription_per_service() {
+    let now = Instant::now();
+    let hub = hub_with_one_subscriber(now);
+    assert_eq!(hub.other_kind(1, "h", &svc("a"), false), None);
+    assert_eq!(
+        hub.other_kind(1, "h", &svc("a"), true),
+        Some(&"s".to_owned())
+    );
+    assert_eq!(
+        hub.other_kind(1, "s", &svc("a"), true),
+        None,
+        "the only subscription may change its kind"
+    );
+    assert_eq!(
+        hub.other_kind(2, "h", &svc("a"), true),
+        None,
+        "another connection"
+    );
+}
+
+#[test]
 fn the_coalescing_window_holds_a_busy_service_and_says_when_to_wake() {
     let now = Instant::now();
     let window = Duration::from_millis(5);
@@ -434,7 +492,7 @@ proptest! {
                 Action::Reconnect(c) => {
                     let i = c as usize;
                     hub.detach(conns[i]);
-                    conns[i] += 1;
+                    conns[i] += 100; // never another slot's id (10, 20, 30 apart mod 100)
                     replicas[i] = Replica::default();
                     hub.attach(conns[i], deltas[i], Arc::new(Notify::new()));
                     hub.subscribe(conns[i], "s".into(), service.clone());
