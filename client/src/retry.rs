@@ -1,6 +1,6 @@
 //! Whether a one-shot request (publish, unpublish, list, register a persistent instance …) is
 //! tried again after it failed, decided from the error and what the connection was doing alone;
-//! `Inner::call` does the waiting.
+//! [`Inner::call`] does the waiting.
 //!
 //! Two failures are worth another try. A connection that broke, or no connection at all: wait for
 //! the next one the driver makes (a few times at most). A session server that answered
@@ -14,7 +14,11 @@
 
 use std::time::Duration;
 
-use roster_common::Error;
+use roster_common::proto::{ClientRequest, ClientResponse};
+use roster_common::{Error, Result, rpc};
+use tokio::time::Instant;
+
+use crate::Inner;
 
 /// Attempts of one request across broken connections, the first included.
 pub(crate) const MAX_CONNECTION_ATTEMPTS: u32 = 3;
@@ -58,6 +62,101 @@ pub(crate) fn after_failure(error: &Error, connected: bool, attempt: u32, left: 
 /// been carried out: the connection broke while the answer was awaited.
 pub(crate) fn maybe_applied(error: &Error, connected: bool) -> bool {
     connected && matches!(error, Error::Connection(_))
+}
+
+impl Inner {
+    /// Sends `request` on the current connection. If there is none, or it breaks, waits (up to
+    /// the request timeout) for the next one and tries there; a server that answers
+    /// `Unavailable` is asked again after a pause (see `retry`).
+    pub(crate) async fn call(&self, request: &ClientRequest) -> Result<ClientResponse> {
+        self.call_noting_resends(request).await.0
+    }
+
+    /// As [`Inner::call`], also telling whether the request was sent again after an attempt that
+    /// may have been carried out (its connection broke while the answer was awaited).
+    pub(crate) async fn call_noting_resends(
+        &self,
+        request: &ClientRequest,
+    ) -> (Result<ClientResponse>, bool) {
+        let timeout = self.config.request_timeout();
+        let deadline = Instant::now() + timeout;
+        let permit = tokio::time::timeout(timeout, self.app_requests.acquire()).await;
+        let _permit = match permit {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return (Err(Error::Unavailable("client closed".into())), false),
+            Err(_) => {
+                let error = Error::Timeout(format!(
+                    "{} requests stayed in flight for {timeout:?} (max_in_flight)",
+                    self.config.max_in_flight
+                ));
+                return (Err(error), false);
+            }
+        };
+        let mut attempt = 0;
+        let mut maybe_applied = false;
+        let mut resent = false;
+        loop {
+            attempt += 1;
+            resent |= maybe_applied;
+            let live = self.live.read().clone();
+            let result = match &live {
+                Some(live) => rpc::call(&live.conn, request, self.config.max_frame, timeout).await,
+                None => Err(Error::Unavailable(
+                    "not connected to a session server".into(),
+                )),
+            };
+            let error = match result {
+                Ok(response) => return (Ok(response), resent),
+                Err(error) => error,
+            };
+            let connected = live.is_some();
+            maybe_applied |= self::maybe_applied(&error, connected);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match after_failure(&error, connected, attempt, left) {
+                Retry::GiveUp => return (Err(error), resent),
+                Retry::After(pause) => {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return (Err(error), resent),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                Retry::OnNextConnection => {
+                    let failed = live.map(|l| l.conn.stable_id());
+                    if !self.wait_for_other_connection(failed, left).await {
+                        let error = if connected {
+                            Error::Unavailable(format!(
+                                "no session server reachable (the last one: {error})"
+                            ))
+                        } else {
+                            Error::Unavailable("no session server reachable".into())
+                        };
+                        return (Err(error), resent);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits up to `left` for a connection other than `failed` to be in use; false if none came
+    /// or the client closed.
+    async fn wait_for_other_connection(&self, failed: Option<usize>, left: Duration) -> bool {
+        let mut state = self.state_tx.subscribe();
+        let next = async {
+            loop {
+                if self.shutdown.is_cancelled() {
+                    return false;
+                }
+                let current = self.live.read().as_ref().map(|l| l.conn.stable_id());
+                if current.is_some() && current != failed {
+                    return true;
+                }
+                if state.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        matches!(tokio::time::timeout(left, next).await, Ok(true))
+    }
 }
 
 #[cfg(test)]

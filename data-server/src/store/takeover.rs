@@ -1,0 +1,110 @@
+//! Taking a slot over: a new leader counts each live session as heard once the session's digest
+//! of its records in the slot matches (or a sync made them match), and opens the slot when every
+//! live session has been heard or the takeover timeout passed.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use roster_common::proto::{Digest, Publisher, SlotDigest, WriteOp};
+use roster_common::{Error, InstanceId, Result, SlotId};
+
+use super::{Applied, Role, Store, remove_op};
+
+impl Store {
+    /// Compares a session's digests with the records it owns in the slots this server leads.
+    /// Matching slots count the session as heard; the others are returned, to be synced.
+    pub fn session_digests(&mut self, instance: InstanceId, digests: &[SlotDigest]) -> Vec<SlotId> {
+        let mut mismatched = Vec::new();
+        for d in digests {
+            let Some(slot) = self.slots.get_mut(d.slot as usize) else {
+                continue;
+            };
+            if slot.role != Role::Leader {
+                continue;
+            }
+            let ours = Digest::of(slot.publishers().filter(|p| p.session_instance == instance));
+            if ours == d.digest {
+                slot.heard.insert(instance);
+            } else {
+                mismatched.push(d.slot);
+            }
+        }
+        mismatched
+    }
+
+    /// Makes this leader's records of session `instance` in `slot` exactly `publishers`, except
+    /// that a record another client owns is never replaced.
+    pub fn session_sync(
+        &mut self,
+        instance: InstanceId,
+        slot: SlotId,
+        publishers: Vec<Publisher>,
+    ) -> Result<Applied> {
+        let index = slot as usize;
+        if self.slots.get(index).is_none_or(|s| s.role != Role::Leader) {
+            return Err(Error::NotLeader { leader: None });
+        }
+        let mut ops: Vec<WriteOp> = Vec::new();
+        let wanted: HashSet<(&str, &str)> = publishers
+            .iter()
+            .map(|p| (p.client_id.as_str(), p.register_id.as_str()))
+            .collect();
+        for p in self.slots[index].publishers() {
+            if p.session_instance == instance
+                && !p.persistent
+                && !wanted.contains(&(p.client_id.as_str(), p.register_id.as_str()))
+            {
+                ops.push(remove_op(p));
+            }
+        }
+        for p in publishers {
+            if p.session_instance != instance
+                || roster_common::slot::slot_of(&p.service, self.slot_count) != slot
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "publisher {}/{} does not belong to session {instance:x} in slot {slot}",
+                    p.client_id, p.register_id
+                )));
+            }
+            ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);
+        }
+        let mut applied = Applied::default();
+        for op in ops {
+            // A record another client owns is skipped, not replaced.
+            if let Ok(Some(led)) = self.lead(index, op) {
+                applied.push(led);
+            }
+        }
+        self.slots[index].heard.insert(instance);
+        Ok(applied)
+    }
+
+    /// Opens the slots whose takeover is complete: every `live` session heard from, or `timeout`
+    /// passed. Returns the slots opened.
+    pub fn open_ready(
+        &mut self,
+        live: &HashSet<InstanceId>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Vec<SlotId> {
+        let mut opened = Vec::new();
+        for (id, slot) in self.slots.iter_mut().enumerate() {
+            let Some(since) = slot.moving_since else {
+                continue;
+            };
+            if live.is_subset(&slot.heard) || now.duration_since(since) >= timeout {
+                slot.moving_since = None;
+                opened.push(id as SlotId);
+            }
+        }
+        opened
+    }
+
+    /// Slots this server leads that are still being taken over.
+    pub fn moving(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.moving_since.is_some())
+            .count()
+    }
+}
