@@ -32,9 +32,15 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct DevArgs {
     /// Directory for the cluster CA (ca.pem), the client config (client.toml), the Prometheus
     /// targets (targets.json) and node state. Client commands run from the same working directory
-    /// find the config without flags.
+    /// find the config without flags. A directory that holds a cluster `roster dev` ran before is
+    /// resumed: the same certificates, tokens and meta addresses, and what the meta group stored
+    /// (persistent instances, tokens); publishers of clients that were connected are gone.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
+    /// Start a new, empty cluster even where DIR holds one, discarding its state (persistent
+    /// instances, tokens, certificates).
+    #[arg(long)]
+    fresh: bool,
     /// Meta nodes to run (a Raft group; 3 or 5 tolerate the loss of 1 or 2).
     #[arg(long, default_value_t = 1)]
     metas: usize,
@@ -66,10 +72,100 @@ impl Server {
     }
 }
 
+/// What a directory holds of a cluster started there before, to resume it.
+struct Previous {
+    /// Meta node ids and addresses, as cluster.toml lists them (ids from 1).
+    voters: BTreeMap<u64, String>,
+    /// The client token of client.toml, if any.
+    client_token: Option<String>,
+}
+
+/// How long a resumed meta node's data may stay locked by the previous run's server, which may
+/// still be stopping (a `roster dev` killed with SIGKILL leaves its servers to stop on their own).
+const PREVIOUS_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The cluster a previous `roster dev` left in `dir`, if any: its cluster.toml, certificates and
+/// the state in every meta node's data directory. Refuses one that cannot be started as asked
+/// (`metas`, `auth`), saying how to proceed.
+async fn previous(dir: &Path, metas: usize, auth: bool) -> anyhow::Result<Option<Previous>> {
+    let cluster_file = dir.join(CLUSTER_CONFIG_FILE);
+    if !cluster_file.exists() || !dir.join(CA_CERT_FILE).exists() {
+        return Ok(None);
+    }
+    let config = crate::cluster_cmd::ClusterConfig::load(&cluster_file)?;
+    let voters: BTreeMap<u64, String> = (1..).zip(config.meta).collect();
+    if voters.is_empty() {
+        return Ok(None);
+    }
+    for id in voters.keys() {
+        if !meta_holds_state(&dir.join(format!("meta-{id}"))).await? {
+            // A start that never got as far as creating the cluster: nothing to keep.
+            return Ok(None);
+        }
+    }
+    let where_ = dir.display();
+    if voters.len() != metas {
+        bail!(
+            "{where_} holds a cluster of {} meta node(s); start it with --metas {}, or pass --fresh to discard it",
+            voters.len(),
+            voters.len()
+        );
+    }
+    let had_auth = dir.join(ADMIN_TOKEN_FILE).exists();
+    if had_auth != auth {
+        bail!(
+            "{where_} holds a cluster {} authentication; start it {}, or pass --fresh to discard it",
+            if had_auth { "with" } else { "without" },
+            if had_auth {
+                "without --insecure-no-auth"
+            } else {
+                "with --insecure-no-auth"
+            }
+        );
+    }
+    let client_token = ClientConfig::load(&dir.join(CLIENT_CONFIG_FILE))
+        .ok()
+        .and_then(|c| c.token)
+        .map(|t| t.expose().to_owned());
+    Ok(Some(Previous {
+        voters,
+        client_token,
+    }))
+}
+
+/// Whether the meta data directory `dir` holds a node's state, waiting (up to
+/// [`PREVIOUS_STOP_TIMEOUT`]) while the previous run's meta node still has it open.
+async fn meta_holds_state(dir: &Path) -> anyhow::Result<bool> {
+    let started = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        let error = match roster_meta::holds_state(dir) {
+            Ok(holds) => return Ok(holds),
+            Err(e) => e,
+        };
+        if !error.to_string().contains("already open") {
+            return Err(error.into());
+        }
+        if started.elapsed() >= PREVIOUS_STOP_TIMEOUT {
+            bail!(
+                "{} is still in use after {PREVIOUS_STOP_TIMEOUT:?}: is another roster dev running on this directory?",
+                dir.display()
+            );
+        }
+        if !said {
+            info!(dir = %dir.display(), "waiting for the previous run's meta node to stop");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A cluster of `roster` server processes on 127.0.0.1, its CA and config files in `dir`.
 pub struct LocalCluster {
     pub dir: PathBuf,
     servers: Vec<Server>,
+    /// Started from the state a previous run left in `dir`.
+    pub resumed: bool,
 }
 
 impl LocalCluster {
@@ -77,7 +173,8 @@ impl LocalCluster {
     /// CA, client.toml, cluster.toml and targets.json into `dir`, and waits until every server is
     /// ready. With `auth`, the cluster checks tokens: its admin token goes to `dir/admin.token` and
     /// client.toml gets a token that may publish and subscribe everywhere. `log` is the `RUST_LOG`
-    /// of the servers (`None`: inherit). Gives up on `cancel`.
+    /// of the servers (`None`: inherit). Gives up on `cancel`. Unless `fresh`, a cluster started
+    /// in `dir` before is resumed with its state (see [`previous`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         dir: &Path,
@@ -87,6 +184,7 @@ impl LocalCluster {
         auth: bool,
         log: Option<&str>,
         cancel: &tokio_util::sync::CancellationToken,
+        fresh: bool,
     ) -> anyhow::Result<LocalCluster> {
         if metas == 0 || datas == 0 || sessions == 0 {
             bail!("a cluster needs at least one meta, one data and one session server");
@@ -96,13 +194,28 @@ impl LocalCluster {
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", dir.display()))?;
         let tls_dir = dir.join("tls");
-        let pki = Pki::generate(&[])?;
-        pki.write_to(&tls_dir)?;
-        tls::write_file(&dir.join(CA_CERT_FILE), &pki.ca_cert_pem, false)?;
+        let previous = if fresh {
+            None
+        } else {
+            previous(&dir, metas, auth).await?
+        };
+        let resumed = previous.is_some();
+        if resumed {
+            info!(dir = %dir.display(), "resuming the cluster stored here");
+        } else {
+            let pki = Pki::generate(&[])?;
+            pki.write_to(&tls_dir)?;
+            tls::write_file(&dir.join(CA_CERT_FILE), &pki.ca_cert_pem, false)?;
+        }
+        let mut client_token = None;
 
-        // The meta group's voters must know each other's addresses up front: reserve ports.
+        // The meta group's voters must know each other's addresses up front: reserve ports (or
+        // take those the resumed cluster's Raft membership records).
         let mut voters = BTreeMap::new();
-        {
+        if let Some(previous) = previous {
+            voters = previous.voters;
+            client_token = previous.client_token;
+        } else {
             let localhost = "127.0.0.1:0".parse().expect("literal address");
             let mut reserved = Vec::new();
             for id in 1..=metas as u64 {
@@ -120,7 +233,9 @@ impl LocalCluster {
         let tls_arg = tls_dir.to_string_lossy().into_owned();
         let admin_token_file = dir.join(ADMIN_TOKEN_FILE);
         let auth_args = if auth {
-            tls::write_file(&admin_token_file, &format!("{}\n", generate_token()), true)?;
+            if !resumed {
+                tls::write_file(&admin_token_file, &format!("{}\n", generate_token()), true)?;
+            }
             vec![
                 "--admin-token-file".to_owned(),
                 admin_token_file.to_string_lossy().into_owned(),
@@ -133,14 +248,14 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             dir: dir.clone(),
             servers: Vec::new(),
+            resumed,
         };
         let servers = &mut cluster.servers;
         let started = async {
             for (id, addr) in &voters {
-                // A local cluster starts empty every time: the certificates are new, so is the
-                // cluster.
+                // A new cluster starts empty: its certificates are new, so is the cluster.
                 let meta_dir = dir.join(format!("meta-{id}"));
-                if meta_dir.exists() {
+                if !resumed && meta_dir.exists() {
                     std::fs::remove_dir_all(&meta_dir)
                         .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
                 }
@@ -175,7 +290,10 @@ impl LocalCluster {
                     meta: voters.values().cloned().collect(),
                     tls_dir: tls_dir.clone(),
                 };
-                let token = client_token(&meta).await?;
+                let token = match client_token.take() {
+                    Some(token) => token,
+                    None => mint_client_token(&meta).await?,
+                };
                 write_client_config(&dir, servers, Some(token))?;
             }
             anyhow::Ok(())
@@ -230,6 +348,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         !args.insecure_no_auth,
         None,
         &shutdown,
+        args.fresh,
     )
     .await
     {
@@ -246,6 +365,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         cluster.dir.join(CLIENT_CONFIG_FILE).display(),
         cluster.dir.join(CA_CERT_FILE).display()
     );
+    if cluster.resumed {
+        println!(
+            "roster dev: resumed the cluster in {} (its persistent instances and tokens; --fresh starts a new one)",
+            cluster.dir.display()
+        );
+    }
     if args.insecure_no_auth {
         println!("roster dev: authentication is OFF (--insecure-no-auth)");
     } else {
@@ -350,7 +475,7 @@ async fn spawn(
 
 /// Asks the meta group of the cluster in `dir` for a token that may publish and subscribe in
 /// every namespace.
-async fn client_token(meta: &crate::cluster_cmd::ClusterConfig) -> anyhow::Result<String> {
+async fn mint_client_token(meta: &crate::cluster_cmd::ClusterConfig) -> anyhow::Result<String> {
     let request = MetaRequest::CreateToken {
         namespaces: vec![ANY_NAMESPACE.to_owned()],
         allow: vec![Permission::Publish, Permission::Subscribe],

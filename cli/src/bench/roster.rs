@@ -51,6 +51,7 @@ impl RosterTarget {
             !args.insecure_no_auth,
             Some("warn,openraft=off"),
             &CancellationToken::new(),
+            true,
         )
         .await?;
         let config = cluster.dir.join(CLIENT_CONFIG_FILE);
