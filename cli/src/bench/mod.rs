@@ -8,6 +8,7 @@
 //! removals of instances the workload never removed are counted: they must be 0. Every target is
 //! driven through [`Target`] and [`Conn`], so the workload is defined once.
 
+mod checks;
 #[cfg(feature = "peers")]
 mod etcd;
 mod holder;
@@ -222,6 +223,16 @@ pub struct BenchArgs {
     /// Print only the JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Instead of the registry workload, measure health checks: register this many persistent
+    /// instances, each checked by HTTP against servers in this process, then report the probes
+    /// per second, their latency and the servers' CPU and memory over `--duration` seconds, and
+    /// how long a full restart of the cluster takes until every instance is served and probed
+    /// again (Roster only; see bench/README.md).
+    #[arg(long, value_name = "N")]
+    checks: Option<usize>,
+    /// With --checks: the interval of each instance's check, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_name = "MS", requires = "checks")]
+    check_interval_ms: u64,
 }
 
 /// How long any one phase may wait for the notifications it expects.
@@ -242,6 +253,14 @@ fn endpoint(kind: TargetKind, given: Option<&str>) -> &str {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.checks {
+        if args.target != TargetKind::Roster || args.config.is_some() {
+            bail!(
+                "--checks measures a Roster cluster it starts itself: drop --target and --config"
+            );
+        }
+        return checks::run(&args, n).await;
+    }
     if args.services == 0 || args.instances_per_service == 0 || args.connections == 0 {
         bail!("--services, --instances-per-service and --connections must be at least 1");
     }

@@ -30,19 +30,7 @@ impl RosterTarget {
                 config: config.clone(),
             });
         }
-        let shape: Vec<usize> = args
-            .cluster
-            .split('/')
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .ok()
-            .filter(|v: &Vec<usize>| v.len() == 3)
-            .with_context(|| {
-                format!(
-                    "--cluster {:?}: expected METAS/DATAS/SESSIONS, e.g. 3/3/2",
-                    args.cluster
-                )
-            })?;
+        let shape = cluster_shape(&args.cluster)?;
         let cluster = LocalCluster::start(
             &dir.join("cluster"),
             shape[0],
@@ -65,6 +53,20 @@ impl RosterTarget {
             config,
         })
     }
+}
+
+/// `--cluster METAS/DATAS/SESSIONS`.
+pub(super) fn cluster_shape(text: &str) -> anyhow::Result<[usize; 3]> {
+    let shape: Vec<usize> = text
+        .split('/')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()
+        .filter(|v: &Vec<usize>| v.len() == 3)
+        .with_context(|| {
+            format!("--cluster {text:?}: expected METAS/DATAS/SESSIONS, e.g. 3/3/2")
+        })?;
+    Ok([shape[0], shape[1], shape[2]])
 }
 
 impl Target for RosterTarget {
