@@ -265,7 +265,8 @@ pub struct SubscribeArgs {
 
 /// One publisher as JSON. Data that is UTF-8 prints as a string, anything else as
 /// `{"base64": "..."}`. `persistent` is always there; a checked publisher also has `healthy` and
-/// `checked_ms` (0 before its first probe), and `failure` while its probes fail.
+/// `checked_ms` (when the probe that settled its verdict finished; 0 before the first), and
+/// `failure` when that probe failed.
 fn publisher_json(p: &roster_client::PublisherView) -> Value {
     let data: Vec<Value> = p
         .data

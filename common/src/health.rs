@@ -169,10 +169,12 @@ pub enum Probe {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Health {
     pub healthy: bool,
-    /// When the last probe finished (Unix milliseconds); 0 before the first one.
+    /// When the probe that settled the current verdict finished (Unix milliseconds): the first
+    /// probe, or the one that changed the verdict; 0 before the first one. Probes that confirm
+    /// the verdict are not recorded.
     #[serde(default)]
     pub checked_ms: u64,
-    /// Why the last failed probe failed, while the instance is unhealthy or failing.
+    /// Why that probe failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
 }
