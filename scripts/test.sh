@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a Debian or Ubuntu machine with a Rust toolchain and nothing else:
 # installs what the tests need and the machine lacks (Debian's `prometheus`, which one test runs
-# to scrape a cluster), then runs `cargo test --workspace`. Extra arguments go to `cargo test`.
+# to scrape a cluster), then runs `cargo test --workspace` and the Python client's checks
+# (clients/python/run-tests.sh, against the binary cargo just built). Extra arguments go to
+# `cargo test`.
 #
 # Tests that need more than that are `#[ignore]`d and listed as ignored, not passed: the network
 # partition test needs root and iproute2 (`cargo test -p roster-cli --test meta_partition --
@@ -21,4 +23,5 @@ if [ -z "${ROSTER_TEST_PROMETHEUS:-}" ] && ! command -v prometheus >/dev/null 2>
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
 fi
 
-exec cargo test --workspace --locked "$@"
+cargo test --workspace --locked "$@"
+bash clients/python/run-tests.sh

@@ -1,0 +1,199 @@
+"""The Python client against a real `roster dev`: publish and subscribe both ways with the Rust
+CLI, updates and removals, events, failover after kill -9 of a session server, abrupt loss of a
+client process, persistent instances, and typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import roster_client
+from roster_client import Client, Snapshot
+
+from .conftest import PYTHON, ROSTER, Dev, Servers, eventually, read_line
+
+WAIT = 20.0
+
+
+def addresses(snapshot: Snapshot) -> list[bytes]:
+    return sorted(d for p in snapshot.ordered() for d in p.data)
+
+
+async def test_python_and_the_rust_cli_see_each_other(dev: Dev) -> None:
+    async with await Client.connect(dev.config) as client:
+        await client.publish("web", [b"10.0.0.1:80"], attributes={"zone": "eu-1"}, register_id="py-1")
+        rust_sub = await asyncio.create_subprocess_exec(
+            str(ROSTER), "subscribe", "web", "--config", str(dev.config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            line = await read_line(rust_sub, lambda l: "10.0.0.1:80" in l)
+            shown = json.loads(line)["publishers"][0]
+            assert shown["register_id"] == "py-1"
+            assert shown["attributes"] == {"zone": "eu-1"}
+            assert shown["client_id"] == client.client_id
+        finally:
+            rust_sub.kill()
+            await rust_sub.wait()
+
+        rust_pub = await asyncio.create_subprocess_exec(
+            str(ROSTER), "publish", "api", "10.0.0.9:90", "--config", str(dev.config),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            sub = await client.subscribe("api")
+            got = await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.9:90"], WAIT)
+            assert got.service == "default/DEFAULT/api"
+        finally:
+            rust_pub.kill()
+            await rust_pub.wait()
+
+
+async def test_update_unpublish_and_events(dev: Dev) -> None:
+    async with await Client.connect(dev.config) as publisher, await Client.connect(
+        dev.config, refuse_empty=False
+    ) as watcher:
+        sub = await watcher.subscribe("svc")
+        events: list[tuple[str, str]] = []
+
+        async def collect() -> None:
+            async for event in sub.events():
+                events.append((event.kind, event.publisher.data[0].decode()))
+
+        collector = asyncio.create_task(collect())
+        pub = await publisher.publish("svc", [b"10.0.0.1:1"])
+        await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.1:1"], WAIT)
+        await pub.update([b"10.0.0.2:2"])
+        await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.2:2"], WAIT)
+        await pub.unpublish()
+        await sub.wait_for(lambda s: not s.publishers, WAIT)
+        await eventually("the removal event", lambda: _some(("removed", "10.0.0.2:2") in events))
+        collector.cancel()
+        assert ("added", "10.0.0.1:1") in events
+        assert ("changed", "10.0.0.2:2") in events
+
+
+async def _some(condition: bool) -> bool | None:
+    return True if condition else None
+
+
+async def test_empty_push_protection_withholds_an_emptying_snapshot(dev: Dev) -> None:
+    async with await Client.connect(dev.config) as publisher, await Client.connect(dev.config) as watcher:
+        sub = await watcher.subscribe("guarded")
+        pub = await publisher.publish("guarded", [b"10.0.0.1:1"])
+        await sub.wait_for(lambda s: len(s.publishers) == 1, WAIT)
+        await pub.unpublish()
+        await eventually("the empty snapshot refused", lambda: _some(watcher.refused_empty > 0))
+        current = sub.current()
+        assert current is not None and len(current.publishers) == 1
+
+
+async def test_a_publisher_survives_kill_9_of_its_session_server(servers: Servers) -> None:
+    sessions = {name: servers.quic[name] for name in ("session-1", "session-2")}
+    async with await Client.connect(sessions=list(sessions.values()), ca=servers.ca) as publisher:
+        pub = await publisher.publish("moving", [b"10.0.0.5:5"], register_id="m1")
+        doomed = next(n for n, a in sessions.items() if a == publisher.session_addr)
+        survivor = next(a for n, a in sessions.items() if n != doomed)
+        async with await Client.connect(
+            sessions=[survivor], ca=servers.ca, refuse_empty=False
+        ) as watcher:
+            seen: list[Snapshot] = []
+            sub = await watcher.subscribe("moving", on_snapshot=seen.append)
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.5:5"], WAIT)
+            states: list[str] = []
+            publisher.on_state(states.append)
+            servers.procs[doomed].kill()
+            killed = time.monotonic()
+            await eventually(
+                "the publisher on the surviving session",
+                lambda: _some(publisher.session_addr == survivor and publisher.state == "connected"),
+            )
+            moved = time.monotonic() - killed
+            # Still the same publisher, reachable through the new connection.
+            await pub.update([b"10.0.0.6:6"])
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.6:6"], WAIT)
+            print(f"the publisher moved {moved:.2f} s after kill -9 of its session server")
+            missing = [s.version for s in seen if not s.publishers]
+            assert not missing, f"the instance was missing at versions {missing}"
+            assert "reconnecting" in states and states[-1] == "connected"
+
+
+async def test_a_killed_client_process_is_removed_within_the_idle_timeout(dev: Dev) -> None:
+    async with await Client.connect(dev.config, refuse_empty=False) as watcher:
+        sub = await watcher.subscribe("doomed")
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON, "-m", "roster_client", "--config", str(dev.config),
+            "publish", "doomed", "10.0.0.7:7",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.7:7"], WAIT)
+        proc.kill()
+        await proc.wait()
+        killed = time.monotonic()
+        await sub.wait_for(lambda s: not s.publishers, WAIT)
+        gone = time.monotonic() - killed
+        print(f"a killed Python client's instance went {gone:.2f} s after SIGKILL")
+        # The session's idle timeout (2.5 s) plus a keep-alive (1 s) plus the client grace (1 s).
+        assert gone < 6.0, gone
+
+
+async def test_persistent_instances(dev: Dev) -> None:
+    async with await Client.connect(dev.config) as client:
+        await client.register_persistent("db", "primary", [b"10.0.0.8:5432"], attributes={"role": "rw"})
+        sub = await client.subscribe("db")
+        got = await sub.wait_for(lambda s: len(s.publishers) == 1, WAIT)
+        (p,) = got.ordered()
+        assert p.persistent and p.client_id == roster_client.PERSISTENT_CLIENT_ID
+        assert p.register_id == "primary" and p.attributes == {"role": "rw"}
+        await client.deregister_persistent("db", "primary")
+        with pytest.raises(roster_client.NotFound):
+            await client.deregister_persistent("db", "primary")
+
+
+async def test_errors_are_typed(dev_auth: Dev) -> None:
+    dev = dev_auth
+    with pytest.raises(roster_client.Unauthenticated):
+        await Client.connect(dev.config, token="rst_0000000000000000_" + "0" * 64)
+    made = dev.roster(
+        "acl", "token", "create", "--config", str(dev.dir / "cluster.toml"),
+        "--namespace", "*", "--allow", "subscribe",
+    )
+    assert made.returncode == 0, made.stderr
+    reader = made.stdout.strip().split()[-1]
+    async with await Client.connect(dev.config, token=reader) as client:
+        with pytest.raises(roster_client.PermissionDenied):
+            await client.publish("web", [b"10.0.0.1:80"])
+    async with await Client.connect(dev.config) as client:
+        with pytest.raises(roster_client.InvalidArgument):
+            await client.publish("web", [b"10.0.0.1:80"], register_id="")
+        with pytest.raises(roster_client.LimitExceeded):
+            await client.publish("web", [b"x" * 70_000])
+        with pytest.raises(roster_client.InvalidArgument):
+            await client.subscribe("a//b")
+        # After all that the connection still works.
+        assert await client.ping() < 5
+
+
+async def test_the_snapshot_cache_is_a_new_subscriptions_first_value(dev: Dev, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    async with await Client.connect(dev.config) as publisher:
+        async with await Client.connect(dev.config, cache_dir=cache) as first:
+            sub = await first.subscribe("cached")
+            pub = await publisher.publish("cached", [b"10.0.0.3:3"])
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.3:3"], WAIT)
+        await pub.unpublish()
+    # The service is empty now; a new client starts from the cache, and the empty push that
+    # follows is withheld.
+    async with await Client.connect(dev.config, cache_dir=cache) as second:
+        sub = await second.subscribe("cached")
+        current = sub.current()
+        assert current is not None and addresses(current) == [b"10.0.0.3:3"]
+        await eventually("the empty push refused", lambda: _some(second.refused_empty > 0))
+        still = sub.current()
+        assert still is not None and addresses(still) == [b"10.0.0.3:3"]
