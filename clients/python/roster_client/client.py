@@ -582,6 +582,7 @@ class Client:
         dead_after = self.config.dead_after_ms / 1000
         self._move.clear()
         ended = asyncio.create_task(conn.wait_terminated())
+        moving = asyncio.create_task(self._move.wait())
         try:
             while True:
                 if ended.done():
@@ -594,9 +595,12 @@ class Client:
                 if time.monotonic() - conn.last_heard > dead_after:
                     return f"nothing heard for {dead_after} s"
                 conn.ping()
-                await asyncio.wait([ended], timeout=keep_alive)
+                await asyncio.wait([ended, moving], timeout=keep_alive, return_when=asyncio.FIRST_COMPLETED)
+                if moving.done() and not self._move.is_set():
+                    moving = asyncio.create_task(self._move.wait())
         finally:
             ended.cancel()
+            moving.cancel()
 
     # ---------------------------------------------------------------- pushes
 
