@@ -199,3 +199,25 @@ async def test_the_snapshot_cache_is_a_new_subscriptions_first_value(dev: Dev, t
         await eventually("the empty push refused", lambda: _some(second.refused_empty > 0))
         still = sub.current()
         assert still is not None and addresses(still) == [b"10.0.0.3:3"]
+
+
+async def test_the_python_cli_prints_what_roster_subscribe_prints(dev: Dev) -> None:
+    async with await Client.connect(dev.config) as client:
+        await client.publish("cli", [b"10.0.0.4:4", b"\xff\x00"], attributes={"a": "1"})
+        lines = []
+        for argv in (
+            [str(ROSTER), "subscribe", "cli", "--config", str(dev.config)],
+            [PYTHON, "-m", "roster_client", "--config", str(dev.config), "subscribe", "cli"],
+        ):
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+            try:
+                lines.append(await read_line(proc, lambda l: "10.0.0.4:4" in l))
+            finally:
+                proc.kill()
+                await proc.wait()
+        rust, python = (json.loads(line) for line in lines)
+        assert python == rust
+        assert rust["publishers"][0]["data"][1] == {"base64": "/wA="}
+        assert lines[1] == lines[0], "byte for byte"
