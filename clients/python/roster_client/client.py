@@ -223,11 +223,15 @@ class Client:
         deadline = self.config.connect_timeout_ms / 1000
         try:
             conn = await asyncio.wait_for(self._establish(avoid=None), deadline)
-        except asyncio.TimeoutError as e:
-            raise ConnectionLost(
-                f"no session server of {', '.join(self.config.sessions)} answered within {deadline} s"
-            ) from e
-        self._install(conn)
+        except (asyncio.TimeoutError, ConnectionLost) as e:
+            why = f"no session server of {', '.join(self.config.sessions)} answered within {deadline} s"
+            if self.config.cache_dir is None:
+                raise ConnectionLost(why) from e
+            # With a cache, subscriptions start from it and the client keeps trying.
+            log.warning("%s; serving cached snapshots and reconnecting", why)
+            self._set_state(RECONNECTING)
+        else:
+            self._install(conn)
         self._driver = asyncio.create_task(self._drive())
 
     async def close(self) -> None:
@@ -336,6 +340,11 @@ class Client:
         if cached is not None:
             state.visible = cached
         self._subscriptions[service] = state
+        if self._conn is None or not self._conn.alive:
+            # Not connected: the next connection registers it; asking from here too closes the
+            # gap where that connection listed what to register just before it existed.
+            asyncio.ensure_future(self._resync(state))
+            return Subscription(self, state)
         try:
             await self._call(self._subscribe_request(state))
         except RosterError as e:
@@ -555,15 +564,15 @@ class Client:
         backoff = self.config.reconnect_min_ms / 1000
         while not self._closing:
             conn = self._conn
-            assert conn is not None
-            why = await self._watch(conn)
-            if self._closing:
-                return
-            log.info("leaving session %s: %s", conn.addr, why)
+            if conn is not None:
+                why = await self._watch(conn)
+                if self._closing:
+                    return
+                log.info("leaving session %s: %s", conn.addr, why)
             self._set_state(RECONNECTING)
             while not self._closing:
                 try:
-                    new = await self._establish(avoid=conn.addr)
+                    new = await self._establish(avoid=conn.addr if conn is not None else None)
                 except Exception as e:
                     log.info("reconnecting: %s", e)
                     await asyncio.sleep(backoff * (0.5 + random.random()))
@@ -573,7 +582,8 @@ class Client:
                 self.reconnects += 1
                 self._install(new)
                 # Only now is the old connection closed: everything is registered elsewhere.
-                await conn.close()
+                if conn is not None:
+                    await conn.close()
                 break
 
     async def _watch(self, conn: Connection) -> str:

@@ -221,3 +221,30 @@ async def test_the_python_cli_prints_what_roster_subscribe_prints(dev: Dev) -> N
         assert python == rust
         assert rust["publishers"][0]["data"][1] == {"base64": "/wA="}
         assert lines[1] == lines[0], "byte for byte"
+
+
+async def test_with_a_cache_a_client_starts_while_no_session_answers(dev: Dev, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    async with await Client.connect(dev.config) as publisher:
+        await publisher.publish("offline", [b"10.0.0.2:2"])
+        async with await Client.connect(dev.config, cache_dir=cache) as first:
+            sub = await first.subscribe("offline")
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.2:2"], WAIT)
+    nobody = f"127.0.0.1:{_unused_udp_port()}"
+    with pytest.raises(roster_client.ConnectionLost):
+        await Client.connect(sessions=[nobody], ca=dev.ca, connect_timeout_ms=300)
+    async with await Client.connect(
+        sessions=[nobody], ca=dev.ca, cache_dir=cache, connect_timeout_ms=300
+    ) as offline:
+        assert offline.state == "reconnecting"
+        sub = await offline.subscribe("offline")
+        current = sub.current()
+        assert current is not None and addresses(current) == [b"10.0.0.2:2"]
+
+
+def _unused_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
