@@ -385,6 +385,10 @@ settings! {
         /// How long a departed session's publishers are kept, in milliseconds.
         session_grace_ms: Option<u64> [env = "ROSTER_SESSION_GRACE_MS", value_name = "MS"]
             => session_grace in millis;
+        /// Health-check probes this server runs at once, across every check of the slots it
+        /// leads; more wait their turn (a probe delayed, never two of one instance at once).
+        probe_concurrency: Option<usize> [env = "ROSTER_PROBE_CONCURRENCY", value_name = "N"]
+            => probe_concurrency;
     }
 }
 

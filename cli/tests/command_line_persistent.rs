@@ -189,3 +189,35 @@ fn a_good_registration_gets_as_far_as_the_missing_config() {
     assert!(!ok);
     assert!(err.contains("<ID>"), "{err}");
 }
+
+#[test]
+fn a_data_server_refuses_zero_concurrent_probes() {
+    let (ok, out, _) = roster(&["data", "--help"]);
+    assert!(ok);
+    assert!(
+        out.contains("--probe-concurrency") && out.contains("[default: 256]"),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run(dir.path(), &["certs", "--dir", "tls"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(
+        dir.path(),
+        &[
+            "data",
+            "--id",
+            "1",
+            "--meta",
+            "127.0.0.1:1",
+            "--tls-dir",
+            "tls",
+            "--probe-concurrency",
+            "0",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("--probe-concurrency must be at least 1"),
+        "{err}"
+    );
+}

@@ -118,6 +118,11 @@ impl DataConfig {
                 "at least one meta address is needed (--meta)".into(),
             ));
         }
+        if self.probe_concurrency == 0 {
+            return Err(Error::InvalidArgument(
+                "--probe-concurrency must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 }
