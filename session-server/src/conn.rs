@@ -341,19 +341,6 @@ async fn handle_request(
                 .check(service.namespace(), Permission::Subscribe)?;
             let outcome = {
                 let mut hub = shared.hub();
-                if let Some(other) = hub.other_kind(client.id, &register_id, &service, healthy_only)
-                {
-                    return Err(Error::InvalidArgument(format!(
-                        "this connection already subscribes to {service} {} (as {other:?}); \
-                         pushes name only the service, so one connection holds one kind of \
-                         subscription per service",
-                        if healthy_only {
-                            "to every publisher"
-                        } else {
-                            "healthy-only"
-                        }
-                    )));
-                }
                 if !hub.is_subscribed(client.id, &register_id)
                     && hub.subscriptions_of(client.id)
                         >= shared.config().max_subscriptions_per_connection

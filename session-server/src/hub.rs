@@ -188,7 +188,7 @@ pub struct Pull {
 /// A connection's subscriptions to one service. However many there are, they are pushed as
 /// one: one sequence of pushes with strictly increasing versions (pushes name the service, not
 /// the subscription, so two sequences could not be told apart). They are therefore all of one
-/// kind, plain or healthy-only.
+/// kind, plain or healthy-only: the kind the latest of them asked for.
 #[derive(Debug, Default)]
 struct ConnWatch {
     /// The service is in the connection's due list.
@@ -316,8 +316,9 @@ impl Hub {
     /// publishers (see [`roster_common::health::healthy_view`]), always as full snapshots.
     ///
     /// A second subscription of the connection to the same service joins the first: both are
-    /// pushed the full snapshot next, then one sequence of pushes. It must be of the same kind
-    /// (check with [`Hub::other_kind`] first; here the newcomer's kind wins).
+    /// pushed the full snapshot next, then one sequence of pushes, of the newcomer's kind (plain or
+    /// healthy-only) — so a client that drops one kind and subscribes with the other before its
+    /// `Unsubscribe` arrived gets what it asked for last.
     pub fn subscribe_with(
         &mut self,
         conn: ConnId,
@@ -349,23 +350,6 @@ impl Hub {
         }
         self.subs.insert(key, service);
         outcome
-    }
-
-    /// The register id of a subscription of `conn` to `service` other than `register_id` and of
-    /// the other kind than `healthy_only`, if there is one: subscribing would mix two kinds of
-    /// pushes of one service on one connection, which a client could not tell apart.
-    pub fn other_kind(
-        &self,
-        conn: ConnId,
-        register_id: &str,
-        service: &ServiceId,
-        healthy_only: bool,
-    ) -> Option<&RegisterId> {
-        let watch = self.services.get(service)?.watchers.get(&conn)?;
-        if watch.healthy_only == healthy_only {
-            return None;
-        }
-        watch.register_ids.iter().find(|r| *r != register_id)
     }
 
     /// Ends a subscription; returns the service if no one here subscribes to it now. `None` also

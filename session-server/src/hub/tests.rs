@@ -280,23 +280,24 @@ fn two_subscriptions_of_one_connection_to_a_service_are_pushed_as_one() {
 }
 
 #[test]
-fn one_connection_holds_one_kind_of_subscription_per_service() {
+fn a_joining_subscription_of_the_other_kind_switches_the_connection_to_it() {
     let now = Instant::now();
-    let hub = hub_with_one_subscriber(now);
-    assert_eq!(hub.other_kind(1, "h", &svc("a"), false), None);
-    assert_eq!(
-        hub.other_kind(1, "h", &svc("a"), true),
-        Some(&"s".to_owned())
+    let mut hub = hub_with_one_subscriber(now);
+    pushes(&mut hub, 1, now);
+    hub.subscribe_with(1, "h".into(), svc("a"), true);
+    hub.apply(change("a", 1, 2, put("y", "2")), now);
+    let got = pushes(&mut hub, 1, now);
+    assert!(
+        matches!(&got[..], [Push::Snapshot(s)] if s.version == 2),
+        "healthy-only: full snapshots, one per version: {got:?}"
     );
-    assert_eq!(
-        hub.other_kind(1, "s", &svc("a"), true),
-        None,
-        "the only subscription may change its kind"
-    );
-    assert_eq!(
-        hub.other_kind(2, "h", &svc("a"), true),
-        None,
-        "another connection"
+    // The plain one leaves (its Unsubscribe arriving late): the healthy-only one stays.
+    assert_eq!(hub.unsubscribe(1, "s"), None);
+    hub.apply(change("a", 2, 3, put("z", "3")), now);
+    let got = pushes(&mut hub, 1, now);
+    assert!(
+        matches!(&got[..], [Push::Snapshot(s)] if s.version == 3),
+        "{got:?}"
     );
 }
 
