@@ -12,7 +12,7 @@ use roster_client::ClientConfig;
 use roster_common::acl::{ANY_NAMESPACE, Permission, generate_token};
 use roster_common::proto::{MetaRequest, MetaResponse};
 use roster_common::quic::bind_udp;
-use roster_common::tls::{self, CA_CERT_FILE, Pki};
+use roster_common::tls::{self, CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE, Pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
@@ -37,8 +37,9 @@ pub struct DevArgs {
     /// (persistent instances, tokens); publishers of clients that were connected are gone.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
-    /// Start a new, empty cluster even where DIR holds one, discarding its state (persistent
-    /// instances, tokens, certificates).
+    /// Start a new, empty cluster even where DIR holds one. By default a DIR holding a cluster
+    /// `roster dev` ran before is resumed with its data (persistent instances, tokens,
+    /// certificates); --fresh discards all of it.
     #[arg(long)]
     fresh: bool,
     /// Meta nodes to run (a Raft group; 3 or 5 tolerate the loss of 1 or 2).
@@ -86,24 +87,45 @@ const PREVIOUS_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The cluster a previous `roster dev` left in `dir`, if any: its cluster.toml, certificates and
 /// the state in every meta node's data directory. Refuses one that cannot be started as asked
-/// (`metas`, `auth`), saying how to proceed.
+/// (`metas`, `auth`) or that lacks some of its parts, saying how to proceed.
 async fn previous(dir: &Path, metas: usize, auth: bool) -> anyhow::Result<Option<Previous>> {
+    let where_ = dir.display();
     let cluster_file = dir.join(CLUSTER_CONFIG_FILE);
-    if !cluster_file.exists() || !dir.join(CA_CERT_FILE).exists() {
+    if !cluster_file.exists() {
         return Ok(None);
     }
-    let config = crate::cluster_cmd::ClusterConfig::load(&cluster_file)?;
+    let config = crate::cluster_cmd::ClusterConfig::load(&cluster_file).with_context(|| {
+        format!("{where_} holds a cluster whose {CLUSTER_CONFIG_FILE} cannot be read; pass --fresh to discard it")
+    })?;
     let voters: BTreeMap<u64, String> = (1..).zip(config.meta).collect();
-    if voters.is_empty() {
-        return Ok(None);
-    }
+    let mut without_state = Vec::new();
     for id in voters.keys() {
         if !meta_holds_state(&dir.join(format!("meta-{id}"))).await? {
-            // A start that never got as far as creating the cluster: nothing to keep.
-            return Ok(None);
+            without_state.push(format!("meta-{id}"));
         }
     }
-    let where_ = dir.display();
+    if without_state.len() == voters.len() {
+        // A start that never got as far as creating the cluster: nothing to keep.
+        return Ok(None);
+    }
+    if !without_state.is_empty() {
+        bail!(
+            "{where_} holds a cluster of {} meta node(s) but {} holds no state; pass --fresh to discard it",
+            voters.len(),
+            without_state.join(", ")
+        );
+    }
+    let tls_dir = dir.join("tls");
+    let missing: Vec<&str> = [CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE]
+        .into_iter()
+        .filter(|file| !tls_dir.join(file).exists())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{where_} holds a cluster whose certificates are gone (tls/{} missing); pass --fresh to discard it",
+            missing.join(", tls/")
+        );
+    }
     if voters.len() != metas {
         bail!(
             "{where_} holds a cluster of {} meta node(s); start it with --metas {}, or pass --fresh to discard it",
@@ -160,6 +182,31 @@ async fn meta_holds_state(dir: &Path) -> anyhow::Result<bool> {
     }
 }
 
+/// How long a resumed meta node's address may stay taken, by the previous run's meta node still
+/// stopping, before starting it is given up.
+const PORT_FREE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits (up to [`PORT_FREE_TIMEOUT`]) until the UDP address `addr` that the resumed meta node
+/// `id` must listen on is free; an error saying how to proceed when it stays taken.
+async fn wait_port_free(id: u64, addr: &str) -> anyhow::Result<()> {
+    let socket_addr: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("meta {id}'s address {addr:?} in {CLUSTER_CONFIG_FILE}"))?;
+    let started = tokio::time::Instant::now();
+    loop {
+        let error = match std::net::UdpSocket::bind(socket_addr) {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if error.kind() != std::io::ErrorKind::AddrInUse || started.elapsed() >= PORT_FREE_TIMEOUT {
+            bail!(
+                "meta {id} must listen on {addr}, the address the cluster's Raft membership (and {CLUSTER_CONFIG_FILE}) records for it, but it cannot be bound ({error}): free that port (is another roster dev running?), or pass --fresh to start a new cluster"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A cluster of `roster` server processes on 127.0.0.1, its CA and config files in `dir`.
 pub struct LocalCluster {
     pub dir: PathBuf,
@@ -202,6 +249,16 @@ impl LocalCluster {
         let resumed = previous.is_some();
         if resumed {
             info!(dir = %dir.display(), "resuming the cluster stored here");
+            // Clients read the CA beside client.toml: put it back should it be gone.
+            let ca = std::fs::read_to_string(tls_dir.join(CA_CERT_FILE))
+                .with_context(|| format!("cannot read {}", tls_dir.join(CA_CERT_FILE).display()))?;
+            if std::fs::read_to_string(dir.join(CA_CERT_FILE))
+                .ok()
+                .as_ref()
+                != Some(&ca)
+            {
+                tls::write_file(&dir.join(CA_CERT_FILE), &ca, false)?;
+            }
         } else {
             let pki = Pki::generate(&[])?;
             pki.write_to(&tls_dir)?;
@@ -214,7 +271,7 @@ impl LocalCluster {
         let mut voters = BTreeMap::new();
         if let Some(previous) = previous {
             voters = previous.voters;
-            client_token = previous.client_token;
+            client_token = previous.client_token.filter(|_| auth);
         } else {
             let localhost = "127.0.0.1:0".parse().expect("literal address");
             let mut reserved = Vec::new();
@@ -259,6 +316,9 @@ impl LocalCluster {
                     std::fs::remove_dir_all(&meta_dir)
                         .with_context(|| format!("cannot clear {}", meta_dir.display()))?;
                 }
+                if resumed {
+                    wait_port_free(*id, addr).await?;
+                }
                 let meta_dir = meta_dir.to_string_lossy().into_owned();
                 let mut extra = vec![
                     "--listen",
@@ -269,7 +329,15 @@ impl LocalCluster {
                     &bootstrap,
                 ];
                 extra.extend(auth_args.iter().map(String::as_str));
-                servers.push(spawn("meta", *id, &extra, &tls_arg, log).await?);
+                let meta = spawn("meta", *id, &extra, &tls_arg, log).await;
+                let meta = if resumed {
+                    meta.with_context(|| {
+                        format!("meta {id} of the cluster in {} did not start on {addr}, its address recorded in {CLUSTER_CONFIG_FILE}: if another process holds that port, free it, or pass --fresh to start a new cluster", dir.display())
+                    })?
+                } else {
+                    meta?
+                };
+                servers.push(meta);
             }
             for id in 1..=datas as u64 {
                 servers.push(spawn("data", id, &["--meta", &meta_list], &tls_arg, log).await?);
@@ -279,7 +347,8 @@ impl LocalCluster {
                 servers.push(spawn("session", id, &extra, &tls_arg, log).await?);
             }
             write_files(&dir, servers, &meta_list)?;
-            write_client_config(&dir, servers, None)?;
+            // A resumed cluster's client token stays in client.toml all along.
+            write_client_config(&dir, servers, client_token.clone())?;
             let admin_ports: Vec<String> = servers.iter().map(|s| s.http.clone()).collect();
             tokio::select! {
                 ready = wait_ready(&admin_ports) => ready?,
@@ -367,7 +436,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     if cluster.resumed {
         println!(
-            "roster dev: resumed the cluster in {} (its persistent instances and tokens; --fresh starts a new one)",
+            "roster dev: resumed the cluster in {} (its persistent instances, tokens and certificates; --fresh starts a new one)",
+            cluster.dir.display()
+        );
+    } else {
+        println!(
+            "roster dev: created a new cluster in {} (started again there, it resumes it)",
             cluster.dir.display()
         );
     }

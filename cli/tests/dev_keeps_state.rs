@@ -8,16 +8,23 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{Proc, START, roster, run};
+use support::{Proc, START, roster, run, run_within};
 
-/// Starts `roster dev --dir d EXTRA...` in `cwd` and waits until it is ready.
-fn dev(cwd: &Path, extra: &[&str]) -> Proc {
+/// Starts `roster dev --dir d EXTRA...` in `cwd`, waits until it is ready and checks that it says
+/// it resumed the cluster in d (`resumed`) or created a new one.
+fn dev(cwd: &Path, extra: &[&str], resumed: bool) -> Proc {
     let mut args = vec!["dev", "--dir", "d"];
     args.extend(extra);
     let dev = roster("roster dev", cwd, &args);
     dev.line_matching(START, "roster dev ready", |l| {
         l.contains("roster dev ready")
     });
+    let said = if resumed {
+        "resumed the cluster in"
+    } else {
+        "created a new cluster in"
+    };
+    dev.line_matching(START, said, |l| l.contains(said));
     dev
 }
 
@@ -53,7 +60,7 @@ fn stop(mut dev: Proc, signal: &str) {
 fn roster_dev_resumes_its_directory() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
-    let first = dev(cwd, &[]);
+    let first = dev(cwd, &[], false);
     for args in [
         &["register", "svc-a", "127.0.0.1:1", "--id", "a1"][..],
         &[
@@ -80,7 +87,7 @@ fn roster_dev_resumes_its_directory() {
     stop(first, "TERM");
 
     // Started again: the same CA, the instances back, the client token still good.
-    let second = dev(cwd, &[]);
+    let second = dev(cwd, &[], true);
     assert_eq!(std::fs::read(cwd.join("d/ca.pem")).unwrap(), ca);
     support::wait_for(START, "both instances back", || {
         (services(cwd) == want).then_some(())
@@ -99,11 +106,26 @@ fn roster_dev_resumes_its_directory() {
 
     // kill -9 of roster dev itself: its servers stop with it, and the state stays.
     stop(second, "KILL");
-    let third = dev(cwd, &[]);
+    let third = dev(cwd, &[], true);
     support::wait_for(START, "both instances back after kill -9", || {
         (services(cwd) == want).then_some(())
     });
     stop(third, "TERM");
+
+    // The meta node's recorded address taken by another process: refused, saying what to do.
+    let cluster_toml = std::fs::read_to_string(cwd.join("d/cluster.toml")).unwrap();
+    let meta_addr = cluster_toml
+        .split('"')
+        .find(|s| s.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no meta address in {cluster_toml}"));
+    let squatter = std::net::UdpSocket::bind(meta_addr).unwrap();
+    let (ok, _, err) = run_within(cwd, &["dev", "--dir", "d"], START);
+    assert!(!ok);
+    assert!(
+        err.contains(meta_addr) && err.contains("--fresh") && err.contains("free that port"),
+        "{err}"
+    );
+    drop(squatter);
 
     // Another shape is refused, saying what to do; --fresh starts over.
     let (ok, _, err) = run(cwd, &["dev", "--dir", "d", "--metas", "3"]);
@@ -118,7 +140,7 @@ fn roster_dev_resumes_its_directory() {
         err.contains("with authentication") && err.contains("--fresh"),
         "{err}"
     );
-    let fresh = dev(cwd, &["--fresh"]);
+    let fresh = dev(cwd, &["--fresh"], false);
     assert_ne!(
         std::fs::read(cwd.join("d/ca.pem")).unwrap(),
         ca,
