@@ -43,7 +43,7 @@ def quantiles(samples: list[float]) -> dict[str, float]:
 
 def stamp_of(snapshot: Snapshot) -> tuple[int, int] | None:
     """(sequence, monotonic ns) carried in the bench publisher's data `SEQ:NS`."""
-    for p in snapshot.publishers.values():
+    for p in snapshot.publishers:
         if p.register_id == "bench":
             seq, ns = p.data[0].decode().split(":")
             return int(seq), int(ns)

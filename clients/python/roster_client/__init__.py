@@ -7,11 +7,20 @@ async with await roster_client.Client.connect() as client:      # ./.roster/clie
     pub = await client.publish("web", [b"10.0.0.1:8080"], attributes={"zone": "eu-1"})
     sub = await client.subscribe("web")
     async for snapshot in sub:
-        print(snapshot.version, [p.data for p in snapshot.ordered()])
+        print(snapshot.version, [p.data for p in snapshot.publishers])
 ```
 """
 
-from .client import CLOSED, CONNECTED, CONNECTING, RECONNECTING, Client, Publication, Subscription
+from .client import (
+    CLOSED,
+    CONNECTED,
+    CONNECTING,
+    RECONNECTING,
+    Client,
+    ClientStats,
+    Publication,
+    Subscription,
+)
 from .config import ClientConfig
 from .errors import (
     BadFrame,
@@ -38,7 +47,7 @@ from .errors import (
     UnknownMember,
     UnsupportedVersion,
 )
-from .model import PERSISTENT_CLIENT_ID, Event, Health, Publisher, Snapshot, diff
+from .model import PERSISTENT_CLIENT_ID, Event, Health, Publisher, Publishers, Snapshot, diff
 
 __all__ = [
     "CLOSED",
@@ -49,6 +58,7 @@ __all__ = [
     "BadFrame",
     "Client",
     "ClientConfig",
+    "ClientStats",
     "ClusterMismatch",
     "ConfigError",
     "ConnectionLost",
@@ -66,6 +76,7 @@ __all__ = [
     "PermissionDenied",
     "Publication",
     "Publisher",
+    "Publishers",
     "RosterError",
     "ShuttingDown",
     "SlotMoving",

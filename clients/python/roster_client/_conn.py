@@ -19,7 +19,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
-from .errors import ConnectionLost, Timeout
+from .errors import ConnectionLost, RosterError, Timeout
 from .model import ALPN, FrameReader, encode_frame, reply_body
 
 
@@ -32,11 +32,31 @@ class _Protocol(QuicConnectionProtocol):
         self.push_reader: FrameReader | None = None
         self.on_push: Callable[[Any], None] = lambda _: None
         self.last_heard = time.monotonic()
+        # UDP datagrams received from the server: anything at all proves it alive.
+        self.received = 0
+        self.push_bytes = 0
         self.terminated = asyncio.Event()
         self.reason = ""
+        # The application close code, when the server closed the connection with one.
+        self.close_code: int | None = None
+
+    async def wait_connected(self) -> None:
+        # As aioquic's, except that a handshake given up on (our connect timeout) leaves no
+        # "exception never retrieved" behind when the connection later fails.
+        if self._connected_waiter is not None:
+            raise RuntimeError("Already awaiting connected")
+        if not self._connected:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._connected_waiter = waiter
+            await asyncio.shield(waiter)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.received += 1
+        self.last_heard = time.monotonic()
+        super().datagram_received(data, addr)
 
     def quic_event_received(self, event: QuicEvent) -> None:
-        self.last_heard = time.monotonic()
         if isinstance(event, StreamDataReceived):
             sid = event.stream_id
             pending = self.requests.get(sid)
@@ -48,7 +68,16 @@ class _Protocol(QuicConnectionProtocol):
                         pending[1].set_result(bytes(pending[0]))
             elif sid % 4 == 3 and self.push_reader is not None:
                 # The server's unidirectional push stream.
-                for frame in self.push_reader.feed(event.data):
+                self.push_bytes += len(event.data)
+                try:
+                    frames = self.push_reader.feed(event.data)
+                except RosterError as e:
+                    # A push stream that cannot be read makes the connection useless: leave it.
+                    self.push_reader = None
+                    self.reason = f"bad push stream: {e}"
+                    self.close(error_code=0, reason_phrase="bad push stream")
+                    return
+                for frame in frames:
                     self.on_push(frame)
         elif isinstance(event, StreamReset):
             # (A STOP_SENDING after our request was sent in full asks nothing of us: the
@@ -59,7 +88,9 @@ class _Protocol(QuicConnectionProtocol):
                     ConnectionLost(f"the server reset the request stream ({event.error_code})")
                 )
         elif isinstance(event, ConnectionTerminated):
-            self.reason = event.reason_phrase or f"closed with code {event.error_code}"
+            if event.frame_type is None:
+                self.close_code = event.error_code
+            self.reason = self.reason or event.reason_phrase or f"closed with code {event.error_code}"
             self._fail_all(ConnectionLost(f"connection closed: {self.reason}"))
             self.terminated.set()
 
@@ -87,6 +118,7 @@ class Connection:
         self.max_frame = 1 << 20
         # The reason of a GoAway the server sent, if it did.
         self.goaway: str | None = None
+        self._pings = 0
 
     @staticmethod
     async def open(
@@ -98,6 +130,8 @@ class Connection:
         connect_timeout_s: float,
         max_frame: int,
     ) -> Connection:
+        """Dials `addr` (`IP:PORT`, `[IPv6]:PORT`, or `HOST:PORT`), checking the server's
+        certificate against `ca` for `server_name` (default: the host)."""
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
         config = QuicConfiguration(
@@ -121,6 +155,9 @@ class Connection:
         except Exception as e:
             await stack.aclose()
             raise ConnectionLost(f"{addr}: {e!r}") from e
+        except BaseException:
+            await stack.aclose()
+            raise
         assert isinstance(protocol, _Protocol)
         protocol.push_reader = FrameReader(max_frame)
         return Connection(addr, protocol, stack)
@@ -165,11 +202,25 @@ class Connection:
             raise ConnectionLost(f"{self.addr} answered {len(frames)} frames to one request")
         return reply_body(frames[0])
 
+    @property
+    def received(self) -> int:
+        """UDP datagrams received from the server so far."""
+        return self._protocol.received
+
+    @property
+    def close_code(self) -> int | None:
+        return self._protocol.close_code
+
+    @property
+    def push_bytes(self) -> int:
+        return self._protocol.push_bytes
+
     def ping(self) -> None:
-        """Sends a keep-alive without waiting for it (its acknowledgement counts as heard)."""
+        """Sends a QUIC PING (a keep-alive; its acknowledgement counts as heard)."""
         if self.alive:
-            task = asyncio.ensure_future(self._protocol.ping())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._pings += 1
+            self._protocol._quic.send_ping(self._pings)
+            self._protocol.transmit()
 
     async def close(self) -> None:
         if self.alive:

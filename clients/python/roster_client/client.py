@@ -1,10 +1,10 @@
 """The client: publications and subscriptions that outlive any one connection.
 
 Every publication and subscription lives in the client's registry, not in a connection. The
-driver keeps one connection in use: it dials every configured session server at once and takes
-the first that answers `Hello`, registers everything there under the same client id, register ids
-and client versions, and only then closes the connection it replaces — so a failover (a lost
-connection, a silent server, a `GoAway`) never shows subscribers an instance missing. Pushes are
+driver keeps one connection in use: it dials every address of every configured session server at
+once and takes the first that answers `Hello`, registers everything there under the same client
+id, register ids and client versions, and only then closes the connection it replaces — so a
+failover (a silent server, a `GoAway`) never shows subscribers an instance missing. Pushes are
 applied to one copy per service (snapshots replace it, deltas on its version apply, a delta that
 does not follow asks for a resync), and consumers see the latest copy.
 """
@@ -12,12 +12,12 @@ does not follow asks for a resync), and consumers see the latest copy.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
+import contextlib
+import dataclasses
 import logging
 import random
-import re
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,14 +26,62 @@ from typing import Any
 
 from . import errors
 from ._conn import Connection
+from .cache import FLUSH_EVERY, Cache
 from .config import DEFAULT_PATH, ClientConfig
 from .errors import ConnectionLost, RosterError, Timeout
-from .model import PROTOCOL_VERSION, Event, Publisher, Snapshot, canonical_service, diff, variant
+from .model import (
+    PROTOCOL_VERSION,
+    Event,
+    Snapshot,
+    canonical_service,
+    check_id,
+    diff,
+    variant,
+)
 
 log = logging.getLogger("roster_client")
 
-#: Connection states reported to `on_state` callbacks.
+#: Connection states reported to `on_state` callbacks and by `Client.state`.
 CONNECTING, CONNECTED, RECONNECTING, CLOSED = "connecting", "connected", "reconnecting", "closed"
+
+#: Registrations sent at once on a new connection, besides the application's `max_in_flight`.
+REGISTER_CONCURRENCY = 16
+#: How often the connection's liveness is checked.
+LIVENESS_CHECK = 0.1
+#: Application close codes of docs/PROTOCOL.md §6.
+CLOSE_SLOW_CONSUMER = 0x10
+CLOSE_UNAUTHENTICATED = 0x13
+#: A request that failed for want of a connection is sent on at most this many connections.
+MAX_CONNECTION_ATTEMPTS = 3
+
+
+@dataclass
+class ClientStats:
+    """What a client has been through since it was created (as the Rust SDK's `stats()`)."""
+
+    #: Connections established and fully registered, the first included.
+    connects: int = 0
+    #: Connections that ended without the client closing them.
+    lost: int = 0
+    #: Connections left because the server sent nothing for `dead_after_ms`.
+    silent: int = 0
+    #: Connections the server closed because this client did not read its pushes (code 0x10).
+    cut_off_slow: int = 0
+    #: `GoAway`s received.
+    go_aways: int = 0
+    snapshots: int = 0
+    deltas: int = 0
+    #: Bytes of the push stream received.
+    push_bytes: int = 0
+    #: Deltas that did not follow the version held, each answered by asking for a snapshot.
+    resyncs: int = 0
+    #: Empty snapshots withheld by `refuse_empty`.
+    refused_empty: int = 0
+
+    @property
+    def reconnects(self) -> int:
+        """Connections after the first: the client moved or reconnected."""
+        return max(0, self.connects - 1)
 
 
 @dataclass
@@ -53,26 +101,36 @@ class _Subscription:
     # What pushes built (deltas apply to it), and what consumers are shown.
     internal: Snapshot | None = None
     visible: Snapshot | None = None
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     handles: int = 0
     listeners: list[Callable[[Snapshot], None]] = field(default_factory=list)
+    ended: bool = False
+
+    def show(self, snapshot: Snapshot | None) -> None:
+        self.visible = snapshot
+        # Wake every waiter, then arm a new event for the next change.
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 class Publication:
-    """A published instance; `update` replaces its data, `unpublish` removes it."""
+    """A published instance: `update` replaces its data, `unpublish` removes it. `async with`
+    unpublishes at the end of the block."""
 
-    def __init__(self, client: Client, register_id: str) -> None:
+    def __init__(self, client: Client, register_id: str, service: str, durable: bool) -> None:
         self._client = client
         self.register_id = register_id
-
-    @property
-    def service(self) -> str:
-        return self._client._publications[self.register_id].service
+        self.service = service
+        #: True once the registry stored the last change; False while the client holds it and
+        #: registers it as soon as a session server is reachable.
+        self.durable = durable
 
     async def update(
         self, data: Sequence[bytes], attributes: Mapping[str, str] | None = None
     ) -> None:
-        """Replaces the instance's data (and attributes, when given)."""
+        """Replaces the instance's data (and attributes, when given), bumping its
+        client_version. While no session server is reachable it succeeds as not durable and
+        the change is registered on reconnecting."""
         pub = self._client._publications.get(self.register_id)
         if pub is None:
             raise errors.NotFound(f"publication {self.register_id} was unpublished")
@@ -80,21 +138,32 @@ class Publication:
         if attributes is not None:
             pub.attributes = dict(attributes)
         pub.client_version += 1
-        await self._client._call(self._client._publish_request(self.register_id, pub))
+        self.durable = await self._client._send_publish(self.register_id, pub)
 
     async def unpublish(self) -> None:
         """Removes the instance; subscribers see it go at once."""
         pub = self._client._publications.pop(self.register_id, None)
         if pub is None:
             return
-        await self._client._call(
-            {"Unpublish": {"register_id": self.register_id, "service": pub.service}}
-        )
+        try:
+            await self._client._call(
+                {"Unpublish": {"register_id": self.register_id, "service": pub.service}}
+            )
+        except errors.NotFound:
+            pass
+
+    async def __aenter__(self) -> Publication:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._client._closing:
+            await self.unpublish()
 
 
 class Subscription:
     """The publishers of one service. `async for snapshot in sub` yields the latest snapshot
-    whenever it changes (a slow reader skips to the newest, never sees an older one)."""
+    whenever it changes (a slow reader skips to the newest, never sees an older one) and ends
+    when the subscription or the client is closed."""
 
     def __init__(self, client: Client, state: _Subscription) -> None:
         self._client = client
@@ -105,22 +174,30 @@ class Subscription:
     def service(self) -> str:
         return self._state.service
 
+    @property
+    def healthy_only(self) -> bool:
+        return self._state.healthy_only
+
     def current(self) -> Snapshot | None:
         """The latest snapshot received (or loaded from the cache), if any yet."""
         return self._state.visible
 
-    async def wait_for(
-        self, predicate: Callable[[Snapshot], bool], timeout: float
-    ) -> Snapshot:
-        """Waits until the current snapshot satisfies `predicate`, at most `timeout` seconds."""
+    def _over(self) -> bool:
+        return self._closed or self._state.ended
+
+    async def wait_for(self, predicate: Callable[[Snapshot], bool], timeout: float) -> Snapshot:
+        """Waits until the current snapshot satisfies `predicate`, at most `timeout` seconds
+        (`Timeout`); `ConnectionLost` if the client is closed meanwhile."""
         state = self._state
 
         async def matching() -> Snapshot:
-            async with state.changed:
-                while True:
-                    if state.visible is not None and predicate(state.visible):
-                        return state.visible
-                    await state.changed.wait()
+            while True:
+                changed = state.changed
+                if state.visible is not None and predicate(state.visible):
+                    return state.visible
+                if self._over():
+                    raise ConnectionLost(f"{state.service}: the subscription was closed")
+                await changed.wait()
 
         try:
             return await asyncio.wait_for(matching(), timeout)
@@ -133,18 +210,21 @@ class Subscription:
     async def _snapshots(self) -> AsyncIterator[Snapshot]:
         state = self._state
         last: Snapshot | None = None
-        while not self._closed:
-            async with state.changed:
-                while state.visible is None or state.visible is last:
-                    await state.changed.wait()
-                    if self._closed:
-                        return
-                last = state.visible
-            yield last
+        while True:
+            changed = state.changed
+            current = state.visible
+            if current is not None and current is not last:
+                last = current
+                yield current
+                continue
+            if self._over():
+                return
+            await changed.wait()
 
     async def events(self) -> AsyncIterator[Event]:
-        """What changed between consecutive snapshots: every publisher of the first snapshot as
-        added, then added, removed and changed publishers."""
+        """What changed between consecutive snapshots read: every publisher of the first
+        snapshot as "added", then removals, changes and additions. A reader that falls behind
+        gets the net change since what it last read."""
         previous: Snapshot | None = None
         async for snapshot in self:
             for event in diff(previous, snapshot):
@@ -156,6 +236,21 @@ class Subscription:
         if not self._closed:
             self._closed = True
             await self._client._release(self._state)
+            self._state.show(self._state.visible)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+@dataclass
+class _Candidate:
+    """One address to dial: a configured session address, or one its DNS name resolves to."""
+
+    addr: str
+    name: str
 
 
 class Client:
@@ -164,6 +259,7 @@ class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.client_id = config.client_id or secrets.token_hex(16)
+        check_id("client_id", self.client_id)
         self._secret = config.client_secret()
         self._publications: dict[str, _Publication] = {}
         self._subscriptions: dict[str, _Subscription] = {}
@@ -175,9 +271,13 @@ class Client:
         self._requests = asyncio.Semaphore(config.max_in_flight)
         self._closing = False
         self._driver: asyncio.Task[None] | None = None
-        self._move = asyncio.Event()
-        self.reconnects = 0
-        self.refused_empty = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._cache = Cache(Path(config.cache_dir)) if config.cache_dir is not None else None
+        self._dirty: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stats = ClientStats()
+        self._push_bytes_before = 0
 
     # ---------------------------------------------------------------- life
 
@@ -192,8 +292,11 @@ class Client:
         **overrides: Any,
     ) -> Client:
         """Connects as `client.toml` says (default `./.roster/client.toml`), or as `sessions`
-        and `ca` say; keyword arguments override any config key. Returns once a session server
-        answered, or raises `ConnectionLost` when none did within `connect_timeout_ms`."""
+        and `ca` say; keyword arguments override any config key (`refuse_empty=False`,
+        `cache_dir=...`). Returns once a session server answered and everything is registered;
+        raises `ConnectionLost` when none did within `connect_timeout_ms`, `Unauthenticated`
+        when the cluster refuses the token — unless `cache_dir` is set, when the client starts
+        disconnected, serves cached snapshots and keeps trying."""
         if sessions is not None:
             if ca is None:
                 raise errors.ConfigError("give `ca` with `sessions`")
@@ -203,9 +306,9 @@ class Client:
             if ca is not None:
                 config.ca = Path(ca)
         if token is not None:
-            config.token = token
+            config.token = token.strip()
         for key, value in overrides.items():
-            if not hasattr(config, key) or key.startswith("_"):
+            if key.startswith("_") or not hasattr(config, key):
                 raise errors.ConfigError(f"unknown setting {key!r}")
             setattr(config, key, value)
         config.validate()
@@ -222,47 +325,80 @@ class Client:
     async def _start(self) -> None:
         deadline = self.config.connect_timeout_ms / 1000
         try:
-            conn = await asyncio.wait_for(self._establish(avoid=None), deadline)
-        except (asyncio.TimeoutError, ConnectionLost) as e:
-            why = f"no session server of {', '.join(self.config.sessions)} answered within {deadline} s"
-            if self.config.cache_dir is None:
-                raise ConnectionLost(why) from e
+            conn, _ = await asyncio.wait_for(self._establish(avoid=None), deadline)
+        except (asyncio.TimeoutError, RosterError) as e:
+            if self._cache is None:
+                if isinstance(e, RosterError) and not isinstance(e, ConnectionLost):
+                    raise
+                sessions = ", ".join(self.config.sessions)
+                raise ConnectionLost(
+                    f"no session server of {sessions} answered within {deadline} s: {e}"
+                ) from e
             # With a cache, subscriptions start from it and the client keeps trying.
-            log.warning("%s; serving cached snapshots and reconnecting", why)
+            log.warning("no session server reachable (%s); serving cached snapshots", e)
             self._set_state(RECONNECTING)
         else:
             self._install(conn)
         self._driver = asyncio.create_task(self._drive())
+        if self._cache is not None:
+            self._flusher = asyncio.create_task(self._keep_cache())
 
     async def close(self) -> None:
-        """Closes the connection: the session removes this client's publishers at once."""
+        """Closes the client: the session removes its publishers at once, subscriptions end."""
         if self._closing:
             return
         self._closing = True
-        if self._driver is not None:
-            self._driver.cancel()
-            try:
-                await self._driver
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._conn is not None:
-            await self._conn.close()
+        for task in (self._driver, self._flusher, *self._background):
+            if task is not None:
+                task.cancel()
+        for task in (self._driver, self._flusher, *self._background):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._flush_cache()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
         self._set_state(CLOSED)
         for state in self._subscriptions.values():
-            async with state.changed:
-                state.changed.notify_all()
+            state.ended = True
+            state.show(state.visible)
 
     @property
     def state(self) -> str:
+        """"connecting", "connected", "reconnecting" or "closed"."""
         return self._state
 
     @property
     def session_addr(self) -> str | None:
-        return self._conn.addr if self._conn is not None else None
+        """The address of the session server in use, if connected."""
+        conn = self._conn
+        return conn.addr if conn is not None and conn.alive else None
+
+    @property
+    def session_id(self) -> int | None:
+        """The id of the session server in use, if connected."""
+        conn = self._conn
+        return conn.session_id if conn is not None and conn.alive else None
+
+    @property
+    def stats(self) -> ClientStats:
+        """What the client has been through so far: connections, moves, pushes."""
+        conn = self._conn
+        current = conn.push_bytes if conn is not None else 0
+        return dataclasses.replace(self._stats, push_bytes=self._push_bytes_before + current)
+
+    @property
+    def reconnects(self) -> int:
+        return self._stats.reconnects
+
+    @property
+    def refused_empty(self) -> int:
+        return self._stats.refused_empty
 
     def on_state(self, callback: Callable[[str], None]) -> None:
-        """Calls `callback(state)` on every change of the connection state: "connecting",
-        "connected", "reconnecting", "closed"."""
+        """Calls `callback(state)` on every change of the connection state: "connected",
+        "reconnecting", "closed"."""
         self._callbacks.append(callback)
 
     def _set_state(self, state: str) -> None:
@@ -273,6 +409,11 @@ class Client:
                     callback(state)
                 except Exception:
                     log.exception("a connection-state callback failed")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------- API
 
@@ -286,29 +427,45 @@ class Client:
     ) -> Publication:
         """Publishes an instance of `service` (typically one `host:port`). It lives as long as
         this client: a lost connection moves it to another session server, `close()` removes
-        it. `check` opts into a health check run by the registry (docs/PROTOCOL.md §3)."""
+        it. `register_id` names it (default: one the client picks); one already published by
+        this client is refused (update that publication instead). `check` opts into a health
+        check run by the registry (docs/PROTOCOL.md §3). While no session server is reachable
+        it succeeds as not durable (`publication.durable`) and is registered on reconnecting."""
         service = canonical_service(service)
         if register_id is None:
             register_id = self._new_register_id("p")
-        elif register_id in self._publications:
-            pass  # publishing an id again replaces it
+        else:
+            check_id("register_id", register_id)
+            if register_id in self._publications:
+                raise errors.InvalidArgument(
+                    f"register id {register_id!r} is already published by this client; "
+                    "update that publication instead"
+                )
         pub = _Publication(
             service=service,
             data=[bytes(d) for d in data],
             attributes=dict(attributes or {}),
-            client_version=self._publications[register_id].client_version + 1
-            if register_id in self._publications
-            else 1,
+            client_version=1,
             check=dict(check) if check is not None else None,
         )
         self._publications[register_id] = pub
         try:
-            await self._call(self._publish_request(register_id, pub))
+            durable = await self._send_publish(register_id, pub)
+        except RosterError:
+            self._publications.pop(register_id, None)
+            raise
+        return Publication(self, register_id, service, durable)
+
+    async def _send_publish(self, register_id: str, pub: _Publication) -> bool:
+        """Sends a publication's current state; whether the registry has it durably."""
+        try:
+            _, body = await self._call(self._publish_request(register_id, pub))
         except RosterError as e:
             if not e.retryable:
-                self._publications.pop(register_id, None)
-            raise
-        return Publication(self, register_id)
+                raise
+            log.debug("publication %s will be registered on reconnect: %s", register_id, e)
+            return False
+        return bool(body.get("durable", False))
 
     async def subscribe(
         self,
@@ -317,40 +474,48 @@ class Client:
         healthy_only: bool = False,
         on_snapshot: Callable[[Snapshot], None] | None = None,
     ) -> Subscription:
-        """Subscribes to `service`. One client holds one kind of subscription per service.
+        """Subscribes to `service`; subscribing twice to one service shares one registration.
+        One client holds one kind of subscription per service (`InvalidArgument` otherwise).
         With `healthy_only`, the session shows only healthy publishers (all of them, marked,
         when more than its protection threshold are unhealthy). `on_snapshot`, if given, is
-        called with every snapshot as it arrives, none skipped (iterating skips to the latest)."""
+        called with every snapshot shown, none skipped (iterating skips to the latest). While
+        not connected it returns at once, from the cached snapshot if `cache_dir` has one."""
         service = canonical_service(service)
         state = self._subscriptions.get(service)
         if state is not None:
             if state.healthy_only != healthy_only:
                 raise errors.InvalidArgument(
                     f"this client already subscribes to {service} "
-                    f"{'healthy-only' if state.healthy_only else 'to every publisher'}"
+                    f"{'healthy-only' if state.healthy_only else 'to every publisher'}; one "
+                    "client holds one kind of subscription per service"
                 )
             state.handles += 1
             if on_snapshot is not None:
                 state.listeners.append(on_snapshot)
             return Subscription(self, state)
+        if self._closing:
+            raise ConnectionLost("the client is closed")
         state = _Subscription(service, self._new_register_id("s"), healthy_only, handles=1)
         if on_snapshot is not None:
             state.listeners.append(on_snapshot)
-        cached = self._cache_load(service)
-        if cached is not None:
-            state.visible = cached
+        if self._cache is not None:
+            cached = self._cache.load(service, healthy_only)
+            if cached is not None:
+                state.internal = cached
+                state.visible = cached
         self._subscriptions[service] = state
         if self._conn is None or not self._conn.alive:
             # Not connected: the next connection registers it; asking from here too closes the
             # gap where that connection listed what to register just before it existed.
-            asyncio.ensure_future(self._resync(state))
+            self._spawn(self._resync(state))
             return Subscription(self, state)
         try:
             await self._call(self._subscribe_request(state))
         except RosterError as e:
             if not e.retryable:
                 self._subscriptions.pop(service, None)
-            raise
+                raise
+            log.debug("subscription to %s will be registered on reconnect: %s", service, e)
         return Subscription(self, state)
 
     async def register_persistent(
@@ -362,7 +527,8 @@ class Client:
         check: Mapping[str, Any] | None = None,
     ) -> None:
         """Registers (or replaces) a persistent instance: stored by the meta group until
-        `deregister_persistent`, whatever happens to this client."""
+        `deregister_persistent`, whatever happens to this client. Returns once a quorum has it
+        on disk."""
         service = canonical_service(service)
         fields: dict[str, Any] = {
             "service": service,
@@ -372,15 +538,24 @@ class Client:
         }
         if check is not None:
             fields["check"] = dict(check)
-        await self._call({"RegisterPersistent": fields})
+        _, body = await self._call({"RegisterPersistent": fields})
+        if not body.get("durable", True):
+            raise errors.Unavailable(f"{service} {id}: not stored yet; register it again")
 
     async def deregister_persistent(self, service: str, id: str) -> None:
-        """Removes the persistent instance `id` of `service`."""
+        """Removes the persistent instance `id` of `service`; `NotFound` if there is none."""
         service = canonical_service(service)
-        await self._call({"DeregisterPersistent": {"service": service, "id": id}})
+        resent: list[bool] = []
+        try:
+            await self._call({"DeregisterPersistent": {"service": service, "id": id}}, resent)
+        except errors.NotFound:
+            # A resend after a lost connection finds it gone: the first try removed it.
+            if not resent:
+                raise
 
     async def list_services(self) -> list[dict[str, Any]]:
-        """Every service with a publisher: `service`, `publishers`, `version`, `healthy`."""
+        """Every service with a publisher: `service`, `publishers`, `version`, and `healthy`
+        where a publisher of it is checked."""
         _, body = await self._call({"ListServices": {}})
         return list(body.get("services") or [])
 
@@ -417,66 +592,116 @@ class Client:
 
     @staticmethod
     def _subscribe_request(state: _Subscription) -> dict[str, Any]:
-        return {
-            "Subscribe": {
-                "register_id": state.register_id,
-                "service": state.service,
-                "healthy_only": state.healthy_only,
-            }
-        }
+        fields: dict[str, Any] = {"register_id": state.register_id, "service": state.service}
+        if state.healthy_only:
+            fields["healthy_only"] = True
+        return {"Subscribe": fields}
 
-    async def _call(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Sends `request` on the connection in use; if there is none or it breaks, waits for
-        the next one (within `request_timeout_ms`) and sends it there. `Unavailable` answers are
-        asked again after a pause."""
+    async def _call(
+        self, request: dict[str, Any], resent: list[bool] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Sends `request` on the connection in use, as the Rust SDK does: `Unavailable` is
+        asked again after a pause (200 ms, doubling to 2 s); a request that found no
+        connection, or lost it, is sent again on the next one (at most 3 connections); all
+        within `request_timeout_ms`. `resent` gets an entry when a try that may have been
+        applied was followed by another."""
         if self._closing:
             raise ConnectionLost("the client is closed")
         timeout = self.config.request_timeout_ms / 1000
         deadline = time.monotonic() + timeout
-        pause = 0.2
-        async with self._requests:
+        try:
+            await asyncio.wait_for(self._requests.acquire(), timeout)
+        except asyncio.TimeoutError as e:
+            raise Timeout(
+                f"{self.config.max_in_flight} requests stayed in flight for {timeout} s "
+                "(max_in_flight)"
+            ) from e
+        try:
+            attempt = 0
+            pause = 0.2
+            maybe_applied = False
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Timeout(f"{variant(request)[0]}: no answer within {timeout} s")
+                attempt += 1
+                if maybe_applied and resent is not None and not resent:
+                    resent.append(True)
                 conn = self._conn
-                if conn is None or not conn.alive:
-                    await self._wait_connection(conn, left)
-                    continue
+                live = conn is not None and conn.alive
+                left = deadline - time.monotonic()
                 try:
+                    if left <= 0:
+                        raise Timeout(f"{variant(request)[0]}: no answer within {timeout} s")
+                    if conn is None or not live:
+                        raise errors.Unavailable("not connected to a session server")
                     return await conn.request(request, left)
-                except ConnectionLost:
-                    await self._wait_connection(conn, deadline - time.monotonic())
-                except (errors.Unavailable, errors.ShuttingDown):
-                    await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                    pause = min(pause * 2, 2.0)
+                except (errors.Unavailable, errors.ShuttingDown, ConnectionLost) as e:
+                    if self._closing:
+                        raise ConnectionLost("the client is closed") from e
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    if live and isinstance(e, errors.Unavailable):
+                        await asyncio.sleep(min(pause, left))
+                        pause = min(pause * 2, 2.0)
+                        continue
+                    if attempt >= MAX_CONNECTION_ATTEMPTS:
+                        raise
+                    maybe_applied |= live and isinstance(e, ConnectionLost)
+                    if not await self._wait_connection(conn if live else None, left):
+                        raise ConnectionLost(
+                            f"no session server reachable within {timeout} s ({e})"
+                        ) from e
+        finally:
+            self._requests.release()
 
-    async def _wait_connection(self, failed: Connection | None, left: float) -> None:
-        """Waits up to `left` for a live connection other than `failed`."""
+    async def _wait_connection(self, failed: Connection | None, left: float) -> bool:
+        """Waits up to `left` seconds for a live connection other than `failed`."""
         end = time.monotonic() + max(0.0, left)
         while not self._closing:
             conn = self._conn
             if conn is not None and conn is not failed and conn.alive:
-                return
-            self._move.set()
+                return True
+            if failed is not None and conn is failed:
+                self._wake.set()  # tell the driver: the connection looks broken
             rest = end - time.monotonic()
             if rest <= 0:
-                raise ConnectionLost("no session server reachable")
+                return False
             self._conn_changed.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._conn_changed.wait(), min(rest, 0.1))
-            except asyncio.TimeoutError:
-                pass
-        raise ConnectionLost("the client is closed")
+        return False
 
     # ---------------------------------------------------------------- connections
 
-    async def _dial(self, addr: str) -> Connection:
+    async def _candidates(self) -> list[_Candidate]:
+        """Every address of every configured session server, each once: a DNS name stands for
+        each address it resolves to, checked against that name (or `server_name`)."""
+        loop = asyncio.get_running_loop()
+        out: list[_Candidate] = []
+        seen: set[str] = set()
+        for configured in self.config.sessions:
+            host, _, port = configured.rpartition(":")
+            host = host.strip("[]")
+            name = self.config.server_name or host
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
+            except OSError as e:
+                log.debug("could not resolve %s: %s", configured, e)
+                continue
+            for info in infos:
+                ip = str(info[4][0])
+                addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                if addr not in seen:
+                    seen.add(addr)
+                    out.append(_Candidate(addr, name))
+        return out
+
+    async def _dial(self, candidate: _Candidate) -> Connection:
+        """A QUIC connection to `candidate` that said Welcome to this client's Hello."""
         config = self.config
         conn = await Connection.open(
-            addr,
+            candidate.addr,
             ca=str(config.ca),
-            server_name=config.server_name,
+            server_name=candidate.name,
             idle_timeout_s=config.idle_timeout_ms / 1000,
             connect_timeout_s=config.connect_timeout_ms / 1000,
             max_frame=config.max_frame,
@@ -493,124 +718,206 @@ class Client:
             hello["token"] = config.token
         try:
             name, body = await conn.request({"Hello": hello}, config.request_timeout_ms / 1000)
+            if name != "Welcome":
+                raise errors.UnexpectedMessage(f"expected Welcome, got {name}")
         except BaseException:
             await conn.close()
             raise
-        if name != "Welcome":
-            await conn.close()
-            raise errors.UnexpectedMessage(f"expected Welcome, got {name}")
         conn.session_id = int(body.get("session_id", 0))
         conn.deltas = "delta" in (body.get("capabilities") or [])
         conn.max_frame = min(config.max_frame, int(body.get("max_frame", config.max_frame)))
+        limit = body.get("max_requests")
+        needed = config.max_in_flight + REGISTER_CONCURRENCY + 2
+        if isinstance(limit, int) and limit < needed:
+            log.warning(
+                "session %s allows %d requests in flight, fewer than this client may send; "
+                "lower max_in_flight to avoid LimitExceeded",
+                conn.session_id,
+                limit,
+            )
         return conn
 
-    async def _establish(self, avoid: str | None) -> Connection:
-        """Dials every session server at once (those other than `avoid` first, in random order),
-        takes the first that says Welcome, and registers everything there."""
-        addrs = list(self.config.sessions)
-        random.shuffle(addrs)
-        others = [a for a in addrs if a != avoid] or addrs
-        tasks = [asyncio.create_task(self._dial(a)) for a in others]
-        conn: Connection | None = None
-        failures: list[str] = []
-        try:
-            for next_done in asyncio.as_completed(tasks):
+    async def _establish(self, avoid: str | None) -> tuple[Connection, bool]:
+        """Dials every session address at once (`avoid` only if no other answers), takes the
+        first that says Welcome, and registers everything there. Returns the connection and
+        whether it was the only address there was."""
+        order = await self._candidates()
+        if not order:
+            raise ConnectionLost(f"no address for {', '.join(self.config.sessions)}")
+        random.shuffle(order)
+        only_choice = len(order) == 1
+        preferred = [c for c in order if c.addr != avoid or only_choice]
+        fallback = [c for c in order if c.addr == avoid and not only_choice]
+        last: RosterError | None = None
+        for round_ in (preferred, fallback):
+            if not round_:
+                continue
+            tasks = [asyncio.create_task(self._dial(c)) for c in round_]
+            conn: Connection | None = None
+            try:
+                for next_done in asyncio.as_completed(tasks):
+                    try:
+                        conn = await next_done
+                        break
+                    except RosterError as e:
+                        # A refusal of who the client is says more than another's silence.
+                        refusal = (errors.Unauthenticated, errors.PermissionDenied)
+                        if isinstance(e, refusal) or not isinstance(last, refusal):
+                            last = e
+                    except Exception as e:  # noqa: BLE001 - any dial failure: try another
+                        last = ConnectionLost(str(e))
+            finally:
+                for task in tasks:
+                    if not task.done():
+                        task.cancel()
+                for result in await asyncio.gather(*tasks, return_exceptions=True):
+                    if isinstance(result, Connection) and result is not conn:
+                        await result.close()
+            if conn is not None:
                 try:
-                    conn = await next_done
-                    break
-                except errors.Unauthenticated:
+                    await self._register_all(conn)
+                except BaseException:
+                    await conn.close()
                     raise
-                except errors.PermissionDenied:
-                    raise
-                except RosterError as e:
-                    failures.append(str(e))
-        finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-            for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    other = task.result()
-                    if other is not conn:
-                        await other.close()
-        if conn is None:
-            raise ConnectionLost("; ".join(failures) or "no session server answered")
-        await self._register_all(conn)
-        return conn
+                return conn, only_choice
+        raise last or ConnectionLost("no session server answered")
 
     async def _register_all(self, conn: Connection) -> None:
-        """Registers every publication and subscription on `conn`, under the same ids."""
+        """Registers every publication and subscription on `conn` under the same ids and
+        client versions. A transport failure fails the whole (another server is tried); a
+        refusal of one registration is logged and the rest go on."""
         timeout = self.config.request_timeout_ms / 1000
         requests = [self._publish_request(rid, p) for rid, p in list(self._publications.items())]
         requests += [self._subscribe_request(s) for s in list(self._subscriptions.values())]
-        limit = asyncio.Semaphore(16)
+        limit = asyncio.Semaphore(REGISTER_CONCURRENCY)
 
         async def one(request: dict[str, Any]) -> None:
             async with limit:
                 try:
                     await conn.request(request, timeout)
-                except (errors.PermissionDenied, errors.InvalidArgument, errors.LimitExceeded) as e:
-                    log.warning("could not register %s again: %s", variant(request)[0], e)
+                except (ConnectionLost, Timeout):
+                    raise
+                except RosterError as e:
+                    log.warning("the session server refused a registration (%s): %s",
+                                variant(request)[0], e)
 
         await asyncio.gather(*(one(r) for r in requests))
 
     def _install(self, conn: Connection) -> None:
+        if self._conn is not None:
+            self._push_bytes_before += self._conn.push_bytes
         self._conn = conn
+        self._stats.connects += 1
+        log.info("connected to session %s at %s", conn.session_id, conn.addr)
         self._conn_changed.set()
         self._set_state(CONNECTED)
 
+    def _backoff(self, attempt: int) -> float:
+        """The pause before reconnect attempt `attempt`: doubling from the minimum, capped,
+        with jitter (between half and all of it)."""
+        low = max(1, self.config.reconnect_min_ms)
+        high = max(low, self.config.reconnect_max_ms)
+        base = min(low * (1 << min(max(attempt - 1, 0), 16)), high)
+        return random.uniform(base / 2, base) / 1000
+
     async def _drive(self) -> None:
-        """Keeps a connection in use: keep-alives, the liveness watchdog, failover."""
-        backoff = self.config.reconnect_min_ms / 1000
+        """Keeps a connection in use: the liveness watchdog, GoAway, failover, reconnection."""
+        attempt = 0
+        avoid: str | None = None
         while not self._closing:
             conn = self._conn
-            if conn is not None:
-                why = await self._watch(conn)
-                if self._closing:
-                    return
-                log.info("leaving session %s: %s", conn.addr, why)
-            self._set_state(RECONNECTING)
-            while not self._closing:
+            if conn is not None and not conn.alive:
+                self._note_loss(conn)
+                log.warning("lost session %s at %s: %s", conn.session_id, conn.addr, conn.reason)
+                avoid = conn.addr
+                self._push_bytes_before += conn.push_bytes
+                self._conn = conn = None
+            if conn is None:
+                attempt += 1
+                self._set_state(RECONNECTING)
+                await asyncio.sleep(self._backoff(attempt))
                 try:
-                    new = await self._establish(avoid=conn.addr if conn is not None else None)
-                except Exception as e:
-                    log.info("reconnecting: %s", e)
-                    await asyncio.sleep(backoff * (0.5 + random.random()))
-                    backoff = min(backoff * 2, self.config.reconnect_max_ms / 1000)
+                    new, _ = await self._establish(avoid)
+                except (errors.Unauthenticated, errors.PermissionDenied) as e:
+                    log.warning("a session server refused this client (%s); retrying", e)
                     continue
-                backoff = self.config.reconnect_min_ms / 1000
-                self.reconnects += 1
+                except Exception as e:
+                    log.debug("still no session server: %s", e)
+                    continue
+                attempt = 0
                 self._install(new)
-                # Only now is the old connection closed: everything is registered elsewhere.
-                if conn is not None:
-                    await conn.close()
-                break
+                continue
+            why = await self._watch(conn)
+            if self._closing or why == "ended":
+                continue
+            moved = await self._move_on(conn, why)
+            if not moved and why == "silent":
+                await conn.close()
+
+    def _note_loss(self, conn: Connection) -> None:
+        self._stats.lost += 1
+        if conn.close_code == CLOSE_SLOW_CONSUMER:
+            self._stats.cut_off_slow += 1
+        elif conn.close_code == CLOSE_UNAUTHENTICATED:
+            log.warning("the session server closed the connection: %s", conn.reason)
+
+    async def _move_on(self, conn: Connection, why: str) -> bool:
+        """Connects to another session server (the same one if it is the only one), registers
+        everything there, makes it the connection in use, and only then closes `conn`."""
+        self._set_state(RECONNECTING)
+        try:
+            new, only_choice = await self._establish(avoid=conn.addr)
+        except Exception as e:
+            log.warning("no other session server answered (%s)", e)
+            if conn.alive:
+                self._set_state(CONNECTED)
+            return False
+        if new.addr == conn.addr and not only_choice:
+            # Only the same server would take us: stay, keeping one connection.
+            await new.close()
+            self._set_state(CONNECTED)
+            return False
+        self._install(new)
+        # Only now is the old connection closed: everything is registered elsewhere.
+        conn.goaway = None
+        await conn.close()
+        log.info("moved from %s to %s (%s)", conn.addr, new.addr, why)
+        return True
 
     async def _watch(self, conn: Connection) -> str:
-        """Returns why `conn` should be left: it ended, the server went silent, or GoAway."""
+        """Returns why `conn` should be left: "ended", "goaway" or "silent". Pings every
+        `keep_alive_ms`; a server from which no datagram at all arrived for `dead_after_ms` is
+        silent — unless this process itself was too busy to look (a late tick restarts the
+        clock, as in the Rust SDK)."""
         keep_alive = self.config.keep_alive_ms / 1000
         dead_after = self.config.dead_after_ms / 1000
-        self._move.clear()
-        ended = asyncio.create_task(conn.wait_terminated())
-        moving = asyncio.create_task(self._move.wait())
-        try:
-            while True:
-                if ended.done():
-                    return f"connection ended ({conn.reason})"
-                if self._move.is_set():
-                    self._move.clear()
-                    if conn.goaway is not None:
-                        return f"asked to move: {conn.goaway}"
-                    return "a request found the connection broken"
-                if time.monotonic() - conn.last_heard > dead_after:
-                    return f"nothing heard for {dead_after} s"
+        heard_count = conn.received
+        heard_at = time.monotonic()
+        last_tick = heard_at
+        last_ping = 0.0
+        while True:
+            self._wake.clear()
+            if not conn.alive:
+                return "ended"
+            if conn.goaway is not None:
+                self._stats.go_aways += 1
+                log.info("session %s asks us to move: %s", conn.addr, conn.goaway)
+                conn.goaway = None
+                return "goaway"
+            now = time.monotonic()
+            late = now - last_tick > 3 * LIVENESS_CHECK
+            last_tick = now
+            if conn.received != heard_count or late:
+                heard_count, heard_at = conn.received, now
+            elif now - heard_at >= dead_after:
+                self._stats.silent += 1
+                log.warning("session %s sent nothing for %.1f s; moving", conn.addr, dead_after)
+                return "silent"
+            if now - last_ping >= keep_alive:
                 conn.ping()
-                await asyncio.wait([ended, moving], timeout=keep_alive, return_when=asyncio.FIRST_COMPLETED)
-                if moving.done() and not self._move.is_set():
-                    moving = asyncio.create_task(self._move.wait())
-        finally:
-            ended.cancel()
-            moving.cancel()
+                last_ping = now
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), LIVENESS_CHECK)
 
     # ---------------------------------------------------------------- pushes
 
@@ -618,30 +925,33 @@ class Client:
         try:
             kind, body = variant(frame)
         except RosterError as e:
-            log.warning("a malformed push from %s: %s", conn.addr, e)
+            log.debug("skipped a push of an unknown shape from %s: %s", conn.addr, e)
             return
         if kind == "GoAway":
             conn.goaway = str((body or {}).get("reason", "GoAway"))
-            if conn is self._conn:
-                self._move.set()
+            self._wake.set()
             return
         if kind not in ("Snapshot", "Delta") or not isinstance(body, dict):
+            # A push this version does not know: newer servers may add kinds.
             return
         state = self._subscriptions.get(str(body.get("service")))
-        if state is None:
-            return
         version = int(body.get("version", 0))
-        current = state.internal
+        current = state.internal if state is not None else None
         if kind == "Snapshot":
-            if current is not None and version <= current.version:
+            self._stats.snapshots += 1
+            if state is None or (current is not None and version <= current.version):
                 return
             new = Snapshot.from_wire(body)
         else:
-            if current is not None and version <= current.version:
+            self._stats.deltas += 1
+            if state is None or (current is not None and version <= current.version):
                 return
             if current is None or int(body.get("base", -1)) != current.version:
-                # A gap: ask for the snapshot again.
-                asyncio.ensure_future(self._resync(state))
+                # A gap: ask for the snapshot again, on the connection that pushed it.
+                self._stats.resyncs += 1
+                log.warning("a delta of %s does not follow the version held; resyncing",
+                            state.service)
+                self._spawn(self._resync(state, conn))
                 return
             new = current.apply_delta(body)
         state.internal = new
@@ -651,32 +961,39 @@ class Client:
             and state.visible is not None
             and state.visible.publishers
         ):
-            self.refused_empty += 1
+            self._stats.refused_empty += 1
+            log.warning("withheld an empty snapshot of %s at version %d (refuse_empty)",
+                        new.service, new.version)
             return
-        state.visible = new
+        state.show(new)
+        if self._cache is not None:
+            self._dirty.add(new.service)
         for listener in list(state.listeners):
             try:
                 listener(new)
             except Exception:
                 log.exception("an on_snapshot callback failed")
-        asyncio.ensure_future(self._notify(state))
-        self._cache_store(new)
 
-    async def _notify(self, state: _Subscription) -> None:
-        async with state.changed:
-            state.changed.notify_all()
-
-    async def _resync(self, state: _Subscription) -> None:
+    async def _resync(self, state: _Subscription, conn: Connection | None = None) -> None:
+        request = self._subscribe_request(state)
         try:
-            await self._call(self._subscribe_request(state))
+            if conn is not None:
+                await conn.request(request, self.config.request_timeout_ms / 1000)
+            else:
+                await self._call(request)
         except RosterError as e:
-            log.info("resync of %s: %s", state.service, e)
+            log.info("resync of %s: %s (the next connection registers it afresh)",
+                     state.service, e)
 
     async def _release(self, state: _Subscription) -> None:
         state.handles -= 1
         if state.handles > 0 or self._subscriptions.get(state.service) is not state:
             return
         del self._subscriptions[state.service]
+        state.ended = True
+        if self._cache is not None and state.service in self._dirty and state.visible:
+            self._dirty.discard(state.service)
+            self._cache.store(state.visible, state.healthy_only)
         if not self._closing:
             try:
                 await self._call({"Unsubscribe": {"register_id": state.register_id}})
@@ -685,56 +1002,19 @@ class Client:
 
     # ---------------------------------------------------------------- cache
 
-    def _cache_path(self, service: str) -> Path | None:
-        if self.config.cache_dir is None:
-            return None
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", service)
-        return Path(self.config.cache_dir) / f"{name}.json"
-
-    def _cache_load(self, service: str) -> Snapshot | None:
-        path = self._cache_path(service)
-        if path is None or not path.exists():
-            return None
-        try:
-            raw = json.loads(path.read_text())
-            pubs = [
-                Publisher(
-                    client_id=p["client_id"],
-                    register_id=p["register_id"],
-                    data=tuple(base64.b64decode(d) for d in p["data"]),
-                    attributes=p.get("attributes", {}),
-                    client_version=p.get("client_version", 0),
-                    persistent=p.get("persistent", False),
-                )
-                for p in raw["publishers"]
-            ]
-            return Snapshot(service, int(raw["version"]), {p.key: p for p in pubs})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.info("ignoring the cached snapshot %s: %s", path, e)
-            return None
-
-    def _cache_store(self, snapshot: Snapshot) -> None:
-        path = self._cache_path(snapshot.service)
-        if path is None:
+    def _flush_cache(self) -> None:
+        if self._cache is None:
             return
-        raw = {
-            "version": snapshot.version,
-            "publishers": [
-                {
-                    "client_id": p.client_id,
-                    "register_id": p.register_id,
-                    "data": [base64.b64encode(d).decode("ascii") for d in p.data],
-                    "attributes": dict(p.attributes),
-                    "client_version": p.client_version,
-                    "persistent": p.persistent,
-                }
-                for p in snapshot.ordered()
-            ],
-        }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(raw))
-            tmp.replace(path)
-        except OSError as e:
-            log.info("cannot cache %s: %s", snapshot.service, e)
+        dirty, self._dirty = self._dirty, set()
+        for service in dirty:
+            state = self._subscriptions.get(service)
+            if state is not None and state.visible is not None:
+                self._cache.store(state.visible, state.healthy_only)
+
+    async def _keep_cache(self) -> None:
+        """Writes the snapshots that changed every `FLUSH_EVERY` (a write costs the size of the
+        service, so not on every push)."""
+        while not self._closing:
+            await asyncio.sleep(FLUSH_EVERY)
+            if self._dirty:
+                self._flush_cache()

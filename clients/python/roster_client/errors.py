@@ -9,11 +9,22 @@ class RosterError(Exception):
     code: int = 0
     retryable: bool = False
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        leader: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        #: For `NotLeader`: the node believed to lead, when the server knows it.
+        self.leader = leader
+        #: For `SlotMoving`: when to try again.
+        self.retry_after_ms = retry_after_ms
 
 
 class ConnectionLost(RosterError):
@@ -140,9 +151,13 @@ _BY_CODE: dict[int, type[RosterError]] = {
 }
 
 
-def from_wire(code: int, message: str) -> RosterError:
+def from_wire(
+    code: int, message: str, leader: str | None = None, retry_after_ms: int | None = None
+) -> RosterError:
     """The exception for an error reply; a code this client does not know keeps its number."""
     cls = _BY_CODE.get(code)
     if cls is None:
-        return RosterError(f"error {code}: {message}", code=code)
-    return cls(message)
+        return RosterError(
+            f"error {code}: {message}", code=code, leader=leader, retry_after_ms=retry_after_ms
+        )
+    return cls(message, leader=leader, retry_after_ms=retry_after_ms)

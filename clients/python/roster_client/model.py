@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, overload
 
 import msgpack
 
@@ -34,6 +35,46 @@ def canonical_service(service: str) -> str:
     if len(service.encode()) > 512:
         raise InvalidArgument(f"service id {service!r}: longer than 512 bytes")
     return service
+
+
+def check_id(what: str, value: str) -> None:
+    """A client, register or instance id as the server accepts it: 1 to 256 bytes of UTF-8
+    without control characters."""
+    from .errors import InvalidArgument
+
+    if not 1 <= len(value.encode()) <= 256:
+        raise InvalidArgument(f"{what} must be 1 to 256 bytes")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise InvalidArgument(f"{what} {value!r} must not contain control characters")
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli) of `data`, continuing from the CRC `crc` of earlier bytes
+    (docs/PROTOCOL.md §5: `crc32c(b"123456789") == 0xE3069283`)."""
+    c = crc ^ 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def entry_hash(client_id: str, register_id: str, client_version: int) -> int:
+    """The 64-bit entry hash of docs/PROTOCOL.md §7 (`Digest`), which also names the files of
+    the Rust SDK's snapshot cache."""
+    raw = client_id.encode() + b"\0" + register_id.encode() + b"\0" + client_version.to_bytes(8, "big")
+    return (crc32c(raw, 0x9E3779B9) << 32) | crc32c(raw)
 
 
 def encode_frame(message: Any, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
@@ -91,7 +132,14 @@ def reply_body(reply: Any) -> tuple[str, dict[str, Any]]:
     if kind == "Err":
         if not isinstance(body, dict):
             raise UnexpectedMessage(f"a malformed error reply: {body!r:.200}")
-        raise from_wire(int(body.get("code", 1)), str(body.get("message", "")))
+        leader = body.get("leader")
+        retry = body.get("retry_after_ms")
+        raise from_wire(
+            int(body.get("code", 1)),
+            str(body.get("message", "")),
+            leader=None if leader is None else str(leader),
+            retry_after_ms=None if retry is None else int(retry),
+        )
     if kind != "Ok":
         raise UnexpectedMessage(f"expected Ok or Err, got {kind}")
     name, fields = variant(body)
@@ -115,6 +163,12 @@ class Health:
             checked_ms=int(value.get("checked_ms", 0)),
             failure=None if failure is None else str(failure),
         )
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"healthy": self.healthy, "checked_ms": self.checked_ms}
+        if self.failure is not None:
+            out["failure"] = self.failure
+        return out
 
 
 @dataclass(frozen=True)
@@ -147,6 +201,22 @@ class Publisher:
             health=Health.from_wire(health) if isinstance(health, dict) else None,
         )
 
+    def to_wire(self) -> dict[str, Any]:
+        """As pushes carry it (docs/PROTOCOL.md §4): empty and false fields left out."""
+        out: dict[str, Any] = {
+            "client_id": self.client_id,
+            "register_id": self.register_id,
+            "data": list(self.data),
+            "client_version": self.client_version,
+        }
+        if self.attributes:
+            out["attributes"] = dict(self.attributes)
+        if self.persistent:
+            out["persistent"] = True
+        if self.health is not None:
+            out["health"] = self.health.to_wire()
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """As `roster subscribe` prints a publisher: data as text, or {"base64": ...}."""
         import base64
@@ -173,47 +243,122 @@ class Publisher:
         return out
 
 
+class Publishers(Sequence[Publisher]):
+    """The publishers of a snapshot, in `(client_id, register_id)` order: iterate, index, `len`,
+    `get(client_id, register_id)`, `healthy()`. Immutable; a delta makes a new one."""
+
+    __slots__ = ("_by_key", "_ordered")
+
+    def __init__(self, publishers: Iterable[Publisher] = ()) -> None:
+        self._by_key: dict[tuple[str, str], Publisher] = {p.key: p for p in publishers}
+        self._ordered: list[Publisher] | None = None
+
+    @staticmethod
+    def _of(by_key: dict[tuple[str, str], Publisher]) -> Publishers:
+        out = Publishers()
+        out._by_key = by_key
+        return out
+
+    def _list(self) -> list[Publisher]:
+        if self._ordered is None:
+            self._ordered = [self._by_key[k] for k in sorted(self._by_key)]
+        return self._ordered
+
+    @overload
+    def __getitem__(self, index: int) -> Publisher: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Publisher]: ...
+
+    def __getitem__(self, index: int | slice) -> Publisher | Sequence[Publisher]:
+        return self._list()[index]
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[Publisher]:
+        return iter(self._list())
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, Publisher):
+            return self._by_key.get(value.key) == value
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Publishers):
+            return self._by_key == other._by_key
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Publishers({self._list()!r})"
+
+    def get(self, client_id: str, register_id: str) -> Publisher | None:
+        """The publisher `register_id` of client `client_id`, if there is one."""
+        return self._by_key.get((client_id, register_id))
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Every `(client_id, register_id)`, in order."""
+        return [p.key for p in self._list()]
+
+    def healthy(self) -> list[Publisher]:
+        """The publishers not marked unhealthy (healthy, or not checked), in order."""
+        return [p for p in self._list() if p.health is None or p.health.healthy]
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """Every publisher of `service` at `version`, keyed by (client_id, register_id)."""
+    """Every publisher of `service` at `version`: `publishers` iterates them in
+    `(client_id, register_id)` order."""
 
     service: str
     version: int
-    publishers: Mapping[tuple[str, str], Publisher]
+    publishers: Publishers
 
     def ordered(self) -> list[Publisher]:
-        return [self.publishers[k] for k in sorted(self.publishers)]
+        """The publishers as a list, in `(client_id, register_id)` order."""
+        return list(self.publishers)
 
     def healthy(self) -> list[Publisher]:
-        return [p for p in self.ordered() if p.health is None or p.health.healthy]
+        return self.publishers.healthy()
 
     def to_json(self) -> dict[str, Any]:
+        """As `roster subscribe` prints a snapshot."""
         return {
             "service": self.service,
             "version": self.version,
-            "publishers": [p.to_json() for p in self.ordered()],
+            "publishers": [p.to_json() for p in self.publishers],
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        """As a `Snapshot` push carries it."""
+        return {
+            "service": self.service,
+            "version": self.version,
+            "publishers": [p.to_wire() for p in self.publishers],
         }
 
     @staticmethod
     def from_wire(value: Mapping[str, Any]) -> Snapshot:
         pubs = [Publisher.from_wire(p) for p in value.get("publishers") or []]
-        return Snapshot(str(value["service"]), int(value["version"]), {p.key: p for p in pubs})
+        return Snapshot(str(value["service"]), int(value["version"]), Publishers(pubs))
 
     def apply_delta(self, value: Mapping[str, Any]) -> Snapshot:
-        """This snapshot with a delta applied (the caller checked that its base is our version)."""
-        publishers = dict(self.publishers)
+        """This snapshot with a delta applied (the caller checked that its base is our version):
+        remove every publisher named in `removed`, then add or replace every one in `put`."""
+        publishers = dict(self.publishers._by_key)
         for gone in value.get("removed") or []:
             publishers.pop((str(gone["client_id"]), str(gone["register_id"])), None)
         for put in value.get("put") or []:
             p = Publisher.from_wire(put)
             publishers[p.key] = p
-        return Snapshot(self.service, int(value["version"]), publishers)
+        return Snapshot(self.service, int(value["version"]), Publishers._of(publishers))
 
 
 @dataclass(frozen=True)
 class Event:
-    """A difference between two consecutive snapshots: `kind` is "added", "removed" or
-    "changed"; `publisher` is the new one (the old one for "removed")."""
+    """A change of one publisher between two snapshots: `kind` is "added", "removed" or
+    "changed"; `publisher` is the new one (the one that went, for "removed"), `previous` the one
+    it replaced (for "changed")."""
 
     kind: str
     publisher: Publisher
@@ -221,16 +366,18 @@ class Event:
 
 
 def diff(old: Snapshot | None, new: Snapshot) -> list[Event]:
-    """What changed from `old` (None: nothing seen yet) to `new`."""
-    before = old.publishers if old is not None else {}
-    events: list[Event] = []
-    for key, p in new.publishers.items():
+    """The events that turn `old` (None: nothing seen yet) into `new`: removals, then changes,
+    then additions, each in `(client_id, register_id)` order, as the Rust SDK orders them."""
+    before = old.publishers._by_key if old is not None else {}
+    after = new.publishers._by_key
+    removed = [Event("removed", before[k]) for k in sorted(before) if k not in after]
+    changed: list[Event] = []
+    added: list[Event] = []
+    for key in sorted(after):
+        p = after[key]
         was = before.get(key)
         if was is None:
-            events.append(Event("added", p))
+            added.append(Event("added", p))
         elif was != p:
-            events.append(Event("changed", p, was))
-    for key, p in before.items():
-        if key not in new.publishers:
-            events.append(Event("removed", p))
-    return events
+            changed.append(Event("changed", p, was))
+    return removed + changed + added
