@@ -231,7 +231,7 @@ class Publisher:
             "client_id": self.client_id,
             "register_id": self.register_id,
             "data": [item(d) for d in self.data],
-            "attributes": dict(self.attributes),
+            "attributes": dict(sorted(self.attributes.items())),
             "client_version": self.client_version,
             "persistent": self.persistent,
         }
