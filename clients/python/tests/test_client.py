@@ -77,6 +77,9 @@ async def test_update_unpublish_and_events(dev: Dev) -> None:
         collector.cancel()
         assert ("added", "10.0.0.1:1") in events
         assert ("changed", "10.0.0.2:2") in events
+        # After the first snapshot the session sent only what changed.
+        assert watcher.stats.deltas >= 1 and watcher.stats.snapshots >= 1
+        assert watcher.stats.resyncs == 0
 
 
 async def _some(condition: bool) -> bool | None:
@@ -246,5 +249,137 @@ def _unused_udp_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_the_python_cli_prints_what_roster_subscribe_events_prints(dev: Dev) -> None:
+    async with await Client.connect(dev.config) as client:
+        pub = await client.publish("cli-events", [b"10.0.0.1:1"], register_id="a")
+        await client.publish("cli-events", [b"10.0.0.2:2"], register_id="b")
+        procs = [
+            await asyncio.create_subprocess_exec(
+                *argv, "subscribe", "cli-events", "--events", "--config", str(dev.config),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )
+            for argv in ([str(ROSTER)], [PYTHON, "-m", "roster_client"])
+        ]
+        try:
+            firsts = [await read_line(p, lambda l: '"event":"added"' in l and '"b"' in l) for p in procs]
+            assert firsts[0] == firsts[1]
+            await pub.update([b"10.0.0.3:3"])
+            changed = [await read_line(p, lambda l: '"event":"changed"' in l) for p in procs]
+            assert changed[0] == changed[1]
+            assert json.loads(changed[1])["old"]["data"] == ["10.0.0.1:1"]
+            await pub.unpublish()
+            removed = [await read_line(p, lambda l: '"event":"removed"' in l) for p in procs]
+            assert removed[0] == removed[1]
+        finally:
+            for p in procs:
+                p.kill()
+                await p.wait()
+
+
+async def test_a_revoked_token_ends_the_connection_and_its_publishers(dev_auth: Dev) -> None:
+    dev = dev_auth
+    made = dev.roster(
+        "acl", "token", "create", "--config", str(dev.dir / "cluster.toml"),
+        "--namespace", "team", "--allow", "publish,subscribe", "--json",
+    )
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    token, token_id = created["token"], created["info"]["id"]
+    # The cluster's own token (client.toml) watches; the new one publishes.
+    async with await Client.connect(dev.config, refuse_empty=False) as watcher, \
+            await Client.connect(dev.config, token=token) as client:
+        sub = await watcher.subscribe("team/web/api")
+        await client.publish("team/web/api", [b"10.0.0.1:80"])
+        await sub.wait_for(lambda s: len(s.publishers) == 1, WAIT)
+        with pytest.raises(roster_client.PermissionDenied, match="other"):
+            await client.publish("other/web/api", [b"10.0.0.1:80"])
+        revoked = dev.roster("acl", "token", "revoke", token_id, "--config", str(dev.dir / "cluster.toml"))
+        assert revoked.returncode == 0, revoked.stderr
+        # Removed at once (no client grace); the client keeps trying, refused.
+        await sub.wait_for(lambda s: not s.publishers, WAIT)
+        await eventually("the lost connection noticed", lambda: _some(client.stats.lost >= 1))
+        assert client.state == "reconnecting"
+
+
+async def test_a_cache_written_by_the_rust_sdk_is_read(dev: Dev, tmp_path: Path) -> None:
+    """Both SDKs keep the snapshot cache in one format: a Python client starts from what
+    `roster subscribe` (the Rust SDK) cached."""
+    config = tmp_path / "with-cache.toml"
+    config.write_text(
+        dev.config.read_text().replace("ca = \"ca.pem\"", f"ca = \"{dev.ca}\"")
+        + f"cache_dir = \"{tmp_path / 'cache'}\"\n"
+    )
+    async with await Client.connect(dev.config) as client:
+        await client.publish("shared-cache", [b"10.0.0.4:4"], attributes={"k": "v"})
+        rust = await asyncio.create_subprocess_exec(
+            str(ROSTER), "subscribe", "shared-cache", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await read_line(rust, lambda l: "10.0.0.4:4" in l)
+        finally:
+            rust.send_signal(signal.SIGTERM)  # closing flushes the cache
+            await asyncio.wait_for(rust.wait(), WAIT)
+    nobody = f"127.0.0.1:{_unused_udp_port()}"
+    async with await Client.connect(
+        sessions=[nobody], ca=dev.ca, cache_dir=tmp_path / "cache", connect_timeout_ms=300
+    ) as offline:
+        sub = await offline.subscribe("shared-cache")
+        current = sub.current()
+        assert current is not None and addresses(current) == [b"10.0.0.4:4"]
+        assert current.publishers[0].attributes == {"k": "v"}
+
+
+async def test_healthy_only_subscriptions_and_health(dev: Dev) -> None:
+    dead = f"127.0.0.1:{_unused_tcp_port()}"
+    async with await Client.connect(dev.config) as client, \
+            await Client.connect(dev.config) as healthy_client:
+        await client.publish("checked", [b"10.0.0.1:1"], register_id="fine")
+        await client.publish(
+            "checked", [dead.encode()], register_id="failing",
+            check={"target": "tcp", "interval_ms": 100, "timeout_ms": 50, "fall": 1},
+        )
+        every = await client.subscribe("checked")
+        got = await every.wait_for(
+            lambda s: (p := s.publishers.get(client.client_id, "failing")) is not None
+            and p.health is not None and not p.health.healthy,
+            WAIT,
+        )
+        failing = got.publishers.get(client.client_id, "failing")
+        assert failing is not None and failing.health is not None and failing.health.failure
+        assert [p.register_id for p in got.healthy()] == ["fine"]
+        only = await healthy_client.subscribe("checked", healthy_only=True)
+        shown = await only.wait_for(lambda s: len(s.publishers) >= 1, WAIT)
+        assert [p.register_id for p in shown.publishers] == ["fine"]
+        with pytest.raises(roster_client.InvalidArgument):
+            await healthy_client.subscribe("checked")  # the other kind, on the same client
+
+
+async def test_subscriptions_end_when_the_client_closes(dev: Dev) -> None:
+    client = await Client.connect(dev.config)
+    sub = await client.subscribe("ending")
+    seen: list[Snapshot] = []
+
+    async def read() -> None:
+        async for snapshot in sub:
+            seen.append(snapshot)
+
+    reader = asyncio.create_task(read())
+    await sub.wait_for(lambda s: True, WAIT)
+    await client.close()
+    await asyncio.wait_for(reader, WAIT)
+    assert seen and client.state == "closed"
+    with pytest.raises(roster_client.ConnectionLost):
+        await sub.wait_for(lambda s: False, WAIT)
+
+
+def _unused_tcp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
