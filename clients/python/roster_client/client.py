@@ -245,6 +245,27 @@ class Subscription:
         await self.close()
 
 
+class Liveness:
+    """Tells a dead server from a busy process, as the Rust SDK's watchdog: the server is dead
+    once no datagram arrived for `dead_after` seconds of ticks that came on time; a tick more
+    than three ticks late (this process did not look) restarts the clock."""
+
+    def __init__(self, dead_after: float, tick: float) -> None:
+        self.dead_after = dead_after
+        self.tick = tick
+        self._heard: tuple[int, float] | None = None
+        self._last_tick: float | None = None
+
+    def observe(self, now: float, received: int) -> bool:
+        """Called every tick with the datagrams received so far: whether the server is dead."""
+        late = self._last_tick is not None and now - self._last_tick > 3 * self.tick
+        self._last_tick = now
+        if self._heard is not None and self._heard[0] == received and not late:
+            return now - self._heard[1] >= self.dead_after
+        self._heard = (received, now)
+        return False
+
+
 @dataclass
 class _Candidate:
     """One address to dial: a configured session address, or one its DNS name resolves to."""
@@ -891,9 +912,7 @@ class Client:
         clock, as in the Rust SDK)."""
         keep_alive = self.config.keep_alive_ms / 1000
         dead_after = self.config.dead_after_ms / 1000
-        heard_count = conn.received
-        heard_at = time.monotonic()
-        last_tick = heard_at
+        liveness = Liveness(dead_after, LIVENESS_CHECK)
         last_ping = 0.0
         while True:
             self._wake.clear()
@@ -905,11 +924,7 @@ class Client:
                 conn.goaway = None
                 return "goaway"
             now = time.monotonic()
-            late = now - last_tick > 3 * LIVENESS_CHECK
-            last_tick = now
-            if conn.received != heard_count or late:
-                heard_count, heard_at = conn.received, now
-            elif now - heard_at >= dead_after:
+            if liveness.observe(now, conn.received):
                 self._stats.silent += 1
                 log.warning("session %s sent nothing for %.1f s; moving", conn.addr, dead_after)
                 return "silent"

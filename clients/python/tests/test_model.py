@@ -154,3 +154,24 @@ def test_the_cache_file_is_the_rust_sdks(tmp_path: Path) -> None:
     assert cache.load("default/DEFAULT/x", healthy_only=True) is None, "kept apart"
     path.write_bytes(b"torn")
     assert cache.load("default/DEFAULT/x", healthy_only=False) is None
+
+
+def test_liveness_tells_a_silent_server_from_a_busy_process() -> None:
+    from roster_client.client import Liveness
+
+    def run(liveness: Liveness, ticks: list[tuple[int, int]]) -> list[bool]:
+        return [liveness.observe(ms / 1000, count) for ms, count in ticks]
+
+    silent = Liveness(0.3, 0.1)
+    assert run(silent, [(0, 5), (100, 6), (200, 6), (300, 6), (400, 6), (500, 6)]) == [
+        False, False, False, False, True, True,
+    ]
+    heard = Liveness(0.3, 0.1)
+    assert run(heard, [(0, 1), (100, 1), (200, 1), (300, 2), (400, 2), (500, 2), (600, 2)]) == [
+        False, False, False, False, False, False, True,
+    ]
+    # The process itself stalled for 5 s: not the server's fault; the clock starts again.
+    busy = Liveness(0.3, 0.1)
+    assert run(busy, [(0, 1), (100, 1), (5100, 1), (5200, 1), (5300, 1), (5400, 1)]) == [
+        False, False, False, False, False, True,
+    ]
