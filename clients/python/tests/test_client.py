@@ -383,3 +383,26 @@ def _unused_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_what_is_published_while_no_session_answers_is_registered_on_reconnecting(
+    servers: Servers,
+) -> None:
+    addr = servers.quic["session-1"]
+    other = servers.quic["session-2"]
+    async with await Client.connect(
+        sessions=[addr], ca=servers.ca, request_timeout_ms=500
+    ) as client, await Client.connect(sessions=[other], ca=servers.ca) as watcher:
+        sub = await watcher.subscribe("held")
+        servers.procs["session-1"].kill()
+        servers.procs["session-1"].wait()
+        await eventually("the loss noticed", lambda: _some(client.state == "reconnecting"))
+        pub = await client.publish("held", [b"10.0.0.9:9"], register_id="held-1")
+        assert not pub.durable, "held by the client until a session server answers"
+        # The same session server comes back on the same address.
+        common = ["--http", "127.0.0.1:0", "--tls-dir", "tls", "--meta", servers.quic["meta"]]
+        servers.spawn("session-1", "session", "--id", "1", "--listen", addr, *common)
+        got = await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.9:9"], WAIT)
+        assert got.publishers[0].register_id == "held-1"
+        await eventually("the client connected again", lambda: _some(client.state == "connected"))
+        assert client.stats.reconnects >= 1
