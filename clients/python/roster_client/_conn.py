@@ -185,12 +185,13 @@ class Connection:
         error."""
         if not self.alive:
             raise ConnectionLost(f"connection to {self.addr} is closed")
+        frame = encode_frame(message, self.max_frame)
         protocol = self._protocol
         quic = protocol._quic
         sid = quic.get_next_available_stream_id()
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         protocol.requests[sid] = (bytearray(), fut)
-        quic.send_stream_data(sid, encode_frame(message, self.max_frame), end_stream=True)
+        quic.send_stream_data(sid, frame, end_stream=True)
         protocol.transmit()
         try:
             raw = await asyncio.wait_for(fut, timeout_s)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -13,6 +14,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PATH = Path(".roster/client.toml")
+TOKEN = re.compile(r"rst_[0-9a-f]{16}_[0-9a-f]{64}")
 
 
 @dataclass
@@ -77,14 +79,27 @@ class ClientConfig:
         return config
 
     def validate(self) -> None:
+        """Refuses what the Rust SDK refuses: no session, a session address that is not
+        HOST:PORT, `max_in_flight` outside 1–1024, a keep-alive not below the idle timeout, a
+        token not shaped `rst_<16 hex>_<64 hex>`."""
         if not self.sessions:
-            raise ConfigError("`sessions` lists no session server")
+            raise ConfigError("the client config names no session server")
         for addr in self.sessions:
             host, sep, port = addr.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ConfigError(f"session address {addr!r} is not HOST:PORT")
-        if self.dead_after_ms <= self.keep_alive_ms:
-            raise ConfigError("dead_after_ms must exceed keep_alive_ms")
+        if not 1 <= self.max_in_flight <= 1024:
+            raise ConfigError(f"max_in_flight is {self.max_in_flight}; it must be 1 to 1024")
+        if self.keep_alive_ms >= self.idle_timeout_ms:
+            raise ConfigError(
+                f"keep_alive_ms ({self.keep_alive_ms}) must be below idle_timeout_ms "
+                f"({self.idle_timeout_ms})"
+            )
+        if self.token is not None and not TOKEN.fullmatch(self.token.strip()):
+            raise ConfigError(
+                "the client's token is malformed: a token is rst_<16 hex digits>_<64 hex "
+                "digits> (made by `roster acl token create`)"
+            )
 
     def client_secret(self) -> bytes:
         """The secret this client presents in Hello: from `client_secret_file` (created with a

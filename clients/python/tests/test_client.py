@@ -179,6 +179,8 @@ async def test_errors_are_typed(dev_auth: Dev) -> None:
             await client.publish("web", [b"10.0.0.1:80"], register_id="")
         with pytest.raises(roster_client.LimitExceeded):
             await client.publish("web", [b"x" * 70_000])
+        with pytest.raises(roster_client.FrameTooLarge):
+            await client.publish("web", [b"x" * (1 << 20)])
         with pytest.raises(roster_client.InvalidArgument):
             await client.subscribe("a//b")
         # After all that the connection still works.

@@ -114,7 +114,8 @@ def test_health_and_persistence_as_pushed() -> None:
 
 def test_the_config_file_as_the_rust_sdk_reads_it(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "token").write_text("  rst_abc \n")
+    token = "rst_" + "0123456789abcdef" + "_" + "f" * 64
+    (tmp_path / "conf" / "token").write_text(f"  {token} \n")
     path = tmp_path / "conf" / "client.toml"
     path.write_text(
         'sessions = ["127.0.0.1:7000", "localhost:7001"]\nca = "ca.pem"\n'
@@ -123,7 +124,7 @@ def test_the_config_file_as_the_rust_sdk_reads_it(tmp_path: Path) -> None:
     config = ClientConfig.load(path)
     assert config.ca == tmp_path / "conf" / "ca.pem", "relative to the file, not the process"
     assert config.cache_dir == tmp_path / "conf" / "cache"
-    assert config.token == "rst_abc" and config.refuse_empty is False
+    assert config.token == token and config.refuse_empty is False
     assert config.keep_alive_ms == 500 and config.dead_after_ms == 1500
     path.write_text('sessions = ["127.0.0.1:7000"]\nca = "ca.pem"\nkeep_alive = 5\n')
     with pytest.raises(roster_client.ConfigError, match="keep_alive"):
@@ -175,3 +176,22 @@ def test_liveness_tells_a_silent_server_from_a_busy_process() -> None:
     assert run(busy, [(0, 1), (100, 1), (5100, 1), (5200, 1), (5300, 1), (5400, 1)]) == [
         False, False, False, False, False, True,
     ]
+
+
+def test_what_the_rust_sdk_refuses_in_a_config_is_refused(tmp_path: Path) -> None:
+    def config(**settings: object) -> ClientConfig:
+        made = ClientConfig(sessions=["127.0.0.1:7000"], ca=tmp_path / "ca.pem")
+        for key, value in settings.items():
+            setattr(made, key, value)
+        return made
+
+    config(token="rst_" + "0" * 16 + "_" + "a" * 64).validate()
+    for bad in (
+        {"token": "garbage"},
+        {"max_in_flight": 0},
+        {"keep_alive_ms": 4000},
+        {"sessions": []},
+        {"sessions": ["no-port"]},
+    ):
+        with pytest.raises(roster_client.ConfigError):
+            config(**bad).validate()
