@@ -195,3 +195,49 @@ def test_what_the_rust_sdk_refuses_in_a_config_is_refused(tmp_path: Path) -> Non
     ):
         with pytest.raises(roster_client.ConfigError):
             config(**bad).validate()
+
+
+async def test_a_delta_that_does_not_follow_asks_for_the_snapshot_again(tmp_path: Path) -> None:
+    import asyncio
+    from typing import Any
+
+    from roster_client.client import Client, _Subscription
+
+    sent: list[Any] = []
+
+    class FakeConnection:
+        addr = "127.0.0.1:1"
+
+        async def request(self, message: Any, timeout: float) -> tuple[str, dict[str, Any]]:
+            sent.append(message)
+            return "Done", {}
+
+    client = Client(ClientConfig(sessions=["127.0.0.1:1"], ca=tmp_path / "ca.pem"))
+    state = _Subscription("default/DEFAULT/s", "s1", healthy_only=False, handles=1)
+    client._subscriptions[state.service] = state
+    conn: Any = FakeConnection()
+    snapshot = {"service": state.service, "version": 5, "publishers": [pub("a", "1")]}
+    client._on_push(conn, {"Snapshot": snapshot})
+    client._on_push(conn, {"Delta": {"service": state.service, "base": 5, "version": 6,
+                                      "put": [pub("b", "1")]}})
+    assert state.visible is not None and state.visible.version == 6
+    assert len(state.visible.publishers) == 2
+    # Stale pushes are ignored: an older snapshot, a delta already covered.
+    client._on_push(conn, {"Snapshot": {**snapshot, "version": 4}})
+    client._on_push(conn, {"Delta": {"service": state.service, "base": 5, "version": 6}})
+    assert state.visible.version == 6 and not sent
+    # A gap: base 7 while the copy is at 6.
+    client._on_push(conn, {"Delta": {"service": state.service, "base": 7, "version": 8,
+                                      "removed": [{"client_id": "c", "register_id": "a"}]}})
+    for _ in range(10):
+        if sent:
+            break
+        await asyncio.sleep(0)
+    assert sent == [{"Subscribe": {"register_id": "s1", "service": state.service}}]
+    assert state.visible.version == 6 and client.stats.resyncs == 1
+    # Unknown push kinds are skipped.
+    client._on_push(conn, {"Frob": {}})
+    # refuse_empty: an emptying snapshot is withheld.
+    client._on_push(conn, {"Snapshot": {"service": state.service, "version": 9, "publishers": []}})
+    assert state.visible.version == 6 and client.stats.refused_empty == 1
+    await client.close()
