@@ -26,8 +26,8 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
 [ -x "$ROSTER_BIN" ] || { echo "clients/python: no roster binary at $ROSTER_BIN (cargo build -p roster-cli)" >&2; exit 1; }
 
-echo "== clients/python: mypy --strict"
-"$venv/bin/mypy" --strict roster_client
+echo "== clients/python: mypy --strict (the package, its tests and bench.py)"
+"$venv/bin/mypy" --strict roster_client tests bench.py
 echo "== clients/python: pytest"
 # pytest exits 5 when it collects no test: that fails here too.
 "$venv/bin/python" -m pytest -q

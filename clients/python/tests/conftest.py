@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -103,9 +103,9 @@ def stop_dev(dev: Dev) -> None:
 
 
 @pytest.fixture
-def dev(tmp_path: Path) -> AsyncIterator[Dev]:
+def dev(tmp_path: Path) -> Iterator[Dev]:
     d = start_dev(tmp_path, "--insecure-no-auth")
-    yield d  # type: ignore[misc]
+    yield d
     stop_dev(d)
 
 
@@ -165,7 +165,7 @@ def _free_udp_port() -> int:
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> AsyncIterator[Servers]:
+def servers(tmp_path: Path) -> Iterator[Servers]:
     made = subprocess.run([str(ROSTER), "certs", "--dir", "tls"], cwd=tmp_path, capture_output=True)
     assert made.returncode == 0, made.stderr
     cluster = Servers(dir=tmp_path)
@@ -182,7 +182,7 @@ def servers(tmp_path: Path) -> AsyncIterator[Servers]:
                 f"session-{i}", "session", "--id", str(i), "--listen", "127.0.0.1:0", *common,
                 "--meta", meta,
             )
-        yield cluster  # type: ignore[misc]
+        yield cluster
     finally:
         for proc in cluster.procs.values():
             proc.kill()
@@ -190,9 +190,9 @@ def servers(tmp_path: Path) -> AsyncIterator[Servers]:
 
 
 @pytest.fixture
-def dev_auth(tmp_path: Path) -> AsyncIterator[Dev]:
+def dev_auth(tmp_path: Path) -> Iterator[Dev]:
     d = start_dev(tmp_path)
-    yield d  # type: ignore[misc]
+    yield d
     stop_dev(d)
 
 

@@ -186,13 +186,14 @@ def test_what_the_rust_sdk_refuses_in_a_config_is_refused(tmp_path: Path) -> Non
         return made
 
     config(token="rst_" + "0" * 16 + "_" + "a" * 64).validate()
-    for bad in (
+    cases: list[dict[str, object]] = [
         {"token": "garbage"},
         {"max_in_flight": 0},
         {"keep_alive_ms": 4000},
         {"sessions": []},
         {"sessions": ["no-port"]},
-    ):
+    ]
+    for bad in cases:
         with pytest.raises(roster_client.ConfigError):
             config(**bad).validate()
 
