@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +66,29 @@ class Dev:
         )
 
 
+class Lines:
+    """The stdout lines of a process, read on a thread of their own (so the pipe never fills),
+    to wait for one with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def next(self, deadline: float) -> str | None:
+        """The next line, or None when the process ended or the deadline passed."""
+        try:
+            return self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+
+
 def start_dev(tmp: Path, *extra: str) -> Dev:
     if not ROSTER.exists():
         pytest.fail(f"no roster binary at {ROSTER}: build it (cargo build -p roster-cli) or set ROSTER_BIN")
@@ -77,8 +102,8 @@ def start_dev(tmp: Path, *extra: str) -> Dev:
     )
     dev = Dev(dir=tmp / ".roster", proc=proc)
     deadline = time.monotonic() + START
-    assert proc.stdout is not None
-    for line in proc.stdout:
+    lines = Lines(proc)
+    while (line := lines.next(deadline)) is not None:
         dev.log.append(line)
         words = line.split()
         if line.startswith("roster dev: session"):
@@ -86,9 +111,7 @@ def start_dev(tmp: Path, *extra: str) -> Dev:
             dev.sessions[int(words[3])] = quic.removeprefix("quic=")
         if "roster dev ready" in line:
             return dev
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
+    stop_dev(dev)
     pytest.fail(f"roster dev did not become ready: {''.join(dev.log)}")
 
 
@@ -132,8 +155,7 @@ class Servers:
             env={**os.environ, "RUST_LOG": "warn,openraft=off"},
         )
         self.procs[name] = proc
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = Lines(proc).next(time.monotonic() + START) or ""
         words = dict(w.split("=", 1) for w in line.split() if "=" in w)
         if "quic" not in words:
             pytest.fail(f"{name} printed {line!r}")
