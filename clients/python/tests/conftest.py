@@ -34,7 +34,20 @@ class Dev:
     dir: Path
     proc: subprocess.Popen[str]
     sessions: dict[int, str] = field(default_factory=dict)
+    # Each session server's HTTP admin address (/metrics).
+    http: dict[int, str] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+
+    def metric(self, session: int, name: str) -> float:
+        """A gauge or counter of session server `session`, read from its /metrics."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.http[session]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.split(" ")[0] == name:
+                return float(line.split()[-1])
+        return 0.0
 
     @property
     def config(self) -> Path:
@@ -109,6 +122,8 @@ def start_dev(tmp: Path, *extra: str) -> Dev:
         if line.startswith("roster dev: session"):
             quic = next(w for w in words if w.startswith("quic="))
             dev.sessions[int(words[3])] = quic.removeprefix("quic=")
+            http = next(w for w in words if w.startswith("http="))
+            dev.http[int(words[3])] = http.removeprefix("http=")
         if "roster dev ready" in line:
             return dev
     stop_dev(dev)

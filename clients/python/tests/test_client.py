@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,85 @@ async def test_what_is_published_while_no_session_answers_is_registered_on_recon
         assert got.publishers[0].register_id == "held-1"
         await eventually("the client connected again", lambda: _some(client.state == "connected"))
         assert client.stats.reconnects >= 1
+
+
+async def test_many_concurrent_requests_and_a_large_snapshot(dev: Dev) -> None:
+    """More publishes at once than max_in_flight (they wait their turn, none is refused), and
+    a snapshot far larger than one QUIC packet."""
+    count = 300
+    async with await Client.connect(dev.config) as publisher, \
+            await Client.connect(dev.config) as watcher:
+        await asyncio.gather(*(
+            publisher.publish("bulk", [f"10.0.{i // 256}.{i % 256}:80".encode() + b" " * 1000])
+            for i in range(count)
+        ))
+        sub = await watcher.subscribe("bulk")
+        got = await sub.wait_for(lambda s: len(s.publishers) == count, WAIT)
+        assert len({p.register_id for p in got.publishers}) == count
+        assert watcher.stats.push_bytes > count * 1000
+
+
+async def test_a_restarted_process_with_its_secret_takes_its_publishers_over(
+    dev: Dev, tmp_path: Path
+) -> None:
+    """client_id and client_secret_file make a restarted process the same client: its new
+    connection takes over what the killed one published, which no subscriber sees go."""
+    config = tmp_path / "same-client.toml"
+    config.write_text(
+        dev.config.read_text().replace('ca = "ca.pem"', f'ca = "{dev.ca}"')
+        + f'client_id = "billing-7"\nclient_secret_file = "{tmp_path / "secret"}"\n'
+    )
+    argv = [PYTHON, "-m", "roster_client", "--config", str(config),
+            "publish", "kept", "10.0.0.7:7", "--register-id", "main"]
+    async with await Client.connect(dev.config, refuse_empty=False) as watcher:
+        seen: list[Snapshot] = []
+        sub = await watcher.subscribe("kept", on_snapshot=seen.append)
+        first = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        second = None
+        try:
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.7:7"], WAIT)
+            first.kill()
+            await first.wait()
+            second = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+            await read_stderr_line(second, lambda l: l.startswith("published"))
+            # The session declares the killed connection lost (idle timeout) ...
+            await eventually(
+                "the killed connection declared lost",
+                lambda: _some(dev.metric(1, "roster_session_connections") == 2),
+            )
+            # ... and its client grace (1 s) ends without taking the instance away.
+            with pytest.raises(roster_client.Timeout):
+                await sub.wait_for(lambda s: not s.publishers, 3.0)
+            current = sub.current()
+            assert current is not None and addresses(current) == [b"10.0.0.7:7"]
+            (p,) = current.publishers
+            assert (p.client_id, p.register_id) == ("billing-7", "main")
+            since = next(i for i, s in enumerate(seen) if s.publishers)
+            missing = [s.version for s in seen[since:] if not s.publishers]
+            assert not missing, f"the instance was missing at versions {missing}"
+        finally:
+            for proc in (first, second):
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def read_stderr_line(
+    proc: asyncio.subprocess.Process, matching: Callable[[str], bool], within: float = 20
+) -> str:
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    async def find() -> str:
+        while True:
+            raw = await stderr.readline()
+            if not raw:
+                pytest.fail("the process ended before printing the line")
+            if matching(raw.decode()):
+                return raw.decode()
+
+    return await asyncio.wait_for(find(), within)
