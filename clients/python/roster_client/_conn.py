@@ -119,6 +119,7 @@ class Connection:
         # The reason of a GoAway the server sent, if it did.
         self.goaway: str | None = None
         self._pings = 0
+        self._closing = False
 
     @staticmethod
     async def open(
@@ -223,8 +224,13 @@ class Connection:
             self._protocol._quic.send_ping(self._pings)
             self._protocol.transmit()
 
+    def begin_close(self, reason: str = "client closed") -> None:
+        """Sends the close (code 0) now; `close()` then waits for the connection to end."""
+        if self.alive and not self._closing:
+            self._closing = True
+            self._protocol.close(error_code=0, reason_phrase=reason)
+
     async def close(self) -> None:
-        if self.alive:
-            self._protocol.close(error_code=0, reason_phrase="client closed")
+        self.begin_close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._stack.aclose(), 2.0)

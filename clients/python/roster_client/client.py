@@ -868,12 +868,18 @@ class Client:
                 attempt = 0
                 self._install(new)
                 continue
-            why = await self._watch(conn)
-            if self._closing or why == "ended":
-                continue
-            moved = await self._move_on(conn, why)
-            if not moved and why == "silent":
-                await conn.close()
+            try:
+                why = await self._watch(conn)
+                if self._closing or why == "ended":
+                    continue
+                moved = await self._move_on(conn, why)
+                if not moved and why == "silent":
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the driver die: the client would stop reconnecting
+                log.exception("the connection driver failed; going on")
+                await asyncio.sleep(self._backoff(1))
 
     def _note_loss(self, conn: Connection) -> None:
         self._stats.lost += 1
@@ -901,7 +907,8 @@ class Client:
         self._install(new)
         # Only now is the old connection closed: everything is registered elsewhere.
         conn.goaway = None
-        await conn.close()
+        conn.begin_close("moved to another session server")
+        self._spawn(conn.close())
         log.info("moved from %s to %s (%s)", conn.addr, new.addr, why)
         return True
 
