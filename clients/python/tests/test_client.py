@@ -491,3 +491,31 @@ async def read_stderr_line(
                 return raw.decode()
 
     return await asyncio.wait_for(find(), within)
+
+
+async def test_a_subscriber_moves_with_its_subscription_when_its_session_server_dies(
+    servers: Servers,
+) -> None:
+    sessions = [servers.quic["session-1"], servers.quic["session-2"]]
+    async with await Client.connect(
+        sessions=sessions, ca=servers.ca, refuse_empty=False
+    ) as watcher:
+        doomed = next(n for n in ("session-1", "session-2") if servers.quic[n] == watcher.session_addr)
+        survivor = next(a for a in sessions if a != watcher.session_addr)
+        async with await Client.connect(sessions=[survivor], ca=servers.ca) as publisher:
+            seen: list[Snapshot] = []
+            sub = await watcher.subscribe("followed", on_snapshot=seen.append)
+            pub = await publisher.publish("followed", [b"10.0.0.1:1"])
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.1:1"], WAIT)
+            servers.procs[doomed].kill()
+            await eventually(
+                "the subscriber on the surviving session",
+                lambda: _some(watcher.session_addr == survivor and watcher.state == "connected"),
+            )
+            await pub.update([b"10.0.0.2:2"])
+            await sub.wait_for(lambda s: addresses(s) == [b"10.0.0.2:2"], WAIT)
+            since = next(i for i, s in enumerate(seen) if s.publishers)
+            assert all(s.publishers for s in seen[since:]), "never shown an empty service"
+            versions = [s.version for s in seen]
+            assert versions == sorted(set(versions)), "versions only increase"
+            assert watcher.stats.silent + watcher.stats.lost >= 1
