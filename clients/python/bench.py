@@ -118,7 +118,7 @@ async def memory_subscriber(config: str, services: int, instances: int) -> dict[
 
 
 async def memory(config: str, services: int, instances: int) -> dict[str, int]:
-    async with await Client.connect(config, max_in_flight=64) as publisher:
+    async with await Client.connect(config, max_in_flight=46) as publisher:
         sem = asyncio.Semaphore(64)
 
         async def one(s: int, i: int) -> None:
