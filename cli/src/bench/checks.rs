@@ -2,26 +2,31 @@
 //! servers in this process, registers N persistent instances each checked by HTTP `GET` against
 //! those servers, and measures:
 //!
-//! - registration: persistent instances stored per second (each one a Raft write);
-//! - first checks: how long until every instance has been probed once;
-//! - steady state: probes per second seen by the HTTP servers (against N / interval), the probes'
-//!   latency as the data servers time them (p50, p99, from their histogram), unhealthy instances
-//!   (must be 0), and the servers' CPU and memory;
-//! - a full restart: every server stopped, then started again from its directory; how long until
-//!   the servers are ready, until every instance is served again, and until every instance has
-//!   been probed again.
+//! - registration: persistent instances stored per second (each one a Raft write), over several
+//!   clients at once;
+//! - first checks: how long until every instance has been probed once (as the HTTP servers see
+//!   it), and until a subscriber sees every instance's health `checked_ms` set;
+//! - steady state: probes per second seen by the HTTP servers (against N / interval) and how they
+//!   spread over the servers and the instances, the time between two probes of one instance, the
+//!   probes' latency as the data servers time them (p50, p99, interpolated in their histogram's
+//!   buckets), failed probes and unhealthy instances (both must be 0), and the servers' CPU and
+//!   memory;
+//! - a full restart: every server stopped, then started again from its directory, keeping its
+//!   state; how long until the servers are ready, until a new subscriber (through the new
+//!   client.toml) sees every instance again, until every instance has been probed again, and
+//!   until that subscriber sees every instance's health checked after the restart.
 //!
-//! The HTTP servers record the last time each instance's path (`/i/N`) was asked for, so "checked"
-//! means a probe arrived, whatever the servers report.
+//! The HTTP servers record, per instance path (`/i/N`), when its last probe arrived and how many
+//! came, so "probed" means a probe arrived, whatever the servers report.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt as _;
-use roster_client::{CheckSpec, Client, ClientConfig};
+use roster_client::{CheckSpec, Client, ClientConfig, Subscription};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -36,17 +41,31 @@ use crate::files::{CLIENT_CONFIG_FILE, TARGETS_FILE};
 const LISTENERS: usize = 8;
 /// Services the instances are spread over.
 const SERVICES: usize = 100;
-/// Registrations in flight at once.
+/// Clients registering the instances, each its own connection.
+const REGISTER_CLIENTS: usize = 8;
+/// Registrations in flight at once, over all of those clients.
 const IN_FLIGHT: usize = 64;
 /// How long any one wait (first checks, a restart) may take.
 const SETTLE: Duration = Duration::from_secs(300);
+/// Width of the buckets in which the time between two probes of an instance is counted.
+const GAP_BUCKET_MS: u64 = 10;
+/// Gaps counted, up to this many buckets (the last one takes every longer gap).
+const GAP_BUCKETS: usize = 6_000;
 
-/// What the HTTP servers saw: per instance, when its last probe arrived (milliseconds since the
-/// bench started, 0: never), and probes in all.
+/// What the HTTP servers saw.
 struct Probes {
     started: Instant,
+    /// Per instance: when its last probe arrived (milliseconds since `started`, 0: never).
     last: Vec<AtomicU64>,
+    /// Per instance: probes that arrived.
+    count: Vec<AtomicU32>,
+    /// Per HTTP server: requests answered.
+    per_listener: Vec<AtomicU64>,
+    /// Times between two probes of one instance, by [`GAP_BUCKET_MS`] bucket.
+    gaps: Vec<AtomicU64>,
+    /// Requests in all, and those for no instance of the bench.
     total: AtomicU64,
+    stray: AtomicU64,
 }
 
 impl Probes {
@@ -54,21 +73,31 @@ impl Probes {
         Probes {
             started: Instant::now(),
             last: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            count: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            per_listener: (0..LISTENERS).map(|_| AtomicU64::new(0)).collect(),
+            gaps: (0..GAP_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             total: AtomicU64::new(0),
+            stray: AtomicU64::new(0),
         }
     }
 
-    fn record(&self, path: &str) {
+    fn record(&self, listener: usize, path: &str) {
         self.total.fetch_add(1, Ordering::Relaxed);
+        self.per_listener[listener].fetch_add(1, Ordering::Relaxed);
         let Some(index) = path
             .strip_prefix("/i/")
             .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| *i < self.last.len())
         else {
+            self.stray.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if let Some(slot) = self.last.get(index) {
-            let now = self.started.elapsed().as_millis().max(1) as u64;
-            slot.store(now, Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis().max(1) as u64;
+        self.count[index].fetch_add(1, Ordering::Relaxed);
+        let previous = self.last[index].swap(now, Ordering::Relaxed);
+        if previous != 0 {
+            let bucket = (now.saturating_sub(previous) / GAP_BUCKET_MS) as usize;
+            self.gaps[bucket.min(GAP_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -83,10 +112,38 @@ impl Probes {
             })
             .count()
     }
+
+    fn tally(&self) -> Tally {
+        let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        Tally {
+            total: self.total.load(Ordering::Relaxed),
+            stray: self.stray.load(Ordering::Relaxed),
+            per_listener: load(&self.per_listener),
+            per_instance: self
+                .count
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect(),
+            gaps: load(&self.gaps),
+        }
+    }
 }
 
-/// Starts an HTTP server on 127.0.0.1 answering every `GET` with 200; returns its port.
-async fn http_server(probes: Arc<Probes>, stop: CancellationToken) -> anyhow::Result<u16> {
+/// The counters of [`Probes`] at one moment.
+struct Tally {
+    total: u64,
+    stray: u64,
+    per_listener: Vec<u64>,
+    per_instance: Vec<u32>,
+    gaps: Vec<u64>,
+}
+
+/// Starts HTTP server `index` on 127.0.0.1, answering every request with 200; returns its port.
+async fn http_server(
+    index: usize,
+    probes: Arc<Probes>,
+    stop: CancellationToken,
+) -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {
@@ -110,7 +167,7 @@ async fn http_server(probes: Arc<Probes>, stop: CancellationToken) -> anyhow::Re
                 }
                 let text = String::from_utf8_lossy(&head);
                 if let Some(path) = text.lines().next().and_then(|l| l.split(' ').nth(1)) {
-                    probes.record(path);
+                    probes.record(index, path);
                 }
                 let _ = conn
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -134,11 +191,38 @@ fn data_admins(cluster: &LocalCluster) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// Sums, over `admins`, the probe-duration histogram's cumulative bucket counts (by upper bound)
-/// and the unhealthy-instance gauge.
-async fn scrape(admins: &[String]) -> (BTreeMap<u64, f64>, f64) {
-    let mut buckets: BTreeMap<u64, f64> = BTreeMap::new();
-    let mut unhealthy = 0.0;
+/// What the data servers' /metrics say, summed over them.
+#[derive(Default)]
+struct Scrape {
+    /// The probe-duration histogram's cumulative bucket counts, by upper bound in microseconds
+    /// (`u64::MAX`: `+Inf`).
+    buckets: BTreeMap<u64, f64>,
+    duration_sum: f64,
+    duration_count: f64,
+    /// Probes by result (`success`, `failure`).
+    checks: BTreeMap<String, f64>,
+    /// Failed probes by reason.
+    failures: BTreeMap<String, f64>,
+    unhealthy: f64,
+    persistent: f64,
+    /// Probes run by each data server, in the order asked (`None`: it did not answer).
+    per_server: Vec<Option<f64>>,
+    /// Slots each data server leads, in the order asked.
+    led: Vec<Option<f64>>,
+    /// Data servers that answered.
+    answered: usize,
+}
+
+/// The value of label `name` in `labels` (what is between a series' braces).
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    labels
+        .split(&format!("{name}=\""))
+        .nth(1)
+        .and_then(|l| l.split('"').next())
+}
+
+async fn scrape(admins: &[String]) -> Scrape {
+    let mut s = Scrape::default();
     for admin in admins {
         let url = format!("http://{admin}/metrics");
         let Ok(Ok(text)) = tokio::task::spawn_blocking(move || {
@@ -148,39 +232,68 @@ async fn scrape(admins: &[String]) -> (BTreeMap<u64, f64>, f64) {
         })
         .await
         else {
+            s.per_server.push(None);
+            s.led.push(None);
             continue;
         };
+        s.answered += 1;
+        let (mut probed, mut led) = (0.0, 0.0);
         for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
             let Some((series, value)) = line.rsplit_once(' ') else {
                 continue;
             };
             let Ok(value) = value.parse::<f64>() else {
                 continue;
             };
-            if let Some(labels) =
-                series.strip_prefix("roster_health_check_duration_seconds_bucket{")
-                && let Some(le) = labels
-                    .split("le=\"")
-                    .nth(1)
-                    .and_then(|l| l.split('"').next())
-            {
-                // Upper bounds in microseconds, `+Inf` last.
-                let bound = le
-                    .parse::<f64>()
-                    .map_or(u64::MAX, |s| (s * 1e6).round() as u64);
-                *buckets.entry(bound).or_default() += value;
-            } else if series.starts_with("roster_data_checked_instances{")
-                && series.contains("health=\"unhealthy\"")
-            {
-                unhealthy += value;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            match name {
+                "roster_health_check_duration_seconds_bucket" => {
+                    let Some(le) = label(labels, "le") else {
+                        continue;
+                    };
+                    let bound = le
+                        .parse::<f64>()
+                        .map_or(u64::MAX, |s| (s * 1e6).round() as u64);
+                    *s.buckets.entry(bound).or_default() += value;
+                }
+                "roster_health_check_duration_seconds_sum" => s.duration_sum += value,
+                "roster_health_check_duration_seconds_count" => s.duration_count += value,
+                "roster_health_checks_total" => {
+                    let result = label(labels, "result").unwrap_or("?").to_owned();
+                    *s.checks.entry(result).or_default() += value;
+                    probed += value;
+                }
+                "roster_health_check_failures_total" => {
+                    let reason = label(labels, "reason").unwrap_or("?").to_owned();
+                    *s.failures.entry(reason).or_default() += value;
+                }
+                "roster_data_checked_instances" if label(labels, "health") == Some("unhealthy") => {
+                    s.unhealthy += value
+                }
+                "roster_data_persistent_instances" => s.persistent += value,
+                "roster_data_slots" if label(labels, "state") == Some("leading") => led += value,
+                _ => {}
             }
         }
+        s.per_server.push(Some(probed));
+        s.led.push(Some(led));
     }
-    (buckets, unhealthy)
+    s
+}
+
+/// `after - before`, key by key.
+fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
 }
 
 /// The `q` quantile, in milliseconds, of what was observed between two scrapes of a cumulative
-/// histogram: the upper bound of the bucket it falls in (`None`: nothing observed).
+/// histogram, interpolated linearly inside the bucket it falls in (`None`: nothing observed).
 fn quantile_ms(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>, q: f64) -> Option<f64> {
     let delta: Vec<(u64, f64)> = after
         .iter()
@@ -190,64 +303,140 @@ fn quantile_ms(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>, q: f64) 
     if total <= 0.0 {
         return None;
     }
-    let (le, _) = delta.iter().find(|(_, n)| *n >= q * total)?;
-    Some(if *le == u64::MAX {
-        f64::INFINITY
-    } else {
-        *le as f64 / 1000.0
-    })
-}
-
-/// Waits until `done` holds, checking every 100 ms, for at most [`SETTLE`]; returns how long.
-async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while !done().await {
-        if start.elapsed() > SETTLE {
-            bail!("{what}: not within {SETTLE:?}");
+    let rank = q * total;
+    let (mut lower, mut below) = (0u64, 0.0);
+    for (le, cumulative) in delta {
+        if cumulative >= rank && cumulative > below {
+            if le == u64::MAX {
+                // Beyond the last bound: all that is known is that it is above it.
+                return Some(lower as f64 / 1000.0);
+            }
+            let within = (rank - below) / (cumulative - below);
+            return Some((lower as f64 + (le - lower) as f64 * within) / 1000.0);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        (lower, below) = (le, cumulative);
     }
-    Ok(start.elapsed())
+    None
 }
 
-/// Persistent instances of the bench's services that `config`'s cluster serves.
-async fn served(config: &ClientConfig) -> u64 {
-    let Ok(client) = Client::connect(config.clone()).await else {
-        return 0;
-    };
-    let count = client
-        .list_services()
-        .await
-        .map(|services| {
-            services
-                .iter()
-                .filter(|s| s.service.as_str().starts_with("checks/svc/"))
-                .map(|s| s.publishers)
-                .sum()
+/// The `q` quantile of the gaps counted between two tallies, in milliseconds (the upper bound of
+/// its [`GAP_BUCKET_MS`] bucket), and the longest.
+fn gap_quantiles(before: &[u64], after: &[u64], qs: &[f64]) -> (Vec<Option<u64>>, Option<u64>) {
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let total: u64 = delta.iter().sum();
+    let bound = |i: usize| (i as u64 + 1) * GAP_BUCKET_MS;
+    let longest = delta.iter().rposition(|n| *n > 0).map(bound);
+    let quantiles = qs
+        .iter()
+        .map(|q| {
+            let rank = ((q * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            delta.iter().position(|n| {
+                seen += n;
+                total > 0 && seen >= rank
+            })
         })
-        .unwrap_or(0);
-    client.close().await;
-    count
+        .map(|i| i.map(bound))
+        .collect();
+    (quantiles, longest)
+}
+
+/// A subscriber to every service of the bench.
+struct Watcher {
+    client: Client,
+    subscriptions: Vec<Subscription>,
+}
+
+/// What a [`Watcher`] sees.
+#[derive(Debug, Default, PartialEq)]
+struct Seen {
+    publishers: usize,
+    /// Publishers whose health was settled by a probe that finished after the time asked about.
+    checked: usize,
+    unhealthy: usize,
+}
+
+impl Watcher {
+    async fn start(config: &ClientConfig) -> anyhow::Result<Watcher> {
+        let client = Client::connect(config.clone()).await?;
+        let mut subscriptions = Vec::new();
+        for s in 0..SERVICES {
+            subscriptions.push(client.subscribe(service_name(s)).await?);
+        }
+        Ok(Watcher {
+            client,
+            subscriptions,
+        })
+    }
+
+    /// What the latest snapshots hold; `checked` counts health settled after `since_ms` (Unix
+    /// milliseconds; 0: ever).
+    fn seen(&self, since_ms: u64) -> Seen {
+        let mut seen = Seen::default();
+        for snapshot in self.subscriptions.iter().filter_map(|s| s.current()) {
+            for p in snapshot.publishers.iter() {
+                seen.publishers += 1;
+                if let Some(h) = &p.health {
+                    seen.checked += usize::from(h.checked_ms > since_ms);
+                    seen.unhealthy += usize::from(!h.healthy);
+                }
+            }
+        }
+        seen
+    }
+
+    async fn close(self) {
+        drop(self.subscriptions);
+        self.client.close().await;
+    }
+}
+
+fn service_name(s: usize) -> String {
+    format!("checks/svc/{s}")
+}
+
+/// Polls `goals` every 50 ms until each has held once, or [`SETTLE`] has passed; returns when
+/// each first held (`None`: not within [`SETTLE`]).
+async fn until_each(goals: &mut [&mut dyn FnMut() -> bool]) -> Vec<Option<Duration>> {
+    let start = Instant::now();
+    let mut met = vec![None; goals.len()];
+    loop {
+        for (goal, met) in goals.iter_mut().zip(&mut met) {
+            if met.is_none() && goal() {
+                *met = Some(start.elapsed());
+            }
+        }
+        if met.iter().all(Option::is_some) || start.elapsed() > SETTLE {
+            return met;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub async fn run(args: &BenchArgs, n: usize) -> anyhow::Result<()> {
     if n == 0 {
         bail!("--checks must be at least 1");
     }
-    let interval_ms = args.check_interval_ms;
+    if !(roster_common::health::MIN_INTERVAL_MS..=roster_common::health::MAX_INTERVAL_MS)
+        .contains(&args.check_interval_ms)
+    {
+        bail!(
+            "--check-interval-ms must be within {}..={}",
+            roster_common::health::MIN_INTERVAL_MS,
+            roster_common::health::MAX_INTERVAL_MS
+        );
+    }
     let [metas, datas, sessions] = super::roster::cluster_shape(&args.cluster)?;
     let dir = tempfile::tempdir().context("cannot create a working directory")?;
     let cluster_dir = dir.path().join("cluster");
-    let auth = !args.insecure_no_auth;
-    let log = Some("warn,openraft=off");
     let cancel = CancellationToken::new();
     let mut cluster = LocalCluster::start(
         &cluster_dir,
         metas,
         datas,
         sessions,
-        auth,
-        log,
+        !args.insecure_no_auth,
+        Some(SERVER_LOG),
         &cancel,
         true,
     )
@@ -255,10 +444,10 @@ pub async fn run(args: &BenchArgs, n: usize) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let probes = Arc::new(Probes::new(n));
     let mut ports = Vec::new();
-    for _ in 0..LISTENERS {
-        ports.push(http_server(probes.clone(), stop.clone()).await?);
+    for index in 0..LISTENERS {
+        ports.push(http_server(index, probes.clone(), stop.clone()).await?);
     }
-    let result = measure(args, n, interval_ms, &mut cluster, &probes, &ports).await;
+    let result = measure(args, n, &mut cluster, &probes, &ports).await;
     stop.cancel();
     cluster.stop().await;
     let report = result?;
@@ -271,19 +460,23 @@ pub async fn run(args: &BenchArgs, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(
-    args: &BenchArgs,
+/// The servers' `RUST_LOG`.
+const SERVER_LOG: &str = "warn,openraft=off";
+
+/// Registers instances `0..n` over [`REGISTER_CLIENTS`] clients, [`IN_FLIGHT`] at once.
+async fn register(
+    config: &ClientConfig,
     n: usize,
     interval_ms: u64,
-    cluster: &mut LocalCluster,
-    probes: &Arc<Probes>,
     ports: &[u16],
-) -> anyhow::Result<Value> {
-    let config = ClientConfig::load(&cluster.dir.join(CLIENT_CONFIG_FILE))?;
-    let client = Client::connect(config.clone()).await?;
-    let registering = Instant::now();
-    let results: Vec<_> = futures_util::stream::iter(0..n)
-        .map(|i| {
+) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for _ in 0..REGISTER_CLIENTS.min(n) {
+        all.push(Client::connect(config.clone()).await?);
+    }
+    let clients = &all;
+    let mut results = futures_util::stream::iter(0..n)
+        .map(|i| async move {
             let port = ports[i % ports.len()];
             let check = CheckSpec {
                 interval_ms,
@@ -292,50 +485,98 @@ async fn measure(
                 fall: 3,
                 ..CheckSpec::new(format!("http://127.0.0.1:{port}/i/{i}"))
             };
-            client
+            clients[i % clients.len()]
                 .register_persistent(
-                    format!("checks/svc/{}", i % SERVICES),
+                    service_name(i % SERVICES),
                     format!("i{i}"),
                     vec![format!("127.0.0.1:{port}").into()],
                 )
                 .check(check)
                 .send()
+                .await
+                .with_context(|| format!("registering instance {i}"))
         })
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    let registration = registering.elapsed();
-    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-        bail!("registering persistent instances: {e}");
+        .buffer_unordered(IN_FLIGHT);
+    let mut outcome = Ok(());
+    while let Some(result) = results.next().await {
+        if let Err(e) = result {
+            outcome = Err(e);
+            break;
+        }
     }
-    client.close().await;
-    until("every instance probed once", async || {
-        probes.unprobed_since(registering) == 0
-    })
-    .await?;
-    let first_checks = registering.elapsed();
+    drop(results);
+    for client in all {
+        client.close().await;
+    }
+    outcome
+}
+
+/// CPU seconds and RSS of the given processes, by name.
+fn usage(processes: &[(String, u32)]) -> Vec<(String, f64, u64)> {
+    processes
+        .iter()
+        .filter_map(|(name, pid)| {
+            let s = proc_stats::read(*pid)?;
+            Some((name.clone(), s.cpu_seconds, s.rss_kib))
+        })
+        .collect()
+}
+
+fn seconds(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| round2(d.as_secs_f64()))
+}
+
+async fn measure(
+    args: &BenchArgs,
+    n: usize,
+    cluster: &mut LocalCluster,
+    probes: &Arc<Probes>,
+    ports: &[u16],
+) -> anyhow::Result<Value> {
+    let interval_ms = args.check_interval_ms;
+    let quiet = args.json;
+    let say = |what: &str| {
+        if !quiet {
+            eprintln!("{what}");
+        }
+    };
+    let config = ClientConfig::load(&cluster.dir.join(CLIENT_CONFIG_FILE))?;
+
+    // Registration, then the first probe of each instance, and its health as a subscriber sees it.
+    say(&format!("registering {n} persistent instances"));
+    let registering = Instant::now();
+    register(&config, n, interval_ms, ports).await?;
+    let registration = registering.elapsed();
+    let watcher = Watcher::start(&config).await?;
+    say("waiting for every instance's first check");
+    let first = until_each(
+        &mut [&mut || probes.unprobed_since(registering) == 0, &mut || {
+            watcher.seen(0).checked == n
+        }],
+    )
+    .await;
+    let first_missing = probes.unprobed_since(registering);
+    let first_seen = watcher.seen(0);
+    let first_probe = first[0].map(|d| d + registration);
+    let first_health = first[1].map(|d| d + registration);
 
     // The steady state, from one scrape to the next.
+    say(&format!("steady state: {} s", args.duration.max(1)));
     let admins = data_admins(cluster)?;
-    let servers = cluster.processes();
-    let cpu = |servers: &[(String, u32)]| -> Vec<(String, f64, u64)> {
-        servers
-            .iter()
-            .filter_map(|(name, pid)| {
-                let s = proc_stats::read(*pid)?;
-                Some((name.clone(), s.cpu_seconds, s.rss_kib))
-            })
-            .collect()
-    };
-    let (before, _) = scrape(&admins).await;
-    let cpu_before = cpu(&servers);
-    let probes_before = probes.total.load(Ordering::Relaxed);
+    let mut servers = cluster.processes();
+    servers.push(("bench".to_owned(), std::process::id()));
+    let before = scrape(&admins).await;
+    let cpu_before = usage(&servers);
+    let tally_before = probes.tally();
     let window = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration.max(1))).await;
-    let seconds = window.elapsed().as_secs_f64();
-    let probes_after = probes.total.load(Ordering::Relaxed);
-    let cpu_after = cpu(&servers);
-    let (after, unhealthy) = scrape(&admins).await;
+    let window_seconds = window.elapsed().as_secs_f64();
+    let tally_after = probes.tally();
+    let cpu_after = usage(&servers);
+    let after = scrape(&admins).await;
+    let steady_seen = watcher.seen(0);
+    watcher.close().await;
+
     let per_server: Vec<Value> = cpu_after
         .iter()
         .map(|(name, cpu, rss)| {
@@ -343,15 +584,48 @@ async fn measure(
                 .iter()
                 .find(|(n, _, _)| n == name)
                 .map_or(0.0, |b| b.1);
-            json!({"name": name, "cpu_cores": round2((cpu - was) / seconds), "rss_kib": rss})
+            json!({"name": name, "cpu_cores": round2((cpu - was) / window_seconds), "rss_kib": rss})
         })
         .collect();
-    let rss_total: u64 = cpu_after.iter().map(|s| s.2).sum();
+    let rss_total: u64 = cpu_after
+        .iter()
+        .filter(|s| s.0 != "bench")
+        .map(|s| s.2)
+        .sum();
+    let per_listener: Vec<u64> = tally_after
+        .per_listener
+        .iter()
+        .zip(&tally_before.per_listener)
+        .map(|(a, b)| ((a - b) as f64 / window_seconds).round() as u64)
+        .collect();
+    let per_instance: Vec<u32> = tally_after
+        .per_instance
+        .iter()
+        .zip(&tally_before.per_instance)
+        .map(|(a, b)| a - b)
+        .collect();
+    let (gap_q, gap_max) = gap_quantiles(&tally_before.gaps, &tally_after.gaps, &[0.5, 0.99]);
+    let checks = delta(&before.checks, &after.checks);
+    let per_data_server: Vec<Option<u64>> = after
+        .per_server
+        .iter()
+        .zip(&before.per_server)
+        .map(|(a, b)| Some(((a.as_ref()? - b.as_ref()?) / window_seconds).round() as u64))
+        .collect();
+    let failures = delta(&before.failures, &after.failures);
+    let probe_mean_ms = {
+        let count = after.duration_count - before.duration_count;
+        (count > 0.0).then(|| round3((after.duration_sum - before.duration_sum) / count * 1e3))
+    };
 
-    // A full restart from the directories.
+    // A full restart from the directories, state kept.
+    say("full restart");
+    let stopping = Instant::now();
     if let Some(e) = cluster.stop().await {
         bail!("stopping the cluster: {e}");
     }
+    let stopped = stopping.elapsed();
+    let restart_ms = roster_common::unix_millis();
     let restarting = Instant::now();
     let [metas, datas, sessions] = super::roster::cluster_shape(&args.cluster)?;
     *cluster = LocalCluster::start(
@@ -360,23 +634,54 @@ async fn measure(
         datas,
         sessions,
         !args.insecure_no_auth,
-        Some("warn,openraft=off"),
+        Some(SERVER_LOG),
         &CancellationToken::new(),
         false,
     )
     .await?;
     let ready = restarting.elapsed();
+    if !cluster.resumed {
+        bail!("the cluster started afresh instead of resuming its state");
+    }
+    // From here on, three things are awaited at once: every instance probed again (at the HTTP
+    // servers), and through a new subscriber every instance served, and its health seen checked
+    // after the restart.
     let config = ClientConfig::load(&cluster.dir.join(CLIENT_CONFIG_FILE))?;
-    until("every instance served after the restart", async || {
-        served(&config).await == n as u64
-    })
-    .await?;
-    let back = restarting.elapsed();
-    until("every instance probed after the restart", async || {
-        probes.unprobed_since(restarting) == 0
-    })
-    .await?;
-    let checked = restarting.elapsed();
+    let tally_restart = probes.tally();
+    let mut watcher: Option<Watcher> = None;
+    let mut last = Seen::default();
+    let (mut connected, mut probed_again, mut served, mut reported) = (None, None, None, None);
+    loop {
+        if watcher.is_none()
+            && let Ok(w) = Watcher::start(&config).await
+        {
+            connected = Some(restarting.elapsed());
+            watcher = Some(w);
+        }
+        if probed_again.is_none() && probes.unprobed_since(restarting) == 0 {
+            probed_again = Some(restarting.elapsed());
+        }
+        if let Some(w) = &watcher {
+            last = w.seen(restart_ms);
+            if served.is_none() && last.publishers == n {
+                served = Some(restarting.elapsed());
+            }
+            if reported.is_none() && last.checked == n {
+                reported = Some(restarting.elapsed());
+            }
+        }
+        if (probed_again.is_some() && served.is_some() && reported.is_some())
+            || restarting.elapsed() > SETTLE
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restart_missing = probes.unprobed_since(restarting);
+    let tally_back = probes.tally();
+    if let Some(w) = watcher {
+        w.close().await;
+    }
 
     Ok(json!({
         "scenario": "health checks",
@@ -386,29 +691,67 @@ async fn measure(
             "services": SERVICES,
             "check": "http",
             "interval_ms": interval_ms,
+            "timeout_ms": 1000.min(interval_ms),
+            "rise": 2,
+            "fall": 3,
             "http_servers": ports.len(),
-            "steady_seconds": round2(seconds),
+            "register_clients": REGISTER_CLIENTS.min(n),
+            "register_in_flight": IN_FLIGHT,
+            "steady_seconds": round2(window_seconds),
         },
         "registration": {
             "seconds": round2(registration.as_secs_f64()),
-            "per_second": (n as f64 / registration.as_secs_f64()).round(),
+            "per_second": (n as f64 / registration.as_secs_f64()).round() as u64,
         },
-        "first_checks_seconds": round2(first_checks.as_secs_f64()),
+        "first_checks_seconds": seconds(first_probe),
+        "first_checks": {
+            "all_probed_seconds": seconds(first_probe),
+            "all_health_seen_seconds": seconds(first_health),
+            "not_probed": first_missing,
+            "all_health_seen_after_registered_seconds": seconds(first[1]),
+            "health_seen": first_seen.checked,
+            "from": "the start of the registration",
+        },
         "steady": {
-            "probes_per_second": ((probes_after - probes_before) as f64 / seconds).round(),
-            "expected_per_second": (n as f64 * 1000.0 / interval_ms as f64).round(),
-            "probe_latency_ms": {
-                "p50": quantile_ms(&before, &after, 0.5),
-                "p99": quantile_ms(&before, &after, 0.99),
+            "probes_per_second": ((tally_after.total - tally_before.total) as f64 / window_seconds).round(),
+            "expected_per_second": round2(n as f64 * 1000.0 / interval_ms as f64),
+            "stray_requests": tally_after.stray - tally_before.stray,
+            "per_http_server_per_second": per_listener,
+            "per_data_server_per_second": per_data_server,
+            "slots_led_per_data_server": after.led,
+            "per_instance_probes": {
+                "expected": round2(window_seconds * 1000.0 / interval_ms as f64),
+                "min": per_instance.iter().min(),
+                "max": per_instance.iter().max(),
+                "none": per_instance.iter().filter(|c| **c == 0).count(),
             },
-            "unhealthy": unhealthy,
+            "gap_between_probes_ms": {"p50": gap_q[0], "p99": gap_q[1], "max": gap_max},
+            "probe_latency_ms": {
+                "p50": quantile_ms(&before.buckets, &after.buckets, 0.5).map(round3),
+                "p99": quantile_ms(&before.buckets, &after.buckets, 0.99).map(round3),
+                "mean": probe_mean_ms,
+            },
+            "probes_by_result": checks,
+            "failures_by_reason": failures,
+            "unhealthy": after.unhealthy,
+            "unhealthy_seen_by_subscriber": steady_seen.unhealthy,
+            "persistent_instances_gauge": after.persistent,
+            "data_servers_scraped": after.answered,
             "servers": per_server,
             "server_rss_kib_total": rss_total,
         },
         "restart": {
+            "stop_seconds": round2(stopped.as_secs_f64()),
             "ready_seconds": round2(ready.as_secs_f64()),
-            "all_served_seconds": round2(back.as_secs_f64()),
-            "all_checked_seconds": round2(checked.as_secs_f64()),
+            "subscriber_connected_seconds": seconds(connected),
+            "all_served_seconds": seconds(served),
+            "all_checked_seconds": seconds(probed_again),
+            "all_health_seen_seconds": seconds(reported),
+            "not_probed": restart_missing,
+            "served": last.publishers,
+            "health_seen": last.checked,
+            "probes_until_all_seen": tally_back.total - tally_restart.total,
+            "from": "every server stopped",
         },
     }))
 }
@@ -417,40 +760,101 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 fn print_table(report: &Value) {
     let p = &report["parameters"];
+    let f = &report["first_checks"];
     let s = &report["steady"];
     let r = &report["restart"];
     println!(
-        "{} persistent instances, HTTP checks every {} ms, {} ({} services)",
-        p["instances"], p["interval_ms"], report["target"], p["services"]
+        "{} persistent instances, HTTP checks every {} ms, {} ({} services, {} HTTP servers)",
+        p["instances"],
+        p["interval_ms"],
+        report["target"].as_str().unwrap_or("?"),
+        p["services"],
+        p["http_servers"]
     );
     println!(
-        "registration          {} /s ({} s)",
-        report["registration"]["per_second"], report["registration"]["seconds"]
+        "registration          {} /s ({} s, {} clients)",
+        report["registration"]["per_second"],
+        report["registration"]["seconds"],
+        p["register_clients"]
     );
     println!(
-        "every instance probed {} s after registering began",
-        report["first_checks_seconds"]
+        "first checks          every instance probed {} s, its health seen by a subscriber {} s after registering began ({} s after the last registration)",
+        f["all_probed_seconds"],
+        f["all_health_seen_seconds"],
+        f["all_health_seen_after_registered_seconds"]
     );
     println!(
-        "steady probes         {} /s (expected {}), latency p50 {} ms, p99 {} ms, unhealthy {}",
+        "steady probes         {} /s (expected {}), per HTTP server {}, per data server {} (slots led {})",
         s["probes_per_second"],
         s["expected_per_second"],
+        s["per_http_server_per_second"],
+        s["per_data_server_per_second"],
+        s["slots_led_per_data_server"]
+    );
+    let i = &s["per_instance_probes"];
+    let g = &s["gap_between_probes_ms"];
+    println!(
+        "  per instance        {}..{} probes (expected {}), {} never; gap between probes p50 {} ms, p99 {} ms, max {} ms",
+        i["min"], i["max"], i["expected"], i["none"], g["p50"], g["p99"], g["max"]
+    );
+    println!(
+        "  probe latency       p50 {} ms, p99 {} ms, mean {} ms; probes {}, failures {}, unhealthy {}",
         s["probe_latency_ms"]["p50"],
         s["probe_latency_ms"]["p99"],
+        s["probe_latency_ms"]["mean"],
+        s["probes_by_result"],
+        s["failures_by_reason"],
         s["unhealthy"]
     );
     for server in s["servers"].as_array().into_iter().flatten() {
         println!(
-            "  {:<10} {} cores, {} MiB",
+            "  {:<10}          {} cores, {} MiB",
             server["name"].as_str().unwrap_or("?"),
             server["cpu_cores"],
             server["rss_kib"].as_u64().unwrap_or(0) / 1024
         );
     }
     println!(
-        "full restart          servers ready {} s, every instance served {} s, every instance probed {} s",
-        r["ready_seconds"], r["all_served_seconds"], r["all_checked_seconds"]
+        "full restart          stopped in {} s; then servers ready {} s, every instance served {} s, probed {} s, its health seen {} s",
+        r["stop_seconds"],
+        r["ready_seconds"],
+        r["all_served_seconds"],
+        r["all_checked_seconds"],
+        r["all_health_seen_seconds"]
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket() {
+        let before = BTreeMap::from([(100, 0.0), (250, 0.0), (500, 0.0), (u64::MAX, 0.0)]);
+        // 50 observations up to 100 µs, 50 more between 100 and 250 µs.
+        let after = BTreeMap::from([(100, 50.0), (250, 100.0), (500, 100.0), (u64::MAX, 100.0)]);
+        let q = |q| quantile_ms(&before, &after, q).map(round3);
+        assert_eq!(q(0.5), Some(0.1));
+        assert_eq!(q(0.75), Some(0.175));
+        assert_eq!(q(0.99), Some(0.247));
+        assert_eq!(quantile_ms(&after, &after, 0.5), None);
+    }
+
+    #[test]
+    fn gaps_by_bucket() {
+        let before = vec![0; 10];
+        let mut after = vec![0; 10];
+        after[4] = 99;
+        after[7] = 1;
+        let (q, max) = gap_quantiles(&before, &after, &[0.5, 0.99, 1.0]);
+        assert_eq!(q, vec![Some(50), Some(50), Some(80)]);
+        assert_eq!(max, Some(80));
+        assert_eq!(gap_quantiles(&before, &before, &[0.5]), (vec![None], None));
+    }
 }

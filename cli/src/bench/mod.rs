@@ -225,9 +225,9 @@ pub struct BenchArgs {
     json: bool,
     /// Instead of the registry workload, measure health checks: register this many persistent
     /// instances, each checked by HTTP against servers in this process, then report the probes
-    /// per second, their latency and the servers' CPU and memory over `--duration` seconds, and
-    /// how long a full restart of the cluster takes until every instance is served and probed
-    /// again (Roster only; see bench/README.md).
+    /// per second and how they spread, their latency and the servers' CPU and memory over
+    /// `--duration` seconds, and how long a full restart of the cluster takes until every
+    /// instance is served, probed and seen checked again (Roster only; see bench/README.md).
     #[arg(long, value_name = "N")]
     checks: Option<usize>,
     /// With --checks: the interval of each instance's check, in milliseconds.
