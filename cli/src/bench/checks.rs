@@ -19,23 +19,24 @@
 //! The HTTP servers record, per instance path (`/i/N`), when its last probe arrived and how many
 //! came, so "probed" means a probe arrived, whatever the servers report.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt as _;
 use roster_client::{CheckSpec, Client, ClientConfig, Subscription};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod listeners;
+mod scrape;
 
 use super::BenchArgs;
 use super::proc_stats;
 use crate::dev::LocalCluster;
-use crate::files::{CLIENT_CONFIG_FILE, TARGETS_FILE};
+use crate::files::CLIENT_CONFIG_FILE;
+use listeners::*;
+use scrape::*;
 
 /// HTTP servers the probes are spread over.
 const LISTENERS: usize = 8;
@@ -47,300 +48,6 @@ const REGISTER_CLIENTS: usize = 8;
 const IN_FLIGHT: usize = 64;
 /// How long any one wait (first checks, a restart) may take.
 const SETTLE: Duration = Duration::from_secs(300);
-/// Width of the buckets in which the time between two probes of an instance is counted.
-const GAP_BUCKET_MS: u64 = 10;
-/// Gaps counted, up to this many buckets (the last one takes every longer gap).
-const GAP_BUCKETS: usize = 6_000;
-
-/// What the HTTP servers saw.
-struct Probes {
-    started: Instant,
-    /// Per instance: when its last probe arrived (milliseconds since `started`, 0: never).
-    last: Vec<AtomicU64>,
-    /// Per instance: probes that arrived.
-    count: Vec<AtomicU32>,
-    /// Per HTTP server: requests answered.
-    per_listener: Vec<AtomicU64>,
-    /// Times between two probes of one instance, by [`GAP_BUCKET_MS`] bucket.
-    gaps: Vec<AtomicU64>,
-    /// Requests in all, and those for no instance of the bench.
-    total: AtomicU64,
-    stray: AtomicU64,
-}
-
-impl Probes {
-    fn new(n: usize) -> Self {
-        Probes {
-            started: Instant::now(),
-            last: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            count: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            per_listener: (0..LISTENERS).map(|_| AtomicU64::new(0)).collect(),
-            gaps: (0..GAP_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            total: AtomicU64::new(0),
-            stray: AtomicU64::new(0),
-        }
-    }
-
-    fn record(&self, listener: usize, path: &str) {
-        self.total.fetch_add(1, Ordering::Relaxed);
-        self.per_listener[listener].fetch_add(1, Ordering::Relaxed);
-        let Some(index) = path
-            .strip_prefix("/i/")
-            .and_then(|i| i.parse::<usize>().ok())
-            .filter(|i| *i < self.last.len())
-        else {
-            self.stray.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let now = self.started.elapsed().as_millis().max(1) as u64;
-        self.count[index].fetch_add(1, Ordering::Relaxed);
-        let previous = self.last[index].swap(now, Ordering::Relaxed);
-        if previous != 0 {
-            let bucket = (now.saturating_sub(previous) / GAP_BUCKET_MS) as usize;
-            self.gaps[bucket.min(GAP_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Instances not probed since `since`.
-    fn unprobed_since(&self, since: Instant) -> usize {
-        let since = since.duration_since(self.started).as_millis() as u64;
-        self.last
-            .iter()
-            .filter(|t| {
-                let t = t.load(Ordering::Relaxed);
-                t == 0 || t < since
-            })
-            .count()
-    }
-
-    fn tally(&self) -> Tally {
-        let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).collect();
-        Tally {
-            total: self.total.load(Ordering::Relaxed),
-            stray: self.stray.load(Ordering::Relaxed),
-            per_listener: load(&self.per_listener),
-            per_instance: self
-                .count
-                .iter()
-                .map(|a| a.load(Ordering::Relaxed))
-                .collect(),
-            gaps: load(&self.gaps),
-        }
-    }
-}
-
-/// The counters of [`Probes`] at one moment.
-struct Tally {
-    total: u64,
-    stray: u64,
-    per_listener: Vec<u64>,
-    per_instance: Vec<u32>,
-    gaps: Vec<u64>,
-}
-
-/// Starts HTTP server `index` on 127.0.0.1, answering every request with 200; returns its port.
-async fn http_server(
-    index: usize,
-    probes: Arc<Probes>,
-    stop: CancellationToken,
-) -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
-        loop {
-            let (mut conn, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(_) => continue,
-                },
-            };
-            let probes = probes.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::with_capacity(256);
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&head);
-                if let Some(path) = text.lines().next().and_then(|l| l.split(' ').nth(1)) {
-                    probes.record(index, path);
-                }
-                let _ = conn
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
-            });
-        }
-    });
-    Ok(port)
-}
-
-/// The data servers' admin addresses, from the cluster's targets.json.
-fn data_admins(cluster: &LocalCluster) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(cluster.dir.join(TARGETS_FILE))?;
-    let targets: Value = serde_json::from_str(&text)?;
-    Ok(targets
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|t| t["labels"]["role"] == "data")
-        .filter_map(|t| t["targets"][0].as_str().map(str::to_owned))
-        .collect())
-}
-
-/// What the data servers' /metrics say, summed over them.
-#[derive(Default)]
-struct Scrape {
-    /// The probe-duration histogram's cumulative bucket counts, by upper bound in microseconds
-    /// (`u64::MAX`: `+Inf`).
-    buckets: BTreeMap<u64, f64>,
-    duration_sum: f64,
-    duration_count: f64,
-    /// Probes by result (`success`, `failure`).
-    checks: BTreeMap<String, f64>,
-    /// Failed probes by reason.
-    failures: BTreeMap<String, f64>,
-    unhealthy: f64,
-    persistent: f64,
-    /// Probes run by each data server, in the order asked (`None`: it did not answer).
-    per_server: Vec<Option<f64>>,
-    /// Slots each data server leads, in the order asked.
-    led: Vec<Option<f64>>,
-    /// Data servers that answered.
-    answered: usize,
-}
-
-/// The value of label `name` in `labels` (what is between a series' braces).
-fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
-    labels
-        .split(&format!("{name}=\""))
-        .nth(1)
-        .and_then(|l| l.split('"').next())
-}
-
-async fn scrape(admins: &[String]) -> Scrape {
-    let mut s = Scrape::default();
-    for admin in admins {
-        let url = format!("http://{admin}/metrics");
-        let Ok(Ok(text)) = tokio::task::spawn_blocking(move || {
-            ureq::get(&url)
-                .call()
-                .and_then(|mut r| r.body_mut().read_to_string())
-        })
-        .await
-        else {
-            s.per_server.push(None);
-            s.led.push(None);
-            continue;
-        };
-        s.answered += 1;
-        let (mut probed, mut led) = (0.0, 0.0);
-        for line in text.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            match name {
-                "roster_health_check_duration_seconds_bucket" => {
-                    let Some(le) = label(labels, "le") else {
-                        continue;
-                    };
-                    let bound = le
-                        .parse::<f64>()
-                        .map_or(u64::MAX, |s| (s * 1e6).round() as u64);
-                    *s.buckets.entry(bound).or_default() += value;
-                }
-                "roster_health_check_duration_seconds_sum" => s.duration_sum += value,
-                "roster_health_check_duration_seconds_count" => s.duration_count += value,
-                "roster_health_checks_total" => {
-                    let result = label(labels, "result").unwrap_or("?").to_owned();
-                    *s.checks.entry(result).or_default() += value;
-                    probed += value;
-                }
-                "roster_health_check_failures_total" => {
-                    let reason = label(labels, "reason").unwrap_or("?").to_owned();
-                    *s.failures.entry(reason).or_default() += value;
-                }
-                "roster_data_checked_instances" if label(labels, "health") == Some("unhealthy") => {
-                    s.unhealthy += value
-                }
-                "roster_data_persistent_instances" => s.persistent += value,
-                "roster_data_slots" if label(labels, "state") == Some("leading") => led += value,
-                _ => {}
-            }
-        }
-        s.per_server.push(Some(probed));
-        s.led.push(Some(led));
-    }
-    s
-}
-
-/// `after - before`, key by key.
-fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .collect()
-}
-
-/// The `q` quantile, in milliseconds, of what was observed between two scrapes of a cumulative
-/// histogram, interpolated linearly inside the bucket it falls in (`None`: nothing observed).
-fn quantile_ms(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>, q: f64) -> Option<f64> {
-    let delta: Vec<(u64, f64)> = after
-        .iter()
-        .map(|(le, n)| (*le, n - before.get(le).copied().unwrap_or(0.0)))
-        .collect();
-    let total = delta.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let (mut lower, mut below) = (0u64, 0.0);
-    for (le, cumulative) in delta {
-        if cumulative >= rank && cumulative > below {
-            if le == u64::MAX {
-                // Beyond the last bound: all that is known is that it is above it.
-                return Some(lower as f64 / 1000.0);
-            }
-            let within = (rank - below) / (cumulative - below);
-            return Some((lower as f64 + (le - lower) as f64 * within) / 1000.0);
-        }
-        (lower, below) = (le, cumulative);
-    }
-    None
-}
-
-/// The `q` quantile of the gaps counted between two tallies, in milliseconds (the upper bound of
-/// its [`GAP_BUCKET_MS`] bucket), and the longest.
-fn gap_quantiles(before: &[u64], after: &[u64], qs: &[f64]) -> (Vec<Option<u64>>, Option<u64>) {
-    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-    let total: u64 = delta.iter().sum();
-    let bound = |i: usize| (i as u64 + 1) * GAP_BUCKET_MS;
-    let longest = delta.iter().rposition(|n| *n > 0).map(bound);
-    let quantiles = qs
-        .iter()
-        .map(|q| {
-            let rank = ((q * total as f64).ceil() as u64).max(1);
-            let mut seen = 0;
-            delta.iter().position(|n| {
-                seen += n;
-                total > 0 && seen >= rank
-            })
-        })
-        .map(|i| i.map(bound))
-        .collect();
-    (quantiles, longest)
-}
-
 /// A subscriber to every service of the bench.
 struct Watcher {
     client: Client,
@@ -760,7 +467,7 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn round3(x: f64) -> f64 {
+pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -828,33 +535,4 @@ fn print_table(report: &Value) {
         r["all_checked_seconds"],
         r["all_health_seen_seconds"]
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_interpolate_inside_the_bucket() {
-        let before = BTreeMap::from([(100, 0.0), (250, 0.0), (500, 0.0), (u64::MAX, 0.0)]);
-        // 50 observations up to 100 µs, 50 more between 100 and 250 µs.
-        let after = BTreeMap::from([(100, 50.0), (250, 100.0), (500, 100.0), (u64::MAX, 100.0)]);
-        let q = |q| quantile_ms(&before, &after, q).map(round3);
-        assert_eq!(q(0.5), Some(0.1));
-        assert_eq!(q(0.75), Some(0.175));
-        assert_eq!(q(0.99), Some(0.247));
-        assert_eq!(quantile_ms(&after, &after, 0.5), None);
-    }
-
-    #[test]
-    fn gaps_by_bucket() {
-        let before = vec![0; 10];
-        let mut after = vec![0; 10];
-        after[4] = 99;
-        after[7] = 1;
-        let (q, max) = gap_quantiles(&before, &after, &[0.5, 0.99, 1.0]);
-        assert_eq!(q, vec![Some(50), Some(50), Some(80)]);
-        assert_eq!(max, Some(80));
-        assert_eq!(gap_quantiles(&before, &before, &[0.5]), (vec![None], None));
-    }
 }
