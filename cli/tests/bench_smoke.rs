@@ -97,35 +97,3 @@ fn bench_prints_every_figure_and_sees_every_notification() {
     }
     assert!(r["server_bytes_per_instance"].as_f64().unwrap() > 0.0);
 }
-
-#[test]
-fn the_health_check_scenario_probes_every_instance_and_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ok, out, err) = run_within(
-        dir.path(),
-        &[
-            "bench",
-            "--checks",
-            "50",
-            "--check-interval-ms",
-            "200",
-            "--duration",
-            "2",
-            "--json",
-        ],
-        Duration::from_secs(120),
-    );
-    assert!(ok, "bench --checks failed: {err}");
-    let r: Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    assert_eq!(r["parameters"]["instances"], 50);
-    let steady = &r["steady"];
-    // 50 instances every 200 ms: 250 probes a second, within the machine's noise.
-    let rate = steady["probes_per_second"].as_f64().unwrap();
-    assert!((150.0..=300.0).contains(&rate), "probes per second: {rate}");
-    assert_eq!(steady["unhealthy"], 0.0, "{r}");
-    assert!(steady["probe_latency_ms"]["p99"].as_f64().is_some(), "{r}");
-    let restart = &r["restart"];
-    for key in ["ready_seconds", "all_served_seconds", "all_checked_seconds"] {
-        assert!(restart[key].as_f64().is_some_and(|s| s > 0.0), "{key}: {r}");
-    }
-}
