@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use quinn::{Connection, ConnectionError};
 use rand::seq::SliceRandom;
 use roster_common::proto::{
@@ -245,6 +246,10 @@ const PUSH_READ: usize = 256 << 10;
 
 /// How often the connection's liveness is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(100);
+/// Requests queued by drops (removals, unsubscriptions) in flight at once.
+const BACKGROUND_IN_FLIGHT: usize = 32;
+/// How long closing the client spends on the requests still queued.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Connects to another session server (the same one if it is the only one), registers everything
 /// there, makes it the connection in use, and only then closes `live`. False if none answered.
@@ -277,6 +282,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
     liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The connection being watched, and its watchdog.
     let mut watchdog: Option<(usize, Liveness)> = None;
+    // Requests queued by drops, on their way: sent side by side, never holding up the loop (and
+    // with it the watchdog) for a round trip.
+    let mut in_flight = FuturesUnordered::new();
     loop {
         let live = inner.live.read().clone();
         match live {
@@ -343,34 +351,61 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                             }
                         }
                     }
-                    request = background.recv() => {
-                        if let Some(request) = request
-                            && let Err(e) = rpc::call::<_, ClientResponse>(&live.conn, &request, inner.config.max_frame, inner.config.request_timeout()).await
-                        {
-                            debug!(error = %e, "background removal failed");
+                    request = background.recv(), if in_flight.len() < BACKGROUND_IN_FLIGHT => {
+                        if let Some(request) = request {
+                            in_flight.push(send_background(live.conn.clone(), request, inner.config.max_frame, inner.config.request_timeout()));
                         }
                     }
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 }
             }
         }
     }
-    // Shut down: send what is still queued, then close.
+    // Shut down: send what is still queued, for a second at most, then close (which removes
+    // every publisher of the connection anyway; the queue may also name publishers registered
+    // through an earlier connection).
     let live = inner.live.write().take();
     if let Some(live) = live {
-        while let Ok(request) = background.try_recv() {
-            let _ = rpc::call::<_, ClientResponse>(
-                &live.conn,
-                &request,
-                inner.config.max_frame,
-                Duration::from_secs(1),
-            )
-            .await;
+        let deadline = tokio::time::sleep(SHUTDOWN_FLUSH);
+        tokio::pin!(deadline);
+        loop {
+            while in_flight.len() < BACKGROUND_IN_FLIGHT {
+                let Ok(request) = background.try_recv() else {
+                    break;
+                };
+                in_flight.push(send_background(
+                    live.conn.clone(),
+                    request,
+                    inner.config.max_frame,
+                    SHUTDOWN_FLUSH,
+                ));
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = in_flight.next() => {}
+            }
         }
         live.conn.close(0u32.into(), b"client closed");
     }
     crate::cache::flush(&inner);
     inner.registry.lock().subscriptions.clear();
     inner.state_tx.send_replace(ConnectionState::Closed);
+}
+
+/// Sends one request a drop queued (an `Unpublish` or `Unsubscribe`); a failure is only logged:
+/// the server removes what a lost connection held by itself.
+async fn send_background(
+    conn: Connection,
+    request: ClientRequest,
+    max_frame: u32,
+    timeout: Duration,
+) {
+    if let Err(e) = rpc::call::<_, ClientResponse>(&conn, &request, max_frame, timeout).await {
+        debug!(error = %e, "background request failed");
+    }
 }
 
 /// Counts a connection that ended without this client closing it.

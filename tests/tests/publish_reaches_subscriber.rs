@@ -144,3 +144,62 @@ async fn many_concurrent_requests_from_one_client_all_succeed() {
         300
     );
 }
+
+/// Publications dropped by the thousand are all removed, also when the client closes right after:
+/// the removals travel side by side (never one round trip after another, holding up the client's
+/// connection watchdog), and closing sends what is still queued within a second before the close
+/// itself removes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_many_publications_removes_them_all() {
+    let cluster = Cluster::start().await;
+    let watcher = Client::connect(cluster.client_config()).await.unwrap();
+    let mut fleet = watcher.subscribe("fleet").await.unwrap();
+    let mut leaving = watcher.subscribe("leaving").await.unwrap();
+
+    let client = Client::connect(cluster.client_config()).await.unwrap();
+    let publish_many = |service: &'static str| {
+        let client = client.clone();
+        async move {
+            let publishes = (0..1000).map(|i| {
+                let client = client.clone();
+                async move {
+                    let address = format!("10.0.{}.{}:80", i / 250, i % 250);
+                    client.publish(service, vec![address.into()]).await
+                }
+            });
+            futures_util::future::join_all(publishes)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        }
+    };
+    let kept = publish_many("fleet").await;
+    next_matching(&mut fleet, DEADLINE, "1,000 publishers", |s| {
+        s.publishers.len() == 1000
+    })
+    .await;
+    // Dropped while the client stays: removed in the background, and the client still answers.
+    drop(kept);
+    client.ping().await.unwrap();
+    next_matching(&mut fleet, DEADLINE, "all 1,000 removed", |s| {
+        s.publishers.is_empty()
+    })
+    .await;
+
+    // Dropped just before closing.
+    let dropped = publish_many("leaving").await;
+    next_matching(&mut leaving, DEADLINE, "1,000 more", |s| {
+        s.publishers.len() == 1000
+    })
+    .await;
+    drop(dropped);
+    client.close().await;
+    next_matching(&mut leaving, DEADLINE, "all removed after the close", |s| {
+        s.publishers.is_empty()
+    })
+    .await;
+
+    watcher.close().await;
+    cluster.stop().await;
+}
