@@ -114,7 +114,10 @@ impl<'a> PublishBuilder<'a> {
     }
 }
 
-/// One registration of this client. Dropping it unpublishes in the background.
+/// One registration of this client. Dropping it unpublishes in the background: the removals of
+/// publications dropped together are sent side by side, up to 32 at a time, without holding up
+/// anything else of the client; [`crate::Client::close`] sends what is still queued for up to a
+/// second (the close itself removes the rest, as it removes every publication of the client).
 pub struct Publication {
     handle: Handle,
     register_id: RegisterId,
