@@ -428,6 +428,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     for s in &cluster.servers {
         println!("roster dev: {} quic={} http={}", s.name(), s.quic, s.http);
     }
+    if let Some(session) = cluster.servers.iter().find(|s| s.role == "session") {
+        println!("roster dev: console=http://{}/ui/", session.http);
+    }
     println!(
         "roster dev ready: clients connect to {} (config {}, CA {}); Ctrl-C stops",
         cluster.session_addrs().join(","),

@@ -1,5 +1,6 @@
 //! The HTTP admin port: `/healthz` (the process is up), `/readyz` (the server can do its job),
-//! `/metrics` (Prometheus text format) and the JSON admin API under `/admin/`.
+//! `/metrics` (Prometheus text format), the JSON admin API under `/admin/`, and whatever routes
+//! the server adds (a session server's web console under `/ui/`, which checks access itself).
 //!
 //! The first three are open: probes and scrapers carry no credentials, and no metric names a
 //! secret. `/admin` shows the cluster's topology and is for operators: where the cluster checks
@@ -58,11 +59,13 @@ struct AppState {
     failures: Arc<Mutex<FailureLimiter>>,
 }
 
-/// Binds `addr` and serves the admin routes until `shutdown`. Returns the bound address.
+/// Binds `addr` and serves the admin routes, and the server's own `routes`, until `shutdown`.
+/// Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     ready: watch::Receiver<bool>,
     admin: Admin,
+    routes: Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -92,7 +95,8 @@ pub async fn serve(
             ready,
             admin,
             failures: Arc::default(),
-        });
+        })
+        .merge(routes);
     info!(addr = %local, "HTTP admin port serving /healthz, /readyz, /metrics and /admin");
     let task = tokio::spawn(async move {
         let app = app.into_make_service_with_connect_info::<SocketAddr>();

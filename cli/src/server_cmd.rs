@@ -465,6 +465,8 @@ struct Running {
     /// From the shutdown signal to exit, at most: past it the process exits with an error, whatever
     /// it was waiting for (a peer that is gone, a task that does not end).
     stop_within: Duration,
+    /// Routes the server adds to its HTTP admin port (a session server's web console).
+    routes: axum::Router,
 }
 
 /// Slack beyond a server's own drain for its last steps (leaving the cluster, closing links).
@@ -488,7 +490,8 @@ where
     let socket = bind_udp(listen)?;
     let quic = socket.local_addr()?;
     let shutdown = shutdown_on_signal();
-    let (http, http_task) = http::serve(http, ready, admin, shutdown.clone()).await?;
+    let routes = running.routes.clone();
+    let (http, http_task) = http::serve(http, ready, admin, routes, shutdown.clone()).await?;
     roster_common::admin::build_info(running.role);
     println!("roster {} listening: quic={quic} http={http}", running.who);
     let overdue = async {
@@ -559,6 +562,7 @@ pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
         role: "meta",
         who: format!("meta {id} of cluster {cluster}"),
         stop_within: STOP_SLACK,
+        routes: axum::Router::new(),
     };
     run_server(running, listen, http, ready, admin, |socket, shutdown| {
         server.run(socket, shutdown)
@@ -601,6 +605,7 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
         role: "data",
         who: format!("data {id}"),
         stop_within: STOP_SLACK,
+        routes: axum::Router::new(),
     };
     run_server(running, listen, http, ready, admin, |socket, shutdown| {
         server.run(socket, shutdown)
@@ -644,6 +649,7 @@ pub async fn session(args: SessionArgs) -> anyhow::Result<()> {
         role: "session",
         who: format!("session {id}"),
         stop_within: drain_timeout + STOP_SLACK,
+        routes: server.console(),
     };
     run_server(running, listen, http, ready, admin, |socket, shutdown| {
         server.run(socket, shutdown)

@@ -122,6 +122,7 @@ fn fake_member(role: Role, id: u64) -> Member {
         addr: format!("10.9.9.9:{}", 7000 + id),
         zone: String::new(),
         joined_at_ms: 0,
+        version: String::new(),
     }
 }
 
@@ -603,6 +604,7 @@ fn self_preservation_holds_session_expiry_when_too_many_lapse_at_once() {
                         id,
                         instance: m.instance,
                         load: None,
+                        subscribers: None,
                     });
                 }
                 std::thread::sleep(Duration::from_millis(100));

@@ -40,6 +40,8 @@ pub struct MemberConfig {
     /// A session server's load to report with every renewal (its connection count), and where to
     /// put the mean load the meta tier answers with.
     pub load: Option<(Arc<AtomicU64>, Arc<AtomicU64>)>,
+    /// A session server's subscription count, reported beside its load (for the console).
+    pub subscribers: Option<Arc<AtomicU64>>,
 }
 
 /// The latest committed view, or `None` before the first one arrives.
@@ -180,6 +182,10 @@ async fn session(
         id: member.id,
         instance: member.instance,
         load,
+        subscribers: config
+            .subscribers
+            .as_ref()
+            .map(|n| n.load(Ordering::Relaxed)),
     };
     loop {
         tokio::select! {

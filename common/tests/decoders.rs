@@ -83,6 +83,7 @@ fn view() -> ClusterView {
             addr: "10.0.0.1:7200".into(),
             zone: "a".into(),
             joined_at_ms: 1,
+            version: "0.1.0".into(),
         }],
         table: SlotTable {
             epoch: 4,

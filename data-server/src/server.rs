@@ -85,6 +85,7 @@ impl DataServer {
             addr: advertise.clone(),
             zone: self.config.zone.clone(),
             joined_at_ms: 0,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let agent_shutdown = CancellationToken::new();
         let (view, agent) = member::spawn(
@@ -94,6 +95,7 @@ impl DataServer {
                 max_frame: self.config.max_frame,
                 request_timeout: self.config.request_timeout,
                 load: None,
+                subscribers: None,
             },
             pool.clone(),
             agent_shutdown.clone(),
@@ -226,6 +228,19 @@ async fn handle_stream(
         DataRequest::Replicate { ops } => Ok(shared.handle_replicate(ops)),
         DataRequest::SlotDump { slot } => shared.store.lock().dump(slot).map(DataResponse::Slot),
         DataRequest::SlotDigests { slots } => Ok(shared.handle_slot_digests(&slots)),
+        DataRequest::Status {} => Ok(DataResponse::Status(
+            shared.store.lock().status(env!("CARGO_PKG_VERSION")),
+        )),
+        DataRequest::Records { service } => {
+            shared
+                .store
+                .lock()
+                .records(&service)
+                .map(|(version, publishers)| DataResponse::Records {
+                    version,
+                    publishers,
+                })
+        }
     };
     roster_common::admin::count_request("data", name, &result);
     if let Err(e) = rpc::send_reply(&mut send, result, max_frame).await {
@@ -246,6 +261,8 @@ fn request_name(request: &DataRequest) -> &'static str {
         DataRequest::Replicate { .. } => "Replicate",
         DataRequest::SlotDump { .. } => "SlotDump",
         DataRequest::SlotDigests { .. } => "SlotDigests",
+        DataRequest::Status {} => "Status",
+        DataRequest::Records { .. } => "Records",
     }
 }
 

@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use roster_common::proto::{
-    Digest, Publisher, PublisherChange, PublisherId, ReplicatedOp, ServiceSummary, SlotDigest,
-    SlotTable, Snapshot, WriteOp,
+    DataStatus, Digest, HeldSlot, HeldState, Publisher, PublisherChange, PublisherId, ReplicatedOp,
+    ServiceSummary, SlotDigest, SlotTable, Snapshot, WriteOp,
 };
 use roster_common::{
     ClientId, Epoch, Error, InstanceId, NodeId, RegisterId, Result, ServiceId, SlotId, Version,
@@ -387,6 +387,42 @@ impl Store {
                 publishers: Vec::new(),
             },
         })
+    }
+
+    /// The records of `service` in a ready slot this server leads, with the datum's version.
+    pub fn records(&self, service: &ServiceId) -> Result<(Version, Vec<Publisher>)> {
+        let slot = &self.slots[self.ready_slot(service)?];
+        Ok(slot.services.get(service).map_or((0, Vec::new()), |d| {
+            (d.version, d.publishers.values().cloned().collect())
+        }))
+    }
+
+    /// What this server holds, as the console asks for it: `version` is the software's.
+    pub fn status(&self, version: &str) -> DataStatus {
+        let slots = self
+            .slot_summaries()
+            .into_iter()
+            .filter_map(|s| {
+                let state = match s.state {
+                    SlotState::None => return None,
+                    SlotState::Leading => HeldState::Leading,
+                    SlotState::Moving => HeldState::Moving,
+                    SlotState::Following => HeldState::Following,
+                    SlotState::Fetching => HeldState::Fetching,
+                };
+                Some(HeldSlot {
+                    slot: s.slot,
+                    state,
+                    publishers: s.publishers as u64,
+                })
+            })
+            .collect();
+        DataStatus {
+            id: self.me,
+            version: version.to_owned(),
+            epoch: self.epoch,
+            slots,
+        }
     }
 
     /// Session instances that own at least one publisher here. Persistent records are held by

@@ -27,6 +27,8 @@ pub struct LeaseBook {
     pub preservation: Preservation,
     /// The last load each session server reported with its renewal.
     loads: BTreeMap<MemberKey, u64>,
+    /// The last subscription count each session server reported beside its load.
+    subscribers: BTreeMap<MemberKey, u64>,
     /// The table epoch last seen and since when, to rebalance once it has settled.
     table_since: EpochSeen,
 }
@@ -38,19 +40,33 @@ impl LeaseBook {
             leases: Leases::new(lease_timeout),
             preservation,
             loads: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
             table_since: EpochSeen { epoch: 0, at: now },
         }
     }
 
-    /// Records the connection count a session server reported.
-    pub fn report_load(&mut self, key: MemberKey, load: u64) {
+    /// Records the connection count a session server reported, and its subscription count.
+    pub fn report_load(&mut self, key: MemberKey, load: u64, subscribers: Option<u64>) {
         self.loads.insert(key, load);
+        match subscribers {
+            Some(n) => self.subscribers.insert(key, n),
+            None => self.subscribers.remove(&key),
+        };
+    }
+
+    /// What `key` last reported: its connections and subscriptions.
+    pub fn reported(&self, key: &MemberKey) -> (Option<u64>, Option<u64>) {
+        (
+            self.loads.get(key).copied(),
+            self.subscribers.get(key).copied(),
+        )
     }
 
     /// Forgets a member that left or expired.
     pub fn forget(&mut self, key: &MemberKey) {
         self.leases.remove(key);
         self.loads.remove(key);
+        self.subscribers.remove(key);
     }
 
     /// The mean load of the session servers that hold a lease at `now` and reported one.
@@ -307,14 +323,14 @@ mod tests {
         assert_eq!(book.mean_session_load(now), None);
         for (id, load) in [(1, 10), (2, 30)] {
             book.leases.grant(session(id), 1, now);
-            book.report_load(session(id), load);
+            book.report_load(session(id), load, None);
         }
         let data = MemberKey {
             role: Role::Data,
             id: 1,
         };
         book.leases.grant(data, 1, now);
-        book.report_load(data, 1_000);
+        book.report_load(data, 1_000, None);
         assert_eq!(
             book.mean_session_load(now),
             Some(20),
@@ -322,7 +338,7 @@ mod tests {
         );
         book.forget(&session(2));
         assert_eq!(book.mean_session_load(now), Some(10));
-        book.report_load(session(3), 99);
+        book.report_load(session(3), 99, None);
         assert_eq!(
             book.mean_session_load(now),
             Some(10),

@@ -179,7 +179,8 @@ impl Node {
                 id,
                 instance,
                 load,
-            } => self.renew(MemberKey { role, id }, instance, load),
+                subscribers,
+            } => self.renew(MemberKey { role, id }, instance, load, subscribers),
             MetaRequest::Leave { role, id, instance } => {
                 self.leave(MemberKey { role, id }, instance).await
             }
@@ -343,11 +344,12 @@ impl Node {
         key: MemberKey,
         instance: InstanceId,
         load: Option<u64>,
+        subscribers: Option<u64>,
     ) -> Result<MetaResponse> {
         let now = Instant::now();
         let mut book = self.leases.lock();
         if let Some(load) = load {
-            book.report_load(key, load);
+            book.report_load(key, load, subscribers);
         }
         let mean = book.mean_session_load(now);
         if book.leases.renew(key, instance, now) {
@@ -525,6 +527,8 @@ impl Node {
                         .leases
                         .remaining(&m.key(), now)
                         .map_or(0, |d| d.as_millis() as u64),
+                    connections: book.reported(&m.key()).0,
+                    subscribers: book.reported(&m.key()).1,
                 })
                 .collect()
         } else {
@@ -546,6 +550,7 @@ impl Node {
             snapshot_index: raft.snapshot_index,
             purged_index: raft.purged_index,
             snapshots_installed: self.raft.state_machine().snapshots_installed(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
 }

@@ -401,6 +401,7 @@ mod tests {
             addr: format!("127.0.0.1:{}", 7000 + id),
             zone: String::new(),
             joined_at_ms: 0,
+            version: String::new(),
         }
     }
 

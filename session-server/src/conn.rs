@@ -520,7 +520,7 @@ async fn list_services(shared: &Shared) -> Result<Vec<ServiceSummary>> {
 /// The data servers' lists as one, sorted by service. Each lists the slots it leads; while a slot
 /// changes hands two may both list a service, and the copy at the higher version is kept whole
 /// (its counts, healthy ones included, belong together).
-fn merge_services(mut all: Vec<ServiceSummary>) -> Vec<ServiceSummary> {
+pub(crate) fn merge_services(mut all: Vec<ServiceSummary>) -> Vec<ServiceSummary> {
     all.sort_by(|a, b| a.service.cmp(&b.service).then(b.version.cmp(&a.version)));
     all.dedup_by(|later, kept| later.service == kept.service);
     all

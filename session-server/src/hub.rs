@@ -56,6 +56,7 @@ use tracing::warn;
 use datum::Datum;
 pub use datum::Fetched;
 
+mod console;
 mod datum;
 mod healthy;
 

@@ -30,6 +30,7 @@ pub mod balance;
 mod batching;
 mod clients;
 mod conn;
+mod console;
 mod forward;
 mod gate;
 mod hello;
@@ -49,6 +50,7 @@ use roster_common::peers::FaultTable;
 use roster_common::quic::TransportSettings;
 use roster_common::{Error, NodeId, Result, proto};
 
+pub use console::ConsoleSlot;
 pub use server::SessionServer;
 
 /// Application close code: the client's push stream made no progress for `push_stall_timeout`.

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::SessionConfig;
 use crate::conn::serve_client;
+use crate::console::{Console, ConsoleSlot};
 use crate::shared::Shared;
 use crate::{forward, links};
 
@@ -29,6 +30,7 @@ pub struct SessionServer {
     instance: InstanceId,
     ready_tx: watch::Sender<bool>,
     admin: Admin,
+    console: ConsoleSlot,
 }
 
 impl SessionServer {
@@ -40,12 +42,19 @@ impl SessionServer {
             instance: ids::new_instance_id(),
             ready_tx: watch::channel(false).0,
             admin: Admin::default(),
+            console: ConsoleSlot::default(),
         })
     }
 
     /// Where the HTTP admin port finds this server's status and gauges once it runs.
     pub fn admin(&self) -> Admin {
         self.admin.clone()
+    }
+
+    /// The web console's routes (`/ui/…`) for the HTTP admin port; they answer 503 until the
+    /// server runs.
+    pub fn console(&self) -> axum::Router {
+        crate::console::router(self.console.clone())
     }
 
     /// True while the server is a member of the cluster with a slot table.
@@ -76,9 +85,11 @@ impl SessionServer {
         let agent_shutdown = CancellationToken::new();
         let load = Arc::new(AtomicU64::new(0));
         let mean_load = Arc::new(AtomicU64::new(0));
+        let subscribers = Arc::new(AtomicU64::new(0));
         let (view, agent) = member::spawn(
             MemberConfig {
                 load: Some((load.clone(), mean_load.clone())),
+                subscribers: Some(subscribers.clone()),
                 metas: config.metas.clone(),
                 member: Member {
                     role: Role::Session,
@@ -87,6 +98,7 @@ impl SessionServer {
                     addr: advertise.clone(),
                     zone: config.zone.clone(),
                     joined_at_ms: 0,
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
                 },
                 max_frame: config.max_frame,
                 request_timeout: config.request_timeout,
@@ -106,6 +118,8 @@ impl SessionServer {
             shared: shared.clone(),
             advertise: advertise.clone(),
         }));
+        let console = Console::new(shared.clone(), advertise.clone());
+        self.console.install(console.clone());
         info!(id = config.id, addr = %advertise, instance = format_args!("{:x}", self.instance), "session server serving clients");
 
         // `stop` ends everything once draining is done; until then connections keep being served.
@@ -119,7 +133,8 @@ impl SessionServer {
             self.instance,
             stop.clone(),
         ));
-        tracker.spawn(balance(shared.clone(), load, stop.clone()));
+        tracker.spawn(balance(shared.clone(), load, subscribers, stop.clone()));
+        tracker.spawn(crate::console::observe(console, stop.clone()));
         let conn_shared = shared.clone();
         let conn_stop = stop.clone();
         let conn_tracker = tracker.clone();
@@ -171,8 +186,14 @@ impl SessionServer {
 }
 
 /// Moves clients off this server when it holds well more than the mean (see [`crate::balance`]),
-/// every `balance_interval`. Also reports the count for the meta tier.
-async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationToken) {
+/// every `balance_interval`. Also reports the count for the meta tier, with the subscription
+/// count (which the console shows).
+async fn balance(
+    shared: Arc<Shared>,
+    load: Arc<AtomicU64>,
+    subscribers: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(shared.config().balance_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -180,7 +201,9 @@ async fn balance(shared: Arc<Shared>, load: Arc<AtomicU64>, stop: CancellationTo
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let here = shared.hub().counts().connections as u64;
+        let counts = shared.hub().counts();
+        let here = counts.connections as u64;
+        subscribers.store(counts.subscribers as u64, Ordering::Relaxed);
         // What the meta tier last heard from us: the load set at the previous tick.
         let reported = load.swap(here, Ordering::Relaxed);
         let sessions = shared

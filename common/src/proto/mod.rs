@@ -15,9 +15,10 @@ pub use client::{
     Scope, ServiceSummary, Snapshot, publisher_size,
 };
 pub use peer::{
-    ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, Digest, LeaseStatus, Member,
-    MemberKey, MetaNodeStatus, MetaRequest, MetaResponse, PersistentInstance, Publisher,
-    PublisherChange, RaftKind, ReplicatedOp, Role, SlotDigest, SlotDump, SlotTable, WriteOp,
+    ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, DataStatus, Digest, HeldSlot,
+    HeldState, LeaseStatus, Member, MemberKey, MetaNodeStatus, MetaRequest, MetaResponse,
+    PersistentInstance, Publisher, PublisherChange, RaftKind, ReplicatedOp, Role, SlotDigest,
+    SlotDump, SlotTable, WriteOp,
 };
 
 use crate::error::{Error, WireError};

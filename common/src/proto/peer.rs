@@ -64,6 +64,9 @@ pub struct Member {
     /// Set by the meta tier when it admits the member (Unix milliseconds).
     #[serde(default)]
     pub joined_at_ms: u64,
+    /// The software version the member runs (empty from servers that predate it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 impl Member {
@@ -177,6 +180,9 @@ pub enum MetaRequest {
         instance: InstanceId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         load: Option<u64>,
+        /// A session server's subscription count, reported with its load (shown by the console).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subscribers: Option<u64>,
     },
     /// Leaves the cluster at once, without waiting for the lease to lapse.
     Leave {
@@ -387,6 +393,9 @@ pub struct ClusterStatus {
     pub purged_index: Option<u64>,
     /// How many snapshots the answering node installed from a leader since it started.
     pub snapshots_installed: u64,
+    /// The software version of the answering node (empty from nodes that predate it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 /// One meta node in a [`ClusterStatus`].
@@ -410,6 +419,12 @@ pub struct LeaseStatus {
     pub addr: String,
     /// Milliseconds until the lease lapses; 0 when it has.
     pub remaining_ms: u64,
+    /// What a session server last reported with its renewals: client connections and
+    /// subscriptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribers: Option<u64>,
 }
 
 /// A publisher as the data tier stores it: the view subscribers get, plus its owner.
@@ -536,6 +551,12 @@ pub enum DataRequest {
     SlotDump { slot: SlotId },
     /// Follower → leader: the digests of whole slots, for the periodic drift check.
     SlotDigests { slots: Vec<SlotId> },
+    /// Session → data, for the console: what the receiver holds (its version, the table epoch it
+    /// applied, the state of every slot it holds). Answered `Status`.
+    Status {},
+    /// Session → slot leader, for the console: the records of `service` as stored, each with the
+    /// session holding it. Answered `Records`; refused like `Fetch` (`NotLeader`, `SlotMoving`).
+    Records { service: ServiceId },
 }
 
 /// The body of a successful reply to a [`DataRequest`].
@@ -574,6 +595,60 @@ pub enum DataResponse {
     Digests {
         digests: Vec<SlotDigest>,
     },
+    /// Answer to `Status`.
+    Status(DataStatus),
+    /// Answer to `Records`: the service's publishers at `version` (0: never published), ordered
+    /// by `(client_id, register_id)`.
+    Records {
+        version: Version,
+        publishers: Vec<Publisher>,
+    },
+}
+
+/// What a data server holds, as it answers [`DataRequest::Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStatus {
+    pub id: NodeId,
+    /// Its software version.
+    pub version: String,
+    /// The slot table epoch it has applied.
+    pub epoch: Epoch,
+    /// Every slot it holds, in slot order.
+    pub slots: Vec<HeldSlot>,
+}
+
+/// One slot in a [`DataStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldSlot {
+    pub slot: SlotId,
+    pub state: HeldState,
+    /// Publishers in the slot, persistent instances included.
+    pub publishers: u64,
+}
+
+/// What a data server does with a slot it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldState {
+    /// Leads it and serves it.
+    Leading,
+    /// Leads it and is still taking it over: reads and writes answer `SlotMoving`.
+    Moving,
+    /// Follows it with a copy in step with the leader.
+    Following,
+    /// Follows it and is fetching a copy.
+    Fetching,
+}
+
+impl HeldState {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeldState::Leading => "leading",
+            HeldState::Moving => "moving",
+            HeldState::Following => "following",
+            HeldState::Fetching => "fetching",
+        }
+    }
 }
 
 /// One change as the slot leader applied it: the slot's version before and after it.
