@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use roster_common::acl::{ANY_NAMESPACE, Permission, Principal, failure_reason};
 use roster_common::{Error, unix_millis};
 
@@ -104,15 +104,26 @@ impl Logins {
 pub enum Refusal {
     /// The server has no cluster view yet, so it cannot check tokens.
     Starting,
-    /// No valid login or token (401), or a token without `admin` (403), or too many failures (429).
+    /// No credentials, or a login that ended: a page sends the browser to the sign-in form.
+    SignIn { ended: bool },
+    /// A token that is not valid (401), lacks `admin` (403), or too many failures (429).
     Denied { status: StatusCode, message: String },
 }
 
 impl Refusal {
-    /// The answer for a page: the sign-in form (401), or a page saying why.
+    /// The answer for a page at `next`: off to the sign-in form (303), or the form saying why
+    /// the token was refused.
     pub fn page(self, next: &str) -> Response {
         match self {
             Refusal::Starting => starting(),
+            Refusal::SignIn { ended } => {
+                let to = format!(
+                    "/ui/login?next={}{}",
+                    super::html::encode_path(next).replace('/', "%2F"),
+                    if ended { "&ended=1" } else { "" }
+                );
+                Redirect::to(&to).into_response()
+            }
             Refusal::Denied { status, message } => {
                 let body = sign_in_form(next, Some(&message));
                 (
@@ -124,10 +135,13 @@ impl Refusal {
         }
     }
 
-    /// The answer for a stream or an asset-like request: the status and a line of text.
+    /// The answer for a stream: the status and a line of text.
     pub fn plain(self) -> Response {
         match self {
             Refusal::Starting => starting(),
+            Refusal::SignIn { .. } => {
+                (StatusCode::UNAUTHORIZED, "sign in at /ui/login\n").into_response()
+            }
             Refusal::Denied { status, message } => (status, message).into_response(),
         }
     }
@@ -141,10 +155,15 @@ fn starting() -> Response {
         .into_response()
 }
 
+/// Why the sign-in form is shown again, for the browser that was signed in.
+pub const ENDED: &str = "Your sign-in has ended (signed out, idle for 30 minutes, or the token was \
+                         revoked or expired); sign in again.";
+
 /// The sign-in form, posting to `/ui/login` and coming back to `next`.
 pub fn sign_in_form(next: &str, error: Option<&str>) -> String {
     let error = error.map_or_else(String::new, |e| {
-        format!("<p class=\"problem bad\" role=\"alert\">{}</p>", esc(e))
+        let class = if e == ENDED { "warn" } else { "bad" };
+        format!("<p class=\"problem {class}\" role=\"alert\">{}</p>", esc(e))
     });
     format!(
         "<section class=\"card narrow\"><h1>Sign in</h1>{error}\
@@ -187,19 +206,16 @@ impl Console {
                 Err(e) => Err(self.refused(e, source, now)),
             };
         }
-        let denied = |message: &str| Refusal::Denied {
-            status: StatusCode::UNAUTHORIZED,
-            message: message.to_owned(),
-        };
         let Some(id) = cookie(headers, COOKIE) else {
-            return Err(denied("Sign in with an admin token to see the cluster."));
+            return Err(Refusal::SignIn { ended: false });
         };
         let Some(principal) = self.logins.lock().touch(id, now) else {
-            return Err(denied("Your sign-in has ended; sign in again."));
+            return Err(Refusal::SignIn { ended: true });
         };
-        if let Err(e) = acl.still_valid(&principal, unix_millis()) {
+        if acl.still_valid(&principal, unix_millis()).is_err() {
+            // Revoked or expired since: the login goes with it.
             self.logins.lock().close(id);
-            return Err(denied(&format!("Your sign-in has ended: {e}.")));
+            return Err(Refusal::SignIn { ended: true });
         }
         Ok(Viewer::Token(token_label(&principal)))
     }

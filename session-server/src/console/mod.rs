@@ -305,13 +305,10 @@ async fn login_form(State(slot): State<ConsoleSlot>, RawQuery(query): RawQuery) 
     if console.shared.view().is_some_and(|v| !v.acl.enabled) {
         return Redirect::to("/ui/").into_response();
     }
-    let next = auth::safe_next(
-        query
-            .as_deref()
-            .and_then(|q| auth::form_field(q, "next"))
-            .as_deref(),
-    );
-    let body = auth::sign_in_form(&next, None);
+    let query = query.unwrap_or_default();
+    let next = auth::safe_next(auth::form_field(&query, "next").as_deref());
+    let ended = auth::form_field(&query, "ended").is_some();
+    let body = auth::sign_in_form(&next, ended.then_some(auth::ENDED));
     document(page("Sign in", "", &Viewer::Anonymous, false, &body))
 }
 

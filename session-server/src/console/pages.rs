@@ -197,7 +197,7 @@ fn data_state(d: &DataRow) -> String {
 
 fn data_card(out: &mut String, p: &Picture) {
     out.push_str(
-        "<section class=\"card wide\"><h2>Data servers</h2><div class=\"scroll\"><table>\
+        "<section class=\"card wide\"><h2>Data servers</h2><div class=\"scroll\"><table class=\"stack\">\
          <thead><tr><th>Server</th><th>Address</th><th>Zone</th><th>Version</th>\
          <th>Leads</th><th>Follows</th><th>Moving</th><th>Fetching</th><th>Publishers</th>\
          <th>Lease left</th><th>State</th></tr></thead><tbody>",
@@ -242,7 +242,7 @@ fn data_card(out: &mut String, p: &Picture) {
 
 fn sessions_card(out: &mut String, p: &Picture) {
     out.push_str(
-        "<section class=\"card wide\"><h2>Session servers</h2><div class=\"scroll\"><table>\
+        "<section class=\"card wide\"><h2>Session servers</h2><div class=\"scroll\"><table class=\"stack\">\
          <thead><tr><th>Server</th><th>Address</th><th>Zone</th><th>Version</th>\
          <th>Connections</th><th>Subscribers</th><th>Lease left</th></tr></thead><tbody>",
     );
@@ -455,7 +455,7 @@ pub fn services_list(listing: &Listing, filter: &str) -> String {
         return out;
     }
     out.push_str(
-        "<div class=\"scroll\"><table class=\"services\"><thead><tr><th>Service</th>\
+        "<div class=\"scroll\"><table class=\"services stack\"><thead><tr><th>Service</th>\
          <th>Namespace</th><th>Group</th><th class=\"num\">Publishers</th>\
          <th class=\"num\">Healthy</th></tr></thead><tbody>",
     );

@@ -141,7 +141,7 @@ fn render(shown: &Shown, here: NodeId, now_ms: u64) -> String {
         return out;
     }
     out.push_str(
-        "<div class=\"scroll\"><table class=\"instances\"><thead><tr><th>Instance</th>\
+        "<div class=\"scroll\"><table class=\"instances stack\"><thead><tr><th>Instance</th>\
          <th>Data</th><th>Attributes</th><th>Client</th><th>Session</th><th>Kind</th>\
          <th>Health</th></tr></thead><tbody>",
     );

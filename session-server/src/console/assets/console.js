@@ -44,6 +44,22 @@
     applyFilter();
   }
 
+  // Narrow screens show the rows of `table.stack` as blocks: each cell is labelled with its
+  // column's header.
+  function labelCells() {
+    document.querySelectorAll("table.stack").forEach(function (table) {
+      var heads = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) {
+        return th.textContent;
+      });
+      table.querySelectorAll("tbody tr").forEach(function (row) {
+        Array.prototype.forEach.call(row.cells, function (cell, i) {
+          if (heads[i] && cell.colSpan === 1) cell.setAttribute("data-label", heads[i]);
+        });
+      });
+    });
+  }
+  labelCells();
+
   // The live region: replaced by each "main" event of its stream.
   var region = document.getElementById("live");
   if (!region || !region.getAttribute("data-live") || !window.EventSource) return;
@@ -54,6 +70,7 @@
   source.addEventListener("main", function (event) {
     region.innerHTML = event.data;
     region.setAttribute("data-updated", String(Date.now()));
+    labelCells();
     applyFilter();
     say("live", "good");
   });
