@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, on a Debian or Ubuntu machine with a Rust toolchain and nothing else:
 # installs what the tests need and the machine lacks (Debian's `prometheus`, which one test runs
-# to scrape a cluster), then runs `cargo test --workspace` and the Python client's checks
-# (clients/python/run-tests.sh, against the binary cargo just built). Extra arguments go to
-# `cargo test`.
+# to scrape a cluster), then runs `cargo test --workspace`, the Python client's checks
+# (clients/python/run-tests.sh) and the web console's browser tests (console/run-tests.sh:
+# Debian's chromium, driven headless), both against the binary cargo just built. Extra arguments
+# go to `cargo test`.
 #
 # Tests that need more than that are `#[ignore]`d and listed as ignored, not passed: the network
 # partition test needs root and iproute2 (`cargo test -p roster-cli --test meta_partition --
@@ -25,3 +26,4 @@ fi
 
 cargo test --workspace --locked "$@"
 bash clients/python/run-tests.sh
+bash console/run-tests.sh
