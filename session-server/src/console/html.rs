@@ -106,9 +106,9 @@ pub fn page(title: &str, current: &str, viewer: &Viewer, live: bool, main: &str)
     }
     out.push_str("</div></header><main>");
     out.push_str(main);
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "</main><footer>Roster {VERSION} · read-only console</footer></body></html>\n"
+        "</main><footer>Roster {VERSION} · read-only console</footer></body></html>"
     );
     out
 }

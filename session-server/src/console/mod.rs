@@ -148,8 +148,7 @@ impl Console {
                 _ = &mut deadline => break,
             }
         }
-        let latest = pictures.borrow().clone();
-        latest
+        pictures.borrow().clone()
     }
 
     /// Counts a live stream as open until the guard drops.

@@ -545,7 +545,7 @@ fn problems(p: &Picture, have_view: bool) -> Vec<Problem> {
             format!("Servers run different versions: {}.", list.join("; ")),
         );
     }
-    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out.sort_by_key(|p| std::cmp::Reverse(p.severity));
     out
 }
 
