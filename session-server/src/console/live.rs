@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use futures_util::stream;
 use roster_common::proto::{DataRequest, DataResponse, Role, ServiceSummary};
-use roster_common::{NodeId, unix_millis};
+use roster_common::NodeId;
 use tokio::sync::watch;
 
 use super::picture::Picture;
@@ -85,6 +85,8 @@ struct Live {
     page: Page,
     pictures: watch::Receiver<Arc<Picture>>,
     last: Option<String>,
+    /// The event count the events page last rendered.
+    events_logged: u64,
     _viewing: ViewerGuard,
 }
 
@@ -102,7 +104,9 @@ impl Live {
                 }
             }
             self.console.access(&self.headers, self.source).ok()?;
-            let html = self.render().await;
+            let Some(html) = self.render().await else {
+                continue;
+            };
             if self.last.as_ref() != Some(&html) {
                 self.last = Some(html.clone());
                 return Some(html);
@@ -110,18 +114,32 @@ impl Live {
         }
     }
 
-    async fn render(&mut self) -> String {
+    /// The page's region now; `None` when there is nothing new to render from (a picture taken
+    /// without asking the data servers, a picture with no new event).
+    async fn render(&mut self) -> Option<String> {
         match self.page {
-            Page::Overview => pages::overview(&self.pictures.borrow_and_update()),
-            Page::Slots => pages::slots(&self.pictures.borrow_and_update()),
+            Page::Overview | Page::Slots => {
+                let picture = self.pictures.borrow_and_update().clone();
+                if !picture.complete {
+                    return None;
+                }
+                Some(match self.page {
+                    Page::Overview => pages::overview(&picture),
+                    _ => pages::slots(&picture),
+                })
+            }
             Page::Events => {
-                self.pictures.borrow_and_update();
-                pages::events(&self.console.events.lock(), unix_millis())
+                let logged = self.pictures.borrow_and_update().events_logged;
+                if self.last.is_some() && self.events_logged == logged {
+                    return None;
+                }
+                self.events_logged = logged;
+                Some(pages::events(&self.console.events.lock()))
             }
             Page::Services => {
                 // The filter lives in the page (the script applies it to each update).
                 let listing = list_services(&self.console.shared).await;
-                pages::services_list(&listing, "")
+                Some(pages::services_list(&listing, ""))
             }
         }
     }
@@ -140,6 +158,7 @@ fn open(slot: &ConsoleSlot, headers: HeaderMap, peer: SocketAddr, page: Page) ->
         source: peer.ip(),
         page,
         last: None,
+        events_logged: 0,
     };
     let stream = stream::unfold(live, |mut live| async move {
         let html = live.next().await?;

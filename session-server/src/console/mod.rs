@@ -140,7 +140,11 @@ impl Console {
         let deadline = tokio::time::sleep(FRESH_WITHIN);
         tokio::pin!(deadline);
         loop {
-            if pictures.borrow_and_update().at_ms >= asked {
+            let fresh = {
+                let picture = pictures.borrow_and_update();
+                picture.complete && picture.at_ms >= asked
+            };
+            if fresh {
                 break;
             }
             tokio::select! {
@@ -287,7 +291,7 @@ async fn events_page(
         Ok(admitted) => admitted,
         Err(refusal) => return refusal.page("/ui/events"),
     };
-    let main = pages::events(&console.events.lock(), unix_millis());
+    let main = pages::events(&console.events.lock());
     document(page(
         "Events",
         "events",

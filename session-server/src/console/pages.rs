@@ -9,7 +9,7 @@ use roster_common::NodeId;
 use roster_common::proto::ClusterStatus;
 
 use super::events::EventLog;
-use super::html::{ago, duration, esc, live_region, service_href, utc};
+use super::html::{duration, esc, live_region, service_href, utc};
 use super::live::Listing;
 use super::picture::{Copy, DataRow, Lease, Picture, Severity, SlotState};
 
@@ -375,7 +375,7 @@ pub fn slots(p: &Picture) -> String {
 }
 
 /// The event log, newest first.
-pub fn events(log: &EventLog, now_ms: u64) -> String {
+pub fn events(log: &EventLog) -> String {
     let mut out = String::new();
     let shown = log.newest_first().count();
     let _ = write!(
@@ -399,10 +399,9 @@ pub fn events(log: &EventLog, now_ms: u64) -> String {
         });
         let _ = write!(
             out,
-            "<li class=\"event k-{kind}\"><time title=\"{ago}\">{at}</time>\
+            "<li class=\"event k-{kind}\"><time>{at} UTC</time>\
              <span class=\"kind\">{kind}</span><span class=\"what\">{text}{detail}</span></li>",
             kind = change.kind.name(),
-            ago = ago(event.at_ms, now_ms),
             at = utc(event.at_ms),
             text = esc(&change.text),
         );
@@ -491,4 +490,76 @@ pub fn services_list(listing: &Listing, filter: &str) -> String {
         if shown.is_empty() { "" } else { " hidden" }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use roster_common::proto::ServiceSummary;
+
+    use super::*;
+    use crate::console::picture::{Inputs, Local};
+
+    fn summary(service: &str, publishers: u64, healthy: Option<u64>) -> ServiceSummary {
+        ServiceSummary {
+            service: service.parse().unwrap(),
+            publishers,
+            version: 1,
+            healthy,
+        }
+    }
+
+    #[test]
+    fn the_services_list_names_every_service_and_hides_what_the_filter_leaves_out() {
+        let listing = Listing {
+            services: vec![
+                summary("payments", 3, Some(2)),
+                summary("team/web/<script>", 1, None),
+            ],
+            missing: vec![(2, "no answer within 2s".into())],
+        };
+        let html = services_list(&listing, "PAY");
+        assert!(html.contains("<tr data-name=\"default/default/payments\"><td>"));
+        assert!(html.contains("href=\"/ui/services/default/DEFAULT/payments\""));
+        assert!(html.contains("<td class=\"num warn\">2/3</td>"));
+        assert!(html.contains("data-name=\"team/web/&lt;script&gt;\" hidden"));
+        assert!(html.contains("href=\"/ui/services/team/web/%3Cscript%3E\""));
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("Data 2 did not answer (no answer within 2s)"));
+        assert!(html.contains("2 services, 4 publishers"));
+    }
+
+    #[test]
+    fn the_slot_grid_has_a_cell_per_slot_with_its_leader_and_state() {
+        let picture = Picture::build(Inputs {
+            now_ms: 0,
+            view: None,
+            local: Local::default(),
+            meta: Err("not asked".into()),
+            data: None,
+        });
+        assert!(slots(&picture).contains("No slot table yet."));
+
+        let mut picture = picture;
+        picture.slots = (0..256)
+            .map(|slot| crate::console::picture::SlotCell {
+                slot,
+                leader: Some(u64::from(slot % 3) + 1),
+                followers: vec![(9, Copy::Fetching)],
+                state: if slot == 7 {
+                    SlotState::Moving
+                } else {
+                    SlotState::Led
+                },
+                publishers: Some(2),
+            })
+            .collect();
+        let html = slots(&picture);
+        assert_eq!(html.matches("class=\"slot ").count(), 256);
+        assert!(html.contains(
+            "<div class=\"slot l2 st-moving\" tabindex=\"0\" data-slot=\"7\" data-leader=\"2\" \
+             data-state=\"moving\">"
+        ));
+        assert!(html.contains("followers: <span class=\"warn\">data 9 (fetching)</span>"));
+        assert!(html.contains("moving · 1"));
+    }
 }

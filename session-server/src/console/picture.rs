@@ -198,6 +198,9 @@ pub struct Picture {
     /// How many events the log has recorded so far (set by the observer; a change means the
     /// events page has something new).
     pub events_logged: u64,
+    /// The data servers were asked too (the observer asks only the meta group when nobody
+    /// looks): slot states and data servers' counts are known.
+    pub complete: bool,
 }
 
 impl Picture {
@@ -373,6 +376,7 @@ impl Picture {
             problems: Vec::new(),
             versions,
             events_logged: 0,
+            complete: data.is_some(),
         };
         picture.problems = problems(&picture, view.is_some());
         picture
