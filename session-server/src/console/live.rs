@@ -17,8 +17,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use futures_util::stream;
-use roster_common::proto::{DataRequest, DataResponse, Role, ServiceSummary};
 use roster_common::NodeId;
+use roster_common::proto::{DataRequest, DataResponse, Role, ServiceSummary};
 use tokio::sync::watch;
 
 use super::picture::Picture;
