@@ -428,9 +428,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     for s in &cluster.servers {
         println!("roster dev: {} quic={} http={}", s.name(), s.quic, s.http);
     }
-    if let Some(session) = cluster.servers.iter().find(|s| s.role == "session") {
-        println!("roster dev: console=http://{}/ui/", session.http);
-    }
     println!(
         "roster dev ready: clients connect to {} (config {}, CA {}); Ctrl-C stops",
         cluster.session_addrs().join(","),
@@ -455,6 +452,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "roster dev: authentication is on; the admin token is in {}, and client.toml holds a publish+subscribe token",
             cluster.dir.join(ADMIN_TOKEN_FILE).display()
         );
+    }
+    // After the ready line, which tools read the server lines up to.
+    if let Some(session) = cluster.servers.iter().find(|s| s.role == "session") {
+        println!("roster dev: console=http://{}/ui/", session.http);
     }
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,

@@ -97,6 +97,10 @@ fn dev(cwd: &Path, extra: &[&str]) -> (support::Proc, String) {
     let mut args = vec!["dev", "--dir", "d"];
     args.extend(extra);
     let dev = roster("roster dev", cwd, &args);
+    // The console line comes last, after the ready line.
+    dev.line_matching(START, "roster dev ready", |l| {
+        l.contains("roster dev ready")
+    });
     let line = dev.line_matching(START, "console=", |l| l.contains("console="));
     let url = line
         .split_whitespace()
@@ -107,9 +111,6 @@ fn dev(cwd: &Path, extra: &[&str]) -> (support::Proc, String) {
         url.starts_with("http://127.0.0.1:") && url.ends_with("/ui/"),
         "{line}"
     );
-    dev.line_matching(START, "roster dev ready", |l| {
-        l.contains("roster dev ready")
-    });
     (dev, url.trim_end_matches("/ui/").to_owned())
 }
 
