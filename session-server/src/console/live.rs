@@ -22,7 +22,7 @@ use roster_common::proto::{DataRequest, DataResponse, Role, ServiceSummary};
 use tokio::sync::watch;
 
 use super::picture::Picture;
-use super::{Console, ConsoleSlot, ViewerGuard, admit, pages};
+use super::{Console, ConsoleSlot, ViewerGuard, admit, pages, too_many_streams};
 use crate::shared::Shared;
 
 /// How often an open services page asks the data tier again.
@@ -150,9 +150,12 @@ fn open(slot: &ConsoleSlot, headers: HeaderMap, peer: SocketAddr, page: Page) ->
         Ok((console, _)) => console,
         Err(refusal) => return refusal.plain(),
     };
+    let Some(viewing) = console.viewing() else {
+        return too_many_streams();
+    };
     let live = Live {
         pictures: console.picture.subscribe(),
-        _viewing: console.viewing(),
+        _viewing: viewing,
         console,
         headers,
         source: peer.ip(),

@@ -63,6 +63,9 @@ pub(crate) use observe::observe;
 
 /// How long a page waits for the observer's fresh picture before rendering the last one.
 const FRESH_WITHIN: Duration = Duration::from_secs(2);
+/// Live streams one session server keeps open at once; more are refused with 503 (the page
+/// still shows what it showed when loaded, and the script retries after a reload).
+pub const MAX_STREAMS: usize = 64;
 
 /// Where the HTTP admin port finds the console once the session server runs: empty before, when
 /// every console path answers 503.
@@ -156,10 +159,14 @@ impl Console {
     }
 
     /// Counts a live stream as open until the guard drops.
-    fn viewing(self: &Arc<Self>) -> ViewerGuard {
-        self.viewers.fetch_add(1, Ordering::Relaxed);
+    /// `None` when [`MAX_STREAMS`] are open already.
+    fn viewing(self: &Arc<Self>) -> Option<ViewerGuard> {
+        if self.viewers.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+            self.viewers.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
         self.refresh.notify_one();
-        ViewerGuard(self.clone())
+        Some(ViewerGuard(self.clone()))
     }
 }
 
@@ -190,6 +197,15 @@ pub fn router(slot: ConsoleSlot) -> Router {
         .route("/ui/live/services", get(live::services))
         .route("/ui/live/services/{*service}", get(service::live))
         .with_state(slot)
+}
+
+/// The answer to a stream past [`MAX_STREAMS`].
+fn too_many_streams() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{MAX_STREAMS} console streams are open on this session server already\n"),
+    )
+        .into_response()
 }
 
 /// What every console handler starts with: the console, and who is looking.

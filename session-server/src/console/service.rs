@@ -26,7 +26,7 @@ use roster_common::{Error, NodeId, ServiceId, SlotId, Version, unix_millis};
 use tokio::time::Instant;
 
 use super::html::{self, ago, encode_path, esc, live_region};
-use super::{Console, ConsoleSlot, ViewerGuard, admit, document};
+use super::{Console, ConsoleSlot, ViewerGuard, admit, document, too_many_streams};
 use crate::hub::ConnId;
 use crate::shared::{LinkEvent, Shared};
 
@@ -374,9 +374,12 @@ pub(super) async fn live(
         Ok(service) => service,
         Err(e) => return (StatusCode::NOT_FOUND, e.to_string()).into_response(),
     };
+    let Some(viewing) = console.viewing() else {
+        return too_many_streams();
+    };
     let live = ServiceLive {
         watching: Watching::start(console.shared.clone(), service).await,
-        _viewing: console.viewing(),
+        _viewing: viewing,
         console,
         headers,
         source: peer.ip(),
