@@ -21,6 +21,8 @@
 //! the healthy publishers ([`hub`]). Session servers balance their connection counts and drain on
 //! shutdown with `GoAway`; [`links`] also decides when the data tier gets this session's digests,
 //! and [`repair`] sends them and the syncs they call for. The tasks share [`shared::Shared`].
+//! Every session server also serves the web console, a read-only view of the whole cluster, on
+//! its HTTP admin port ([`console`], [`SessionServer::console`]).
 //!
 //! Caveats: a snapshot must fit in one frame (`max_frame`), so a service's publishers together are
 //! limited to about 1 MiB by default.
