@@ -2,7 +2,7 @@
 //! It wakes on every new cluster view, when a page asks for a fresh picture, and on a timer —
 //! every [`ACTIVE_PERIOD`] while a live stream is open, every [`IDLE_PERIOD`] otherwise — and
 //! asks the meta group for its status (always) and every data server for its slot states (only
-//! when someone looks), each within [`ASK_TIMEOUT`].
+//! when someone looks: a live stream is open, or a page asked), each within [`ASK_TIMEOUT`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ pub(crate) async fn observe(console: Arc<Console>, stop: CancellationToken) {
                 if changed.is_err() {
                     return;
                 }
-                true
+                active
             }
             _ = console.refresh.notified() => true,
             _ = tokio::time::sleep(period) => active,
