@@ -244,19 +244,14 @@ async fn overview(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let (console, viewer) = match admit(&slot, &headers, peer) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal.page("/ui/"),
-    };
-    let picture = console.fresh_picture().await;
-    let main = pages::overview(&picture);
-    document(page(
-        "Overview",
-        "overview",
-        &viewer,
-        true,
-        &html::live_region("/ui/live/overview", &main),
-    ))
+    picture_page(
+        &slot,
+        &headers,
+        peer,
+        ("Overview", "overview"),
+        pages::overview,
+    )
+    .await
 }
 
 async fn services(
@@ -283,18 +278,36 @@ async fn slots(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let (console, viewer) = match admit(&slot, &headers, peer) {
+    picture_page(&slot, &headers, peer, ("Slots", "slots"), pages::slots).await
+}
+
+/// A page drawn from the cluster picture (`render`), titled and found in the navigation as
+/// `(title, name)`: at `/ui/` for the overview, `/ui/NAME` otherwise, kept live at
+/// `/ui/live/NAME`.
+async fn picture_page(
+    slot: &ConsoleSlot,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    (title, name): (&str, &str),
+    render: fn(&Picture) -> String,
+) -> Response {
+    let path = if name == "overview" {
+        "/ui/".to_owned()
+    } else {
+        format!("/ui/{name}")
+    };
+    let (console, viewer) = match admit(slot, headers, peer) {
         Ok(admitted) => admitted,
-        Err(refusal) => return refusal.page("/ui/slots"),
+        Err(refusal) => return refusal.page(&path),
     };
     let picture = console.fresh_picture().await;
-    let main = pages::slots(&picture);
+    let main = render(&picture);
     document(page(
-        "Slots",
-        "slots",
+        title,
+        name,
         &viewer,
         true,
-        &html::live_region("/ui/live/slots", &main),
+        &html::live_region(&format!("/ui/live/{name}"), &main),
     ))
 }
 
