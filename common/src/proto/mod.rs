@@ -8,17 +8,20 @@
 //! variant name, whose value is a map of named fields: `{"Publish": {"register_id": "r1", ...}}`.
 
 mod client;
+mod data;
 mod peer;
 
 pub use client::{
     CAPABILITY_DELTA, ClientRequest, ClientResponse, Delta, PublisherId, PublisherView, Push,
     Scope, ServiceSummary, Snapshot, publisher_size,
 };
+pub use data::{
+    DataEvent, DataRequest, DataResponse, DataStatus, Digest, HeldSlot, HeldState, Publisher,
+    PublisherChange, ReplicatedOp, SlotDigest, SlotDump, WriteOp,
+};
 pub use peer::{
-    ClusterStatus, ClusterView, DataEvent, DataRequest, DataResponse, DataStatus, Digest, HeldSlot,
-    HeldState, LeaseStatus, Member, MemberKey, MetaNodeStatus, MetaRequest, MetaResponse,
-    PersistentInstance, Publisher, PublisherChange, RaftKind, ReplicatedOp, Role, SlotDigest,
-    SlotDump, SlotTable, WriteOp,
+    ClusterStatus, ClusterView, LeaseStatus, Member, MemberKey, MetaNodeStatus, MetaRequest,
+    MetaResponse, PersistentInstance, RaftKind, Role, SlotTable,
 };
 
 use crate::error::{Error, WireError};

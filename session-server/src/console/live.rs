@@ -17,12 +17,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use futures_util::stream;
-use roster_common::NodeId;
-use roster_common::proto::{DataRequest, DataResponse, Role, ServiceSummary};
+use roster_common::proto::{DataRequest, DataResponse, Role};
 use tokio::sync::watch;
 
+use super::pages::{self, Listing};
 use super::picture::Picture;
-use super::{Console, ConsoleSlot, ViewerGuard, admit, pages, too_many_streams};
+use super::{Console, ConsoleSlot, ViewerGuard, admit, too_many_streams};
 use crate::shared::Shared;
 
 /// How often an open services page asks the data tier again.
@@ -37,13 +37,6 @@ enum Page {
     Slots,
     Events,
     Services,
-}
-
-/// The services of every data server that answered, and those that did not.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub services: Vec<ServiceSummary>,
-    pub missing: Vec<(NodeId, String)>,
 }
 
 /// Asks every data server for the services it leads, as `roster ls` does, and merges what

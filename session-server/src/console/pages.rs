@@ -6,12 +6,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use roster_common::NodeId;
-use roster_common::proto::ClusterStatus;
+use roster_common::proto::{ClusterStatus, ServiceSummary};
 
 use super::events::EventLog;
 use super::html::{duration, esc, live_region, service_href, utc};
-use super::live::Listing;
 use super::picture::{Copy, DataRow, Lease, Picture, Severity, SlotState};
+
+/// The services of every data server that answered, and those that did not.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub services: Vec<ServiceSummary>,
+    pub missing: Vec<(NodeId, String)>,
+}
 
 /// Leader colours the style sheet defines (`l0` … `l7`): a data server's is its id modulo this.
 const COLOURS: u64 = 8;
@@ -494,8 +500,6 @@ pub fn services_list(listing: &Listing, filter: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use roster_common::proto::ServiceSummary;
-
     use super::*;
     use crate::console::picture::{Inputs, Local};
 
