@@ -145,7 +145,9 @@ impl PeerPool {
     }
 
     /// A live connection to `addr`, dialing if there is none. Two callers racing to dial the same
-    /// peer may both dial; the later connection replaces the earlier in the pool and both work.
+    /// peer may both dial, but both get the connection pooled first; the other is closed unused.
+    /// So every caller rides the one pooled connection, and closing it (a fault, a shutdown)
+    /// reaches all of them.
     pub async fn get(&self, addr: &str) -> Result<Connection> {
         if let Some(faults) = &self.faults {
             faults.apply(addr).await?;
@@ -170,7 +172,16 @@ impl PeerPool {
             conn.close(0u32.into(), b"unreachable");
             return faults.apply(addr).await.map(|()| conn);
         }
-        self.conns.lock().insert(addr.to_owned(), conn.clone());
+        let mut conns = self.conns.lock();
+        if let Some(pooled) = conns.get(addr)
+            && pooled.close_reason().is_none()
+        {
+            let pooled = pooled.clone();
+            drop(conns);
+            conn.close(0u32.into(), b"dialed twice");
+            return Ok(pooled);
+        }
+        conns.insert(addr.to_owned(), conn.clone());
         Ok(conn)
     }
 
@@ -230,6 +241,31 @@ mod tests {
         assert!(matches!(err, Error::Connection(_)), "{err:?}");
         assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
         assert!(table.apply("127.0.0.1:10").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn callers_racing_to_dial_a_peer_all_get_the_pooled_connection() {
+        crate::install_crypto_provider();
+        let identity = crate::tls::Pki::generate(&[])
+            .unwrap()
+            .node_identity()
+            .unwrap();
+        let (server, _, addr) = peer(&identity);
+        let (endpoint, config, _) = peer(&identity);
+        let pool = PeerPool::new(endpoint, config, Duration::from_secs(10));
+        let dials = (0..8).map(|_| pool.get(&addr));
+        let conns: Vec<Connection> = futures_util::future::join_all(dials)
+            .await
+            .into_iter()
+            .collect::<Result<_>>()
+            .unwrap();
+        let pooled = pool.get(&addr).await.unwrap();
+        for conn in &conns {
+            assert_eq!(conn.stable_id(), pooled.stable_id());
+            assert!(conn.close_reason().is_none());
+        }
+        pool.close_all();
+        server.close(0u32.into(), b"done");
     }
 
     /// A peer endpoint on a loopback port of its own, holding every connection it accepts.
