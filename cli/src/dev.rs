@@ -65,6 +65,8 @@ struct Server {
     child: Child,
     quic: String,
     http: String,
+    /// Where a session server answers DNS.
+    dns: Option<String>,
 }
 
 impl Server {
@@ -343,7 +345,14 @@ impl LocalCluster {
                 servers.push(spawn("data", id, &["--meta", &meta_list], &tls_arg, log).await?);
             }
             for id in 1..=sessions as u64 {
-                let extra = ["--meta", &meta_list, "--drain-timeout-ms", "2000"];
+                let extra = [
+                    "--meta",
+                    &meta_list,
+                    "--drain-timeout-ms",
+                    "2000",
+                    "--dns",
+                    "127.0.0.1:0",
+                ];
                 servers.push(spawn("session", id, &extra, &tls_arg, log).await?);
             }
             write_files(&dir, servers, &meta_list)?;
@@ -426,7 +435,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     for s in &cluster.servers {
-        println!("roster dev: {} quic={} http={}", s.name(), s.quic, s.http);
+        let dns = s
+            .dns
+            .as_ref()
+            .map(|d| format!(" dns={d}"))
+            .unwrap_or_default();
+        println!(
+            "roster dev: {} quic={} http={}{dns}",
+            s.name(),
+            s.quic,
+            s.http
+        );
     }
     println!(
         "roster dev ready: clients connect to {} (config {}, CA {}); Ctrl-C stops",
@@ -456,6 +475,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // After the ready line, which tools read the server lines up to.
     if let Some(session) = cluster.servers.iter().find(|s| s.role == "session") {
         println!("roster dev: console=http://{}/ui/", session.http);
+    }
+    if let Some(dns) = cluster.servers.iter().find_map(|s| s.dns.as_ref()) {
+        let (host, port) = dns.rsplit_once(':').unwrap_or((dns, "53"));
+        println!("roster dev: dns={dns} (try `dig @{host} -p {port} NAME.roster. SRV`)");
     }
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -540,6 +563,7 @@ async fn spawn(
     let (Some(quic), Some(http)) = (field("quic="), field("http=")) else {
         bail!("{name} printed an unexpected first line: {line}");
     };
+    let dns = field("dns=");
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
     Ok(Server {
@@ -548,6 +572,7 @@ async fn spawn(
         child,
         quic,
         http,
+        dns,
     })
 }
 

@@ -18,7 +18,7 @@ use roster_common::quic::{TransportSettings, bind_udp};
 use roster_common::tls::{CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
 use roster_meta::{MetaConfig, MetaServer, Start, parse_voters};
-use roster_session::{SessionConfig, SessionServer};
+use roster_session::{DnsSockets, SessionConfig, SessionServer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -454,6 +454,26 @@ settings! {
         /// servers and asks some clients to move when it holds well more, in milliseconds.
         balance_interval_ms: Option<u64> [env = "ROSTER_BALANCE_INTERVAL_MS", value_name = "MS"]
             => balance_interval in millis;
+        /// Answer DNS queries for services over UDP and TCP on this address (one port, both
+        /// protocols; port 0 lets the system pick). Off unless given. DNS answers are not
+        /// authenticated.
+        dns: Option<SocketAddr> [env = "ROSTER_DNS", value_name = "ADDR"] default("off");
+        /// The zone DNS answers for: `NAME.ZONE` is the service default/DEFAULT/NAME, and
+        /// `NAME.GROUP.NAMESPACE.ZONE` any other.
+        dns_domain: Option<String> [env = "ROSTER_DNS_DOMAIN", value_name = "DOMAIN"]
+            default(roster_session::DnsConfig::default().domain);
+        /// TTL of DNS records and of negative answers, in seconds.
+        dns_ttl: Option<u32> [env = "ROSTER_DNS_TTL", value_name = "SECONDS"] => dns.ttl_secs;
+        /// How long a service DNS was asked for stays watched after its last query, in
+        /// milliseconds.
+        dns_idle_ms: Option<u64> [env = "ROSTER_DNS_IDLE_MS", value_name = "MS"]
+            => dns.idle in millis;
+        /// DNS queries per second one source address may make; more are dropped. 0 is no limit.
+        dns_qps_per_source: Option<u32> [env = "ROSTER_DNS_QPS_PER_SOURCE", value_name = "N"]
+            => dns.qps_per_source;
+        /// Services DNS watches at once; a query for one more is answered SERVFAIL.
+        dns_max_services: Option<usize> [env = "ROSTER_DNS_MAX_SERVICES", value_name = "N"]
+            => dns.max_services;
     }
 }
 
@@ -467,6 +487,8 @@ struct Running {
     stop_within: Duration,
     /// Routes the server adds to its HTTP admin port (a session server's web console).
     routes: axum::Router,
+    /// More of the start line: ` dns=ADDR` for a session server serving DNS.
+    also: String,
 }
 
 /// Slack beyond a server's own drain for its last steps (leaving the cluster, closing links).
@@ -493,7 +515,10 @@ where
     let routes = running.routes.clone();
     let (http, http_task) = http::serve(http, ready, admin, routes, shutdown.clone()).await?;
     roster_common::admin::build_info(running.role);
-    println!("roster {} listening: quic={quic} http={http}", running.who);
+    println!(
+        "roster {} listening: quic={quic} http={http}{}",
+        running.who, running.also
+    );
     let overdue = async {
         shutdown.cancelled().await;
         tokio::time::sleep(running.stop_within).await;
@@ -563,6 +588,7 @@ pub async fn meta(args: MetaArgs) -> anyhow::Result<()> {
         who: format!("meta {id} of cluster {cluster}"),
         stop_within: STOP_SLACK,
         routes: axum::Router::new(),
+        also: String::new(),
     };
     run_server(running, listen, http, ready, admin, |socket, shutdown| {
         server.run(socket, shutdown)
@@ -606,6 +632,7 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
         who: format!("data {id}"),
         stop_within: STOP_SLACK,
         routes: axum::Router::new(),
+        also: String::new(),
     };
     run_server(running, listen, http, ready, admin, |socket, shutdown| {
         server.run(socket, shutdown)
@@ -637,10 +664,19 @@ pub async fn session(args: SessionArgs) -> anyhow::Result<()> {
     config.zone = member.zone.unwrap_or_default();
     common.apply_common(&mut config);
     session.apply(&mut config);
+    if let Some(domain) = &session.dns_domain {
+        config.dns.domain = domain.clone();
+    }
     info!(?config, "starting session server");
     let id = config.id;
     let drain_timeout = config.drain_timeout;
-    let server = SessionServer::new(config, common.identity()?)?;
+    let mut server = SessionServer::new(config, common.identity()?)?;
+    let mut also = String::new();
+    if let Some(addr) = session.dns {
+        let sockets = DnsSockets::bind(addr)?;
+        also = format!(" dns={}", sockets.local_addr()?);
+        server.serve_dns(sockets);
+    }
     let listen = common.listen();
     let http = common.http();
     let ready = server.ready();
@@ -650,6 +686,7 @@ pub async fn session(args: SessionArgs) -> anyhow::Result<()> {
         who: format!("session {id}"),
         stop_within: drain_timeout + STOP_SLACK,
         routes: server.console(),
+        also,
     };
     run_server(running, listen, http, ready, admin, |socket, shutdown| {
         server.run(socket, shutdown)

@@ -56,9 +56,9 @@ use tracing::warn;
 use datum::Datum;
 pub use datum::Fetched;
 
-mod console;
 mod datum;
 mod healthy;
+mod watch;
 
 /// A client connection's number within this session server.
 pub type ConnId = u64;

@@ -22,7 +22,8 @@
 //! shutdown with `GoAway`; [`links`] also decides when the data tier gets this session's digests,
 //! and [`repair`] sends them and the syncs they call for. The tasks share [`shared::Shared`].
 //! Every session server also serves the web console, a read-only view of the whole cluster, on
-//! its HTTP admin port ([`console`], [`SessionServer::console`]).
+//! its HTTP admin port ([`console`], [`SessionServer::console`]), and with `--dns` answers DNS
+//! queries for services from the copies it keeps for subscribers ([`dns`]).
 //!
 //! Caveats: a snapshot must fit in one frame (`max_frame`), so a service's publishers together are
 //! limited to about 1 MiB by default.
@@ -33,6 +34,7 @@ mod batching;
 mod clients;
 mod conn;
 mod console;
+pub mod dns;
 mod forward;
 mod gate;
 mod hello;
@@ -53,6 +55,7 @@ use roster_common::quic::TransportSettings;
 use roster_common::{Error, NodeId, Result, proto};
 
 pub use console::ConsoleSlot;
+pub use dns::{DnsConfig, DnsSockets};
 pub use server::SessionServer;
 
 /// Application close code: the client's push stream made no progress for `push_stall_timeout`.
@@ -123,6 +126,8 @@ pub struct SessionConfig {
     /// 0 one unhealthy publisher shows them all, at 1 the unhealthy are always hidden). Default
     /// 0.5.
     pub protection_threshold: f64,
+    /// How the DNS interface answers, when it is served ([`SessionServer::serve_dns`]).
+    pub dns: DnsConfig,
     /// Faults injected into this server's calls to its peers (tests only). Default none.
     pub faults: Option<Arc<FaultTable>>,
 }
@@ -154,6 +159,7 @@ impl SessionConfig {
             push_stall_timeout: Duration::from_secs(30),
             balance_interval: Duration::from_secs(5),
             protection_threshold: roster_common::health::DEFAULT_PROTECTION_THRESHOLD,
+            dns: DnsConfig::default(),
             faults: None,
         }
     }
@@ -183,7 +189,7 @@ impl SessionConfig {
         }
         self.client_transport.transport(false)?;
         self.peer_transport.transport(false)?;
-        Ok(())
+        self.dns.validate()
     }
 }
 

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::SessionConfig;
 use crate::conn::serve_client;
 use crate::console::{Console, ConsoleSlot};
+use crate::dns::DnsSockets;
 use crate::shared::Shared;
 use crate::{forward, links};
 
@@ -31,6 +32,7 @@ pub struct SessionServer {
     ready_tx: watch::Sender<bool>,
     admin: Admin,
     console: ConsoleSlot,
+    dns: Option<DnsSockets>,
 }
 
 impl SessionServer {
@@ -43,6 +45,7 @@ impl SessionServer {
             ready_tx: watch::channel(false).0,
             admin: Admin::default(),
             console: ConsoleSlot::default(),
+            dns: None,
         })
     }
 
@@ -55,6 +58,11 @@ impl SessionServer {
     /// server runs.
     pub fn console(&self) -> axum::Router {
         crate::console::router(self.console.clone())
+    }
+
+    /// Also answers DNS queries on `sockets` while it runs (`--dns`; see [`crate::dns`]).
+    pub fn serve_dns(&mut self, sockets: DnsSockets) {
+        self.dns = Some(sockets);
     }
 
     /// True while the server is a member of the cluster with a slot table.
@@ -135,6 +143,9 @@ impl SessionServer {
         ));
         tracker.spawn(balance(shared.clone(), load, subscribers, stop.clone()));
         tracker.spawn(crate::console::observe(console, stop.clone()));
+        if let Some(sockets) = self.dns {
+            tracker.spawn(crate::dns::run(shared.clone(), sockets, stop.clone()));
+        }
         let conn_shared = shared.clone();
         let conn_stop = stop.clone();
         let conn_tracker = tracker.clone();

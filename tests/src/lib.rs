@@ -20,7 +20,7 @@ use roster_common::quic::{self, TransportSettings};
 use roster_common::tls::{self, CA_CERT_FILE, NodeIdentity, Pki};
 use roster_data::{DataConfig, DataServer};
 use roster_meta::{MetaConfig, MetaServer, Start};
-use roster_session::{SessionConfig, SessionServer};
+use roster_session::{DnsSockets, SessionConfig, SessionServer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +53,8 @@ pub struct ClusterOptions {
     pub data_faults: Vec<Arc<FaultTable>>,
     /// The same for each session server (session server 1 first).
     pub session_faults: Vec<Arc<FaultTable>>,
+    /// Every session server answers DNS on a loopback port of its own.
+    pub dns: bool,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +65,7 @@ impl Default for ClusterOptions {
             session: |_| {},
             data_faults: Vec::new(),
             session_faults: Vec::new(),
+            dns: false,
         }
     }
 }
@@ -74,6 +77,10 @@ pub struct Cluster {
     pub meta_addr: SocketAddr,
     pub data_addrs: Vec<SocketAddr>,
     pub session_addrs: Vec<SocketAddr>,
+    /// Where each session server answers DNS, with `ClusterOptions::dns`.
+    pub dns_addrs: Vec<SocketAddr>,
+    /// Each session server's admin status source.
+    pub session_admins: Vec<roster_common::admin::Admin>,
     /// Whether each session server is ready: a member with a watch stream up to every data server.
     pub session_ready: Vec<watch::Receiver<bool>>,
     shutdown: CancellationToken,
@@ -116,15 +123,24 @@ impl Cluster {
         }
         let mut session_addrs = Vec::new();
         let mut session_ready = Vec::new();
+        let mut dns_addrs = Vec::new();
+        let mut session_admins = Vec::new();
         for i in 0..options.sessions {
             let mut config = SessionConfig::new(i as u64 + 1, metas.clone());
             (options.session)(&mut config);
             config.faults = options.session_faults.get(i).cloned();
             let socket = bind_loopback();
             session_addrs.push(socket.local_addr().unwrap());
-            let server = SessionServer::new(config, identity.clone()).expect("session");
+            let mut server = SessionServer::new(config, identity.clone()).expect("session");
+            if options.dns {
+                let sockets =
+                    DnsSockets::bind("127.0.0.1:0".parse().unwrap()).expect("bind DNS sockets");
+                dns_addrs.push(sockets.local_addr().unwrap());
+                server.serve_dns(sockets);
+            }
             ready.push(server.ready());
             session_ready.push(server.ready());
+            session_admins.push(server.admin());
             tasks.push(tokio::spawn(server.run(socket, shutdown.clone())));
         }
         for mut rx in ready {
@@ -139,6 +155,8 @@ impl Cluster {
             meta_addr,
             data_addrs,
             session_addrs,
+            dns_addrs,
+            session_admins,
             session_ready,
             shutdown,
             tasks,

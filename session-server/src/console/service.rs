@@ -4,7 +4,7 @@
 //!
 //! The records come from the slot leader (`Records`), because only it knows which session holds
 //! each publisher; what a subscriber is pushed leaves that out. To hear of changes, the page's
-//! stream watches the service in this server's hub like a subscriber (`hub/console.rs`): the
+//! stream watches the service in this server's hub like a subscriber (`hub/watch.rs`): the
 //! session registers interest with the slot leader and applies each change to its copy within
 //! milliseconds; the stream looks at the copy's version every [`POLL`] and asks the leader for
 //! the records again when it moved (and every [`REFRESH`] in any case, for what moves no version:
@@ -279,7 +279,7 @@ struct Watching {
 impl Watching {
     async fn start(shared: Arc<Shared>, service: ServiceId) -> Self {
         let watcher = shared.next_conn_id();
-        let first = shared.hub().watch_for_console(watcher, service.clone());
+        let first = shared.hub().watch(watcher, service.clone());
         if first {
             shared.link_event(LinkEvent::Want(service.clone())).await;
         }
@@ -297,7 +297,7 @@ impl Watching {
 
 impl Drop for Watching {
     fn drop(&mut self) {
-        let abandoned = self.shared.hub().unwatch_for_console(self.watcher);
+        let abandoned = self.shared.hub().unwatch(self.watcher);
         if let Some(service) = abandoned {
             // Full (or closed at shutdown): the link manager's periodic reconcile drops the
             // interest of a service nobody wants anyway.

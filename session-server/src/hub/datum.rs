@@ -76,6 +76,11 @@ impl Datum {
         self.history.len()
     }
 
+    /// Every publisher, encoded, in key order.
+    pub(super) fn encoded(&self) -> impl Iterator<Item = &Bytes> {
+        self.entries.values()
+    }
+
     /// The version of the publishers held.
     pub(super) fn version(&self) -> Version {
         self.version
