@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a Debian or Ubuntu machine with a Rust toolchain and nothing else:
 # installs what the tests need and the machine lacks (Debian's `prometheus`, which one test runs
-# to scrape a cluster), then runs `cargo test --workspace`, the Python client's checks
+# to scrape a cluster, and `dnsutils`, whose `dig` asks the session servers' DNS), then runs `cargo test --workspace`, the Python client's checks
 # (clients/python/run-tests.sh) and the web console's browser tests (console/run-tests.sh:
 # Debian's chromium, driven headless), both against the binary cargo just built. Extra arguments
 # go to `cargo test`.
@@ -22,6 +22,18 @@ if [ -z "${ROSTER_TEST_PROMETHEUS:-}" ] && ! command -v prometheus >/dev/null 2>
     if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+fi
+
+if ! command -v dig >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: the DNS tests need dig (Debian's dnsutils, or bind-utils): install it" >&2
+        exit 1
+    fi
+    echo "scripts/test.sh: installing Debian's dnsutils (tests ask the session servers' DNS with dig)" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends dnsutils
 fi
 
 cargo test --workspace --locked "$@"

@@ -70,6 +70,7 @@ fn every_metric_is_exported_documented_and_the_dashboard_names_only_real_ones() 
     let cwd = dir.path();
     let dev = roster("roster dev", cwd, &["dev"]);
     let mut admin: BTreeMap<String, String> = BTreeMap::new();
+    let mut dns = None;
     loop {
         let line = dev.line_matching(START, "servers and ready", |l| l.starts_with("roster dev"));
         if line.contains("ready") {
@@ -82,6 +83,7 @@ fn every_metric_is_exported_documented_and_the_dashboard_names_only_real_ones() 
             .find_map(|w| w.strip_prefix("http="))
             .unwrap();
         admin.insert(role, http.to_owned());
+        dns = dns.or(support::dns_addr(&line));
     }
     assert_eq!(admin.len(), 3, "{admin:?}");
 
@@ -109,6 +111,11 @@ fn every_metric_is_exported_documented_and_the_dashboard_names_only_real_ones() 
         ],
     );
     assert!(ok, "roster register: {err}");
+
+    // A DNS query, so the DNS metrics have recorded something.
+    let dns = dns.expect("roster dev serves DNS");
+    let (code, answers) = support::dns_query(&dns, "demo.roster.", "SRV");
+    assert_eq!((code.as_str(), answers), ("No Error", 2), "{dns}");
 
     let exported: BTreeMap<String, BTreeSet<String>> = admin
         .iter()

@@ -378,6 +378,47 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
         help: "slots whose records this session synced to a slot leader",
     },
+    MetricDef {
+        name: "roster_dns_queries_total",
+        kind: Counter,
+        role: "session",
+        labels: &[
+            ("qtype", &["A", "AAAA", "SRV", "TXT", "ANY", "SOA", "other"]),
+            (
+                "rcode",
+                &["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"],
+            ),
+        ],
+        help: "DNS queries answered (with --dns), by query type and response code",
+    },
+    MetricDef {
+        name: "roster_dns_query_duration_seconds",
+        kind: Histogram,
+        role: "session",
+        labels: &[],
+        help: "from a DNS query read to its answer ready, a first query's wait for its snapshot included",
+    },
+    MetricDef {
+        name: "roster_dns_dropped_total",
+        kind: Counter,
+        role: "session",
+        labels: &[("reason", &["malformed", "rate_limited", "busy"])],
+        help: "DNS packets dropped unanswered: not a DNS query, past --dns-qps-per-source, or too many waiting",
+    },
+    MetricDef {
+        name: "roster_dns_truncated_total",
+        kind: Counter,
+        role: "session",
+        labels: &[],
+        help: "DNS answers truncated to fit a UDP buffer (the client asks again over TCP)",
+    },
+    MetricDef {
+        name: "roster_dns_watched_services",
+        kind: Gauge,
+        role: "session",
+        labels: &[],
+        help: "services watched for DNS queries",
+    },
 ];
 
 /// Describes every metric of `role` to the recorder and zeroes the counters whose labels are

@@ -393,3 +393,41 @@ pub fn create_token(
     assert!(token.starts_with("rst_"), "{out:?}");
     token
 }
+
+/// Asks the DNS server at `addr` over UDP for `name` of type `qtype`; the answer's response code
+/// and answer count.
+pub fn dns_query(addr: &str, name: &str, qtype: &str) -> (String, usize) {
+    use hickory_resolver::proto::op::{Message, Query};
+    use hickory_resolver::proto::rr::{Name, RecordType};
+    let qtype: RecordType = qtype.parse().expect("a record type");
+    let mut message = Message::query();
+    message.metadata.id = rand_id();
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    socket
+        .send_to(&message.to_vec().unwrap(), addr)
+        .expect("send a DNS query");
+    let mut buf = vec![0u8; 65_535];
+    let (len, _) = socket.recv_from(&mut buf).expect("a DNS answer");
+    let answer = Message::from_vec(&buf[..len]).expect("a DNS message");
+    (
+        answer.metadata.response_code.to_string(),
+        answer.answers.len(),
+    )
+}
+
+fn rand_id() -> u16 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        & 0xffff) as u16
+}
+
+/// Where a `roster dev` or `roster session` line says DNS is served.
+pub fn dns_addr(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("dns="))
+        .map(str::to_owned)
+}
