@@ -466,3 +466,60 @@ fn switches_come_from_the_config_file_too() {
         "no admin token is made for a cluster without authentication"
     );
 }
+
+#[test]
+fn dns_settings_are_explained_and_mistakes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (ok, out, _) = run(cwd, &["session", "--help"]);
+    assert!(ok);
+    for flag in [
+        "--dns <ADDR>",
+        "--dns-domain",
+        "--dns-ttl",
+        "--dns-idle-ms",
+        "--dns-qps-per-source",
+        "--dns-max-services",
+        "[default: off]",
+        "[default: roster.]",
+    ] {
+        assert!(out.contains(flag), "session --help lacks {flag}:\n{out}");
+    }
+    assert!(run(cwd, &["certs", "--dir", "tls"]).0);
+    let session = |extra: &[&str]| {
+        let mut args = vec![
+            "session",
+            "--id",
+            "1",
+            "--meta",
+            "127.0.0.1:1",
+            "--tls-dir",
+            "tls",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        run(cwd, &args)
+    };
+    let (ok, _, err) = session(&["--dns", "localhost"]);
+    assert!(!ok && err.contains("--dns"), "{err}");
+    let (ok, _, err) = session(&["--dns", "127.0.0.1:0", "--dns-domain", "."]);
+    assert!(
+        !ok && err.contains("--dns-domain") && err.contains("root"),
+        "{err}"
+    );
+    let (ok, _, err) = session(&["--dns", "127.0.0.1:0", "--dns-domain", "bad domain"]);
+    assert!(!ok && err.contains("--dns-domain"), "{err}");
+    let (ok, _, err) = session(&["--dns", "127.0.0.1:0", "--dns-idle-ms", "0"]);
+    assert!(!ok && err.contains("--dns-idle-ms"), "{err}");
+    // A port another process holds.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (ok, _, err) = session(&["--dns", &addr]);
+    assert!(
+        !ok && err.contains(&format!("--dns {addr}")) && err.contains("cannot listen"),
+        "{err}"
+    );
+}

@@ -71,7 +71,11 @@ fn dig_resolves_what_roster_publish_publishes_and_sees_it_change() {
         .map(|i| {
             let addr = format!("10.5.0.{i}:80{i}");
             let attr = format!("rack=r{i}");
-            roster("roster publish", cwd, &["publish", "web", &addr, "--attr", &attr])
+            roster(
+                "roster publish",
+                cwd,
+                &["publish", "web", &addr, "--attr", &attr],
+            )
         })
         .collect();
     let srv = wait_for(DEADLINE, "three SRV records", || {
@@ -87,7 +91,10 @@ fn dig_resolves_what_roster_publish_publishes_and_sees_it_change() {
         ]
     );
     let full = dig(&dns, &["web.roster.", "SRV"]);
-    assert!(full.contains("status: NOERROR") && full.contains(" aa"), "{full}");
+    assert!(
+        full.contains("status: NOERROR") && full.contains(" aa"),
+        "{full}"
+    );
     assert!(
         full.contains("0a050002.addr.roster.\t5\tIN\tA\t10.5.0.2"),
         "the additional section holds the targets' addresses: {full}"
@@ -147,7 +154,10 @@ fn a_200_instance_service_comes_over_tcp_after_a_truncated_udp_answer() {
 
     // Without EDNS the answer must fit 512 bytes: truncated, marked so.
     let udp = dig(&dns, &["+ignore", "+noedns", "big.roster.", "SRV"]);
-    assert!(udp.contains("flags: qr tc aa") || udp.contains(" tc "), "{udp}");
+    assert!(
+        udp.contains("flags: qr tc aa") || udp.contains(" tc "),
+        "{udp}"
+    );
     // dig then asks over TCP by itself and gets all 200.
     let tcp = dig(&dns, &["big.roster.", "SRV"]);
     assert!(tcp.contains("Truncated, retrying in TCP mode"), "{tcp}");
@@ -157,7 +167,11 @@ fn a_200_instance_service_comes_over_tcp_after_a_truncated_udp_answer() {
     // Malformed packets from one socket are dropped and counted; dig is answered meanwhile.
     let bad = UdpSocket::bind("127.0.0.1:0").unwrap();
     for round in 0..20u8 {
-        for garbage in [&[round][..], &[0xff; 12], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]] {
+        for garbage in [
+            &[round][..],
+            &[0xff; 12],
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+        ] {
             bad.send_to(garbage, &dns).unwrap();
         }
         assert_eq!(short(&dns, "big.roster.", "A").len(), 200);
@@ -173,7 +187,8 @@ fn a_200_instance_service_comes_over_tcp_after_a_truncated_udp_answer() {
             .ok()?;
         (dropped >= 60.0).then_some(())
     });
-    bad.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    bad.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut buf = [0u8; 512];
     assert!(bad.recv_from(&mut buf).is_err(), "no answer to garbage");
 }

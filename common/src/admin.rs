@@ -386,7 +386,9 @@ pub const METRICS: &[MetricDef] = &[
             ("qtype", &["A", "AAAA", "SRV", "TXT", "ANY", "SOA", "other"]),
             (
                 "rcode",
-                &["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"],
+                &[
+                    "NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP",
+                ],
             ),
         ],
         help: "DNS queries answered (with --dns), by query type and response code",

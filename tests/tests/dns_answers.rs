@@ -12,6 +12,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use roster_client::Client;
+use roster_common::health::CheckSpec;
 use roster_tests::{Cluster, ClusterOptions, DEADLINE, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -527,5 +528,61 @@ async fn a_service_no_one_asks_for_is_no_longer_watched() {
         watched(&cluster).await.is_empty().then_some(())
     })
     .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_healthy_instances_are_answered_until_too_many_fail() {
+    let cluster = cluster(5).await;
+    let dns = cluster.dns_addrs[0];
+    // A port that accepts, and one where nothing listens.
+    let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live_addr = live.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        while let Ok((stream, _)) = live.accept().await {
+            drop(stream);
+        }
+    });
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let check = |target: SocketAddr| CheckSpec {
+        target: format!("tcp://{target}"),
+        interval_ms: 100,
+        timeout_ms: 100,
+        rise: 1,
+        fall: 1,
+    };
+    let client = Client::connect(cluster.client_config()).await.unwrap();
+    let publish = |data: &'static str, target: SocketAddr| {
+        let client = &client;
+        async move {
+            client
+                .publisher("checked")
+                .check(check(target))
+                .publish(vec![data.into()])
+                .await
+                .unwrap()
+        }
+    };
+    let resolver = resolver(dns, false, false);
+    let _a = publish("10.7.0.1:80", live_addr).await;
+    let b = publish("10.7.0.2:80", live_addr).await;
+    let _c = publish("10.7.0.3:80", dead_addr).await;
+    // One of three failing its check is left out.
+    answered(&resolver, "checked.roster.", &["10.7.0.1", "10.7.0.2"]).await;
+    // One of two is not past the threshold (a half): still left out.
+    b.unpublish().await.unwrap();
+    answered(&resolver, "checked.roster.", &["10.7.0.1"]).await;
+    // Two of three are: every instance is answered rather than the one left.
+    let _d = publish("10.7.0.4:80", dead_addr).await;
+    answered(
+        &resolver,
+        "checked.roster.",
+        &["10.7.0.1", "10.7.0.3", "10.7.0.4"],
+    )
+    .await;
+    accepting.abort();
+    drop(client);
     cluster.stop().await;
 }

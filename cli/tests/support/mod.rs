@@ -404,7 +404,9 @@ pub fn dns_query(addr: &str, name: &str, qtype: &str) -> (String, usize) {
     message.metadata.id = rand_id();
     message.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     socket
         .send_to(&message.to_vec().unwrap(), addr)
         .expect("send a DNS query");
