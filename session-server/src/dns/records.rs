@@ -19,10 +19,12 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hickory_server::proto::rr::rdata::{A, AAAA, SRV, TXT};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use parking_lot::Mutex;
 use roster_common::health::healthy_view;
 use roster_common::proto::PublisherView;
 use roster_common::{Version, frame};
@@ -45,6 +47,10 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// Answers kept per version, by name and type asked: a service is usually asked for under one
+/// name and a few types.
+const ANSWERS_KEPT: usize = 8;
+
 /// The instances of one service at one version that DNS answers with.
 #[derive(Debug, Default)]
 pub struct Instances {
@@ -53,6 +59,8 @@ pub struct Instances {
     endpoints: Vec<Endpoint>,
     /// Each instance's TXT strings.
     txt: Vec<Vec<String>>,
+    /// The answers built so far (at most [`ANSWERS_KEPT`]), by name and type asked.
+    answers: Mutex<Vec<(Name, RecordType, Arc<Answer>)>>,
 }
 
 /// The records answering one query.
@@ -82,6 +90,7 @@ impl Instances {
             version,
             endpoints: endpoints.into_iter().collect(),
             txt,
+            answers: Mutex::new(Vec::new()),
         }
     }
 
@@ -91,8 +100,23 @@ impl Instances {
         self.txt.len()
     }
 
-    /// The records answering a `qtype` query for `owner`, the service's name.
-    pub fn answer(&self, owner: &Name, qtype: RecordType, zone: &Zone, ttl: u32) -> Answer {
+    /// The records answering a `qtype` query for `owner`, the service's name; built once per
+    /// name and type.
+    pub fn answer(&self, owner: &Name, qtype: RecordType, zone: &Zone, ttl: u32) -> Arc<Answer> {
+        let kept = self.answers.lock();
+        if let Some((_, _, answer)) = kept.iter().find(|(n, t, _)| *t == qtype && n == owner) {
+            return answer.clone();
+        }
+        drop(kept);
+        let answer = Arc::new(self.build(owner, qtype, zone, ttl));
+        let mut kept = self.answers.lock();
+        if kept.len() < ANSWERS_KEPT {
+            kept.push((owner.clone(), qtype, answer.clone()));
+        }
+        answer
+    }
+
+    fn build(&self, owner: &Name, qtype: RecordType, zone: &Zone, ttl: u32) -> Answer {
         let record = |name: &Name, rdata: RData| Record::from_rdata(name.clone(), ttl, rdata);
         let mut answer = Answer::default();
         match qtype {
@@ -288,6 +312,10 @@ mod tests {
         assert!(
             txt[0].contains("id=a") && txt[0].contains("zone=a"),
             "{txt:?}"
+        );
+        assert!(
+            Arc::ptr_eq(&srv, &instances.answer(&owner, RecordType::SRV, &zone, 5)),
+            "built once"
         );
         let mx = instances.answer(&owner, RecordType::MX, &zone, 5);
         assert!(mx.answers.is_empty() && mx.additionals.is_empty());

@@ -112,10 +112,10 @@ impl Dns {
             },
             Some(Target::Nothing) => Reply::negative(ResponseCode::NXDomain),
             Some(Target::Apex) if matches!(qtype, RecordType::SOA | RecordType::ANY) => {
-                Reply::records(Answer {
+                Reply::records(Arc::new(Answer {
                     answers: vec![self.soa.clone()],
                     additionals: Vec::new(),
-                })
+                }))
             }
             Some(Target::Apex) => Reply::negative(ResponseCode::NoError),
             Some(Target::Addr(ip)) => {
@@ -125,10 +125,10 @@ impl Dns {
                     RecordType::AAAA
                 };
                 if qtype == family || qtype == RecordType::ANY {
-                    Reply::records(Answer {
+                    Reply::records(Arc::new(Answer {
                         answers: vec![Record::from_rdata(owner, self.ttl, ip_rdata(ip))],
                         additionals: Vec::new(),
-                    })
+                    }))
                 } else {
                     Reply::negative(ResponseCode::NoError)
                 }
@@ -274,7 +274,7 @@ impl Dns {
 struct Reply {
     code: ResponseCode,
     authoritative: bool,
-    answer: Answer,
+    answer: Arc<Answer>,
     /// Carry the zone's SOA in the authority section (negative answers).
     soa: bool,
 }
@@ -284,7 +284,7 @@ impl Reply {
         Reply {
             code,
             authoritative: true,
-            answer: Answer::default(),
+            answer: Arc::default(),
             soa: false,
         }
     }
@@ -297,7 +297,7 @@ impl Reply {
         }
     }
 
-    fn records(answer: Answer) -> Reply {
+    fn records(answer: Arc<Answer>) -> Reply {
         Reply {
             answer,
             ..Reply::code(ResponseCode::NoError)
