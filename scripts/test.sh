@@ -12,28 +12,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -z "${ROSTER_TEST_PROMETHEUS:-}" ] && ! command -v prometheus >/dev/null 2>&1; then
+# install_debian PACKAGE WHY WITHOUT_APT: installs a Debian package, or explains what is missing.
+install_debian() {
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "scripts/test.sh: a test needs Prometheus: install it, or set ROSTER_TEST_PROMETHEUS to its binary" >&2
+        echo "scripts/test.sh: $3" >&2
         exit 1
     fi
-    echo "scripts/test.sh: installing Debian's prometheus (a test scrapes a cluster with it)" >&2
-    sudo=""
+    echo "scripts/test.sh: installing Debian's $1 ($2)" >&2
+    local sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
-fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$1"
+}
 
+if [ -z "${ROSTER_TEST_PROMETHEUS:-}" ] && ! command -v prometheus >/dev/null 2>&1; then
+    install_debian prometheus "a test scrapes a cluster with it" \
+        "a test needs Prometheus: install it, or set ROSTER_TEST_PROMETHEUS to its binary"
+fi
 if ! command -v dig >/dev/null 2>&1; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "scripts/test.sh: the DNS tests need dig (Debian's dnsutils, or bind-utils): install it" >&2
-        exit 1
-    fi
-    echo "scripts/test.sh: installing Debian's dnsutils (tests ask the session servers' DNS with dig)" >&2
-    sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends dnsutils
+    install_debian dnsutils "tests ask the session servers' DNS with dig" \
+        "the DNS tests need dig (Debian's dnsutils, or bind-utils): install it"
 fi
 
 cargo test --workspace --locked "$@"

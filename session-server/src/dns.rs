@@ -72,6 +72,9 @@ pub struct DnsConfig {
     pub ttl_secs: u32,
     /// How long a service nobody queries stays watched (`--dns-idle-ms`). Default 5 minutes.
     pub idle: Duration,
+    /// The same for a name no service was ever published to (or `idle`, if shorter), so that
+    /// queries for made-up names do not hold watches long. Default 10 s.
+    pub unknown_idle: Duration,
     /// Queries per second one source address may make; more are dropped
     /// (`--dns-qps-per-source`, 0 for no limit). Default 5,000.
     pub qps_per_source: u32,
@@ -85,6 +88,7 @@ impl Default for DnsConfig {
             domain: "roster.".into(),
             ttl_secs: 5,
             idle: Duration::from_secs(300),
+            unknown_idle: Duration::from_secs(10),
             qps_per_source: 5_000,
             max_services: 10_000,
         }

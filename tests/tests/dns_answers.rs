@@ -586,3 +586,50 @@ async fn only_healthy_instances_are_answered_until_too_many_fail() {
     drop(client);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_names_cannot_hold_the_watched_services() {
+    let cluster = Cluster::start_with(ClusterOptions {
+        dns: true,
+        session: |c| {
+            c.dns.max_services = 2;
+            c.dns.idle = Duration::from_secs(60);
+            c.dns.unknown_idle = Duration::from_millis(300);
+        },
+        ..Default::default()
+    })
+    .await;
+    let dns = cluster.dns_addrs[0];
+    let client = Client::connect(cluster.client_config()).await.unwrap();
+    let _real = client
+        .publish("real", vec!["10.8.0.1:80".into()])
+        .await
+        .unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = |id: u16, name: &'static str| {
+        let socket = &socket;
+        async move { ask_udp(socket, dns, &query(id, name, RecordType::A, false), id).await }
+    };
+    assert_eq!(ask(1, "real.roster.").await.answers.len(), 1);
+    assert_eq!(
+        ask(2, "made-up-1.roster.").await.metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    // Two watched: a third name is refused service for now.
+    assert_eq!(
+        ask(3, "made-up-2.roster.").await.metadata.response_code,
+        ResponseCode::ServFail
+    );
+    // The made-up name goes soon; the real service, asked no more often, stays.
+    eventually(DEADLINE, "the made-up name dropped", || async {
+        (watched(&cluster).await == ["default/DEFAULT/real"]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        ask(4, "made-up-2.roster.").await.metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(ask(5, "real.roster.").await.answers.len(), 1);
+    drop(client);
+    cluster.stop().await;
+}

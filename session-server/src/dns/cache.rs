@@ -5,8 +5,10 @@
 //! a subscriber. The query is answered once the datum is here, if that is within
 //! [`FIRST_ANSWER_WITHIN`]; later queries are answered at once from the copy. What is answered is
 //! worked out once per version of the datum ([`Instances`]). A service nobody asked for during
-//! `--dns-idle-ms` is no longer watched. At most `--dns-max-services` are watched at once: a
-//! query for one more is answered `SERVFAIL`, and the log says so.
+//! `--dns-idle-ms` is no longer watched, and a name no service was ever published to after
+//! `DnsConfig::unknown_idle` (10 s), so that queries for made-up names do not hold watches long. At most
+//! `--dns-max-services` are watched at once: a query for one more is answered `SERVFAIL`, and the
+//! log says so (at most every 10 s).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,11 +26,15 @@ use crate::shared::{LinkEvent, Shared};
 pub const FIRST_ANSWER_WITHIN: Duration = Duration::from_millis(1500);
 /// How often a query waiting for a first snapshot looks whether it came.
 const FIRST_ANSWER_POLL: Duration = Duration::from_millis(2);
+/// The least time between two warnings that the watched services are at their limit.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// One service DNS watches.
 struct Watched {
     watcher: ConnId,
     last_query: Instant,
+    /// No publisher was ever published to it (version 0) when last asked.
+    unknown: bool,
     /// What it answers, for the version it was worked out at.
     instances: Option<Arc<Instances>>,
 }
@@ -56,6 +62,8 @@ pub struct Cache {
     max_services: usize,
     protection_threshold: f64,
     services: Mutex<HashMap<ServiceId, Watched>>,
+    /// When the limit of watched services was last warned about.
+    warned_full: Mutex<Option<Instant>>,
 }
 
 impl Cache {
@@ -66,6 +74,7 @@ impl Cache {
             max_services,
             protection_threshold,
             services: Mutex::new(HashMap::new()),
+            warned_full: Mutex::new(None),
         }
     }
 
@@ -80,6 +89,9 @@ impl Cache {
         };
         let version = self.shared.hub().version(service)?;
         if version == 0 {
+            if let Some(watched) = self.services.lock().get_mut(service) {
+                watched.unknown = true;
+            }
             return Some(Found::Unknown);
         }
         if let Some(instances) = cached.filter(|i| i.version == version) {
@@ -114,8 +126,7 @@ impl Cache {
             } else {
                 if services.len() >= self.max_services {
                     drop(services);
-                    warn!(%service, max = self.max_services,
-                        "DNS watches as many services as --dns-max-services allows; answering SERVFAIL");
+                    self.warn_full(service);
                     return Err(Unanswered::Full);
                 }
                 let watcher = self.shared.next_conn_id();
@@ -124,6 +135,7 @@ impl Cache {
                     Watched {
                         watcher,
                         last_query: Instant::now(),
+                        unknown: false,
                         instances: None,
                     },
                 );
@@ -147,13 +159,28 @@ impl Cache {
         }
     }
 
-    /// Stops watching the services nobody asked for since `idle` before `now`; returns how many.
-    pub fn sweep(&self, now: Instant, idle: Duration) -> usize {
+    fn warn_full(&self, service: &ServiceId) {
+        let now = Instant::now();
+        let mut warned = self.warned_full.lock();
+        if warned.is_none_or(|at| now.duration_since(at) >= FULL_WARNING_EVERY) {
+            *warned = Some(now);
+            warn!(%service, max = self.max_services,
+                "DNS watches as many services as --dns-max-services allows: queries for others \
+                 are answered SERVFAIL until some go idle (this warning repeats at most every 10 s)");
+        }
+    }
+
+    /// Stops watching the services nobody asked for since `idle` before `now` (since
+    /// `unknown_idle` for names no service was published to); returns how many.
+    pub fn sweep(&self, now: Instant, idle: Duration, unknown_idle: Duration) -> usize {
         let gone: Vec<(ServiceId, ConnId)> = {
             let mut services = self.services.lock();
             let gone = services
                 .iter()
-                .filter(|(_, w)| now.saturating_duration_since(w.last_query) >= idle)
+                .filter(|(_, w)| {
+                    let quiet = now.saturating_duration_since(w.last_query);
+                    quiet >= idle || (w.unknown && quiet >= unknown_idle)
+                })
                 .map(|(s, w)| (s.clone(), w.watcher))
                 .collect::<Vec<_>>();
             for (service, _) in &gone {

@@ -375,7 +375,8 @@ pub(super) async fn run(
     let tracker = TaskTracker::new();
     tracker.spawn(udp_loop(dns.clone(), udp, tracker.clone(), stop.clone()));
     tracker.spawn(tcp_loop(dns.clone(), tcp, tracker.clone(), stop.clone()));
-    tracker.spawn(sweep(dns, config.idle, stop.clone()));
+    let unknown_idle = config.unknown_idle.min(config.idle);
+    tracker.spawn(sweep(dns, config.idle, unknown_idle, stop.clone()));
     tracker.close();
     tracker.wait().await;
 }
@@ -503,9 +504,9 @@ async fn serve_tcp(dns: &Dns, mut stream: TcpStream, src: SocketAddr) {
     }
 }
 
-/// Drops the services nobody queried for `idle`.
-async fn sweep(dns: Arc<Dns>, idle: Duration, stop: CancellationToken) {
-    let period = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+/// Drops the services nobody queried for `idle`, and names of no service for `unknown_idle`.
+async fn sweep(dns: Arc<Dns>, idle: Duration, unknown_idle: Duration, stop: CancellationToken) {
+    let period = (unknown_idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -513,7 +514,7 @@ async fn sweep(dns: Arc<Dns>, idle: Duration, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let dropped = dns.cache.sweep(Instant::now(), idle);
+        let dropped = dns.cache.sweep(Instant::now(), idle, unknown_idle);
         if dropped > 0 {
             debug!(services = dropped, "DNS dropped idle services");
         }
