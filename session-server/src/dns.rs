@@ -22,7 +22,7 @@
 //! | a service with instances | `NOERROR` with the records of the type asked (`ANY` is answered as `SRV`) |
 //! | a service with none (or none of the type asked) | `NOERROR`, no records, the zone's `SOA` in the authority section |
 //! | a name of the zone that is no service ever published to | `NXDOMAIN`, with the `SOA` |
-//! | a name outside the zone | `REFUSED` (not authoritative) |
+//! | a name outside the zone, or a class other than IN | `REFUSED` (not authoritative) |
 //! | a first query whose snapshot did not come within 1.5 s, or past `--dns-max-services` | `SERVFAIL` |
 //! | not a standard query (`NOTIFY`, `UPDATE`, …) | `NOTIMP` |
 //! | not exactly one question | `FORMERR` |

@@ -262,6 +262,11 @@ async fn a_service_is_answered_with_srv_a_and_txt_records_and_unknown_names_are_
     .await;
     assert_eq!(outside.metadata.response_code, ResponseCode::Refused);
     assert!(!outside.metadata.authoritative);
+    // Only the Internet class is served.
+    let mut chaos = Message::from_vec(&query(12, "web.roster.", RecordType::TXT, false)).unwrap();
+    chaos.queries[0].set_query_class(hickory_resolver::proto::rr::DNSClass::CH);
+    let chaos = ask_udp(&socket, dns, &chaos.to_vec().unwrap(), 12).await;
+    assert_eq!(chaos.metadata.response_code, ResponseCode::Refused);
 
     drop(client);
     cluster.stop().await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::SOA;
-use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::BinEncoder;
 use hickory_server::server::Request;
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -105,7 +105,11 @@ impl Dns {
         };
         let qtype = query.query_type();
         let owner = Name::from(query.name().clone());
-        let reply = match self.zone.target(query.name()) {
+        // The zone holds Internet-class records only (`CH TXT version.bind.` and the like are
+        // refused, as names outside the zone are).
+        let in_class = matches!(query.query_class(), DNSClass::IN | DNSClass::ANY);
+        let target = self.zone.target(query.name()).filter(|_| in_class);
+        let reply = match target {
             None => Reply {
                 authoritative: false,
                 ..Reply::code(ResponseCode::Refused)
