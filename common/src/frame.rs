@@ -46,17 +46,22 @@ pub(crate) const REFUSED_VALUE: &str = "refused value: ";
 /// is not a message of type `T` (unknown variant, missing field, wrong type) is
 /// `UnexpectedMessage`; a message with a value its type refuses is `InvalidArgument`.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
-    let mut rest = body;
-    let result = {
-        let mut de = rmp_serde::Deserializer::new(&mut rest);
-        T::deserialize(&mut de)
-    };
+    // Read straight from the slice: the generic reader would copy every string and byte string
+    // through a buffer grown by `read_to_end`.
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    let result = T::deserialize(&mut de);
     match result {
-        Ok(msg) if rest.is_empty() => Ok(msg),
-        Ok(_) => Err(Error::BadFrame(format!(
-            "{} trailing bytes after the MessagePack value",
-            rest.len()
-        ))),
+        // Nothing may follow the value: reading another must find the end of the body.
+        Ok(msg) => match serde::de::IgnoredAny::deserialize(&mut de) {
+            Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                Ok(msg)
+            }
+            _ => Err(Error::BadFrame(
+                "trailing bytes after the MessagePack value".into(),
+            )),
+        },
         Err(e) => {
             // Was it MessagePack of the wrong shape, or not MessagePack at all?
             let mut probe = body;
