@@ -129,7 +129,11 @@ pub struct Forwarder {
     pending: HashMap<Key, Pending>,
     /// Pending changes that may go now (not in flight, not backing off), in arrival order.
     ready: VecDeque<Key>,
-    /// Keys in `ready`.
+    /// Pending changes whose data server had its batches in flight at their last look: looked at
+    /// again only when a batch comes back or the routes change, not at every new change (with
+    /// thousands waiting, walking them all at each arrival cost more than sending them).
+    waiting_for_room: VecDeque<Key>,
+    /// Keys in `ready` or `waiting_for_room`.
     queued: HashSet<Key>,
     /// Changes in a batch on their way, with the acks waiting for them.
     in_flight: HashMap<Key, Vec<Ack>>,
@@ -172,6 +176,7 @@ impl Forwarder {
                 self.batches.remove(&addr);
             }
         }
+        self.room_made();
         let results: Vec<Result<()>> = match results {
             Ok(results) if results.len() == items.len() => results,
             Ok(results) => {
@@ -218,6 +223,20 @@ impl Forwarder {
             {
                 self.enqueue(key);
             }
+        }
+    }
+
+    /// The slot leaders may have changed: the changes waiting for room at their old leader are
+    /// looked at again.
+    pub fn routes_changed(&mut self) {
+        self.room_made();
+    }
+
+    /// A data server has room for a batch (or the routes changed): what waited for room goes
+    /// first, being older than what is ready.
+    fn room_made(&mut self) {
+        while let Some(key) = self.waiting_for_room.pop_back() {
+            self.ready.push_front(key);
         }
     }
 
@@ -272,7 +291,7 @@ impl Forwarder {
                     })
                 }
                 None => {
-                    held.push_back(key);
+                    self.waiting_for_room.push_back(key);
                     continue;
                 }
             };

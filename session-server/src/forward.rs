@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use roster_common::proto::{DataRequest, DataResponse, WriteOp};
+use roster_common::proto::{ClusterView, DataRequest, DataResponse, WriteOp};
 use roster_common::{Error, Result};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -28,6 +28,7 @@ pub async fn run(
 ) {
     let mut forwarder = Forwarder::default();
     let mut sends: JoinSet<Answered> = JoinSet::new();
+    let mut last_view = shared.view();
     loop {
         let due = forwarder.due().map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -47,6 +48,10 @@ pub async fn run(
             _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {}
         }
         let view = shared.view();
+        if !same_view(&view, &last_view) {
+            forwarder.routes_changed();
+            last_view = view.clone();
+        }
         let route = |service: &_| {
             let view = view.as_ref()?;
             let slot = view.table.slot_of(service);
@@ -57,6 +62,14 @@ pub async fn run(
         for batch in forwarder.take_batches(Instant::now(), route, |slot| gate.try_write(slot)) {
             sends.spawn(send(shared.clone(), batch));
         }
+    }
+}
+
+fn same_view(a: &Option<Arc<ClusterView>>, b: &Option<Arc<ClusterView>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

@@ -232,3 +232,49 @@ fn changes_group_by_leader_within_the_batch_and_in_flight_limits() {
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].items.len(), 10);
 }
+
+#[test]
+fn changes_waiting_for_room_are_not_walked_again_until_a_batch_returns() {
+    let now = Instant::now();
+    let mut f = Forwarder::default();
+    let full = BATCHES_PER_LEADER * MAX_BATCH;
+    for i in 0..full + 1_000 {
+        f.on_change(change(put("a", &format!("p{i}"), 1)).0);
+    }
+    let mut in_flight = take(&mut f, now);
+    assert_eq!(in_flight.len(), BATCHES_PER_LEADER);
+    assert!(in_flight.iter().all(|b| b.items.len() == MAX_BATCH));
+
+    // The leader is full: a new change is routed alone, the 1,000 waiting are not looked at.
+    f.on_change(change(put("a", "late", 1)).0);
+    let routed = std::cell::Cell::new(0);
+    let route = |_: &ServiceId| {
+        routed.set(routed.get() + 1);
+        Some(("data-1".to_owned(), 0))
+    };
+    assert!(f.take_batches(now, route, |_| Some(())).is_empty());
+    assert_eq!(routed.get(), 1);
+
+    // A batch comes back: the oldest waiting go first, the late one last.
+    f.on_result(ok(in_flight.pop().unwrap()), now);
+    let next = take(&mut f, now);
+    assert_eq!(next.len(), 1);
+    let first = &next[0].items[0].key.2;
+    assert_eq!(first, &format!("p{full}"));
+    f.on_result(ok(next.into_iter().next().unwrap()), now);
+    let rest: Vec<String> = take(&mut f, now)
+        .into_iter()
+        .flat_map(|b| b.items.into_iter().map(|i| i.key.2))
+        .collect();
+    assert_eq!(rest.len(), 1_000 + 1 - MAX_BATCH);
+    assert_eq!(rest.last().unwrap(), "late");
+
+    // A new route is followed at once by what waited for the old one.
+    for i in 0..MAX_BATCH * BATCHES_PER_LEADER {
+        f.on_change(change(put("b", &format!("q{i}"), 1)).0);
+    }
+    assert!(take(&mut f, now).len() <= BATCHES_PER_LEADER);
+    f.routes_changed();
+    let moved = f.take_batches(now, |_| Some(("data-2".into(), 0)), |_| Some(()));
+    assert!(!moved.is_empty() && moved.iter().all(|b| b.addr == "data-2"));
+}
