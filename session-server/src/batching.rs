@@ -11,6 +11,9 @@
 //! changes (and [`MAX_BATCH_BYTES`]) a batch and [`BATCHES_PER_LEADER`] batches in flight per data
 //! server: a lone change goes at once in a batch of one, and the changes that arrive while batches
 //! are in flight make the next batch bigger, so throughput grows with load instead of round trips.
+//! Changes for a data server whose batches are all in flight wait aside, and are looked at again
+//! when one of its batches comes back (or the routes change), so a new change costs the same
+//! however many wait.
 //!
 //! A change refused with a retryable error (no leader, not the leader, unreachable, slot moving)
 //! is answered `durable: false` and retried with backoff until it lands or is replaced; a change
