@@ -207,6 +207,25 @@ impl Shared {
         let _ = self.links_tx.send(event).await;
     }
 
+    /// Watches `service` without a connection, for the console or DNS (`hub/watch.rs`), under a
+    /// new connection number. True with it: nobody here subscribed to the service before, so the
+    /// caller registers interest (`link_event(LinkEvent::Want(..))`).
+    pub fn watch(&self, service: ServiceId) -> (ConnId, bool) {
+        let watcher = self.next_conn_id();
+        let first = self.hub().watch(watcher, service);
+        (watcher, first)
+    }
+
+    /// Ends a watch [`Shared::watch`] started; interest goes if nobody here wants the service.
+    pub fn unwatch(&self, watcher: ConnId) {
+        let abandoned = self.hub().unwatch(watcher);
+        if let Some(service) = abandoned {
+            // Full (or closed at shutdown): the link manager's periodic reconcile drops the
+            // interest of a service nobody wants anyway.
+            let _ = self.links_tx.try_send(LinkEvent::Unwant(service));
+        }
+    }
+
     /// A sender into the link manager's inbox, for its own link tasks.
     pub fn link_events(&self) -> mpsc::Sender<LinkEvent> {
         self.links_tx.clone()

@@ -278,8 +278,7 @@ struct Watching {
 
 impl Watching {
     async fn start(shared: Arc<Shared>, service: ServiceId) -> Self {
-        let watcher = shared.next_conn_id();
-        let first = shared.hub().watch(watcher, service.clone());
+        let (watcher, first) = shared.watch(service.clone());
         if first {
             shared.link_event(LinkEvent::Want(service.clone())).await;
         }
@@ -297,15 +296,7 @@ impl Watching {
 
 impl Drop for Watching {
     fn drop(&mut self) {
-        let abandoned = self.shared.hub().unwatch(self.watcher);
-        if let Some(service) = abandoned {
-            // Full (or closed at shutdown): the link manager's periodic reconcile drops the
-            // interest of a service nobody wants anyway.
-            let _ = self
-                .shared
-                .link_events()
-                .try_send(LinkEvent::Unwant(service));
-        }
+        self.shared.unwatch(self.watcher);
     }
 }
 

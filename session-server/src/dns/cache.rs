@@ -129,7 +129,7 @@ impl Cache {
                     self.warn_full(service);
                     return Err(Unanswered::Full);
                 }
-                let watcher = self.shared.next_conn_id();
+                let (watcher, first) = self.shared.watch(service.clone());
                 services.insert(
                     service.clone(),
                     Watched {
@@ -139,7 +139,7 @@ impl Cache {
                         instances: None,
                     },
                 );
-                self.shared.hub().watch(watcher, service.clone())
+                first
             }
         };
         if first {
@@ -189,16 +189,8 @@ impl Cache {
             gone
         };
         for (service, watcher) in &gone {
-            let abandoned = self.shared.hub().unwatch(*watcher);
+            self.shared.unwatch(*watcher);
             debug!(%service, "DNS no longer watches an idle service");
-            if let Some(service) = abandoned {
-                // Full (or closed at shutdown): the link manager's periodic reconcile drops the
-                // interest of a service nobody wants anyway.
-                let _ = self
-                    .shared
-                    .link_events()
-                    .try_send(LinkEvent::Unwant(service));
-            }
         }
         gone.len()
     }
