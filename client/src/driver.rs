@@ -12,7 +12,7 @@ use futures_util::stream::FuturesUnordered;
 use quinn::{Connection, ConnectionError};
 use rand::seq::SliceRandom;
 use roster_common::proto::{
-    self, CAPABILITY_DELTA, CLOSE_SLOW_CONSUMER, ClientRequest, ClientResponse, Delta,
+    self, CAPABILITY_DELTA, CLOSE_MOVED, CLOSE_SLOW_CONSUMER, ClientRequest, ClientResponse, Delta,
     PROTOCOL_VERSION, Push,
 };
 use roster_common::{Error, Result, frame, quic, rpc};
@@ -258,7 +258,7 @@ async fn move_on(inner: &Arc<Inner>, live: &Live, why: &'static [u8]) -> bool {
     match connect_any(inner, Some(here)).await {
         Ok(next) if next.conn.remote_address() != here || next.only_choice => {
             install(inner, next);
-            live.conn.close(0u32.into(), why);
+            live.conn.close(CLOSE_MOVED.into(), why);
             true
         }
         Ok(same) => {
@@ -347,7 +347,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                             watchdog = None;
                             // Registered elsewhere first; the silent connection goes after.
                             if !move_on(&inner, &live, b"server silent").await {
-                                live.conn.close(0u32.into(), b"server silent");
+                                live.conn.close(CLOSE_MOVED.into(), b"server silent");
                             }
                         }
                     }

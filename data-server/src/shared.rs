@@ -62,8 +62,9 @@ impl Shared {
         }
     }
 
-    pub(crate) fn notify(&self, changes: &[Change]) {
-        if changes.is_empty() {
+    pub(crate) fn notify<'a>(&self, changes: impl IntoIterator<Item = &'a Change>) {
+        let mut changes = changes.into_iter().peekable();
+        if changes.peek().is_none() {
             return;
         }
         let mut interests = self.interests.lock();
@@ -76,18 +77,30 @@ impl Shared {
     }
 
     /// Runs a leader-side change: applies it under the store lock, queues its ops for the
-    /// followers (in the order applied), then notifies interested sessions.
+    /// followers (in the order applied), then notifies interested sessions — except of changes in
+    /// slots still being taken over, which sessions read whole once the slot opens.
     pub(crate) fn lead(
         &self,
         change: impl FnOnce(&mut Store) -> Result<Applied>,
     ) -> Result<Applied> {
-        let applied = {
+        let (applied, hidden) = {
             let mut store = self.store.lock();
             let applied = change(&mut store)?;
             self.queue_replication(&applied.ops);
-            applied
+            let hidden: Vec<bool> = applied
+                .changes
+                .iter()
+                .map(|c| store.is_moving(&c.service))
+                .collect();
+            (applied, hidden)
         };
-        self.notify(&applied.changes);
+        self.notify(
+            applied
+                .changes
+                .iter()
+                .zip(hidden)
+                .filter_map(|(change, hidden)| (!hidden).then_some(change)),
+        );
         Ok(applied)
     }
 
@@ -225,7 +238,8 @@ impl Shared {
         slot: SlotId,
         publishers: Vec<Publisher>,
     ) -> Result<DataResponse> {
-        let applied = self.lead(|store| store.session_sync(instance, slot, publishers))?;
+        let live = self.view().map(|v| live_sessions(&v)).unwrap_or_default();
+        let applied = self.lead(|store| store.session_sync(instance, slot, publishers, &live))?;
         if !applied.ops.is_empty() {
             self.repaired("session_sync");
             info!(
@@ -292,8 +306,7 @@ impl Shared {
     }
 
     pub(crate) fn sweep_owners(&self, sweep: &mut OwnerSweep, view: &ClusterView) {
-        let live: HashSet<InstanceId> =
-            view.members_of(Role::Session).map(|m| m.instance).collect();
+        let live = live_sessions(view);
         let expired = {
             let store = self.store.lock();
             sweep.sweep(&live, store.owners(), Instant::now())
@@ -311,8 +324,7 @@ impl Shared {
 
     /// Opens slots whose takeover completed.
     pub(crate) fn open_ready_slots(&self, view: &ClusterView) {
-        let live: HashSet<InstanceId> =
-            view.members_of(Role::Session).map(|m| m.instance).collect();
+        let live = live_sessions(view);
         let opened =
             self.store
                 .lock()
@@ -321,5 +333,50 @@ impl Shared {
             info!(slots = opened.len(), "slots taken over and open");
         }
         self.update_readiness(Some(view));
+    }
+}
+
+/// The instances of the session servers that are members of the cluster in `view`.
+fn live_sessions(view: &ClusterView) -> HashSet<InstanceId> {
+    view.members_of(Role::Session).map(|m| m.instance).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use roster_common::proto::{DataEvent, WriteOp};
+
+    use crate::store::tests::{publisher, table};
+    use crate::testing::{identity, node, view};
+
+    #[tokio::test]
+    async fn changes_of_a_slot_being_taken_over_are_told_to_no_session() {
+        let node = node(&identity(), Vec::new(), view(BTreeMap::new()));
+        let shared = node.shared;
+        let (_, mut events) = shared.interests.lock().attach(9);
+        let service = publisher("c", "r", "a", 9).service;
+        assert!(shared.interests.lock().set(9, std::slice::from_ref(&service), true));
+
+        // Led again after following: the slot is moving until the sessions are heard.
+        let now = std::time::Instant::now();
+        shared.store.lock().apply_table(&table(2, &[2, 1]), now);
+        shared.store.lock().apply_table(&table(3, &[1]), now);
+        let put = |data: &str| WriteOp::Put {
+            publisher: publisher("c", "r", data, 9),
+        };
+        let applied = shared.lead(|store| store.write(put("b"))).unwrap();
+        assert_eq!(applied.changes.len(), 1, "the write is taken");
+        assert!(events.try_recv().is_err(), "but told to nobody");
+
+        shared
+            .store
+            .lock()
+            .open_ready(&Default::default(), now, std::time::Duration::ZERO);
+        shared.lead(|store| store.write(put("c"))).unwrap();
+        match events.try_recv() {
+            Ok(DataEvent::Changed { service: told, .. }) => assert_eq!(told, service),
+            other => panic!("expected the change once the slot is open, got {other:?}"),
+        }
     }
 }

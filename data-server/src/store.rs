@@ -18,8 +18,11 @@
 //!
 //! Readiness: a slot this server has just taken over is `moving` until every live session has
 //! reported its publishers in the slot (digest, then sync if they differ), or `takeover_timeout`
-//! has passed; meanwhile it refuses reads and writes with `SlotMoving`, so no session pushes a
-//! snapshot of a slot that is still being rebuilt.
+//! has passed; meanwhile it refuses reads with `SlotMoving` and tells no session of its changes,
+//! so no session pushes a snapshot of a slot that is still being rebuilt. Sessions' writes are
+//! taken meanwhile: a write is the word of the record's owner, and refusing it would let an older
+//! claim win — the sync of a session a client just left, which no longer lists the publisher the
+//! client took along to another session.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -283,14 +286,26 @@ impl Store {
         Ok(roster_common::slot::slot_of(service, self.slot_count) as usize)
     }
 
-    /// The slot of `service` if this server leads it and it is ready.
-    fn ready_slot(&self, service: &ServiceId) -> Result<usize> {
+    /// Whether `service` is in a slot this server is still taking over: its changes are made out
+    /// of sight, and sessions read the datum whole once the slot opens.
+    pub fn is_moving(&self, service: &ServiceId) -> bool {
+        self.slot_index(service)
+            .is_ok_and(|i| self.slots[i].moving_since.is_some())
+    }
+
+    /// The slot of `service` if this server leads it, ready or still being taken over.
+    fn led_slot(&self, service: &ServiceId) -> Result<usize> {
         let index = self.slot_index(service)?;
-        let slot = &self.slots[index];
-        if slot.role != Role::Leader {
+        if self.slots[index].role != Role::Leader {
             return Err(Error::NotLeader { leader: None });
         }
-        if slot.moving_since.is_some() {
+        Ok(index)
+    }
+
+    /// The slot of `service` if this server leads it and it is ready.
+    fn ready_slot(&self, service: &ServiceId) -> Result<usize> {
+        let index = self.led_slot(service)?;
+        if self.slots[index].moving_since.is_some() {
             return Err(Error::SlotMoving {
                 retry_after: MOVING_RETRY,
             });
@@ -329,7 +344,10 @@ impl Store {
     /// Applies one session change as slot leader. Sessions never write persistent records, nor
     /// the health a check found (see `admit_session_op`).
     pub fn write(&mut self, op: WriteOp) -> Result<Applied> {
-        let index = self.ready_slot(op.service())?;
+        // Taken while the slot is still moving too: a session's write is the word of the owner of
+        // the record, and refusing it would let an older claim win meanwhile — a sync from the
+        // session a client just left, built without the publisher the client took along.
+        let index = self.led_slot(op.service())?;
         let op = self.admit_session_op(index, op)?;
         let mut applied = Applied::default();
         if let Some(led) = self.lead(index, op)? {
@@ -641,7 +659,7 @@ mod follower;
 mod persistent;
 mod takeover;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use checks::{CheckCounts, Checked, RecordKey};
 pub use persistent::{persistent_diff, persistent_record};

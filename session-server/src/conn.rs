@@ -27,8 +27,8 @@ use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use roster_common::acl::{Permission, Principal, failure_reason};
 use roster_common::health::CheckSpec;
 use roster_common::proto::{
-    ClientRequest, ClientResponse, DataRequest, DataResponse, PersistentInstance, Publisher, Role,
-    ServiceSummary, WriteOp,
+    CLOSE_MOVED, ClientRequest, ClientResponse, DataRequest, DataResponse, PersistentInstance,
+    Publisher, Role, ServiceSummary, WriteOp,
 };
 use roster_common::{ClientId, Error, RegisterId, Result, ServiceId, rpc, serve};
 use tokio::sync::{Notify, Semaphore, oneshot};
@@ -528,8 +528,10 @@ pub(crate) fn merge_services(mut all: Vec<ServiceSummary>) -> Vec<ServiceSummary
 
 /// After the connection ends: forget its subscribers and, unless the server is shutting down,
 /// remove its publishers from the data tier — at once if the client closed the connection itself
-/// (it left, or moved and registered them elsewhere first), after `client_grace` if it was lost,
-/// unless the same client comes back within the grace and takes them over (see [`adopt`]).
+/// (it left), after `client_grace` if it was lost or the client moved to another session server
+/// ([`CLOSE_MOVED`]: its registrations there land first, and this removal then finds the records
+/// held there and leaves them), unless the same client comes back within the grace and takes them
+/// over (see [`adopt`]).
 async fn cleanup(
     shared: &Shared,
     client: &Client,
@@ -543,8 +545,9 @@ async fn cleanup(
     }
     let held: HashMap<RegisterId, ServiceId> = client.publishers.lock().drain().collect();
     // A connection closed for its token has no grace: coming back with the same token is refused.
-    let closed_by_client =
-        rights_lost || matches!(reason, Some(ConnectionError::ApplicationClosed(_)));
+    let closed_by_client = rights_lost
+        || matches!(reason, Some(ConnectionError::ApplicationClosed(close))
+            if close.error_code.into_inner() != u64::from(CLOSE_MOVED));
     let reason_text = reason.map_or_else(
         || "server shutting down".to_owned(),
         roster_common::error::describe_close,

@@ -1,14 +1,17 @@
 //! Balancing: a session server holding well more than the mean connection count asks some clients
 //! to move (`GoAway`); they move to the less loaded server without any subscriber seeing their
-//! publishers disappear.
+//! publishers disappear. A client that closes a connection to go on from another keeps its
+//! publishers there for the client grace; one that leaves loses them at once.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use roster_client::Client;
+use roster_common::proto::{CLOSE_MOVED, ClientRequest, ClientResponse};
 use roster_session::{SessionConfig, SessionServer};
 use roster_tests::{
-    Cluster, DEADLINE, PublisherKey, SnapshotLog, bind_loopback, check_history, eventually, keys,
+    Cluster, ClusterOptions, DEADLINE, PublisherKey, RawClient, SnapshotLog, addresses,
+    bind_loopback, check_history, eventually, keys,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -175,5 +178,77 @@ async fn clients_asked_to_move_back_to_the_same_session_keep_their_publishers() 
         client.close().await;
     }
     watcher.close().await;
+    cluster.stop().await;
+}
+
+/// A hand-driven client that published one address in `demo` on the cluster's first session.
+async fn raw_publisher(cluster: &Cluster, client_id: &str, addr: &str) -> RawClient {
+    let raw = RawClient::connect(cluster, cluster.session_addrs[0], None).await;
+    let secret = format!("the secret of the client {client_id}");
+    assert!(
+        raw.hello_with_secret(client_id, secret.as_bytes())
+            .await
+            .is_ok()
+    );
+    let publish = ClientRequest::Publish {
+        register_id: "r1".into(),
+        service: "demo".parse().unwrap(),
+        data: vec![addr.as_bytes().to_vec().into()],
+        attributes: Default::default(),
+        client_version: 1,
+        check: None,
+    };
+    assert!(matches!(
+        raw.call(&publish).await,
+        Ok(ClientResponse::Accepted { durable: true })
+    ));
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moving_on_keeps_its_publishers_for_the_grace_one_leaving_does_not() {
+    const GRACE: Duration = Duration::from_secs(4);
+    let cluster = Cluster::start_with(ClusterOptions {
+        session: |config| config.client_grace = GRACE,
+        ..Default::default()
+    })
+    .await;
+    let subscriber = Client::connect(cluster.client_config()).await.unwrap();
+    let log = SnapshotLog::start(subscriber.subscribe("demo").await.unwrap());
+
+    // Leaving (close code 0): removed at once.
+    let leaver = raw_publisher(&cluster, "leaver", "10.0.0.1:1").await;
+    log.wait_for("the leaver's address", |s| addresses(s) == ["10.0.0.1:1"])
+        .await;
+    let closed = Instant::now();
+    leaver.conn.close(0u32.into(), b"client closed");
+    log.wait_for("the leaver's address gone", |s| addresses(s).is_empty())
+        .await;
+    assert!(
+        closed.elapsed() < GRACE,
+        "a client that left loses its publishers at once, not after {GRACE:?} ({:?})",
+        closed.elapsed()
+    );
+
+    // Moving on (CLOSE_MOVED): kept for the grace, for its registration elsewhere to land first;
+    // nobody registered it elsewhere here, so it goes after the grace.
+    let mover = raw_publisher(&cluster, "mover", "10.0.0.2:1").await;
+    log.wait_for("the mover's address", |s| addresses(s) == ["10.0.0.2:1"])
+        .await;
+    let closed = Instant::now();
+    mover
+        .conn
+        .close(CLOSE_MOVED.into(), b"moved to another session server");
+    log.wait_for("the mover's address gone after the grace", |s| {
+        addresses(s).is_empty()
+    })
+    .await;
+    assert!(
+        closed.elapsed() >= GRACE,
+        "a client that moved on keeps its publishers for the grace ({:?})",
+        closed.elapsed()
+    );
+
+    subscriber.close().await;
     cluster.stop().await;
 }

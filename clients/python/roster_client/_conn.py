@@ -224,13 +224,15 @@ class Connection:
             self._protocol._quic.send_ping(self._pings)
             self._protocol.transmit()
 
-    def begin_close(self, reason: str = "client closed") -> None:
-        """Sends the close (code 0) now; `close()` then waits for the connection to end."""
+    def begin_close(self, reason: str = "client closed", code: int = 0) -> None:
+        """Sends the close now (code 0: the client leaves, its publishers go at once;
+        CLOSE_MOVED: it goes on from another connection, they stay for the client grace);
+        `close()` then waits for the connection to end."""
         if self.alive and not self._closing:
             self._closing = True
-            self._protocol.close(error_code=0, reason_phrase=reason)
+            self._protocol.close(error_code=code, reason_phrase=reason)
 
-    async def close(self) -> None:
-        self.begin_close()
+    async def close(self, reason: str = "client closed", code: int = 0) -> None:
+        self.begin_close(reason, code)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._stack.aclose(), 2.0)

@@ -51,6 +51,8 @@ LIVENESS_CHECK = 0.1
 #: Application close codes of docs/PROTOCOL.md §6.
 CLOSE_SLOW_CONSUMER = 0x10
 CLOSE_UNAUTHENTICATED = 0x13
+# This client goes on from another connection: the session keeps its publishers for the grace.
+CLOSE_MOVED = 0x20
 #: A request that failed for want of a connection is sent on at most this many connections.
 MAX_CONNECTION_ATTEMPTS = 3
 
@@ -874,7 +876,7 @@ class Client:
                     continue
                 moved = await self._move_on(conn, why)
                 if not moved and why == "silent":
-                    await conn.close()
+                    await conn.close("server silent", CLOSE_MOVED)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the driver die: the client would stop reconnecting
@@ -907,7 +909,7 @@ class Client:
         self._install(new)
         # Only now is the old connection closed: everything is registered elsewhere.
         conn.goaway = None
-        conn.begin_close("moved to another session server")
+        conn.begin_close("moved to another session server", CLOSE_MOVED)
         self._spawn(conn.close())
         log.info("moved from %s to %s (%s)", conn.addr, new.addr, why)
         return True

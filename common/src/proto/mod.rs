@@ -44,6 +44,12 @@ pub const CLOSE_FULL: u32 = 0x12;
 /// Application close code of a session server: the connection's token was revoked or expired.
 pub const CLOSE_UNAUTHENTICATED: u32 = 0x13;
 
+/// Application close code of a client: it moved to another session server and registered its
+/// publishers there, or it gave up on a connection that went silent and will connect again. The
+/// session it left removes its publishers only after the client grace, as for a lost connection,
+/// so that the removal cannot overtake the registration on the new connection.
+pub const CLOSE_MOVED: u32 = 0x20;
+
 /// A response frame: `{"Ok": body}` or `{"Err": {code, message, ...}}`.
 pub type Reply<T> = std::result::Result<T, WireError>;
 

@@ -404,7 +404,9 @@ mod tests {
             let err = store.write(op.clone()).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{op:?}: {err:?}");
         }
-        let err = store.session_sync(9, slot, vec![forged]).unwrap_err();
+        let err = store
+            .session_sync(9, slot, vec![forged], &HashSet::new())
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)));
 
         // Neither the dead-session sweep nor a session's sync touches them.
@@ -416,7 +418,11 @@ mod tests {
         assert!(store.drop_owner(0).ops.is_empty());
         store.write(put(publisher("c", "r", "x", 9))).unwrap();
         assert_eq!(
-            store.session_sync(9, slot, Vec::new()).unwrap().ops.len(),
+            store
+                .session_sync(9, slot, Vec::new(), &HashSet::new())
+                .unwrap()
+                .ops
+                .len(),
             1
         );
         let left = store.snapshot(&demo()).unwrap().publishers;

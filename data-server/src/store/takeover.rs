@@ -33,12 +33,15 @@ impl Store {
     }
 
     /// Makes this leader's records of session `instance` in `slot` exactly `publishers`, except
-    /// that a record another client owns is never replaced.
+    /// that a record another client owns is never replaced, nor one another `live` session holds:
+    /// a sync repairs what this session holds, it does not take a publisher from the session its
+    /// client moved to (the session it left may still list it, until it notices the move).
     pub fn session_sync(
         &mut self,
         instance: InstanceId,
         slot: SlotId,
         publishers: Vec<Publisher>,
+        live: &HashSet<InstanceId>,
     ) -> Result<Applied> {
         let index = slot as usize;
         if self.slots.get(index).is_none_or(|s| s.role != Role::Leader) {
@@ -66,7 +69,19 @@ impl Store {
                     p.client_id, p.register_id
                 )));
             }
-            ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);
+            let held_elsewhere = self.slots[index]
+                .services
+                .get(&p.service)
+                .and_then(|d| {
+                    d.publishers
+                        .get(&(p.client_id.clone(), p.register_id.clone()))
+                })
+                .is_some_and(|r| {
+                    r.session_instance != instance && live.contains(&r.session_instance)
+                });
+            if !held_elsewhere {
+                ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);
+            }
         }
         let mut applied = Applied::default();
         for op in ops {

@@ -2,7 +2,7 @@ use bytes::Bytes;
 
 use super::*;
 
-pub(super) fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
+pub(crate) fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
     SlotTable {
         epoch,
         slot_count: 8,
@@ -11,7 +11,7 @@ pub(super) fn table(epoch: Epoch, replicas: &[NodeId]) -> SlotTable {
     }
 }
 
-pub(super) fn publisher(client: &str, reg: &str, data: &str, instance: InstanceId) -> Publisher {
+pub(crate) fn publisher(client: &str, reg: &str, data: &str, instance: InstanceId) -> Publisher {
     Publisher {
         check: None,
         health: None,
@@ -147,7 +147,7 @@ fn only_the_owner_replaces_a_record_through_any_session() {
         impostor.session_instance = session;
         let err = store.write(put(impostor.clone())).unwrap_err();
         assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
-        let synced = store.session_sync(session, slot, vec![impostor.clone()]);
+        let synced = store.session_sync(session, slot, vec![impostor.clone()], &HashSet::new());
         assert!(synced.unwrap().ops.is_empty());
     }
     assert_eq!(
@@ -234,10 +234,13 @@ fn a_new_slot_leader_is_moving_until_every_session_reported() {
     let mut store = Store::new(1);
     let change = store.apply_table(&table(3, &[1]), now);
     assert_eq!(change.took.len(), 8);
-    let err = store.write(put(publisher("c", "r", "a", 9))).unwrap_err();
-    assert!(matches!(err, Error::SlotMoving { .. }));
+    assert!(store.is_moving(&demo()));
     assert!(matches!(
         store.snapshot(&demo()),
+        Err(Error::SlotMoving { .. })
+    ));
+    assert!(matches!(
+        store.ready_version(&demo()),
         Err(Error::SlotMoving { .. })
     ));
 
@@ -256,7 +259,12 @@ fn a_new_slot_leader_is_moving_until_every_session_reported() {
         .collect();
     assert_eq!(store.session_digests(9, &digests), vec![slot_of_demo()]);
     let applied = store
-        .session_sync(9, slot_of_demo(), vec![publisher("c", "r", "a", 9)])
+        .session_sync(
+            9,
+            slot_of_demo(),
+            vec![publisher("c", "r", "a", 9)],
+            &HashSet::new(),
+        )
         .unwrap();
     assert_eq!(applied.ops.len(), 1);
     assert!(
@@ -278,6 +286,64 @@ fn a_new_slot_leader_is_moving_until_every_session_reported() {
         8
     );
     assert_eq!(store.snapshot(&demo()).unwrap().publishers.len(), 1);
+}
+
+#[test]
+fn a_publisher_moving_to_another_session_during_a_takeover_stays() {
+    let now = Instant::now();
+    // The new leader's copy: publisher p held by session 9, as the old leader replicated it.
+    let mut store = leader(1, 1, &[1]);
+    store.write(put(publisher("c", "p", "a", 9))).unwrap();
+    store.apply_table(&table(2, &[2, 1]), now);
+    assert_eq!(store.apply_table(&table(3, &[1]), now).took.len(), 8);
+    let live: HashSet<InstanceId> = [9, 10].into();
+    let slot = slot_of_demo();
+
+    // Session 10 holds nothing in the slot yet: heard at once.
+    let empty: Vec<SlotDigest> = (0..8)
+        .map(|slot| SlotDigest {
+            slot,
+            digest: Digest::default(),
+            version: 0,
+        })
+        .collect();
+    assert!(store.session_digests(10, &empty).is_empty());
+    // p's client moves to session 10, which registers it while the slot is still moving.
+    let moved = publisher("c", "p", "a", 10);
+    assert_eq!(store.write(put(moved.clone())).unwrap().ops.len(), 1);
+    // Session 9, until it notices the move, still lists p: its sync does not take p back.
+    let synced = store
+        .session_sync(9, slot, vec![publisher("c", "p", "a", 9)], &live)
+        .unwrap();
+    assert!(synced.ops.is_empty(), "{synced:?}");
+    // Once it noticed, it lists nothing: its sync removes nothing session 10 holds.
+    assert!(
+        store
+            .session_sync(9, slot, Vec::new(), &live)
+            .unwrap()
+            .ops
+            .is_empty()
+    );
+
+    // Both heard in p's slot (session 9 by its syncs): it opens, the others wait for session 9.
+    assert_eq!(
+        store.open_ready(&live, now, Duration::from_secs(3)),
+        vec![slot]
+    );
+    assert!(!store.is_moving(&demo()));
+    assert_eq!(
+        store.snapshot(&demo()).unwrap().publishers,
+        vec![moved.view()]
+    );
+    assert_eq!(store.owners().collect::<Vec<_>>(), vec![10]);
+
+    // A session that is no longer a member cannot keep a record from a sync: a sync takes over
+    // what a departed session held.
+    let gone: HashSet<InstanceId> = [9].into();
+    let synced = store
+        .session_sync(9, slot, vec![publisher("c", "p", "a", 9)], &gone)
+        .unwrap();
+    assert_eq!(synced.ops.len(), 1);
 }
 
 #[test]
@@ -305,7 +371,12 @@ fn a_session_sync_replaces_what_that_session_owns() {
     store.write(put(publisher("c", "stale", "x", 9))).unwrap();
     store.write(put(publisher("d", "other", "y", 8))).unwrap();
     let applied = store
-        .session_sync(9, slot_of_demo(), vec![publisher("c", "fresh", "z", 9)])
+        .session_sync(
+            9,
+            slot_of_demo(),
+            vec![publisher("c", "fresh", "z", 9)],
+            &HashSet::new(),
+        )
         .unwrap();
     assert_eq!(applied.ops.len(), 2, "one removal, one put");
     let snap = store.snapshot(&demo()).unwrap();
