@@ -53,6 +53,7 @@ fn publisher(n: u64) -> Publisher {
         session: 2,
         session_instance: 0xfeed_beef,
         owner: u128::MAX - n as u128,
+        registered_ms: 0,
     }
 }
 

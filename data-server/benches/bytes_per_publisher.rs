@@ -77,6 +77,7 @@ fn main() {
             session: 1,
             session_instance: 7,
             owner: roster_common::ids::owner_of("c", b"the secret of client c"),
+            registered_ms: 0,
         };
         // As received: encoded by the session, decoded here.
         let wire = rmp_serde::to_vec_named(&WriteOp::Put { publisher }).unwrap();

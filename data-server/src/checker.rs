@@ -252,6 +252,7 @@ mod tests {
             persistent: false,
             check: Some(fast("tcp")),
             health: None,
+            registered_ms: 0,
         };
         shared
             .lead(|store| store.write(WriteOp::Put { publisher }))

@@ -110,6 +110,7 @@ impl DataServer {
             pool: pool.clone(),
             replicators: Mutex::new(HashMap::new()),
             repairs: Mutex::new(std::collections::BTreeMap::new()),
+            admitted: Mutex::new(None),
         });
         self.admin.install(Arc::new(DataAdmin {
             shared: shared.clone(),

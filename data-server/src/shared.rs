@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     pub(crate) replicators: Mutex<HashMap<NodeId, Replicator>>,
     /// Repairs made since start, by kind (also counted in `roster_data_repairs_total`).
     pub(crate) repairs: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// When the meta tier admitted this server, as the last view applied said (`None`: not a
+    /// member). A change means the membership lapsed in between (see [`Shared::apply_view`]).
+    pub(crate) admitted: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -268,9 +271,36 @@ impl Shared {
     }
 
     /// Adopts the latest committed view: its table, and the departure of followers.
+    ///
+    /// A view that no longer lists this server, or lists it admitted anew, means its lease lapsed
+    /// (it was paused, or cut off from the meta tier, for longer than the lease) and its slots went
+    /// to others: every slot it held becomes a copy out of step before the table is adopted, so
+    /// that it takes over (new term, sessions heard) or fetches them like a new member, instead of
+    /// leading on from copies that stopped in the past.
     pub(crate) fn apply_view(&self, view: &ClusterView) {
-        let me = view.member(Role::Data, self.config.id);
-        let member = me.is_some_and(|m| m.instance == self.instance);
+        let me = view
+            .member(Role::Data, self.config.id)
+            .filter(|m| m.instance == self.instance);
+        let member = me.is_some();
+        let admitted = me.map(|m| m.joined_at_ms);
+        // Judged on newer tables only (a lapse always commits one): a meta node that serves a
+        // view behind the one applied cannot make this server drop its slots.
+        let newer = view.table.epoch > self.store.lock().epoch();
+        let before = if newer {
+            std::mem::replace(&mut *self.admitted.lock(), admitted)
+        } else {
+            admitted
+        };
+        if before.is_some() && before != admitted {
+            let held = self.store.lock().lapse();
+            self.replicators.lock().clear();
+            if held > 0 {
+                warn!(
+                    slots = held,
+                    "this data server's membership lapsed; its copies are out of step until taken over or fetched again"
+                );
+            }
+        }
         if member {
             let change = self.store.lock().apply_table(&view.table, Instant::now());
             if !change.took.is_empty() || !change.to_fetch.is_empty() || !change.dropped.is_empty()
@@ -345,7 +375,7 @@ fn live_sessions(view: &ClusterView) -> HashSet<InstanceId> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use roster_common::proto::{DataEvent, WriteOp};
+    use roster_common::proto::{DataEvent, Member, Role, WriteOp};
 
     use crate::store::tests::{publisher, table};
     use crate::testing::{identity, node, view};
@@ -356,7 +386,12 @@ mod tests {
         let shared = node.shared;
         let (_, mut events) = shared.interests.lock().attach(9);
         let service = publisher("c", "r", "a", 9).service;
-        assert!(shared.interests.lock().set(9, std::slice::from_ref(&service), true));
+        assert!(
+            shared
+                .interests
+                .lock()
+                .set(9, std::slice::from_ref(&service), true)
+        );
 
         // Led again after following: the slot is moving until the sessions are heard.
         let now = std::time::Instant::now();
@@ -378,5 +413,82 @@ mod tests {
             Ok(DataEvent::Changed { service: told, .. }) => assert_eq!(told, service),
             other => panic!("expected the change once the slot is open, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_server_admitted_anew_takes_its_slots_over_again() {
+        let mut view = view(BTreeMap::new());
+        view.members.push(Member {
+            role: Role::Data,
+            id: 1,
+            instance: 1,
+            addr: "127.0.0.1:1".into(),
+            zone: String::new(),
+            joined_at_ms: 100,
+            version: String::new(),
+        });
+        let node = node(&identity(), Vec::new(), view.clone());
+        let shared = node.shared;
+        shared.apply_view(&view);
+        let record = publisher("c", "r", "a", 9);
+        let service = record.service.clone();
+        shared
+            .lead(|store| store.write(WriteOp::Put { publisher: record }))
+            .unwrap();
+
+        // Later tables under the same admission keep the slots as they are.
+        view.table.epoch = 2;
+        shared.apply_view(&view);
+        assert!(!shared.store.lock().is_moving(&service));
+        assert_eq!(
+            shared
+                .store
+                .lock()
+                .snapshot(&service)
+                .unwrap()
+                .publishers
+                .len(),
+            1
+        );
+
+        // Admitted anew (the lease lapsed in between), leading the same slots: taken over again
+        // (new term, sessions heard), not led on from the copy held before the lapse.
+        view.members[0].joined_at_ms = 200;
+        view.table.epoch = 3;
+        shared.apply_view(&view);
+        assert!(shared.store.lock().is_moving(&service), "taken over anew");
+        shared.store.lock().open_ready(
+            &Default::default(),
+            std::time::Instant::now(),
+            std::time::Duration::ZERO,
+        );
+        // From the copy it had, with versions of the new term.
+        assert_eq!(
+            shared
+                .store
+                .lock()
+                .snapshot(&service)
+                .unwrap()
+                .publishers
+                .len(),
+            1
+        );
+        let applied = shared
+            .lead(|store| {
+                store.write(WriteOp::Put {
+                    publisher: publisher("c", "r", "b", 9),
+                })
+            })
+            .unwrap();
+        assert_eq!(applied.changes[0].version >> 32, 3);
+
+        // Not listed any more: it leads nothing.
+        view.members.clear();
+        view.table.epoch = 4;
+        shared.apply_view(&view);
+        assert!(matches!(
+            shared.store.lock().snapshot(&service),
+            Err(roster_common::Error::NotLeader { .. })
+        ));
     }
 }

@@ -215,6 +215,27 @@ impl Store {
         self.epoch
     }
 
+    /// After this server's membership lapsed: the cluster gave its slots to others meanwhile, so
+    /// nothing it holds is led or in step any more. Each slot it held becomes a copy out of step,
+    /// kept as the best it has: the next table takes over (new term, every live session heard)
+    /// those it leads, and fetches those it follows, instead of leading on with the old term
+    /// from what was true before the lapse. Returns how many slots were held.
+    pub fn lapse(&mut self) -> usize {
+        let mut held = 0;
+        for slot in &mut self.slots {
+            if slot.role != Role::None {
+                held += 1;
+                slot.role = Role::Follower;
+                slot.in_sync = false;
+                slot.moving_since = None;
+                slot.persistent_merged = None;
+                slot.check_stamp += 1;
+            }
+        }
+        self.epoch = 0;
+        held
+    }
+
     /// Adopts a committed table. Tables older than the current one are ignored.
     pub fn apply_table(&mut self, table: &SlotTable, now: Instant) -> TableChange {
         let mut change = TableChange::default();

@@ -80,6 +80,7 @@ pub(crate) fn node(identity: &NodeIdentity, metas: Vec<String>, view: ClusterVie
         ready_tx: watch::channel(false).0,
         replicators: Mutex::new(HashMap::new()),
         repairs: Mutex::new(BTreeMap::new()),
+        admitted: Mutex::new(None),
     });
     Node { shared, view_tx }
 }

@@ -111,17 +111,23 @@ pub(crate) async fn take_over(node: &Node, term: u64) {
             return;
         }
     }
+    // Every member was cut off from the old leader too, and finds this one only after giving up
+    // on the old (half a lease of failed renewals, then a connect timeout and backoff per meta
+    // node tried): each gets that long again on top of its lease, so a failover expires nobody
+    // that was renewing, at the cost of noticing a member that died with the old leader one lease
+    // later.
     let now = Instant::now();
+    let from = now + node.config.lease_timeout;
     let mut book = node.leases.lock();
     book.leases = Leases::new(node.config.lease_timeout);
     for (key, instance) in &members {
-        book.leases.grant(*key, *instance, now);
+        book.leases.grant(*key, *instance, from);
     }
     book.leader_term = Some(term);
     info!(
         term,
         members = members.len(),
-        "leading the meta group; every lease starts afresh"
+        "leading the meta group; every lease starts afresh, with one lease of grace"
     );
 }
 

@@ -13,8 +13,8 @@
 //! committed view — and every change of meta leader — is pushed.
 //!
 //! Leases (default: renew every 1 s, expire after 3 s) are clocks in the leader's memory; only
-//! expiries are committed. A new leader starts every lease afresh, so a failover never expires a
-//! member that was renewing. Expiring session servers is held back by self-preservation
+//! expiries are committed. A new leader starts every lease afresh, with one lease more for the
+//! members to find it, so a failover never expires a member that was renewing. Expiring session servers is held back by self-preservation
 //! ([`leases::Preservation`]); data servers are always expired (moving slots loses nothing), but the
 //! table freezes below `min_data_servers`.
 //!

@@ -248,7 +248,7 @@ async fn handle_request(
                     )));
                 }
             }
-            let publisher = Publisher {
+            let mut publisher = Publisher {
                 check,
                 health: None,
                 persistent: false,
@@ -261,6 +261,7 @@ async fn handle_request(
                 session: shared.config().id,
                 session_instance: shared.instance(),
                 owner: client.owner,
+                registered_ms: roster_common::unix_millis(),
             };
             let moved_from = client
                 .publishers
@@ -270,6 +271,9 @@ async fn handle_request(
                 let mut owned = shared.owned();
                 if let Some(old) = moved_from.as_ref().filter(|old| **old != service) {
                     owned.remove(old, &client.client_id, &register_id);
+                }
+                if let Some(earlier) = owned.unchanged_since(&publisher) {
+                    publisher.registered_ms = earlier;
                 }
                 owned.put(publisher.clone(), client.id);
             }

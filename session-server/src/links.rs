@@ -303,8 +303,12 @@ impl Manager {
                         }
                     }
                     Err(e) => {
+                        // Tried again at the next tick (`RETRY_SOON`), not at once: a slot being
+                        // taken over refuses interest until it opens, and asking again straight
+                        // away only spins.
                         debug!(node, error = %e, "interest not registered; will retry");
                         self.retry_soon = true;
+                        return;
                     }
                 }
                 self.reconcile(&services);

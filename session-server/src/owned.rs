@@ -24,6 +24,8 @@ struct Entry {
     owner: u128,
     /// The health check the client asked for, carried again by every re-sync.
     check: Option<Box<roster_common::health::CheckSpec>>,
+    /// When the client registered this version of it here (see `Publisher::registered_ms`).
+    registered_ms: u64,
     /// The connection that registered it last.
     conn: ConnId,
 }
@@ -71,6 +73,23 @@ impl Owned {
             .get_mut(register_id)
     }
 
+    /// When `publisher` was registered here, if this session already holds it exactly so: a client
+    /// registering it again unchanged (after a reconnect) keeps its claim's time, so the slot
+    /// leader sees the same record and changes nothing.
+    pub fn unchanged_since(&self, publisher: &Publisher) -> Option<u64> {
+        let entry = self.entry(
+            &publisher.service,
+            &publisher.client_id,
+            &publisher.register_id,
+        )?;
+        (entry.data == publisher.data
+            && entry.attributes == publisher.attributes
+            && entry.client_version == publisher.client_version
+            && entry.owner == publisher.owner
+            && entry.check.as_deref() == publisher.check.as_ref())
+        .then_some(entry.registered_ms)
+    }
+
     /// Records (or replaces) a publisher registered on connection `conn`.
     pub fn put(&mut self, publisher: Publisher, conn: ConnId) {
         let entry = Entry {
@@ -79,6 +98,7 @@ impl Owned {
             client_version: publisher.client_version,
             owner: publisher.owner,
             check: publisher.check.map(Box::new),
+            registered_ms: publisher.registered_ms,
             conn,
         };
         let clients = self.by_service.entry(publisher.service).or_default();
@@ -215,6 +235,7 @@ impl Owned {
                         session: self.session,
                         session_instance: self.instance,
                         owner: entry.owner,
+                        registered_ms: entry.registered_ms,
                     });
                 }
             }
@@ -249,6 +270,7 @@ mod tests {
             session: 1,
             session_instance: 7,
             owner: 42,
+            registered_ms: 0,
         }
     }
 
@@ -284,6 +306,26 @@ mod tests {
         assert_eq!(owned.len(), 1, "the old connection's end leaves it");
         assert!(owned.remove_held_by(&a.service, "c", "r1", 2));
         assert!(owned.is_empty());
+    }
+
+    #[test]
+    fn registering_again_unchanged_keeps_the_time_of_the_claim() {
+        let mut owned = Owned::new(1, 7);
+        let mut a = publisher("demo", "r1", 1);
+        a.registered_ms = 1_000;
+        owned.put(a.clone(), 1);
+        let mut again = a.clone();
+        again.registered_ms = 5_000;
+        assert_eq!(owned.unchanged_since(&again), Some(1_000));
+        let mut updated = again.clone();
+        updated.client_version = 2;
+        assert_eq!(owned.unchanged_since(&updated), None);
+        owned.put(updated, 2);
+        let synced = owned.in_slot(slot_of(&a.service, 8), 8);
+        assert_eq!(
+            synced[0].registered_ms, 5_000,
+            "a sync carries the claim's time"
+        );
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub struct Publisher {
     /// [`crate::ids::PERSISTENT_OWNER`] for a persistent instance.
     #[serde(default)]
     pub owner: u128,
+    /// When the session holding the record accepted this version of it from its client (Unix
+    /// milliseconds, that session's clock; 0 from sessions that predate it, and for persistent
+    /// instances). Orders two sessions' claims: a `SessionSync` replaces a record another live
+    /// session holds only with a later one — the client registered it there after leaving the
+    /// other, which may still list it until it notices.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub registered_ms: u64,
     /// A persistent instance, put by its slot leader from the meta group's set; never removed
     /// because a session went away.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -340,4 +347,8 @@ pub enum PublisherChange {
     Put(PublisherView),
     /// Removed.
     Remove(PublisherId),
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

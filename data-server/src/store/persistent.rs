@@ -167,6 +167,7 @@ pub fn persistent_record(
         persistent: true,
         check: instance.check.clone(),
         health,
+        registered_ms: 0,
     }
 }
 

@@ -33,9 +33,11 @@ impl Store {
     }
 
     /// Makes this leader's records of session `instance` in `slot` exactly `publishers`, except
-    /// that a record another client owns is never replaced, nor one another `live` session holds:
-    /// a sync repairs what this session holds, it does not take a publisher from the session its
-    /// client moved to (the session it left may still list it, until it notices the move).
+    /// that a record another client owns is never replaced, nor one another `live` session holds
+    /// under a registration at least as recent: a sync does not take a publisher back from the
+    /// session its client moved to (the session it left may still list it until it notices), but
+    /// does take one whose registration on this session never reached the slot (a write lost with
+    /// the old leader) from the session the client left.
     pub fn session_sync(
         &mut self,
         instance: InstanceId,
@@ -77,7 +79,9 @@ impl Store {
                         .get(&(p.client_id.clone(), p.register_id.clone()))
                 })
                 .is_some_and(|r| {
-                    r.session_instance != instance && live.contains(&r.session_instance)
+                    r.session_instance != instance
+                        && live.contains(&r.session_instance)
+                        && r.registered_ms >= p.registered_ms
                 });
             if !held_elsewhere {
                 ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);

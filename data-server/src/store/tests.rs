@@ -25,6 +25,7 @@ pub(crate) fn publisher(client: &str, reg: &str, data: &str, instance: InstanceI
         session: 1,
         session_instance: instance,
         owner: roster_common::ids::owner_of(client, b"the secret of this client"),
+        registered_ms: 0,
     }
 }
 
@@ -309,11 +310,15 @@ fn a_publisher_moving_to_another_session_during_a_takeover_stays() {
         .collect();
     assert!(store.session_digests(10, &empty).is_empty());
     // p's client moves to session 10, which registers it while the slot is still moving.
-    let moved = publisher("c", "p", "a", 10);
+    let mut moved = publisher("c", "p", "a", 10);
+    moved.registered_ms = 2_000;
     assert_eq!(store.write(put(moved.clone())).unwrap().ops.len(), 1);
-    // Session 9, until it notices the move, still lists p: its sync does not take p back.
+    // Session 9, until it notices the move, still lists p as registered there before: its sync
+    // does not take p back.
+    let mut stale = publisher("c", "p", "a", 9);
+    stale.registered_ms = 1_000;
     let synced = store
-        .session_sync(9, slot, vec![publisher("c", "p", "a", 9)], &live)
+        .session_sync(9, slot, vec![stale.clone()], &live)
         .unwrap();
     assert!(synced.ops.is_empty(), "{synced:?}");
     // Once it noticed, it lists nothing: its sync removes nothing session 10 holds.
@@ -337,13 +342,17 @@ fn a_publisher_moving_to_another_session_during_a_takeover_stays() {
     );
     assert_eq!(store.owners().collect::<Vec<_>>(), vec![10]);
 
-    // A session that is no longer a member cannot keep a record from a sync: a sync takes over
-    // what a departed session held.
+    // A sync takes over what a departed session held.
     let gone: HashSet<InstanceId> = [9].into();
-    let synced = store
-        .session_sync(9, slot, vec![publisher("c", "p", "a", 9)], &gone)
-        .unwrap();
+    let synced = store.session_sync(9, slot, vec![stale], &gone).unwrap();
     assert_eq!(synced.ops.len(), 1);
+    // And, from a live one, a record it holds under an older registration: the client registered
+    // it again on the syncing session, and that write never reached this leader.
+    let mut newer = publisher("c", "p", "a", 10);
+    newer.registered_ms = 3_000;
+    let synced = store.session_sync(10, slot, vec![newer], &live).unwrap();
+    assert_eq!(synced.ops.len(), 1);
+    assert_eq!(store.owners().collect::<Vec<_>>(), vec![10]);
 }
 
 #[test]

@@ -25,6 +25,7 @@ fn put(svc: &str, register_id: &str, version: u64) -> WriteOp {
             session: 1,
             session_instance: 1,
             owner: 1,
+            registered_ms: 0,
         },
     }
 }
