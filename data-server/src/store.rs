@@ -102,6 +102,14 @@ impl Slot {
         }
     }
 
+    /// The record `publisher` would replace, if the slot holds one.
+    fn record_of(&self, publisher: &Publisher) -> Option<&Publisher> {
+        self.services
+            .get(&publisher.service)?
+            .publishers
+            .get(&(publisher.client_id.clone(), publisher.register_id.clone()))
+    }
+
     fn publishers(&self) -> impl Iterator<Item = &Publisher> {
         self.services.values().flat_map(|d| d.publishers.values())
     }

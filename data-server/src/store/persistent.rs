@@ -31,13 +31,7 @@ impl Store {
                 {
                     return Err(reserved(&publisher.client_id, &publisher.register_id));
                 }
-                let recorded = self.slots[index]
-                    .services
-                    .get(&publisher.service)
-                    .and_then(|d| {
-                        d.publishers
-                            .get(&(publisher.client_id.clone(), publisher.register_id.clone()))
-                    });
+                let recorded = self.slots[index].record_of(&publisher);
                 publisher.health = kept_health(recorded, publisher.check.as_ref());
                 Ok(WriteOp::Put { publisher })
             }

@@ -71,18 +71,11 @@ impl Store {
                     p.client_id, p.register_id
                 )));
             }
-            let held_elsewhere = self.slots[index]
-                .services
-                .get(&p.service)
-                .and_then(|d| {
-                    d.publishers
-                        .get(&(p.client_id.clone(), p.register_id.clone()))
-                })
-                .is_some_and(|r| {
-                    r.session_instance != instance
-                        && live.contains(&r.session_instance)
-                        && r.registered_ms >= p.registered_ms
-                });
+            let held_elsewhere = self.slots[index].record_of(&p).is_some_and(|r| {
+                r.session_instance != instance
+                    && live.contains(&r.session_instance)
+                    && r.registered_ms >= p.registered_ms
+            });
             if !held_elsewhere {
                 ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);
             }

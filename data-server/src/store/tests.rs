@@ -274,19 +274,24 @@ fn a_new_slot_leader_is_moving_until_every_session_reported() {
             .is_empty(),
         "session 10 not heard yet"
     );
-    let empty: Vec<SlotDigest> = (0..8)
-        .map(|slot| SlotDigest {
-            slot,
-            digest: Digest::default(),
-            version: 0,
-        })
-        .collect();
+    let empty = empty_digests();
     assert!(store.session_digests(10, &empty).is_empty());
     assert_eq!(
         store.open_ready(&live, now, Duration::from_secs(3)).len(),
         8
     );
     assert_eq!(store.snapshot(&demo()).unwrap().publishers.len(), 1);
+}
+
+/// A session's digests of every slot of the test table, holding nothing.
+fn empty_digests() -> Vec<SlotDigest> {
+    (0..8)
+        .map(|slot| SlotDigest {
+            slot,
+            digest: Digest::default(),
+            version: 0,
+        })
+        .collect()
 }
 
 #[test]
@@ -301,13 +306,7 @@ fn a_publisher_moving_to_another_session_during_a_takeover_stays() {
     let slot = slot_of_demo();
 
     // Session 10 holds nothing in the slot yet: heard at once.
-    let empty: Vec<SlotDigest> = (0..8)
-        .map(|slot| SlotDigest {
-            slot,
-            digest: Digest::default(),
-            version: 0,
-        })
-        .collect();
+    let empty = empty_digests();
     assert!(store.session_digests(10, &empty).is_empty());
     // p's client moves to session 10, which registers it while the slot is still moving.
     let mut moved = publisher("c", "p", "a", 10);
