@@ -179,7 +179,18 @@ impl Publishers {
         self.joined += 1;
         let mut config = ClientConfig::new(self.sessions.clone(), self.ca.clone());
         config.client_id = Some(format!("publisher-{n}"));
-        let client = Client::connect(config).await.unwrap();
+        // In soak rounds one session server may be paused while the other is still taking back
+        // the clients that moved: a first connect may find neither answering in time.
+        let give_up = Instant::now() + START;
+        let client = loop {
+            match Client::connect(config.clone()).await {
+                Ok(client) => break client,
+                Err(e) if Instant::now() < give_up => {
+                    eprintln!("chaos: publisher-{n} connecting again: {e}")
+                }
+                Err(e) => panic!("publisher-{n} could not connect within {START:?}: {e}"),
+            }
+        };
         let publication = client
             .publisher(service(n % SERVICES))
             .register_id(format!("p{n}"))
