@@ -6,7 +6,7 @@
 //! bumps its epoch. Applying is deterministic: the same commands in the same order give the same
 //! state on any node, which is what lets a replicated log drive it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use roster_common::acl::{AclView, TokenRecord};
 use roster_common::proto::{ClusterView, Member, MemberKey, PersistentInstance, Role, SlotTable};
@@ -79,6 +79,11 @@ pub struct MetaState {
     /// version) after the last one is removed, so versions never go back.
     #[serde(default)]
     pub persistent: BTreeMap<SlotId, PersistentSlot>,
+    /// Data servers that joined or restarted since the last `Rebalance`: they are still copying
+    /// into their follower seats, so no placement counts them as holding a slot — they lead none
+    /// that another server kept, even when two restart one after the other.
+    #[serde(default)]
+    pub copying: BTreeSet<NodeId>,
 }
 
 /// The persistent instances of one slot, and the version of that set: bumped by every change.
@@ -115,6 +120,7 @@ impl Default for MetaState {
             min_data_servers: 0,
             acl: AclView::default(),
             persistent: BTreeMap::new(),
+            copying: BTreeSet::new(),
         }
     }
 }
@@ -231,6 +237,8 @@ impl MetaState {
             }
             Command::Rebalance {} => {
                 let epoch = self.table.epoch;
+                // The table has been stable for the rebalance delay: joiners have copied.
+                self.copying.clear();
                 self.recompute_table(None);
                 self.table.epoch != epoch
             }
@@ -276,6 +284,9 @@ impl MetaState {
                     let restarted = replaced
                         .is_some_and(|old| old != member.instance)
                         .then_some(member.id);
+                    if replaced != Some(member.instance) {
+                        self.copying.insert(member.id);
+                    }
                     self.recompute_table(restarted);
                 }
                 true
@@ -288,6 +299,7 @@ impl MetaState {
                 self.members.remove(&key);
                 info!(member = %key, "member removed");
                 if key.role == Role::Data {
+                    self.copying.remove(&key.id);
                     self.recompute_table(None);
                 }
                 true
@@ -316,10 +328,11 @@ impl MetaState {
             );
             return;
         }
+        // Servers still copying (the one that just restarted among them) hold nothing yet.
         let mut previous = self.table.clone();
-        if let Some(node) = restarted {
+        if restarted.is_some() || !self.copying.is_empty() {
             for replicas in &mut previous.slots {
-                replicas.retain(|n| *n != node);
+                replicas.retain(|n| Some(*n) != restarted && !self.copying.contains(n));
             }
         }
         let slots = place(
@@ -339,19 +352,22 @@ impl MetaState {
         }
     }
 
-    /// Whether placing the slots again over the same data servers would change the table (a
-    /// joiner still to be handed its leaderships).
+    /// Whether a `Rebalance` is due: placing the slots again over the same data servers would
+    /// change the table (a joiner still to be handed its leaderships), or joiners are still
+    /// counted as copying.
     pub fn needs_rebalance(&self) -> bool {
         let nodes = self.data_nodes();
         if nodes.is_empty() || (nodes.len() as u32) < self.min_data_servers {
             return false;
         }
-        place(
-            &nodes,
-            self.table.slot_count,
-            self.table.replicas,
-            &self.table,
-        ) != self.table.slots
+        // Also to end the copying of joiners that the table leaves where they are.
+        !self.copying.is_empty()
+            || place(
+                &nodes,
+                self.table.slot_count,
+                self.table.replicas,
+                &self.table,
+            ) != self.table.slots
     }
 
     /// How many persistent instances are stored.
@@ -548,6 +564,41 @@ mod tests {
             state.table.slots.iter().all(|r| r == &vec![1]),
             "nobody else holds them"
         );
+    }
+
+    #[test]
+    fn two_data_servers_restarting_in_turn_lead_nothing_while_the_third_kept_every_slot() {
+        let mut state = MetaState::new("c".into(), 256, 3);
+        for id in 1..=3 {
+            state.apply(Command::Join {
+                member: member(Role::Data, id, id),
+            });
+        }
+        state.apply(Command::Rebalance {});
+        assert!(!state.needs_rebalance());
+        let leads = |s: &MetaState, id| s.table.led_by(id).count();
+
+        // Both killed together: 1 comes back first and is placed to copy; then 2 comes back. The
+        // slots 2 led must go to 3, which holds them, not to 1, which is still copying.
+        state.apply(Command::Join {
+            member: member(Role::Data, 1, 11),
+        });
+        assert_eq!(leads(&state, 1), 0);
+        state.apply(Command::Join {
+            member: member(Role::Data, 2, 22),
+        });
+        assert_eq!(leads(&state, 1), 0, "still copying: leads nothing");
+        assert_eq!(leads(&state, 2), 0, "just restarted: leads nothing");
+        assert_eq!(leads(&state, 3), 256);
+        assert!(state.table.slots.iter().all(|r| r.len() == 3));
+
+        // Once the table settled, a rebalance hands both their share again, and ends their
+        // copying even where the table had nothing left to change.
+        assert!(state.needs_rebalance());
+        state.apply(Command::Rebalance {});
+        assert!(leads(&state, 1) > 0 && leads(&state, 2) > 0);
+        assert!(state.copying.is_empty());
+        assert!(!state.needs_rebalance());
     }
 
     #[test]
