@@ -566,8 +566,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn two_data_servers_restarting_in_turn_lead_nothing_while_the_third_kept_every_slot() {
+    /// Data servers 1, 2 and 3 joined, and their leaderships balanced.
+    fn three_balanced_data_servers() -> MetaState {
         let mut state = MetaState::new("c".into(), 256, 3);
         for id in 1..=3 {
             state.apply(Command::Join {
@@ -576,6 +576,12 @@ mod tests {
         }
         state.apply(Command::Rebalance {});
         assert!(!state.needs_rebalance());
+        state
+    }
+
+    #[test]
+    fn two_data_servers_restarting_in_turn_lead_nothing_while_the_third_kept_every_slot() {
+        let mut state = three_balanced_data_servers();
         let leads = |s: &MetaState, id| s.table.led_by(id).count();
 
         // Both killed together: 1 comes back first and is placed to copy; then 2 comes back. The
@@ -603,14 +609,7 @@ mod tests {
 
     #[test]
     fn a_joiner_gets_its_leaderships_on_rebalance() {
-        let mut state = MetaState::new("c".into(), 256, 3);
-        for id in 1..=3 {
-            state.apply(Command::Join {
-                member: member(Role::Data, id, id),
-            });
-        }
-        state.apply(Command::Rebalance {});
-        assert!(!state.needs_rebalance());
+        let mut state = three_balanced_data_servers();
         state.apply(Command::Join {
             member: member(Role::Data, 4, 4),
         });
