@@ -90,20 +90,26 @@ impl Shared {
             let mut store = self.store.lock();
             let applied = change(&mut store)?;
             self.queue_replication(&applied.ops);
-            let hidden: Vec<bool> = applied
-                .changes
-                .iter()
-                .map(|c| store.is_moving(&c.service))
-                .collect();
+            // Nothing to look up per change while no slot is being taken over (the usual case).
+            let hidden: Option<Vec<bool>> = (store.moving() > 0).then(|| {
+                applied
+                    .changes
+                    .iter()
+                    .map(|c| store.is_moving(&c.service))
+                    .collect()
+            });
             (applied, hidden)
         };
-        self.notify(
-            applied
-                .changes
-                .iter()
-                .zip(hidden)
-                .filter_map(|(change, hidden)| (!hidden).then_some(change)),
-        );
+        match hidden {
+            None => self.notify(&applied.changes),
+            Some(hidden) => self.notify(
+                applied
+                    .changes
+                    .iter()
+                    .zip(hidden)
+                    .filter_map(|(change, hidden)| (!hidden).then_some(change)),
+            ),
+        }
         Ok(applied)
     }
 
@@ -283,16 +289,20 @@ impl Shared {
             .filter(|m| m.instance == self.instance);
         let member = me.is_some();
         let admitted = me.map(|m| m.joined_at_ms);
-        // Judged on newer tables only (a lapse always commits one): a meta node that serves a
-        // view behind the one applied cannot make this server drop its slots.
-        let newer = view.table.epoch > self.store.lock().epoch();
-        let before = if newer {
-            std::mem::replace(&mut *self.admitted.lock(), admitted)
-        } else {
-            admitted
+        let (lapsed, change) = {
+            let mut store = self.store.lock();
+            // Judged on newer tables only (a lapse always commits one): a meta node that serves
+            // a view behind the one applied cannot make this server drop its slots.
+            let before = if view.table.epoch > store.epoch() {
+                std::mem::replace(&mut *self.admitted.lock(), admitted)
+            } else {
+                admitted
+            };
+            let lapsed = (before.is_some() && before != admitted).then(|| store.lapse());
+            let change = member.then(|| store.apply_table(&view.table, Instant::now()));
+            (lapsed, change)
         };
-        if before.is_some() && before != admitted {
-            let held = self.store.lock().lapse();
+        if let Some(held) = lapsed {
             self.replicators.lock().clear();
             if held > 0 {
                 warn!(
@@ -301,8 +311,7 @@ impl Shared {
                 );
             }
         }
-        if member {
-            let change = self.store.lock().apply_table(&view.table, Instant::now());
+        if let Some(change) = change {
             if !change.took.is_empty() || !change.to_fetch.is_empty() || !change.dropped.is_empty()
             {
                 info!(

@@ -239,7 +239,7 @@ impl MetaState {
                 let epoch = self.table.epoch;
                 // The table has been stable for the rebalance delay: joiners have copied.
                 self.copying.clear();
-                self.recompute_table(None);
+                self.recompute_table(false);
                 self.table.epoch != epoch
             }
             Command::SelfPreservation { on } => {
@@ -281,9 +281,7 @@ impl MetaState {
                     // A restarted data server holds nothing: it is placed as a joiner — its slots
                     // are led by the followers that kept them, it gets follower seats to copy into,
                     // and its share of leaderships comes with the next `Rebalance`.
-                    let restarted = replaced
-                        .is_some_and(|old| old != member.instance)
-                        .then_some(member.id);
+                    let restarted = replaced.is_some_and(|old| old != member.instance);
                     if replaced != Some(member.instance) {
                         self.copying.insert(member.id);
                     }
@@ -300,7 +298,7 @@ impl MetaState {
                 info!(member = %key, "member removed");
                 if key.role == Role::Data {
                     self.copying.remove(&key.id);
-                    self.recompute_table(None);
+                    self.recompute_table(false);
                 }
                 true
             }
@@ -315,10 +313,11 @@ impl MetaState {
             .collect()
     }
 
-    /// Places the slots over the live data servers. `restarted` held seats in the table but came
-    /// back empty: it is placed as if it held none, and the table gets a new epoch even if nothing
-    /// moves (its slots are then taken over with a new term, so versions keep growing).
-    fn recompute_table(&mut self, restarted: Option<NodeId>) {
+    /// Places the slots over the live data servers; those still `copying` are placed as if they
+    /// held no seat. `restarted`: one held seats in the table but came back empty, so the table
+    /// gets a new epoch even if nothing moves (its slots are then taken over with a new term, so
+    /// versions keep growing).
+    fn recompute_table(&mut self, restarted: bool) {
         let nodes = self.data_nodes();
         if (nodes.len() as u32) < self.min_data_servers {
             tracing::warn!(
@@ -330,9 +329,9 @@ impl MetaState {
         }
         // Servers still copying (the one that just restarted among them) hold nothing yet.
         let mut previous = self.table.clone();
-        if restarted.is_some() || !self.copying.is_empty() {
+        if !self.copying.is_empty() {
             for replicas in &mut previous.slots {
-                replicas.retain(|n| Some(*n) != restarted && !self.copying.contains(n));
+                replicas.retain(|n| !self.copying.contains(n));
             }
         }
         let slots = place(
@@ -341,7 +340,7 @@ impl MetaState {
             self.table.replicas,
             &previous,
         );
-        if restarted.is_some() || slots != self.table.slots {
+        if restarted || slots != self.table.slots {
             self.table.slots = slots;
             self.table.epoch += 1;
             info!(
