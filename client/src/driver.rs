@@ -15,7 +15,7 @@ use roster_common::proto::{
     self, CAPABILITY_DELTA, CLOSE_MOVED, CLOSE_SLOW_CONSUMER, ClientRequest, ClientResponse, Delta,
     PROTOCOL_VERSION, Push,
 };
-use roster_common::{Error, Result, frame, quic, rpc};
+use roster_common::{Error, RegisterId, Result, frame, quic, rpc};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -60,8 +60,12 @@ pub(crate) fn candidates(
 /// its addresses; `avoid` only if no other answers), takes the first whose QUIC handshake
 /// completes, then says `Hello` and registers everything there. Dialing in parallel keeps a dead
 /// address — which answers nothing until the handshake times out — from delaying the move. The
-/// returned connection's `only_choice` is true when there was no other address to try.
-pub(crate) async fn connect_any(inner: &Inner, avoid: Option<SocketAddr>) -> Result<Live> {
+/// returned connection's `only_choice` is true when there was no other address to try; with it
+/// come the publications the server answered `durable: false` (see [`register_all`]).
+pub(crate) async fn connect_any(
+    inner: &Inner,
+    avoid: Option<SocketAddr>,
+) -> Result<(Live, Vec<RegisterId>)> {
     let mut last_error = None;
     let mut resolved = Vec::new();
     for configured in &inner.config.sessions {
@@ -121,7 +125,11 @@ pub(crate) async fn connect_any(inner: &Inner, avoid: Option<SocketAddr>) -> Res
     Err(last_error.unwrap_or_else(|| Error::Unavailable("no session server configured".into())))
 }
 
-async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) -> Result<Live> {
+async fn hello_and_register(
+    inner: &Inner,
+    conn: Connection,
+    only_choice: bool,
+) -> Result<(Live, Vec<RegisterId>)> {
     let hello = ClientRequest::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id: inner.client_id.clone(),
@@ -163,47 +171,57 @@ async fn hello_and_register(inner: &Inner, conn: Connection, only_choice: bool) 
             )));
         }
     };
-    register_all(inner, &conn).await?;
-    Ok(Live {
+    let held = register_all(inner, &conn).await?;
+    let live = Live {
         conn,
         session_id,
         only_choice,
-    })
+    };
+    Ok((live, held))
 }
 
 /// Registers every publication and subscription on `conn`, concurrently. A transport failure fails
 /// the whole (the caller tries another server); a refusal of one registration is logged and the
-/// rest go on.
-async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
-    let requests: Vec<ClientRequest> = {
+/// rest go on. Returns the publications the server holds on their way to the data tier (answered
+/// `durable: false`).
+async fn register_all(inner: &Inner, conn: &Connection) -> Result<Vec<RegisterId>> {
+    let requests: Vec<(Option<RegisterId>, ClientRequest)> = {
         let registry = inner.registry.lock();
         registry
             .publications
             .iter()
             // A publication whose first publish is still being made is sent by that publish.
             .filter(|(_, state)| state.client_version > 0)
-            .map(|(id, state)| publish_request(id, state))
+            .map(|(id, state)| (Some(id.clone()), publish_request(id, state)))
             .chain(registry.subscriptions.iter().map(|(service, sub)| {
-                subscribe_request(sub.register_id.clone(), service.clone(), sub.healthy_only)
+                let request =
+                    subscribe_request(sub.register_id.clone(), service.clone(), sub.healthy_only);
+                (None, request)
             }))
             .collect()
     };
     let count = requests.len();
-    let results: Vec<Result<ClientResponse>> =
-        futures_util::stream::iter(requests.into_iter().map(|request| async move {
-            rpc::call(
-                conn,
-                &request,
-                inner.config.max_frame,
-                inner.config.request_timeout(),
-            )
-            .await
-        }))
-        .buffer_unordered(REGISTER_CONCURRENCY)
-        .collect()
-        .await;
-    for result in results {
+    let results: Vec<(Option<RegisterId>, Result<ClientResponse>)> = futures_util::stream::iter(
+        requests
+            .into_iter()
+            .map(|(publication, request)| async move {
+                let answer = rpc::call(
+                    conn,
+                    &request,
+                    inner.config.max_frame,
+                    inner.config.request_timeout(),
+                )
+                .await;
+                (publication, answer)
+            }),
+    )
+    .buffer_unordered(REGISTER_CONCURRENCY)
+    .collect()
+    .await;
+    let mut held = Vec::new();
+    for (publication, result) in results {
         match result {
+            Ok(ClientResponse::Accepted { durable: false }) => held.extend(publication),
             Ok(_) => {}
             Err(e @ (Error::Connection(_) | Error::Timeout(_))) => return Err(e),
             Err(e) => warn!(error = %e, "the session server refused a registration"),
@@ -212,10 +230,11 @@ async fn register_all(inner: &Inner, conn: &Connection) -> Result<()> {
     if count > 0 {
         debug!(
             registrations = count,
+            held = held.len(),
             "registered everything on the new connection"
         );
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Makes `live` the connection in use and starts reading its pushes.
@@ -252,16 +271,18 @@ const BACKGROUND_IN_FLIGHT: usize = 32;
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Connects to another session server (the same one if it is the only one), registers everything
-/// there, makes it the connection in use, and only then closes `live`. False if none answered.
+/// there and makes it the connection in use; `live` is closed once what the new server holds has
+/// landed (see [`hand_over`]). False if none answered.
 async fn move_on(inner: &Arc<Inner>, live: &Live, why: &'static [u8]) -> bool {
     let here = live.conn.remote_address();
     match connect_any(inner, Some(here)).await {
-        Ok(next) if next.conn.remote_address() != here || next.only_choice => {
+        Ok((next, held)) if next.conn.remote_address() != here || next.only_choice => {
+            let new = next.conn.clone();
             install(inner, next);
-            live.conn.close(CLOSE_MOVED.into(), why);
+            crate::io::spawn(hand_over(inner.clone(), live.conn.clone(), new, held, why));
             true
         }
-        Ok(same) => {
+        Ok((same, _)) => {
             // Only the same server would take us: stay, keeping one connection.
             same.conn.close(0u32.into(), b"duplicate");
             false
@@ -271,6 +292,87 @@ async fn move_on(inner: &Arc<Inner>, live: &Live, why: &'static [u8]) -> bool {
             false
         }
     }
+}
+
+/// How long a client that moved keeps its old connection while the new session server holds some
+/// of its publications on their way to the data tier.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(10);
+/// The pause between asking again whether held publications have landed.
+const HANDOVER_RETRY: Duration = Duration::from_millis(200);
+
+/// Closes `old` (with `CLOSE_MOVED`) once every publication in `held` has landed through `new`.
+///
+/// The old session server removes what the connection held when it ends (after the client grace,
+/// for a client that moved). A publication the new server answered `durable: false` is not yet at
+/// its slot leader: removed there by the old server first, subscribers would see it gone until it
+/// lands. So the old connection, which keeps it registered, stays until it has landed: each round
+/// publishes it again, unchanged, on `new`, which answers once the server's own retry lands it.
+/// Bounded by [`HANDOVER_LIMIT`], and over as soon as either connection ends or the client closes.
+async fn hand_over(
+    inner: Arc<Inner>,
+    old: Connection,
+    new: Connection,
+    mut held: Vec<RegisterId>,
+    why: &'static [u8],
+) {
+    let deadline = tokio::time::Instant::now() + HANDOVER_LIMIT;
+    if !held.is_empty() {
+        info!(
+            held = held.len(),
+            "keeping the old connection until the publications the new session server holds have landed"
+        );
+    }
+    while !held.is_empty() {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            _ = old.closed() => break,
+            _ = new.closed() => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(held = held.len(), limit = ?HANDOVER_LIMIT, "publications held by the new session server have not landed; closing the old connection anyway");
+                break;
+            }
+            still = ask_again(&inner, &new, std::mem::take(&mut held)) => {
+                held = still;
+                if !held.is_empty() {
+                    tokio::time::sleep(HANDOVER_RETRY).await;
+                }
+            }
+        }
+    }
+    old.close(CLOSE_MOVED.into(), why);
+}
+
+/// Publishes each of `held` again, unchanged, on `conn`; returns those still held (a publication
+/// since unpublished, or refused, is no longer waited for).
+async fn ask_again(inner: &Inner, conn: &Connection, held: Vec<RegisterId>) -> Vec<RegisterId> {
+    let requests: Vec<(RegisterId, ClientRequest)> = {
+        let registry = inner.registry.lock();
+        held.into_iter()
+            .filter_map(|id| {
+                let state = registry.publications.get(&id)?;
+                let request = publish_request(&id, state);
+                Some((id, request))
+            })
+            .collect()
+    };
+    futures_util::stream::iter(requests.into_iter().map(|(id, request)| async move {
+        let answer = rpc::call::<_, ClientResponse>(
+            conn,
+            &request,
+            inner.config.max_frame,
+            inner.config.request_timeout(),
+        )
+        .await;
+        match answer {
+            Ok(ClientResponse::Accepted { durable: false })
+            | Err(Error::Timeout(_) | Error::Unavailable(_)) => Some(id),
+            _ => None,
+        }
+    }))
+    .buffer_unordered(REGISTER_CONCURRENCY)
+    .filter_map(std::future::ready)
+    .collect()
+    .await
 }
 
 /// Keeps the client connected until it is shut down, then sends pending removals and closes.
@@ -298,7 +400,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut background: mpsc::UnboundedReceiv
                     _ = tokio::time::sleep(backoff(&inner, attempt)) => {}
                 }
                 match connect_any(&inner, avoid).await {
-                    Ok(live) => {
+                    Ok((live, _)) => {
                         install(&inner, live);
                         attempt = 0;
                     }
@@ -467,11 +569,13 @@ async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
                         crate::io::spawn(resync(inner.clone(), conn.clone(), request));
                     }
                 }
-                Ok(Push::GoAway { reason }) => {
+                // Only the connection in use moves: one being handed over is closed anyway.
+                Ok(Push::GoAway { reason }) if is_current(&inner, &conn) => {
                     inner.stats.go_aways.fetch_add(1, Ordering::Relaxed);
                     info!(%reason, "the session server asks us to move");
                     inner.go_away.notify_one();
                 }
+                Ok(Push::GoAway { .. }) => {}
                 // A push this version does not know: skip it, newer servers may add kinds.
                 Err(Error::UnexpectedMessage(e)) => debug!(error = %e, "skipped an unknown push"),
                 Err(e) => return Err(e),
@@ -485,6 +589,14 @@ async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
         warn!(error = %e, "push stream failed; closing the connection");
         conn.close(0u32.into(), b"bad push stream");
     }
+}
+
+fn is_current(inner: &Inner, conn: &Connection) -> bool {
+    inner
+        .live
+        .read()
+        .as_ref()
+        .is_some_and(|live| live.conn.stable_id() == conn.stable_id())
 }
 
 /// Takes a full snapshot if it is newer than what the subscription holds.

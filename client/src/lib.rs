@@ -18,7 +18,8 @@
 //! through that server's failure: when the connection ends, goes silent, or the server asks it to
 //! move (`GoAway`), it connects to another one (random order, jittered backoff), registers every
 //! publication and subscription there under the same ids, and only then lets the old connection
-//! go, so the registry hands them over without dropping them. [`Client::connection_state`] tells
+//! go — once what the new server holds on its way to the data tier has landed (10 s at most) — so
+//! the registry hands them over without dropping them. [`Client::connection_state`] tells
 //! what it is doing; [`Client::stats`] counts reconnections, pushes and the rest.
 //!
 //! The connection lives on the SDK's own threads ([`endpoint`] says more): keep-alives, pushes and
@@ -326,7 +327,7 @@ impl Client {
         .await
         .map_err(|e| Error::Internal(format!("the connecting task failed: {e}")))?;
         match first {
-            Ok(live) => driver::install(&inner, live),
+            Ok((live, _)) => driver::install(&inner, live),
             Err(e) if inner.cache.is_none() => return Err(e),
             Err(e) => {
                 debug!(error = %e, "no session server reachable; starting from the snapshot cache")

@@ -6,16 +6,89 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use roster_client::Client;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use roster_client::{Client, Publication};
+use roster_common::peers::FaultTable;
 use roster_common::proto::{CLOSE_MOVED, ClientRequest, ClientResponse};
 use roster_session::{SessionConfig, SessionServer};
 use roster_tests::{
     Cluster, ClusterOptions, DEADLINE, PublisherKey, RawClient, SnapshotLog, addresses,
     bind_loopback, check_history, eventually, keys,
 };
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const CLIENTS: usize = 40;
+
+/// `CLIENTS` clients, each publishing one address in `service`, all on the cluster's first session
+/// server though they also list `second` (where nothing answers yet); and their publisher keys.
+async fn clients_on_the_first(
+    cluster: &Cluster,
+    second: SocketAddr,
+    service: &str,
+) -> (Vec<Client>, Vec<Publication>, BTreeSet<PublisherKey>) {
+    let mut config = cluster.client_config();
+    config.sessions.push(second.to_string());
+    config.connect_timeout_ms = 1000;
+    let mut clients = Vec::new();
+    let mut publications = Vec::new();
+    for i in 0..CLIENTS {
+        let client = Client::connect(config.clone()).await.unwrap();
+        assert_eq!(client.session_addr(), Some(cluster.session_addrs[0]));
+        publications.push(
+            client
+                .publish(service, vec![format!("10.0.0.{i}:80").into()])
+                .await
+                .unwrap(),
+        );
+        clients.push(client);
+    }
+    let stable = clients
+        .iter()
+        .zip(&publications)
+        .map(|(c, p)| (c.client_id().to_owned(), p.register_id().to_owned()))
+        .collect();
+    (clients, publications, stable)
+}
+
+/// Starts session server 2 on `socket`, its calls to peers obeying `faults`, and waits until it is
+/// ready.
+async fn start_second(
+    cluster: &Cluster,
+    socket: std::net::UdpSocket,
+    faults: Option<Arc<FaultTable>>,
+) -> (CancellationToken, JoinHandle<roster_common::Result<()>>) {
+    let stop = CancellationToken::new();
+    let mut config = SessionConfig::new(2, vec![cluster.meta_addr.to_string()]);
+    config.faults = faults;
+    let second = SessionServer::new(config, cluster.identity.clone()).unwrap();
+    let mut ready = second.ready();
+    let task = tokio::spawn(second.run(socket, stop.clone()));
+    tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
+        .await
+        .expect("second session ready")
+        .unwrap();
+    (stop, task)
+}
+
+/// How many of `clients` are connected to `addr`.
+fn connected_to(clients: &[Client], addr: SocketAddr) -> usize {
+    clients
+        .iter()
+        .filter(|c| c.session_addr() == Some(addr))
+        .count()
+}
+
+/// A watcher connected to the cluster's first session server only, recording `service`.
+async fn watch_first(cluster: &Cluster, service: &str) -> (Client, SnapshotLog) {
+    let mut config = cluster.client_config();
+    config.connect_timeout_ms = 1000;
+    let watcher = Client::connect(config).await.unwrap();
+    let log = SnapshotLog::start(watcher.subscribe(service).await.unwrap());
+    (watcher, log)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
@@ -24,58 +97,19 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
     // nothing answers there yet: every client lands on the first.
     let second_socket = bind_loopback();
     let second_addr = second_socket.local_addr().unwrap();
-    let mut config = cluster.client_config();
-    config.sessions.push(second_addr.to_string());
-    config.connect_timeout_ms = 1000;
-
-    let mut clients = Vec::new();
-    let mut publications = Vec::new();
-    for i in 0..CLIENTS {
-        let client = Client::connect(config.clone()).await.unwrap();
-        assert_eq!(client.session_addr(), Some(cluster.session_addrs[0]));
-        publications.push(
-            client
-                .publish("balanced", vec![format!("10.0.0.{i}:80").into()])
-                .await
-                .unwrap(),
-        );
-        clients.push(client);
-    }
-    let stable: BTreeSet<PublisherKey> = clients
-        .iter()
-        .zip(&publications)
-        .map(|(c, p)| (c.client_id().to_owned(), p.register_id().to_owned()))
-        .collect();
+    let (clients, publications, stable) =
+        clients_on_the_first(&cluster, second_addr, "balanced").await;
 
     // A watcher on the first session records every snapshot while clients move.
-    let mut watcher_config = cluster.client_config();
-    watcher_config.connect_timeout_ms = 1000;
-    let watcher = Client::connect(watcher_config).await.unwrap();
-    let sub = watcher.subscribe("balanced").await.unwrap();
-    let log = SnapshotLog::start(sub);
+    let (watcher, log) = watch_first(&cluster, "balanced").await;
     log.wait_for("every publisher seen", |s| keys(s) == stable)
         .await;
 
-    // Start the second session server on the reserved socket.
-    let stop_second = CancellationToken::new();
-    let second = SessionServer::new(
-        SessionConfig::new(2, vec![cluster.meta_addr.to_string()]),
-        cluster.identity.clone(),
-    )
-    .unwrap();
-    let mut ready = second.ready();
-    let second_task = tokio::spawn(second.run(second_socket, stop_second.clone()));
-    tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
-        .await
-        .expect("second session ready")
-        .unwrap();
+    let (stop_second, second_task) = start_second(&cluster, second_socket, None).await;
 
     // Balancing runs every 5 s and needs the meta tier's mean of both loads (renewed every 1 s).
     let moved = eventually(Duration::from_secs(30), "some clients moved", || async {
-        let moved = clients
-            .iter()
-            .filter(|c| c.session_addr() == Some(second_addr))
-            .count();
+        let moved = connected_to(&clients, second_addr);
         (moved >= 5).then_some(moved)
     })
     .await;
@@ -96,6 +130,79 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
         .await;
     let seen = log.finish();
     check_history(&seen, &stable).unwrap();
+
+    drop(publications);
+    for client in clients {
+        client.close().await;
+    }
+    watcher.close().await;
+    stop_second.cancel();
+    second_task.await.unwrap().unwrap();
+    cluster.stop().await;
+}
+
+/// Clients move to a session server that cannot reach the data tier for a while: it answers their
+/// registrations `durable: false` and holds them. Each keeps its old connection — and with it its
+/// publishers on the first server — until they have landed through the new one; only then does
+/// the first server let them go, and no subscriber sees them missing in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_client_keeps_its_old_connection_until_its_publishers_land_elsewhere() {
+    let cluster = Cluster::start().await;
+    let data_addr = cluster.data_addrs[0].to_string();
+    let second_socket = bind_loopback();
+    let second_addr = second_socket.local_addr().unwrap();
+    let (clients, publications, stable) =
+        clients_on_the_first(&cluster, second_addr, "handed").await;
+    let (watcher, log) = watch_first(&cluster, "handed").await;
+    log.wait_for("every publisher seen", |s| keys(s) == stable)
+        .await;
+
+    let faults = FaultTable::new();
+    let (stop_second, second_task) =
+        start_second(&cluster, second_socket, Some(faults.clone())).await;
+    faults.drop_calls(&data_addr);
+
+    eventually(Duration::from_secs(30), "some clients moved", || async {
+        (connected_to(&clients, second_addr) >= 5).then_some(())
+    })
+    .await;
+    // Well past the client grace (1 s) after the moves, with the second server still cut off:
+    // the first still has every client's connection and every publisher.
+    let first = cluster.session_admins[0].source().unwrap();
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_secs(3) {
+        let status = first.status().await;
+        assert_eq!(
+            status["connections"]["count"],
+            CLIENTS + 1,
+            "clients that moved keep their old connection while their publishers are held"
+        );
+        assert_eq!(status["connections"]["publishers"], CLIENTS);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Reachable again: the held registrations land, and the old connections go.
+    faults.heal_all();
+    let moved = connected_to(&clients, second_addr);
+    eventually(
+        DEADLINE,
+        "the first server let the moved clients go",
+        || async {
+            let status = first.status().await;
+            (status["connections"]["count"] == CLIENTS + 1 - moved
+                && status["connections"]["publishers"] == CLIENTS - moved)
+                .then_some(())
+        },
+    )
+    .await;
+    let _marker = watcher
+        .publish("handed", vec!["marker".into()])
+        .await
+        .unwrap();
+    log.wait_for("the marker", |s| s.publishers.len() == CLIENTS + 1)
+        .await;
+    let seen = log.finish();
+    check_history(&seen, &stable).unwrap_or_else(|e| panic!("after {moved} clients moved: {e}"));
 
     drop(publications);
     for client in clients {

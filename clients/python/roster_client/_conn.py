@@ -118,6 +118,9 @@ class Connection:
         self.max_frame = 1 << 20
         # The reason of a GoAway the server sent, if it did.
         self.goaway: str | None = None
+        # Publications this server answered `durable: false` when they were registered on
+        # connecting: held by it on their way to the data tier.
+        self.held: list[str] = []
         self._pings = 0
         self._closing = False
 

@@ -53,6 +53,11 @@ CLOSE_SLOW_CONSUMER = 0x10
 CLOSE_UNAUTHENTICATED = 0x13
 # This client goes on from another connection: the session keeps its publishers for the grace.
 CLOSE_MOVED = 0x20
+#: How long a client that moved keeps its old connection while the new session server holds some
+#: of its publications on their way to the data tier, in seconds; and the pause between asking
+#: again whether they have landed.
+HANDOVER_LIMIT = 10.0
+HANDOVER_RETRY = 0.2
 #: A request that failed for want of a connection is sent on at most this many connections.
 MAX_CONNECTION_ATTEMPTS = 3
 
@@ -808,23 +813,79 @@ class Client:
     async def _register_all(self, conn: Connection) -> None:
         """Registers every publication and subscription on `conn` under the same ids and
         client versions. A transport failure fails the whole (another server is tried); a
-        refusal of one registration is logged and the rest go on."""
+        refusal of one registration is logged and the rest go on. The publications the server
+        answers `durable: false` are left in `conn.held`."""
         timeout = self.config.request_timeout_ms / 1000
-        requests = [self._publish_request(rid, p) for rid, p in list(self._publications.items())]
-        requests += [self._subscribe_request(s) for s in list(self._subscriptions.values())]
+        requests: list[tuple[str | None, dict[str, Any]]] = [
+            (rid, self._publish_request(rid, p)) for rid, p in list(self._publications.items())
+        ]
+        requests += [(None, self._subscribe_request(s)) for s in list(self._subscriptions.values())]
         limit = asyncio.Semaphore(REGISTER_CONCURRENCY)
+        held: list[str] = []
 
-        async def one(request: dict[str, Any]) -> None:
+        async def one(publication: str | None, request: dict[str, Any]) -> None:
             async with limit:
                 try:
-                    await conn.request(request, timeout)
+                    _, body = await conn.request(request, timeout)
                 except (ConnectionLost, Timeout):
                     raise
                 except RosterError as e:
                     log.warning("the session server refused a registration (%s): %s",
                                 variant(request)[0], e)
+                    return
+                if publication is not None and not body.get("durable", True):
+                    held.append(publication)
 
-        await asyncio.gather(*(one(r) for r in requests))
+        await asyncio.gather(*(one(p, r) for p, r in requests))
+        conn.held = held
+
+    async def _hand_over(self, old: Connection, new: Connection) -> None:
+        """Closes `old` (with CLOSE_MOVED) once every publication `new` held has landed.
+
+        The old session server removes what the connection held when it ends (after the client
+        grace, for a client that moved). A publication the new server answered `durable: false`
+        is not yet at its slot leader: removed there by the old server first, subscribers would
+        see it gone until it lands. So the old connection stays until it has landed: each round
+        publishes it again, unchanged, on `new`, which answers once the server's own retry lands
+        it. For HANDOVER_LIMIT at most; over as soon as either connection ends or the client
+        closes."""
+        held = new.held
+        new.held = []
+        deadline = time.monotonic() + HANDOVER_LIMIT
+        timeout = self.config.request_timeout_ms / 1000
+        limit = asyncio.Semaphore(REGISTER_CONCURRENCY)
+        if held:
+            log.info("keeping the old connection until %d publications held by %s have landed",
+                     len(held), new.addr)
+        while held and not self._closing and old.alive and new.alive:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("%d publications held by %s have not landed; closing the old "
+                            "connection anyway", len(held), new.addr)
+                break
+            still: list[str] = []
+
+            async def ask(rid: str) -> None:
+                pub = self._publications.get(rid)
+                if pub is None:  # unpublished since
+                    return
+                async with limit:
+                    try:
+                        _, body = await new.request(self._publish_request(rid, pub), timeout)
+                    except (Timeout, errors.Unavailable):
+                        still.append(rid)
+                        return
+                    except RosterError:
+                        return
+                if not body.get("durable", True):
+                    still.append(rid)
+
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(ask(r) for r in held)), left)
+            held = still
+            if held:
+                await asyncio.sleep(HANDOVER_RETRY)
+        await old.close("moved to another session server", CLOSE_MOVED)
 
     def _install(self, conn: Connection) -> None:
         if self._conn is not None:
@@ -907,10 +968,10 @@ class Client:
             self._set_state(CONNECTED)
             return False
         self._install(new)
-        # Only now is the old connection closed: everything is registered elsewhere.
+        # Only now is the old connection closed: everything is registered elsewhere (and has
+        # landed, see `_hand_over`).
         conn.goaway = None
-        conn.begin_close("moved to another session server", CLOSE_MOVED)
-        self._spawn(conn.close())
+        self._spawn(self._hand_over(conn, new))
         log.info("moved from %s to %s (%s)", conn.addr, new.addr, why)
         return True
 
