@@ -60,8 +60,8 @@ pub(crate) fn candidates(
 /// its addresses; `avoid` only if no other answers), takes the first whose QUIC handshake
 /// completes, then says `Hello` and registers everything there. Dialing in parallel keeps a dead
 /// address — which answers nothing until the handshake times out — from delaying the move. The
-/// returned connection's `only_choice` is true when there was no other address to try; with it
-/// come the publications the server answered `durable: false` (see [`register_all`]).
+/// connection comes with the publications the server answered `durable: false` (see
+/// [`register_all`]).
 pub(crate) async fn connect_any(
     inner: &Inner,
     avoid: Option<SocketAddr>,
@@ -104,7 +104,7 @@ pub(crate) async fn connect_any(
             .collect();
         while let Some((addr, conn)) = dials.next().await {
             let attempt = match conn {
-                Ok(conn) => hello_and_register(inner, conn, only_choice).await,
+                Ok(conn) => hello_and_register(inner, conn).await,
                 Err(e) => Err(e),
             };
             match attempt {
@@ -125,11 +125,7 @@ pub(crate) async fn connect_any(
     Err(last_error.unwrap_or_else(|| Error::Unavailable("no session server configured".into())))
 }
 
-async fn hello_and_register(
-    inner: &Inner,
-    conn: Connection,
-    only_choice: bool,
-) -> Result<(Live, Vec<RegisterId>)> {
+async fn hello_and_register(inner: &Inner, conn: Connection) -> Result<(Live, Vec<RegisterId>)> {
     let hello = ClientRequest::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id: inner.client_id.clone(),
@@ -172,12 +168,7 @@ async fn hello_and_register(
         }
     };
     let held = register_all(inner, &conn).await?;
-    let live = Live {
-        conn,
-        session_id,
-        only_choice,
-    };
-    Ok((live, held))
+    Ok((Live { conn, session_id }, held))
 }
 
 /// Registers every publication and subscription on `conn`, concurrently. A transport failure fails
@@ -270,22 +261,20 @@ const BACKGROUND_IN_FLIGHT: usize = 32;
 /// How long closing the client spends on the requests still queued.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
-/// Connects to another session server (the same one if it is the only one), registers everything
-/// there and makes it the connection in use; `live` is closed once what the new server holds has
-/// landed (see [`hand_over`]). False if none answered.
+/// Connects to another session server (the same one again if no other answers), registers
+/// everything there and makes it the connection in use; `live` is closed once what the new server
+/// holds has landed (see [`hand_over`]). False if none answered.
+///
+/// A new connection to the same server is kept too, and the old one let go: registering there
+/// gave the new connection every publisher the old one held, so closing the new one instead
+/// would remove them while the old one still counts on them.
 async fn move_on(inner: &Arc<Inner>, live: &Live, why: &'static [u8]) -> bool {
-    let here = live.conn.remote_address();
-    match connect_any(inner, Some(here)).await {
-        Ok((next, held)) if next.conn.remote_address() != here || next.only_choice => {
+    match connect_any(inner, Some(live.conn.remote_address())).await {
+        Ok((next, held)) => {
             let new = next.conn.clone();
             install(inner, next);
             crate::io::spawn(hand_over(inner.clone(), live.conn.clone(), new, held, why));
             true
-        }
-        Ok((same, _)) => {
-            // Only the same server would take us: stay, keeping one connection.
-            same.conn.close(0u32.into(), b"duplicate");
-            false
         }
         Err(e) => {
             warn!(error = %e, "no other session server answered");

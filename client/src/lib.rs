@@ -159,8 +159,6 @@ impl Drop for Guard {
 pub(crate) struct Live {
     pub conn: Connection,
     pub session_id: NodeId,
-    /// The session server was the only address there was to dial.
-    pub only_choice: bool,
 }
 
 pub(crate) struct PublicationState {

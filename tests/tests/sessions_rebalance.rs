@@ -214,9 +214,9 @@ async fn a_moving_client_keeps_its_old_connection_until_its_publishers_land_else
     cluster.stop().await;
 }
 
-/// Clients that know only the overloaded session are asked to move, find nowhere else, and
-/// reconnect to the same server: the end of each old connection must not remove what the client
-/// has just registered again on its new one.
+/// Clients that know only the overloaded session (and an address where nothing answers) are asked
+/// to move, find nowhere else, and connect to the same server again: neither the end of the old
+/// connection nor that of the new one may remove what the client registered on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_asked_to_move_back_to_the_same_session_keep_their_publishers() {
     let cluster = roster_tests::Cluster::start_with(roster_tests::ClusterOptions {
@@ -224,7 +224,11 @@ async fn clients_asked_to_move_back_to_the_same_session_keep_their_publishers() 
         ..Default::default()
     })
     .await;
+    let silent = bind_loopback();
     let mut config = cluster.client_config();
+    config
+        .sessions
+        .push(silent.local_addr().unwrap().to_string());
     config.connect_timeout_ms = 1000;
     let mut clients = Vec::new();
     let mut publications = Vec::new();

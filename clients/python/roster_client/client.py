@@ -353,7 +353,7 @@ class Client:
     async def _start(self) -> None:
         deadline = self.config.connect_timeout_ms / 1000
         try:
-            conn, _ = await asyncio.wait_for(self._establish(avoid=None), deadline)
+            conn = await asyncio.wait_for(self._establish(avoid=None), deadline)
         except (asyncio.TimeoutError, RosterError) as e:
             if self._cache is None:
                 if isinstance(e, RosterError) and not isinstance(e, ConnectionLost):
@@ -765,10 +765,9 @@ class Client:
             )
         return conn
 
-    async def _establish(self, avoid: str | None) -> tuple[Connection, bool]:
+    async def _establish(self, avoid: str | None) -> Connection:
         """Dials every session address at once (`avoid` only if no other answers), takes the
-        first that says Welcome, and registers everything there. Returns the connection and
-        whether it was the only address there was."""
+        first that says Welcome, and registers everything there."""
         order = await self._candidates()
         if not order:
             raise ConnectionLost(f"no address for {', '.join(self.config.sessions)}")
@@ -807,7 +806,7 @@ class Client:
                 except BaseException:
                     await conn.close()
                     raise
-                return conn, only_choice
+                return conn
         raise last or ConnectionLost("no session server answered")
 
     async def _register_all(self, conn: Connection) -> None:
@@ -921,7 +920,7 @@ class Client:
                 self._set_state(RECONNECTING)
                 await asyncio.sleep(self._backoff(attempt))
                 try:
-                    new, _ = await self._establish(avoid)
+                    new = await self._establish(avoid)
                 except (errors.Unauthenticated, errors.PermissionDenied) as e:
                     log.warning("a session server refused this client (%s); retrying", e)
                     continue
@@ -952,21 +951,20 @@ class Client:
             log.warning("the session server closed the connection: %s", conn.reason)
 
     async def _move_on(self, conn: Connection, why: str) -> bool:
-        """Connects to another session server (the same one if it is the only one), registers
-        everything there, makes it the connection in use, and only then closes `conn`."""
+        """Connects to another session server (the same one again if no other answers),
+        registers everything there, makes it the connection in use, and only then closes `conn`
+        (see `_hand_over`)."""
         self._set_state(RECONNECTING)
         try:
-            new, only_choice = await self._establish(avoid=conn.addr)
+            new = await self._establish(avoid=conn.addr)
         except Exception as e:
             log.warning("no other session server answered (%s)", e)
             if conn.alive:
                 self._set_state(CONNECTED)
             return False
-        if new.addr == conn.addr and not only_choice:
-            # Only the same server would take us: stay, keeping one connection.
-            await new.close()
-            self._set_state(CONNECTED)
-            return False
+        # A new connection to the same server is kept too, and the old one let go: registering
+        # there gave the new connection every publisher the old one held, so closing the new one
+        # instead would remove them while the old one still counts on them.
         self._install(new)
         # Only now is the old connection closed: everything is registered elsewhere (and has
         # landed, see `_hand_over`).
