@@ -80,8 +80,9 @@ pub struct MetaState {
     #[serde(default)]
     pub persistent: BTreeMap<SlotId, PersistentSlot>,
     /// Data servers that joined or restarted since the last `Rebalance`: they are still copying
-    /// into their follower seats, so no placement counts them as holding a slot — they lead none
-    /// that another server kept, even when two restart one after the other.
+    /// into their follower seats, so no placement counts them as holding a slot they follow —
+    /// they lead none that another server kept, even when two restart one after the other. A
+    /// slot one of them was given to lead (no other holder was left) stays with it.
     #[serde(default)]
     pub copying: BTreeSet<NodeId>,
 }
@@ -239,7 +240,7 @@ impl MetaState {
                 let epoch = self.table.epoch;
                 // The table has been stable for the rebalance delay: joiners have copied.
                 self.copying.clear();
-                self.recompute_table(false);
+                self.recompute_table(None);
                 self.table.epoch != epoch
             }
             Command::SelfPreservation { on } => {
@@ -285,7 +286,7 @@ impl MetaState {
                     if replaced != Some(member.instance) {
                         self.copying.insert(member.id);
                     }
-                    self.recompute_table(restarted);
+                    self.recompute_table(restarted.then_some(member.id));
                 }
                 true
             }
@@ -298,7 +299,7 @@ impl MetaState {
                 info!(member = %key, "member removed");
                 if key.role == Role::Data {
                     self.copying.remove(&key.id);
-                    self.recompute_table(false);
+                    self.recompute_table(None);
                 }
                 true
             }
@@ -313,11 +314,14 @@ impl MetaState {
             .collect()
     }
 
-    /// Places the slots over the live data servers; those still `copying` are placed as if they
-    /// held no seat. `restarted`: one held seats in the table but came back empty, so the table
-    /// gets a new epoch even if nothing moves (its slots are then taken over with a new term, so
-    /// versions keep growing).
-    fn recompute_table(&mut self, restarted: bool) {
+    /// Places the slots over the live data servers. `restarted`: a server that held seats in the
+    /// table but came back empty; it is placed as holding none, and the table gets a new epoch
+    /// even if nothing moves (its slots are then taken over with a new term, so versions keep
+    /// growing). Those still `copying` are placed as holding none of their follower seats, but
+    /// keep the slots they lead: a leadership given to a copying server was one no other holder
+    /// was left for, and it took the slot over — handing it to another server that holds nothing
+    /// (a second joiner, say) would open the slot without what it has.
+    fn recompute_table(&mut self, restarted: Option<NodeId>) {
         let nodes = self.data_nodes();
         if (nodes.len() as u32) < self.min_data_servers {
             tracing::warn!(
@@ -327,11 +331,13 @@ impl MetaState {
             );
             return;
         }
-        // Servers still copying (the one that just restarted among them) hold nothing yet.
         let mut previous = self.table.clone();
         if !self.copying.is_empty() {
             for replicas in &mut previous.slots {
-                replicas.retain(|n| !self.copying.contains(n));
+                let leader = replicas.first().copied();
+                replicas.retain(|n| {
+                    Some(*n) != restarted && (!self.copying.contains(n) || Some(*n) == leader)
+                });
             }
         }
         let slots = place(
@@ -340,7 +346,7 @@ impl MetaState {
             self.table.replicas,
             &previous,
         );
-        if restarted || slots != self.table.slots {
+        if restarted.is_some() || slots != self.table.slots {
             self.table.slots = slots;
             self.table.epoch += 1;
             info!(
@@ -603,6 +609,47 @@ mod tests {
         state.apply(Command::Rebalance {});
         assert!(leads(&state, 1) > 0 && leads(&state, 2) > 0);
         assert!(state.copying.is_empty());
+        assert!(!state.needs_rebalance());
+    }
+
+    #[test]
+    fn a_copying_server_left_alone_keeps_its_slots_when_others_come_back() {
+        let mut state = three_balanced_data_servers();
+        let leads = |s: &MetaState, id| s.table.led_by(id).count();
+
+        // 2 restarts and copies; 1 and 3 die meanwhile: 2, holding nothing yet, is given every
+        // slot and takes them over from the sessions.
+        state.apply(Command::Join {
+            member: member(Role::Data, 2, 22),
+        });
+        for id in [1, 3] {
+            state.apply(Command::Remove {
+                key: MemberKey {
+                    role: Role::Data,
+                    id,
+                },
+                instance: id,
+            });
+        }
+        assert_eq!(leads(&state, 2), 256);
+        assert!(state.copying.contains(&2));
+
+        // 3 and 1 come back empty: 2 still leads every slot it took over, they only copy.
+        state.apply(Command::Join {
+            member: member(Role::Data, 3, 33),
+        });
+        state.apply(Command::Join {
+            member: member(Role::Data, 1, 11),
+        });
+        assert_eq!(
+            leads(&state, 2),
+            256,
+            "kept by the server that took them over"
+        );
+        assert!(state.table.slots.iter().all(|r| r.len() == 3));
+
+        state.apply(Command::Rebalance {});
+        assert!(leads(&state, 1) > 0 && leads(&state, 3) > 0);
         assert!(!state.needs_rebalance());
     }
 
