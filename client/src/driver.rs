@@ -192,23 +192,7 @@ async fn register_all(inner: &Inner, conn: &Connection) -> Result<Vec<RegisterId
             .collect()
     };
     let count = requests.len();
-    let results: Vec<(Option<RegisterId>, Result<ClientResponse>)> = futures_util::stream::iter(
-        requests
-            .into_iter()
-            .map(|(publication, request)| async move {
-                let answer = rpc::call(
-                    conn,
-                    &request,
-                    inner.config.max_frame,
-                    inner.config.request_timeout(),
-                )
-                .await;
-                (publication, answer)
-            }),
-    )
-    .buffer_unordered(REGISTER_CONCURRENCY)
-    .collect()
-    .await;
+    let results = call_all(inner, conn, requests).await;
     let mut held = Vec::new();
     for (publication, result) in results {
         match result {
@@ -344,22 +328,35 @@ async fn ask_again(inner: &Inner, conn: &Connection, held: Vec<RegisterId>) -> V
             })
             .collect()
     };
-    futures_util::stream::iter(requests.into_iter().map(|(id, request)| async move {
-        let answer = rpc::call::<_, ClientResponse>(
+    call_all(inner, conn, requests)
+        .await
+        .into_iter()
+        .filter_map(|(id, answer)| match answer {
+            Ok(ClientResponse::Accepted { durable: false })
+            | Err(Error::Timeout(_) | Error::Unavailable(_)) => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Sends every request on `conn`, [`REGISTER_CONCURRENCY`] at a time; each answer comes back with
+/// its request's tag.
+async fn call_all<T>(
+    inner: &Inner,
+    conn: &Connection,
+    requests: Vec<(T, ClientRequest)>,
+) -> Vec<(T, Result<ClientResponse>)> {
+    futures_util::stream::iter(requests.into_iter().map(|(tag, request)| async move {
+        let answer = rpc::call(
             conn,
             &request,
             inner.config.max_frame,
             inner.config.request_timeout(),
         )
         .await;
-        match answer {
-            Ok(ClientResponse::Accepted { durable: false })
-            | Err(Error::Timeout(_) | Error::Unavailable(_)) => Some(id),
-            _ => None,
-        }
+        (tag, answer)
     }))
     .buffer_unordered(REGISTER_CONCURRENCY)
-    .filter_map(std::future::ready)
     .collect()
     .await
 }
