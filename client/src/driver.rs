@@ -312,7 +312,12 @@ async fn hand_over(
             }
         }
     }
-    old.close(CLOSE_MOVED.into(), why);
+    // A client closing meanwhile leaves: its publishers go at once, as from any connection.
+    if inner.shutdown.is_cancelled() {
+        old.close(0u32.into(), b"client closed");
+    } else {
+        old.close(CLOSE_MOVED.into(), why);
+    }
 }
 
 /// Publishes each of `held` again, unchanged, on `conn`; returns those still held (a publication

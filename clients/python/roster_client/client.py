@@ -884,7 +884,10 @@ class Client:
             held = still
             if held:
                 await asyncio.sleep(HANDOVER_RETRY)
-        await old.close("moved to another session server", CLOSE_MOVED)
+        if self._closing:  # leaving: its publishers go at once, as from any connection
+            await old.close()
+        else:
+            await old.close("moved to another session server", CLOSE_MOVED)
 
     def _install(self, conn: Connection) -> None:
         if self._conn is not None:
