@@ -379,6 +379,9 @@ impl Store {
         let index = self.led_slot(op.service())?;
         let op = self.admit_session_op(index, op)?;
         let mut applied = Applied::default();
+        if self.outclaimed(index, &op) {
+            return Ok(applied);
+        }
         if let Some(led) = self.lead(index, op)? {
             applied.push(led);
         }

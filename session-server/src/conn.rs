@@ -272,7 +272,7 @@ async fn handle_request(
                 if let Some(old) = moved_from.as_ref().filter(|old| **old != service) {
                     owned.remove(old, &client.client_id, &register_id);
                 }
-                if let Some(earlier) = owned.unchanged_since(&publisher) {
+                if let Some(earlier) = owned.unchanged_since(&publisher, client.id) {
                     publisher.registered_ms = earlier;
                 }
                 owned.put(publisher.clone(), client.id);

@@ -26,8 +26,12 @@ struct Entry {
     check: Option<Box<roster_common::health::CheckSpec>>,
     /// When the client registered this version of it here (see `Publisher::registered_ms`).
     registered_ms: u64,
-    /// The connection that registered it last.
+    /// The connection that holds it now (a returning client's new connection takes over its
+    /// lost one's).
     conn: ConnId,
+    /// The connection that registered it last: its claim's time (`registered_ms`) belongs to that
+    /// registration.
+    claimed_on: ConnId,
 }
 
 /// The publishers of one service: by client (its id shared by all of that client's publishers
@@ -73,16 +77,20 @@ impl Owned {
             .get_mut(register_id)
     }
 
-    /// When `publisher` was registered here, if this session already holds it exactly so: a client
-    /// registering it again unchanged (after a reconnect) keeps its claim's time, so the slot
-    /// leader sees the same record and changes nothing.
-    pub fn unchanged_since(&self, publisher: &Publisher) -> Option<u64> {
+    /// When `publisher` was registered on connection `conn`, if it was registered there exactly
+    /// so: registering it again unchanged on the same connection (a client asking whether a held
+    /// registration has landed) keeps its claim's time, so the slot leader sees the same record
+    /// and changes nothing. A registration on another connection — a client back after a lost
+    /// connection or from another session server — is a new claim with a new time: the slot
+    /// leader orders claims of different sessions by it.
+    pub fn unchanged_since(&self, publisher: &Publisher, conn: ConnId) -> Option<u64> {
         let entry = self.entry(
             &publisher.service,
             &publisher.client_id,
             &publisher.register_id,
         )?;
-        (entry.data == publisher.data
+        (entry.claimed_on == conn
+            && entry.data == publisher.data
             && entry.attributes == publisher.attributes
             && entry.client_version == publisher.client_version
             && entry.owner == publisher.owner
@@ -100,6 +108,7 @@ impl Owned {
             check: publisher.check.map(Box::new),
             registered_ms: publisher.registered_ms,
             conn,
+            claimed_on: conn,
         };
         let clients = self.by_service.entry(publisher.service).or_default();
         let registered = match clients.get_mut(publisher.client_id.as_str()) {
@@ -309,17 +318,21 @@ mod tests {
     }
 
     #[test]
-    fn registering_again_unchanged_keeps_the_time_of_the_claim() {
+    fn registering_again_unchanged_on_the_same_connection_keeps_the_time_of_the_claim() {
         let mut owned = Owned::new(1, 7);
         let mut a = publisher("demo", "r1", 1);
         a.registered_ms = 1_000;
         owned.put(a.clone(), 1);
         let mut again = a.clone();
         again.registered_ms = 5_000;
-        assert_eq!(owned.unchanged_since(&again), Some(1_000));
+        assert_eq!(owned.unchanged_since(&again, 1), Some(1_000));
         let mut updated = again.clone();
         updated.client_version = 2;
-        assert_eq!(owned.unchanged_since(&updated), None);
+        assert_eq!(owned.unchanged_since(&updated, 1), None);
+        // The same client back on another connection, having taken the first one's over, makes
+        // a new claim.
+        owned.reassign(&a.service, "c", "r1", 1, 2);
+        assert_eq!(owned.unchanged_since(&again, 2), None);
         owned.put(updated, 2);
         let synced = owned.in_slot(slot_of(&a.service, 8), 8);
         assert_eq!(

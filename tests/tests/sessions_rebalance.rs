@@ -22,6 +22,20 @@ use tokio_util::sync::CancellationToken;
 
 const CLIENTS: usize = 40;
 
+/// The client grace of [`cluster_with_a_long_grace`]: long enough to tell "at once" from "after
+/// the grace" on a loaded machine.
+const GRACE: Duration = Duration::from_secs(4);
+
+/// A cluster whose session server keeps the publishers of a lost or moved-on connection for
+/// [`GRACE`].
+async fn cluster_with_a_long_grace() -> Cluster {
+    Cluster::start_with(ClusterOptions {
+        session: |config| config.client_grace = GRACE,
+        ..Default::default()
+    })
+    .await
+}
+
 /// `CLIENTS` clients, each publishing one address in `service`, all on the cluster's first session
 /// server though they also list `second` (where nothing answers yet); and their publisher keys.
 async fn clients_on_the_first(
@@ -147,12 +161,7 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
 /// the first server let them go, and no subscriber sees them missing in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moving_client_keeps_its_old_connection_until_its_publishers_land_elsewhere() {
-    const GRACE: Duration = Duration::from_secs(4);
-    let cluster = Cluster::start_with(ClusterOptions {
-        session: |config| config.client_grace = GRACE,
-        ..Default::default()
-    })
-    .await;
+    let cluster = cluster_with_a_long_grace().await;
     let data_addr = cluster.data_addrs[0].to_string();
     let second_socket = bind_loopback();
     let second_addr = second_socket.local_addr().unwrap();
@@ -349,12 +358,7 @@ async fn raw_publisher(cluster: &Cluster, client_id: &str, addr: &str) -> RawCli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_moving_on_keeps_its_publishers_for_the_grace_one_leaving_does_not() {
-    const GRACE: Duration = Duration::from_secs(4);
-    let cluster = Cluster::start_with(ClusterOptions {
-        session: |config| config.client_grace = GRACE,
-        ..Default::default()
-    })
-    .await;
+    let cluster = cluster_with_a_long_grace().await;
     let subscriber = Client::connect(cluster.client_config()).await.unwrap();
     let log = SnapshotLog::start(subscriber.subscribe("demo").await.unwrap());
 

@@ -91,6 +91,23 @@ impl Store {
         Ok(applied)
     }
 
+    /// Whether `op` puts a claim on a record older than the one another session holds on it (by
+    /// `registered_ms`): a write from a session the client has since left — held there and
+    /// retried, or slow on its way — that arrives after the client registered where it went. It
+    /// must not take the record back: that session removes it once its connection's grace ends,
+    /// and subscribers would see the publisher gone. Such a write changes nothing (and is answered
+    /// as applied). Claims without a time (older session servers) are never outclaimed.
+    pub(super) fn outclaimed(&self, index: usize, op: &WriteOp) -> bool {
+        let WriteOp::Put { publisher } = op else {
+            return false;
+        };
+        publisher.registered_ms != 0
+            && self.slots[index].record_of(publisher).is_some_and(|r| {
+                r.session_instance != publisher.session_instance
+                    && r.registered_ms > publisher.registered_ms
+            })
+    }
+
     /// Opens the slots whose takeover is complete: every `live` session heard from, or `timeout`
     /// passed. Returns the slots opened.
     pub fn open_ready(

@@ -195,6 +195,42 @@ fn removes_only_what_the_session_owns() {
 }
 
 #[test]
+fn a_write_from_the_session_a_client_left_does_not_take_its_record_back() {
+    let mut store = leader(1, 1, &[1]);
+    let remove = |instance| WriteOp::Remove {
+        service: demo(),
+        client_id: "c".into(),
+        register_id: "r1".into(),
+        session_instance: instance,
+        owner: None,
+    };
+    // Registered on session 9, which holds the write back (its leader unreachable); the client
+    // moves to session 10, whose registration lands first.
+    let mut left = publisher("c", "r1", "a", 9);
+    left.registered_ms = 1_000;
+    let mut moved = publisher("c", "r1", "a", 10);
+    moved.registered_ms = 2_000;
+    assert_eq!(store.write(put(moved.clone())).unwrap().ops.len(), 1);
+    // Session 9's write arrives late: it changes nothing, nor does its removal once the grace of
+    // the connection the client left ends.
+    assert!(store.write(put(left.clone())).unwrap().ops.is_empty());
+    assert!(store.write(remove(9)).unwrap().ops.is_empty());
+    assert_eq!(
+        store.snapshot(&demo()).unwrap().publishers,
+        vec![moved.view()]
+    );
+    // The client coming back to session 9 claims it anew, later: that takes it.
+    left.registered_ms = 3_000;
+    assert_eq!(store.write(put(left.clone())).unwrap().ops.len(), 1);
+    assert_eq!(store.owners().collect::<Vec<_>>(), vec![9]);
+    // A write without a claim time (an older session server) is taken as before.
+    let mut old_style = publisher("c", "r1", "b", 10);
+    old_style.registered_ms = 0;
+    assert_eq!(store.write(put(old_style)).unwrap().ops.len(), 1);
+    assert_eq!(store.write(remove(10)).unwrap().ops.len(), 1);
+}
+
+#[test]
 fn an_owner_removes_its_record_through_another_session() {
     let mut store = leader(1, 1, &[1]);
     store.write(put(publisher("c", "r1", "a", 9))).unwrap();
