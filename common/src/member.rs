@@ -27,6 +27,11 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How long leaving may take at shutdown before the lease is left to lapse instead.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long dialing one meta node may take before the next is tried. A meta node that is down
+/// answers nothing until the handshake times out; waiting the whole request timeout on it (then on
+/// the next dead one) while the meta group fails over would outlast this member's lease, and the
+/// meta tier would declare a live member dead. A handshake takes a few round trips.
+const META_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How a member reaches the meta tier.
 #[derive(Clone, Debug)]
@@ -162,7 +167,13 @@ async fn session(
     shutdown: &CancellationToken,
     view_tx: &watch::Sender<Option<Arc<ClusterView>>>,
 ) -> Result<()> {
-    let conn = pool.get(addr).await?;
+    let conn = tokio::time::timeout(META_CONNECT_TIMEOUT, pool.get(addr))
+        .await
+        .map_err(|_| {
+            Error::Connection(format!(
+                "cannot connect to {addr}: no handshake within {META_CONNECT_TIMEOUT:?}"
+            ))
+        })??;
     let member = &config.member;
     let (renew_every, lease) = register(config, &conn, cluster_id).await?;
     // Renewals may fail for a moment (the meta leader changing); if they keep failing for half a

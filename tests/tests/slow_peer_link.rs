@@ -3,7 +3,7 @@
 //! sessions. Writes to data 1's services are slower by the delay but still acknowledged durable;
 //! every subscriber converges to exactly the live publishers while the link is slow and after it
 //! heals, and over everything recorded versions only grow and no publisher live throughout goes
-//! missing.
+//! missing. Also: a member skips a meta node that answers nothing within a lease.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -200,5 +200,41 @@ async fn a_slow_link_from_a_session_to_a_data_server_delays_writes_but_loses_not
     for client in subscribers {
         client.close().await;
     }
+    cluster.stop().await;
+}
+
+/// A member whose first configured meta node answers nothing (down, its address black-holed)
+/// joins through the next within a lease: dialing a silent meta node gives up after a second
+/// rather than the whole request timeout, which, met twice while the meta group fails over, would
+/// outlast the member's lease and have a live member declared dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_skips_a_silent_meta_node_within_a_lease() {
+    let cluster = Cluster::start().await;
+    let silent = roster_tests::bind_loopback();
+    let metas = vec![
+        silent.local_addr().unwrap().to_string(),
+        cluster.meta_addr.to_string(),
+    ];
+    let server = roster_session::SessionServer::new(
+        roster_session::SessionConfig::new(2, metas),
+        cluster.identity.clone(),
+    )
+    .unwrap();
+    let mut ready = server.ready();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(roster_tests::bind_loopback(), stop.clone()));
+    let started = Instant::now();
+    tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
+        .await
+        .expect("the session server joins through the second meta node")
+        .unwrap();
+    let joined = started.elapsed();
+    // The lease is 3 s; the request timeout, which dialing used to wait, 5 s.
+    assert!(
+        joined < Duration::from_secs(3),
+        "joined after {joined:?}, past a lease"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
     cluster.stop().await;
 }
