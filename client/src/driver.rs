@@ -20,12 +20,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::accept::{DeltaVerdict, accept, judge_delta, snapshot_is_newer};
+use crate::handover::hand_over;
 use crate::liveness::Liveness;
+use crate::requests::{REGISTER_CONCURRENCY, call_all};
 use crate::snapshot::Snapshot;
 use crate::{ConnectionState, Inner, Live, SubscriptionState, publish_request, subscribe_request};
-
-/// Registrations sent at once on a new connection, besides the application's `max_in_flight`.
-pub(crate) const REGISTER_CONCURRENCY: usize = 16;
 
 /// One address to dial: a configured session address, or one of the addresses its DNS name
 /// resolves to.
@@ -247,7 +246,7 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Connects to another session server (the same one again if no other answers), registers
 /// everything there and makes it the connection in use; `live` is closed once what the new server
-/// holds has landed (see [`hand_over`]). False if none answered.
+/// holds has landed (see [`crate::handover`]). False if none answered.
 ///
 /// A new connection to the same server is kept too, and the old one let go: registering there
 /// gave the new connection every publisher the old one held, so closing the new one instead
@@ -265,105 +264,6 @@ async fn move_on(inner: &Arc<Inner>, live: &Live, why: &'static [u8]) -> bool {
             false
         }
     }
-}
-
-/// How long a client that moved keeps its old connection while the new session server holds some
-/// of its publications on their way to the data tier.
-const HANDOVER_LIMIT: Duration = Duration::from_secs(10);
-/// The pause between asking again whether held publications have landed.
-const HANDOVER_RETRY: Duration = Duration::from_millis(200);
-
-/// Closes `old` (with `CLOSE_MOVED`) once every publication in `held` has landed through `new`.
-///
-/// The old session server removes what the connection held when it ends (after the client grace,
-/// for a client that moved). A publication the new server answered `durable: false` is not yet at
-/// its slot leader: removed there by the old server first, subscribers would see it gone until it
-/// lands. So the old connection, which keeps it registered, stays until it has landed: each round
-/// publishes it again, unchanged, on `new`, which answers once the server's own retry lands it.
-/// Bounded by [`HANDOVER_LIMIT`], and over as soon as either connection ends or the client closes.
-async fn hand_over(
-    inner: Arc<Inner>,
-    old: Connection,
-    new: Connection,
-    mut held: Vec<RegisterId>,
-    why: &'static [u8],
-) {
-    let deadline = tokio::time::Instant::now() + HANDOVER_LIMIT;
-    if !held.is_empty() {
-        info!(
-            held = held.len(),
-            "keeping the old connection until the publications the new session server holds have landed"
-        );
-    }
-    while !held.is_empty() {
-        tokio::select! {
-            _ = inner.shutdown.cancelled() => break,
-            _ = old.closed() => break,
-            _ = new.closed() => break,
-            _ = tokio::time::sleep_until(deadline) => {
-                warn!(held = held.len(), limit = ?HANDOVER_LIMIT, "publications held by the new session server have not landed; closing the old connection anyway");
-                break;
-            }
-            still = ask_again(&inner, &new, std::mem::take(&mut held)) => {
-                held = still;
-                if !held.is_empty() {
-                    tokio::time::sleep(HANDOVER_RETRY).await;
-                }
-            }
-        }
-    }
-    // A client closing meanwhile leaves: its publishers go at once, as from any connection.
-    if inner.shutdown.is_cancelled() {
-        old.close(0u32.into(), b"client closed");
-    } else {
-        old.close(CLOSE_MOVED.into(), why);
-    }
-}
-
-/// Publishes each of `held` again, unchanged, on `conn`; returns those still held (a publication
-/// since unpublished, or refused, is no longer waited for).
-async fn ask_again(inner: &Inner, conn: &Connection, held: Vec<RegisterId>) -> Vec<RegisterId> {
-    let requests: Vec<(RegisterId, ClientRequest)> = {
-        let registry = inner.registry.lock();
-        held.into_iter()
-            .filter_map(|id| {
-                let state = registry.publications.get(&id)?;
-                let request = publish_request(&id, state);
-                Some((id, request))
-            })
-            .collect()
-    };
-    call_all(inner, conn, requests)
-        .await
-        .into_iter()
-        .filter_map(|(id, answer)| match answer {
-            Ok(ClientResponse::Accepted { durable: false })
-            | Err(Error::Timeout(_) | Error::Unavailable(_)) => Some(id),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Sends every request on `conn`, [`REGISTER_CONCURRENCY`] at a time; each answer comes back with
-/// its request's tag.
-async fn call_all<T>(
-    inner: &Inner,
-    conn: &Connection,
-    requests: Vec<(T, ClientRequest)>,
-) -> Vec<(T, Result<ClientResponse>)> {
-    futures_util::stream::iter(requests.into_iter().map(|(tag, request)| async move {
-        let answer = rpc::call(
-            conn,
-            &request,
-            inner.config.max_frame,
-            inner.config.request_timeout(),
-        )
-        .await;
-        (tag, answer)
-    }))
-    .buffer_unordered(REGISTER_CONCURRENCY)
-    .collect()
-    .await
 }
 
 /// Keeps the client connected until it is shut down, then sends pending removals and closes.
