@@ -95,6 +95,22 @@ fn connected_to(clients: &[Client], addr: SocketAddr) -> usize {
         .count()
 }
 
+/// Closes every client and the watcher, then stops session server 2 and the cluster.
+async fn tear_down(
+    clients: Vec<Client>,
+    watcher: Client,
+    (stop_second, second_task): (CancellationToken, JoinHandle<roster_common::Result<()>>),
+    cluster: Cluster,
+) {
+    for client in clients {
+        client.close().await;
+    }
+    watcher.close().await;
+    stop_second.cancel();
+    second_task.await.unwrap().unwrap();
+    cluster.stop().await;
+}
+
 /// A watcher connected to the cluster's first session server only, recording `service`.
 async fn watch_first(cluster: &Cluster, service: &str) -> (Client, SnapshotLog) {
     let mut config = cluster.client_config();
@@ -146,13 +162,7 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
     check_history(&seen, &stable).unwrap();
 
     drop(publications);
-    for client in clients {
-        client.close().await;
-    }
-    watcher.close().await;
-    stop_second.cancel();
-    second_task.await.unwrap().unwrap();
-    cluster.stop().await;
+    tear_down(clients, watcher, (stop_second, second_task), cluster).await;
 }
 
 /// Clients move to a session server that cannot reach the data tier for a while: it answers their
@@ -245,13 +255,7 @@ async fn a_moving_client_keeps_its_old_connection_until_its_publishers_land_else
     check_history(&seen, &stable).unwrap_or_else(|e| panic!("after {moved} clients moved: {e}"));
 
     drop(publications);
-    for client in clients {
-        client.close().await;
-    }
-    watcher.close().await;
-    stop_second.cancel();
-    second_task.await.unwrap().unwrap();
-    cluster.stop().await;
+    tear_down(clients, watcher, (stop_second, second_task), cluster).await;
 }
 
 /// Clients that know only the overloaded session (and an address where nothing answers) are asked

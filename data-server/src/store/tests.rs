@@ -174,22 +174,26 @@ fn only_the_owner_replaces_a_record_through_any_session() {
     assert_eq!(store.write(put(claimed)).unwrap().ops.len(), 1);
 }
 
-#[test]
-fn removes_only_what_the_session_owns() {
-    let mut store = leader(1, 1, &[1]);
-    store.write(put(publisher("c", "r1", "a", 9))).unwrap();
-    let remove = |instance| WriteOp::Remove {
+/// Session `instance`'s removal of client `c`'s publisher `r1` in `demo`.
+fn remove_r1(instance: InstanceId) -> WriteOp {
+    WriteOp::Remove {
         service: demo(),
         client_id: "c".into(),
         register_id: "r1".into(),
         session_instance: instance,
         owner: None,
-    };
+    }
+}
+
+#[test]
+fn removes_only_what_the_session_owns() {
+    let mut store = leader(1, 1, &[1]);
+    store.write(put(publisher("c", "r1", "a", 9))).unwrap();
     assert!(
-        store.write(remove(8)).unwrap().ops.is_empty(),
+        store.write(remove_r1(8)).unwrap().ops.is_empty(),
         "another session's remove is ignored"
     );
-    assert_eq!(store.write(remove(9)).unwrap().ops.len(), 1);
+    assert_eq!(store.write(remove_r1(9)).unwrap().ops.len(), 1);
     assert!(store.snapshot(&demo()).unwrap().publishers.is_empty());
     assert_eq!(store.owners().count(), 0);
 }
@@ -197,13 +201,6 @@ fn removes_only_what_the_session_owns() {
 #[test]
 fn a_write_from_the_session_a_client_left_does_not_take_its_record_back() {
     let mut store = leader(1, 1, &[1]);
-    let remove = |instance| WriteOp::Remove {
-        service: demo(),
-        client_id: "c".into(),
-        register_id: "r1".into(),
-        session_instance: instance,
-        owner: None,
-    };
     // Registered on session 9, which holds the write back (its leader unreachable); the client
     // moves to session 10, whose registration lands first.
     let mut left = publisher("c", "r1", "a", 9);
@@ -214,7 +211,7 @@ fn a_write_from_the_session_a_client_left_does_not_take_its_record_back() {
     // Session 9's write arrives late: it changes nothing, nor does its removal once the grace of
     // the connection the client left ends.
     assert!(store.write(put(left.clone())).unwrap().ops.is_empty());
-    assert!(store.write(remove(9)).unwrap().ops.is_empty());
+    assert!(store.write(remove_r1(9)).unwrap().ops.is_empty());
     assert_eq!(
         store.snapshot(&demo()).unwrap().publishers,
         vec![moved.view()]
@@ -227,7 +224,7 @@ fn a_write_from_the_session_a_client_left_does_not_take_its_record_back() {
     let mut old_style = publisher("c", "r1", "b", 10);
     old_style.registered_ms = 0;
     assert_eq!(store.write(put(old_style)).unwrap().ops.len(), 1);
-    assert_eq!(store.write(remove(10)).unwrap().ops.len(), 1);
+    assert_eq!(store.write(remove_r1(10)).unwrap().ops.len(), 1);
 }
 
 #[test]
