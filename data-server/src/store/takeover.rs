@@ -71,10 +71,8 @@ impl Store {
                     p.client_id, p.register_id
                 )));
             }
-            let held_elsewhere = self.slots[index].record_of(&p).is_some_and(|r| {
-                r.session_instance != instance
-                    && live.contains(&r.session_instance)
-                    && r.registered_ms >= p.registered_ms
+            let held_elsewhere = self.claim_elsewhere(index, &p).is_some_and(|r| {
+                live.contains(&r.session_instance) && r.registered_ms >= p.registered_ms
             });
             if !held_elsewhere {
                 ops.push(self.admit_session_op(index, WriteOp::Put { publisher: p })?);
@@ -102,10 +100,16 @@ impl Store {
             return false;
         };
         publisher.registered_ms != 0
-            && self.slots[index].record_of(publisher).is_some_and(|r| {
-                r.session_instance != publisher.session_instance
-                    && r.registered_ms > publisher.registered_ms
-            })
+            && self
+                .claim_elsewhere(index, publisher)
+                .is_some_and(|r| r.registered_ms > publisher.registered_ms)
+    }
+
+    /// The record of `publisher` in slot `index` when another session instance holds it.
+    fn claim_elsewhere(&self, index: usize, publisher: &Publisher) -> Option<&Publisher> {
+        self.slots[index]
+            .record_of(publisher)
+            .filter(|r| r.session_instance != publisher.session_instance)
     }
 
     /// Opens the slots whose takeover is complete: every `live` session heard from, or `timeout`
