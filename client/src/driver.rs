@@ -15,7 +15,7 @@ use roster_common::proto::{
     self, CAPABILITY_DELTA, CLOSE_MOVED, CLOSE_SLOW_CONSUMER, ClientRequest, ClientResponse, Delta,
     PROTOCOL_VERSION, Push,
 };
-use roster_common::{Error, RegisterId, Result, frame, quic, rpc};
+use roster_common::{Error, RegisterId, Result, frame, push, quic, rpc};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -448,7 +448,7 @@ async fn read_pushes(inner: Arc<Inner>, conn: Connection) {
                 .stats
                 .push_bytes
                 .fetch_add((body.len() + frame::HEADER_LEN) as u64, Ordering::Relaxed);
-            match frame::decode::<Push>(&body) {
+            match push::decode(&body) {
                 Ok(Push::Snapshot(snapshot)) => {
                     inner.stats.snapshots.fetch_add(1, Ordering::Relaxed);
                     deliver_snapshot(&inner, snapshot);

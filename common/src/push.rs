@@ -7,7 +7,7 @@
 //!
 //! The frames are exactly what `frame::encode(&Push::Snapshot(..))` and
 //! `frame::encode(&Push::Delta(..))` produce for the same content (the tests decode them back);
-//! `docs/PROTOCOL.md` §4 specifies both.
+//! `docs/PROTOCOL.md` §4 specifies both. [`decode`] reads them back, as a client does.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 use crate::frame::HEADER_LEN;
 use crate::ids::{ClientId, RegisterId, ServiceId, Version};
 use crate::proto::{PublisherView, Push};
+
+mod read;
+
+pub use read::decode;
 
 /// One publisher as MessagePack, the way it appears in a push.
 pub fn encode_publisher(view: &PublisherView) -> Bytes {
