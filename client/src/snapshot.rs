@@ -4,12 +4,17 @@
 //! cloning a snapshot costs a pointer, applying a delta to it costs O(k log n) for k changed
 //! publishers of n, and the snapshot before the delta stays valid for whoever still holds it — the
 //! two share everything the delta did not touch. Every reader of a subscription gets the same
-//! snapshot, however many there are, and [`diff`] walks only the parts two snapshots do not share,
-//! so the events between consecutive versions cost what changed.
+//! snapshot, however many there are.
+//!
+//! A snapshot made by applying a delta keeps the events that delta caused, with the publishers it
+//! was applied to: [`diff`] between the two hands them out as they are, so a reader that keeps up
+//! gets its events for what the delta carried. Between any other two snapshots (a reader that
+//! skipped versions, a full snapshot) it walks only the parts they do not share.
 
 use std::fmt;
 use std::sync::Arc;
 
+use equivalent::{Comparable, Equivalent};
 use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
 use roster_common::proto::{self, Delta, PublisherView};
@@ -23,8 +28,8 @@ use roster_common::{ServiceId, Version};
 struct Key(Arc<PublisherView>);
 
 impl Key {
-    fn ids(&self) -> (&str, &str) {
-        (&self.0.client_id, &self.0.register_id)
+    fn ids(&self) -> Ids<'_> {
+        Ids(&self.0.client_id, &self.0.register_id)
     }
 }
 
@@ -48,17 +53,21 @@ impl Ord for Key {
     }
 }
 
-/// A key to look a publisher up by (a removal, a `get`).
-fn key(client_id: &str, register_id: &str) -> Key {
-    Key(Arc::new(PublisherView {
-        health: None,
-        persistent: false,
-        client_id: client_id.to_owned(),
-        register_id: register_id.to_owned(),
-        data: Vec::new(),
-        attributes: Default::default(),
-        client_version: 0,
-    }))
+/// A publisher's identity, borrowed: what a removal or a `get` looks a publisher up by, without
+/// building one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Ids<'a>(&'a str, &'a str);
+
+impl Equivalent<Key> for Ids<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *self == key.ids()
+    }
+}
+
+impl Comparable<Key> for Ids<'_> {
+    fn compare(&self, key: &Key) -> std::cmp::Ordering {
+        self.cmp(&key.ids())
+    }
 }
 
 /// The publishers of a snapshot, ordered by `(client_id, register_id)`. Cloning is O(1).
@@ -93,12 +102,16 @@ impl Publishers {
 
     /// The publisher `register_id` of client `client_id`.
     pub fn get(&self, client_id: &str, register_id: &str) -> Option<&PublisherView> {
-        self.0.get(&key(client_id, register_id)).map(|p| &**p)
+        self.0.get(&Ids(client_id, register_id)).map(|p| &**p)
     }
 
-    fn insert(&mut self, view: PublisherView) {
-        let view = Arc::new(view);
-        self.0.insert(Key(view.clone()), view);
+    /// Adds or replaces `view`; the publisher it replaces, if any.
+    fn insert(&mut self, view: Arc<PublisherView>) -> Option<Arc<PublisherView>> {
+        self.0.insert(Key(view.clone()), view)
+    }
+
+    fn remove(&mut self, client_id: &str, register_id: &str) -> Option<Arc<PublisherView>> {
+        self.0.remove(&Ids(client_id, register_id))
     }
 }
 
@@ -106,7 +119,7 @@ impl FromIterator<PublisherView> for Publishers {
     fn from_iter<I: IntoIterator<Item = PublisherView>>(iter: I) -> Self {
         let mut out = Publishers::default();
         for view in iter {
-            out.insert(view);
+            out.insert(Arc::new(view));
         }
         out
     }
@@ -130,21 +143,57 @@ impl fmt::Debug for Publishers {
 /// All live publishers of one service at one version, as the registry last told this client:
 /// ephemeral publishers and persistent instances ([`PublisherView::persistent`]) alike, each
 /// with its check's verdict when it is checked ([`PublisherView::health`]).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone)]
 pub struct Snapshot {
     pub service: ServiceId,
     pub version: Version,
     pub publishers: Publishers,
+    /// The delta this snapshot was made by, when it was.
+    made_by: Option<Arc<Step>>,
+}
+
+/// A delta applied: the publishers it was applied to, and the events it caused.
+struct Step {
+    base: Publishers,
+    events: Vec<Event>,
+}
+
+impl PartialEq for Snapshot {
+    /// Same service, version and publishers, however each was made.
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && self.version == other.version
+            && self.publishers == other.publishers
+    }
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("service", &self.service)
+            .field("version", &self.version)
+            .field("publishers", &self.publishers)
+            .finish()
+    }
 }
 
 impl Snapshot {
+    pub fn new(service: ServiceId, version: Version, publishers: Publishers) -> Self {
+        Snapshot {
+            service,
+            version,
+            publishers,
+            made_by: None,
+        }
+    }
+
     /// From a snapshot as it travels.
     pub fn from_wire(snapshot: proto::Snapshot) -> Self {
-        Snapshot {
-            service: snapshot.service,
-            version: snapshot.version,
-            publishers: snapshot.publishers.into_iter().collect(),
-        }
+        Snapshot::new(
+            snapshot.service,
+            snapshot.version,
+            snapshot.publishers.into_iter().collect(),
+        )
     }
 
     /// As it travels (a copy of every publisher).
@@ -157,21 +206,68 @@ impl Snapshot {
     }
 
     /// Applies `delta` if it starts from this version; false (and nothing changed) otherwise.
+    /// The events it causes are kept with the result for [`diff`] — unless the delta names a
+    /// publisher twice (which servers never do), when `diff` works them out instead.
     pub(crate) fn apply(&mut self, delta: Delta) -> bool {
         if delta.base != self.version || delta.version <= delta.base {
             return false;
         }
+        let base = self.publishers.clone();
+        let once = names_each_once(&delta);
+        let mut events = Vec::with_capacity(delta.removed.len() + delta.put.len());
         for id in delta.removed {
-            self.publishers
-                .0
-                .remove(&key(&id.client_id, &id.register_id));
+            if let Some(old) = self.publishers.remove(&id.client_id, &id.register_id) {
+                events.push(Event::Removed(old));
+            }
         }
+        let puts = events.len();
         for view in delta.put {
-            self.publishers.insert(view);
+            let new = Arc::new(view);
+            match self.publishers.insert(new.clone()) {
+                Some(old) if old == new => {}
+                Some(old) => events.push(Event::Changed { old, new }),
+                None => events.push(Event::Added(new)),
+            }
         }
         self.version = delta.version;
+        self.made_by = once.then(|| {
+            // Changes before additions, each kind still in order.
+            events[puts..].sort_by_key(|e| matches!(e, Event::Added(_)));
+            Arc::new(Step { base, events })
+        });
         true
     }
+}
+
+/// Whether `delta` names each publisher once: each list strictly ordered, as servers send them,
+/// and no publisher in both.
+fn names_each_once(delta: &Delta) -> bool {
+    let put = || delta.put.iter().map(|p| Ids(&p.client_id, &p.register_id));
+    let removed = || {
+        delta
+            .removed
+            .iter()
+            .map(|p| Ids(&p.client_id, &p.register_id))
+    };
+    let ordered = |mut ids: Box<dyn Iterator<Item = Ids<'_>> + '_>| {
+        let Some(mut last) = ids.next() else {
+            return true;
+        };
+        ids.all(|id| std::mem::replace(&mut last, id) < id)
+    };
+    if !ordered(Box::new(put())) || !ordered(Box::new(removed())) {
+        return false;
+    }
+    // Both ordered: walk them side by side.
+    let (mut put, mut removed) = (put().peekable(), removed().peekable());
+    while let (Some(p), Some(r)) = (put.peek(), removed.peek()) {
+        match p.cmp(r) {
+            std::cmp::Ordering::Less => put.next(),
+            std::cmp::Ordering::Greater => removed.next(),
+            std::cmp::Ordering::Equal => return false,
+        };
+    }
+    true
 }
 
 /// A change of one publisher of a subscribed service. The publishers are shared with the
@@ -188,8 +284,19 @@ pub enum Event {
 }
 
 /// The events that turn `old` into `new`: removals, then changes, then additions, each in
-/// `(client_id, register_id)` order. Visits only what the two snapshots do not share.
+/// `(client_id, register_id)` order. When `new` was made by one delta applied to `old`, those are
+/// the delta's events as they were found; otherwise only what the two do not share is visited.
 pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
+    if let Some(step) = &new.made_by
+        && step.base.0.ptr_eq(&old.publishers.0)
+    {
+        return step.events.clone();
+    }
+    walk(old, new)
+}
+
+/// The events between any two snapshots, from what they do not share.
+fn walk(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
     let mut removed = Vec::new();
     let mut changed = Vec::new();
     let mut added = Vec::new();
@@ -231,11 +338,11 @@ mod tests {
     }
 
     fn snapshot(version: Version, views: &[PublisherView]) -> Snapshot {
-        Snapshot {
-            service: "demo".parse().unwrap(),
+        Snapshot::new(
+            "demo".parse().unwrap(),
             version,
-            publishers: views.iter().cloned().collect(),
-        }
+            views.iter().cloned().collect(),
+        )
     }
 
     #[test]
@@ -348,5 +455,62 @@ mod tests {
             Some(&view("p05000", "y"))
         );
         assert_eq!(new.to_wire().publishers.len(), 10_000);
+    }
+
+    mod deltas {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn publishers() -> impl Strategy<Value = Vec<PublisherView>> {
+            proptest::collection::btree_map("[a-d]", "[a-c]", 0..20)
+                .prop_map(|m| m.into_iter().map(|(reg, data)| view(&reg, &data)).collect())
+        }
+
+        proptest! {
+            /// The events a delta is applied with are exactly what comparing the two snapshots
+            /// finds — for deltas as servers send them and for any others.
+            #[test]
+            fn a_deltas_events_are_the_difference_it_makes(
+                before in publishers(),
+                put in proptest::collection::vec(("[a-d]", "[a-c]"), 0..6),
+                removed in proptest::collection::vec("[a-d]", 0..4),
+                as_servers_send in any::<bool>(),
+            ) {
+                let old = snapshot(1, &before);
+                let mut put: Vec<PublisherView> =
+                    put.iter().map(|(reg, data)| view(reg, data)).collect();
+                let mut removed: Vec<PublisherId> = removed
+                    .into_iter()
+                    .map(|register_id| PublisherId { client_id: "c".into(), register_id })
+                    .collect();
+                if as_servers_send {
+                    put.sort_by(|a, b| a.register_id.cmp(&b.register_id));
+                    put.dedup_by(|a, b| a.register_id == b.register_id);
+                    removed.sort();
+                    removed.dedup();
+                    removed.retain(|r| put.iter().all(|p| p.register_id != r.register_id));
+                }
+                let mut new = old.clone();
+                let delta = Delta {
+                    service: old.service.clone(),
+                    base: 1,
+                    version: 2,
+                    put,
+                    removed,
+                };
+                let applied = new.apply(delta);
+                prop_assert!(applied);
+                if as_servers_send {
+                    prop_assert!(new.made_by.is_some(), "the events are kept");
+                }
+                let events = diff(&old, &new);
+                prop_assert_eq!(&events, &walk(&old, &new));
+                // From an equal snapshot that is not the one the delta was applied to, the same
+                // events, worked out.
+                let other = snapshot(1, &before);
+                prop_assert_eq!(diff(&other, &new), events);
+            }
+        }
     }
 }

@@ -554,11 +554,10 @@ mod tests {
     use super::*;
 
     fn snapshot(version: u64, ids: &[&str]) -> Snapshot {
-        Snapshot {
-            service: "demo".parse().unwrap(),
+        Snapshot::new(
+            "demo".parse().unwrap(),
             version,
-            publishers: ids
-                .iter()
+            ids.iter()
                 .map(|id| PublisherView {
                     health: None,
                     persistent: false,
@@ -569,7 +568,7 @@ mod tests {
                     client_version: 1,
                 })
                 .collect(),
-        }
+        )
     }
 
     #[test]
