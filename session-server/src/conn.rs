@@ -38,7 +38,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::clients::Orphan;
 use crate::hello::{IdentityHold, adopt, await_hello, request_name, rights_lost};
-use crate::hub::ConnId;
+use crate::hub::{ConnId, Outgoing, PushKind};
 use crate::persistent;
 use crate::shared::{LinkEvent, Shared};
 use crate::{CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED};
@@ -131,6 +131,7 @@ async fn write_pushes(
     wake: Arc<Notify>,
 ) {
     let stall = shared.config().push_stall_timeout;
+    let metrics = PushMetrics::new();
     loop {
         let Some(pull) = shared.hub().take_pushes(id, Instant::now()) else {
             return;
@@ -163,12 +164,43 @@ async fn write_pushes(
             }
         }
         for out in pull.frames {
-            metrics::counter!("roster_session_pushes_total", "kind" => out.kind.name())
-                .increment(1);
-            metrics::counter!("roster_session_push_bytes_total").increment(out.frame.len() as u64);
-            if let Some(since) = out.since {
-                metrics::histogram!("roster_session_push_seconds").record(since.elapsed());
-            }
+            metrics.count(&out);
+        }
+    }
+}
+
+/// The push metrics, looked up once per connection rather than once per push.
+struct PushMetrics {
+    /// `roster_session_pushes_total` by kind: snapshot, delta, goaway.
+    pushes: [metrics::Counter; 3],
+    bytes: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+impl PushMetrics {
+    fn new() -> Self {
+        let kind = |kind: PushKind| metrics::counter!("roster_session_pushes_total", "kind" => kind.name());
+        PushMetrics {
+            pushes: [
+                kind(PushKind::Snapshot),
+                kind(PushKind::Delta),
+                kind(PushKind::GoAway),
+            ],
+            bytes: metrics::counter!("roster_session_push_bytes_total"),
+            seconds: metrics::histogram!("roster_session_push_seconds"),
+        }
+    }
+
+    fn count(&self, out: &Outgoing) {
+        let kind = match out.kind {
+            PushKind::Snapshot => 0,
+            PushKind::Delta => 1,
+            PushKind::GoAway => 2,
+        };
+        self.pushes[kind].increment(1);
+        self.bytes.increment(out.frame.len() as u64);
+        if let Some(since) = out.since {
+            self.seconds.record(since.elapsed());
         }
     }
 }
