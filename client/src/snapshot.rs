@@ -208,7 +208,7 @@ impl Snapshot {
     /// Applies `delta` if it starts from this version; false (and nothing changed) otherwise.
     /// The events it causes are kept with the result for [`diff`] — unless the delta names a
     /// publisher twice (which servers never do), when `diff` works them out instead.
-    pub(crate) fn apply(&mut self, delta: Delta) -> bool {
+    pub fn apply(&mut self, delta: Delta) -> bool {
         if delta.base != self.version || delta.version <= delta.base {
             return false;
         }
