@@ -249,13 +249,7 @@ fn names_each_once(delta: &Delta) -> bool {
             .iter()
             .map(|p| Ids(&p.client_id, &p.register_id))
     };
-    let ordered = |mut ids: Box<dyn Iterator<Item = Ids<'_>> + '_>| {
-        let Some(mut last) = ids.next() else {
-            return true;
-        };
-        ids.all(|id| std::mem::replace(&mut last, id) < id)
-    };
-    if !ordered(Box::new(put())) || !ordered(Box::new(removed())) {
+    if !strictly_ordered(put()) || !strictly_ordered(removed()) {
         return false;
     }
     // Both ordered: walk them side by side.
@@ -268,6 +262,13 @@ fn names_each_once(delta: &Delta) -> bool {
         };
     }
     true
+}
+
+fn strictly_ordered<'a>(mut ids: impl Iterator<Item = Ids<'a>>) -> bool {
+    let Some(mut last) = ids.next() else {
+        return true;
+    };
+    ids.all(|id| std::mem::replace(&mut last, id) < id)
 }
 
 /// A change of one publisher of a subscribed service. The publishers are shared with the
