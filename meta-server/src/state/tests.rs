@@ -1,5 +1,10 @@
 use super::*;
 
+/// How many slots data server `id` leads.
+fn leads(state: &MetaState, id: NodeId) -> usize {
+    state.table.led_by(id).count()
+}
+
 fn member(role: Role, id: NodeId, instance: InstanceId) -> Member {
     Member {
         role,
@@ -104,7 +109,6 @@ fn a_restarted_data_server_first_follows_then_leads_after_a_rebalance() {
         });
     }
     state.apply(Command::Rebalance {});
-    let leads = |s: &MetaState, id| s.table.led_by(id).count();
     assert!(leads(&state, 2) > 0);
     let follows = |s: &MetaState, id| {
         s.table
@@ -173,7 +177,6 @@ fn three_balanced_data_servers() -> MetaState {
 #[test]
 fn two_data_servers_restarting_in_turn_lead_nothing_while_the_third_kept_every_slot() {
     let mut state = three_balanced_data_servers();
-    let leads = |s: &MetaState, id| s.table.led_by(id).count();
 
     // Both killed together: 1 comes back first and is placed to copy; then 2 comes back. The
     // slots 2 led must go to 3, which holds them, not to 1, which is still copying.
@@ -201,7 +204,6 @@ fn two_data_servers_restarting_in_turn_lead_nothing_while_the_third_kept_every_s
 #[test]
 fn a_copying_server_left_alone_keeps_its_slots_when_others_come_back() {
     let mut state = three_balanced_data_servers();
-    let leads = |s: &MetaState, id| s.table.led_by(id).count();
 
     // 2 restarts and copies; 1 and 3 die meanwhile: 2, holding nothing yet, is given every
     // slot and takes them over from the sessions.
@@ -245,7 +247,6 @@ fn a_joiner_gets_its_leaderships_on_rebalance() {
     state.apply(Command::Join {
         member: member(Role::Data, 4, 4),
     });
-    let leads = |s: &MetaState, id| s.table.led_by(id).count();
     assert_eq!(leads(&state, 4), 0, "a joiner first only follows");
     assert!(state.needs_rebalance());
     let epoch = state.table.epoch;
