@@ -433,11 +433,17 @@ settings! {
         /// Bytes per publisher: data plus attributes.
         max_publisher_bytes: Option<usize> [env = "ROSTER_MAX_PUBLISHER_BYTES"]
             => max_publisher_bytes;
-        /// The least time between two pushes of one service to one client, in milliseconds. 0
-        /// pushes a change as soon as the client's push stream is free and merges what arrives
-        /// while it is busy.
+        /// The longest a change waits to be pushed, in milliseconds. After `--coalesce-burst`
+        /// pushes of one service to one client in a row, the next waits for 20 of the client's
+        /// round trips (about a millisecond on a LAN; more when the client is too busy to answer
+        /// at once), never longer than this, and carries every change since. A quiet service's
+        /// change is pushed at once. 0: push whenever the client's push stream is free.
         coalesce_ms: Option<u64> [env = "ROSTER_COALESCE_MS", value_name = "MS"]
-            => coalesce_window in millis;
+            => pacing.window in millis;
+        /// Pushes of one service to one client that go at once before pacing spaces them (at
+        /// least 1).
+        coalesce_burst: Option<u32> [env = "ROSTER_COALESCE_BURST", value_name = "N"]
+            => pacing.burst;
         /// Above this share (0 to 1) of a service's instances unhealthy, a healthy-only subscriber
         /// is pushed all of them, marked, instead of the few healthy ones: a health checker cut off
         /// from the network must not empty a service.

@@ -280,7 +280,7 @@ fn settings_layer_flag_over_environment_over_file_over_default() {
         "zone: \"z1\"",
         "drain_timeout: 1.234s",    // file
         "max_connections: 9",       // flag over file
-        "coalesce_window: 30ms",    // environment over file
+        "window: 30ms",             // environment over file
         "max_publisher_bytes: 999", // environment
         "push_stall_timeout: 30s",  // default
         "client_grace: 1s",         // default

@@ -23,9 +23,10 @@
 //! never a backlog, and never slows anyone else. Frames for one version are built once per base
 //! version and shared by every subscriber at that base.
 //!
-//! With a coalescing window set ([`Hub::new`]), a service pushed to a connection less than the
-//! window ago waits until the window has passed: a ceiling on pushes per service per connection.
-//! It is zero by default.
+//! Pushes are also paced ([`Pacing`], given to [`Hub::new`]): one service is pushed to one
+//! connection up to `burst` times at once and then once per `window`, so a quiet service's change
+//! goes out at once and a service changing many times a second (a rollout) goes out as fewer,
+//! larger pushes, none held longer than the window.
 //!
 //! A healthy-only subscription is pushed, at each version, the full snapshot of the publishers it
 //! is shown instead ([`healthy`]); plain subscriptions of the same service keep their deltas.
@@ -58,7 +59,10 @@ pub use datum::Fetched;
 
 mod datum;
 mod healthy;
+mod pace;
 mod watch;
+
+pub use pace::Pacing;
 
 /// A client connection's number within this session server.
 pub type ConnId = u64;
@@ -182,7 +186,7 @@ pub struct ServiceStatus {
 pub struct Pull {
     /// Frames to write now, in order.
     pub frames: Vec<Outgoing>,
-    /// Pushes held back by the coalescing window are due at this moment: wake then.
+    /// Pushes held back by the pacing are due at this moment: wake then.
     pub wake_at: Option<Instant>,
 }
 
@@ -200,6 +204,8 @@ struct ConnWatch {
     healthy_only: bool,
     /// The version last pushed; `None`: nothing yet (or a resync was asked for).
     last: Option<Version>,
+    /// The pacing's state for this connection and service (see [`Pacing`]).
+    paced: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -231,8 +237,6 @@ struct ConnPush {
     control: VecDeque<Bytes>,
     /// Its subscriptions' register ids.
     subs: HashSet<RegisterId>,
-    /// When each service was last pushed here (only with a coalescing window).
-    pushed_at: HashMap<ServiceId, Instant>,
 }
 
 impl ConnPush {
@@ -248,7 +252,7 @@ impl ConnPush {
 /// Subscribers and cached datums of one session server.
 pub struct Hub {
     max_frame: u32,
-    coalesce: Duration,
+    pacing: Pacing,
     /// The share of unhealthy publishers above which healthy-only subscribers see all of them.
     protection_threshold: f64,
     conns: FxHashMap<ConnId, ConnPush>,
@@ -257,12 +261,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub whose frames stay within `max_frame`, pushing a service to one connection at most
-    /// once per `coalesce` (zero: whenever its writer is free).
-    pub fn new(max_frame: u32, coalesce: Duration) -> Self {
+    /// A hub whose frames stay within `max_frame`, pushing a service to one connection as
+    /// `pacing` allows.
+    pub fn new(max_frame: u32, pacing: Pacing) -> Self {
         Hub {
             max_frame,
-            coalesce,
+            pacing,
             protection_threshold: roster_common::health::DEFAULT_PROTECTION_THRESHOLD,
             conns: FxHashMap::default(),
             services: HashMap::new(),
@@ -280,7 +284,6 @@ impl Hub {
                 due: VecDeque::new(),
                 control: VecDeque::new(),
                 subs: HashSet::new(),
-                pushed_at: HashMap::new(),
             },
         );
     }
@@ -497,8 +500,15 @@ impl Hub {
     }
 
     /// The frames due on connection `conn` now, up to about [`PULL_BUDGET`] bytes (the rest stays
-    /// due and the writer is woken again). `None` once the connection is detached.
-    pub fn take_pushes(&mut self, conn: ConnId, now: Instant) -> Option<Pull> {
+    /// due and the writer is woken again), paced for the connection's current `round_trip`.
+    /// `None` once the connection is detached.
+    pub fn take_pushes(
+        &mut self,
+        conn: ConnId,
+        now: Instant,
+        round_trip: Duration,
+    ) -> Option<Pull> {
+        let pacing = self.pacing.at_round_trip(round_trip);
         let push = self.conns.get_mut(&conn)?;
         let mut pull = Pull::default();
         let mut bytes = 0;
@@ -518,15 +528,6 @@ impl Hub {
             let Some(service) = push.due.pop_front() else {
                 break;
             };
-            if !self.coalesce.is_zero()
-                && let Some(at) = push.pushed_at.get(&service)
-                && now < *at + self.coalesce
-            {
-                let due = *at + self.coalesce;
-                pull.wake_at = Some(pull.wake_at.map_or(due, |w| w.min(due)));
-                push.due.push_back(service);
-                continue;
-            }
             let Some(state) = self.services.get_mut(&service) else {
                 continue;
             };
@@ -535,30 +536,35 @@ impl Hub {
             else {
                 continue;
             };
-            conn_watch.due = false;
             let version = datum.version();
-            if conn_watch.last != Some(version) {
-                let framed = if conn_watch.healthy_only {
-                    datum.healthy_frame(&service, self.protection_threshold, self.max_frame)
-                } else {
-                    datum.frame(&service, conn_watch.last, push.deltas, self.max_frame)
-                };
-                match framed {
-                    Ok((frame, kind)) => {
-                        bytes += frame.len();
-                        let since = datum.since(conn_watch.last);
-                        pull.frames.push(Outgoing { frame, since, kind });
-                    }
-                    Err(e) => {
-                        // Too large for one frame: this version is skipped, not retried forever.
-                        warn!(%service, version, error = %e, "cannot push this service");
-                    }
+            if conn_watch.last == Some(version) {
+                conn_watch.due = false;
+                continue;
+            }
+            if let Some(at) = pacing.held_until(conn_watch.paced, now) {
+                pull.wake_at = Some(pull.wake_at.map_or(at, |w| w.min(at)));
+                push.due.push_back(service);
+                continue;
+            }
+            conn_watch.due = false;
+            conn_watch.paced = pacing.pushed(conn_watch.paced, now);
+            let framed = if conn_watch.healthy_only {
+                datum.healthy_frame(&service, self.protection_threshold, self.max_frame)
+            } else {
+                datum.frame(&service, conn_watch.last, push.deltas, self.max_frame)
+            };
+            match framed {
+                Ok((frame, kind)) => {
+                    bytes += frame.len();
+                    let since = datum.since(conn_watch.last);
+                    pull.frames.push(Outgoing { frame, since, kind });
                 }
-                conn_watch.last = Some(version);
+                Err(e) => {
+                    // Too large for one frame: this version is skipped, not retried forever.
+                    warn!(%service, version, error = %e, "cannot push this service");
+                }
             }
-            if !self.coalesce.is_zero() {
-                push.pushed_at.insert(service, now);
-            }
+            conn_watch.last = Some(version);
         }
         Some(pull)
     }

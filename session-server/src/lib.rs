@@ -56,6 +56,7 @@ use roster_common::{Error, NodeId, Result, proto};
 
 pub use console::ConsoleSlot;
 pub use dns::{DnsConfig, DnsSockets};
+pub use hub::Pacing;
 pub use server::SessionServer;
 
 /// Application close code: the client's push stream made no progress for `push_stall_timeout`.
@@ -109,10 +110,14 @@ pub struct SessionConfig {
     pub max_requests_per_connection: u32,
     /// Largest publisher: its data plus attribute keys and values, in bytes. Default 64 KiB.
     pub max_publisher_bytes: usize,
-    /// The least time between two pushes of one service to one connection. Zero (the default)
-    /// pushes a change as soon as the connection's writer is free, and merges the changes that
-    /// arrive while it is busy into its next push.
-    pub coalesce_window: Duration,
+    /// How often one service is pushed to one connection (`--coalesce-ms`, `--coalesce-burst`):
+    /// up to `burst` pushes at once, then one per 20 of the connection's round trips, at most
+    /// `window` apart, each carrying every change since the one before ([`hub::Pacing`]). A client
+    /// that keeps up is paced by about a millisecond on a LAN; one whose process is saturated
+    /// acknowledges late and gets fewer, larger pushes. Changes that arrive while the connection's
+    /// writer is busy are merged into its next push whatever this says; a zero window adds
+    /// nothing to that. Default 100 ms and 2.
+    pub pacing: Pacing,
     /// How long a write to a client's push stream may make no progress (the client reads nothing
     /// and QUIC flow control holds the server back) before the connection is closed with
     /// [`CLOSE_SLOW_CONSUMER`]. A client that reads slowly is not cut off: its pushes merge.
@@ -155,7 +160,10 @@ impl SessionConfig {
             max_subscriptions_per_connection: 10_000,
             max_requests_per_connection: 64,
             max_publisher_bytes: 64 << 10,
-            coalesce_window: Duration::ZERO,
+            pacing: Pacing {
+                window: Duration::from_millis(100),
+                burst: 2,
+            },
             push_stall_timeout: Duration::from_secs(30),
             balance_interval: Duration::from_secs(5),
             protection_threshold: roster_common::health::DEFAULT_PROTECTION_THRESHOLD,
@@ -165,6 +173,11 @@ impl SessionConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.pacing.burst == 0 {
+            return Err(Error::InvalidArgument(
+                "--coalesce-burst 0: at least one push per window must be allowed".into(),
+            ));
+        }
         if self.balance_interval.is_zero() {
             return Err(Error::InvalidArgument(
                 "the balance interval must be above zero".into(),
@@ -212,5 +225,15 @@ mod tests {
                 "{refused}"
             );
         }
+    }
+
+    #[test]
+    fn pacing_lets_at_least_one_push_through() {
+        let mut config = SessionConfig::new(1, vec!["127.0.0.1:7000".into()]);
+        config.pacing.burst = 0;
+        let refused = config.validate().unwrap_err();
+        assert!(refused.to_string().contains("--coalesce-burst"), "{refused}");
+        config.pacing.burst = 1;
+        assert!(config.validate().is_ok());
     }
 }

@@ -110,7 +110,7 @@ impl Shared {
         let (links_tx, links) = mpsc::channel(LINK_EVENTS);
         let shared = Shared {
             hub: Mutex::new({
-                let mut hub = Hub::new(config.max_frame, config.coalesce_window);
+                let mut hub = Hub::new(config.max_frame, config.pacing);
                 hub.set_protection_threshold(config.protection_threshold);
                 hub
             }),

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use roster_common::frame::{DEFAULT_MAX_FRAME, HEADER_LEN, decode};
@@ -51,8 +52,11 @@ fn fetched(service: &str, version: Version, entries: &[(&str, &str)]) -> Fetched
     }
 }
 
+/// A connection's round trip on a LAN, give or take: 1 ms.
+const ROUND_TRIP: Duration = Duration::from_millis(1);
+
 fn pushes(hub: &mut Hub, conn: ConnId, now: Instant) -> Vec<Push> {
-    hub.take_pushes(conn, now)
+    hub.take_pushes(conn, now, ROUND_TRIP)
         .expect("attached")
         .frames
         .into_iter()
@@ -62,7 +66,7 @@ fn pushes(hub: &mut Hub, conn: ConnId, now: Instant) -> Vec<Push> {
 
 /// A hub with connection 1 (deltas) subscribed to "a", whose datum is at version 1 with "x".
 fn hub_with_one_subscriber(now: Instant) -> Hub {
-    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Duration::ZERO);
+    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Pacing::NONE);
     hub.attach(1, true, Arc::new(Notify::new()));
     assert!(hub.subscribe(1, "s".into(), svc("a")).first);
     assert!(!hub.fetched(fetched("a", 1, &[("x", "1")]), now));
@@ -302,22 +306,34 @@ fn a_joining_subscription_of_the_other_kind_switches_the_connection_to_it() {
 }
 
 #[test]
-fn the_coalescing_window_holds_a_busy_service_and_says_when_to_wake() {
+fn pacing_lets_a_burst_through_then_holds_a_busy_service_and_says_when_to_wake() {
     let now = Instant::now();
     let window = Duration::from_millis(5);
-    let mut hub = Hub::new(DEFAULT_MAX_FRAME, window);
+    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Pacing { window, burst: 2 });
     hub.attach(1, true, Arc::new(Notify::new()));
     hub.subscribe(1, "s".into(), svc("a"));
     hub.fetched(fetched("a", 1, &[("x", "1")]), now);
-    // Quiet: pushed at once.
+    // Quiet: pushed at once, and so is the change right after it.
     assert_eq!(pushes(&mut hub, 1, now).len(), 1);
     hub.apply(change("a", 1, 2, put("y", "2")), now);
-    let held = hub.take_pushes(1, now + Duration::from_millis(1)).unwrap();
+    assert_eq!(pushes(&mut hub, 1, now).len(), 1);
+    // The third within the window waits for it, and the writer is told when to look again.
+    hub.apply(change("a", 2, 3, put("z", "3")), now);
+    let held = hub
+        .take_pushes(1, now + Duration::from_millis(1), ROUND_TRIP)
+        .unwrap();
     assert!(held.frames.is_empty());
     assert_eq!(held.wake_at, Some(now + window));
-    hub.apply(change("a", 2, 3, put("z", "3")), now);
+    // What arrives meanwhile goes out with it, as one delta.
+    hub.apply(change("a", 3, 4, put("w", "4")), now);
     let got = pushes(&mut hub, 1, now + window);
-    assert!(matches!(&got[..], [Push::Delta(d)] if (d.base, d.version) == (1, 3)));
+    assert!(matches!(&got[..], [Push::Delta(d)] if (d.base, d.version) == (2, 4)));
+    // A quiet spell fills the bucket again.
+    let later = now + window * 10;
+    for (base, id) in [(4, "p"), (5, "q")] {
+        hub.apply(change("a", base, base + 1, put(id, "1")), later);
+        assert_eq!(pushes(&mut hub, 1, later).len(), 1, "{id}");
+    }
 }
 
 #[test]
@@ -376,13 +392,13 @@ fn a_detached_connection_is_gone_and_goaways_come_first() {
     let got = pushes(&mut hub, 1, now);
     assert!(matches!(&got[..], [Push::GoAway { .. }, Push::Snapshot(_)]));
     assert_eq!(hub.detach(1), vec![svc("a")]);
-    assert!(hub.take_pushes(1, now).is_none());
+    assert!(hub.take_pushes(1, now, ROUND_TRIP).is_none());
     assert_eq!(hub.counts(), Counts::default());
 }
 
 #[test]
 fn the_last_subscriber_leaving_abandons_the_service() {
-    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Duration::ZERO);
+    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Pacing::NONE);
     hub.attach(1, true, Arc::new(Notify::new()));
     hub.subscribe(1, "s1".into(), svc("a"));
     hub.subscribe(1, "s2".into(), svc("a"));
@@ -438,7 +454,7 @@ proptest! {
     ) {
         let now = Instant::now();
         let service = svc("a");
-        let mut hub = Hub::new(DEFAULT_MAX_FRAME, Duration::ZERO);
+        let mut hub = Hub::new(DEFAULT_MAX_FRAME, Pacing::NONE);
         // The slot leader's datum, and its state at every version.
         let mut truth: BTreeMap<PubKey, PublisherView> = BTreeMap::new();
         let mut version: Version = 1;

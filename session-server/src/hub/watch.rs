@@ -49,11 +49,12 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
+    use crate::hub::Pacing;
     use crate::hub::{Applied, Change, Fetched, Op};
 
     #[test]
     fn a_watch_keeps_the_datum_current_and_is_pushed_nothing() {
-        let mut hub = Hub::new(1 << 20, Duration::ZERO);
+        let mut hub = Hub::new(1 << 20, Pacing::NONE);
         let service: ServiceId = "demo".parse().unwrap();
         let now = Instant::now();
         assert!(hub.watch(1_000, service.clone()), "first watcher");
@@ -85,7 +86,13 @@ mod tests {
         // A client subscribing beside it is pushed as usual; the watch going leaves it wanted.
         hub.attach(7, true, Arc::new(Notify::new()));
         assert!(!hub.subscribe(7, "s".into(), service.clone()).first);
-        assert_eq!(hub.take_pushes(7, now).unwrap().frames.len(), 1);
+        assert_eq!(
+            hub.take_pushes(7, now, Duration::from_millis(1))
+                .unwrap()
+                .frames
+                .len(),
+            1
+        );
         assert_eq!(hub.unwatch(1_000), None);
         assert!(hub.is_wanted(&service));
         assert_eq!(hub.unsubscribe(7, "s"), Some(service));

@@ -13,6 +13,7 @@ use roster_common::{ServiceId, Version};
 use tokio::sync::Notify;
 
 use super::HealthIndex;
+use crate::hub::Pacing;
 use crate::hub::{Applied, Change, ConnId, Fetched, Hub, Op, PubKey};
 
 fn svc() -> ServiceId {
@@ -67,7 +68,7 @@ fn turns(i: usize, healthy: bool, prev: Version) -> Change {
 }
 
 fn frames(hub: &mut Hub, conn: ConnId) -> Vec<Bytes> {
-    hub.take_pushes(conn, Instant::now())
+    hub.take_pushes(conn, Instant::now(), Duration::from_millis(1))
         .expect("attached")
         .frames
         .into_iter()
@@ -102,7 +103,7 @@ fn shown(hub: &mut Hub, conn: ConnId) -> (Version, Vec<(String, bool)>) {
 
 /// Connection 1 subscribed healthy-only, connection 2 plainly, both taking deltas, to "db".
 fn hub() -> Hub {
-    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Duration::ZERO);
+    let mut hub = Hub::new(DEFAULT_MAX_FRAME, Pacing::NONE);
     hub.attach(1, true, Arc::new(Notify::new()));
     hub.attach(2, true, Arc::new(Notify::new()));
     assert!(hub.subscribe_with(1, "h".into(), svc(), true).first);
