@@ -433,11 +433,11 @@ settings! {
         /// Bytes per publisher: data plus attributes.
         max_publisher_bytes: Option<usize> [env = "ROSTER_MAX_PUBLISHER_BYTES"]
             => max_publisher_bytes;
-        /// The longest a change waits to be pushed, in milliseconds. After `--coalesce-burst`
-        /// pushes of one service to one client in a row, the next waits for 20 of the client's
-        /// round trips (about a millisecond on a LAN; more when the client is too busy to answer
-        /// at once), never longer than this, and carries every change since. A quiet service's
-        /// change is pushed at once. 0: push whenever the client's push stream is free.
+        /// The longest a change waits to be pushed, in milliseconds. A client that falls behind
+        /// (it answers over 1 ms later than its best: its process is saturated) gets, after
+        /// `--coalesce-burst` pushes of one service in a row, the next one only 20 times that
+        /// lateness after the one before, never longer than this, carrying every change since.
+        /// A client that keeps up is not held. 0: push whenever the client's push stream is free.
         coalesce_ms: Option<u64> [env = "ROSTER_COALESCE_MS", value_name = "MS"]
             => pacing.window in millis;
         /// Pushes of one service to one client that go at once before pacing spaces them (at

@@ -120,9 +120,10 @@ pub async fn serve_client(
 
 /// Writes the connection's pushes: whenever it is woken (something became due) it takes from the
 /// hub what is due and writes it, so changes that arrive while it writes are merged into its next
-/// take; the hub paces each service by the connection's round trip ([`crate::hub::Pacing`]). A write that makes no progress for `push_stall_timeout` — the client reads nothing and
-/// flow control holds the stream — closes the connection with [`CLOSE_SLOW_CONSUMER`]. Ends when
-/// the connection does or the hub forgets it.
+/// take; the hub paces each service by how late the client answers ([`crate::hub::Pacing`]). A
+/// write that makes no progress for `push_stall_timeout` — the client reads nothing and flow
+/// control holds the stream — closes the connection with [`CLOSE_SLOW_CONSUMER`]. Ends when the
+/// connection does or the hub forgets it.
 async fn write_pushes(
     shared: Arc<Shared>,
     id: ConnId,
@@ -133,7 +134,9 @@ async fn write_pushes(
     let stall = shared.config().push_stall_timeout;
     let metrics = PushMetrics::new();
     loop {
-        let Some(pull) = shared.hub().take_pushes(id, Instant::now(), conn.rtt()) else {
+        let path = conn.stats().path;
+        let late = path.rtt.saturating_sub(path.min_rtt);
+        let Some(pull) = shared.hub().take_pushes(id, Instant::now(), late) else {
             return;
         };
         if pull.frames.is_empty() {

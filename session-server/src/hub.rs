@@ -500,15 +500,10 @@ impl Hub {
     }
 
     /// The frames due on connection `conn` now, up to about [`PULL_BUDGET`] bytes (the rest stays
-    /// due and the writer is woken again), paced for the connection's current `round_trip`.
+    /// due and the writer is woken again), paced for a client answering `late` (see [`Pacing`]).
     /// `None` once the connection is detached.
-    pub fn take_pushes(
-        &mut self,
-        conn: ConnId,
-        now: Instant,
-        round_trip: Duration,
-    ) -> Option<Pull> {
-        let pacing = self.pacing.at_round_trip(round_trip);
+    pub fn take_pushes(&mut self, conn: ConnId, now: Instant, late: Duration) -> Option<Pull> {
+        let pacing = self.pacing.for_client_late_by(late);
         let push = self.conns.get_mut(&conn)?;
         let mut pull = Pull::default();
         let mut bytes = 0;

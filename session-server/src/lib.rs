@@ -111,12 +111,12 @@ pub struct SessionConfig {
     /// Largest publisher: its data plus attribute keys and values, in bytes. Default 64 KiB.
     pub max_publisher_bytes: usize,
     /// How often one service is pushed to one connection (`--coalesce-ms`, `--coalesce-burst`):
-    /// up to `burst` pushes at once, then one per 20 of the connection's round trips, at most
-    /// `window` apart, each carrying every change since the one before ([`hub::Pacing`]). A client
-    /// that keeps up is paced by about a millisecond on a LAN; one whose process is saturated
-    /// acknowledges late and gets fewer, larger pushes. Changes that arrive while the connection's
-    /// writer is busy are merged into its next push whatever this says; a zero window adds
-    /// nothing to that. Default 100 ms and 2.
+    /// up to `burst` pushes at once, then one per window — 20 times how late the client answers
+    /// (its smoothed round trip above its shortest, beyond 1 ms), at most `window` — each
+    /// carrying every change since the one before ([`hub::Pacing`]). A client that keeps up is
+    /// not paced at all; one whose process is saturated acknowledges late and gets fewer, larger
+    /// pushes. Changes that arrive while the connection's writer is busy are merged into its next
+    /// push whatever this says; a zero window adds nothing to that. Default 100 ms and 2.
     pub pacing: Pacing,
     /// How long a write to a client's push stream may make no progress (the client reads nothing
     /// and QUIC flow control holds the server back) before the connection is closed with
@@ -232,7 +232,10 @@ mod tests {
         let mut config = SessionConfig::new(1, vec!["127.0.0.1:7000".into()]);
         config.pacing.burst = 0;
         let refused = config.validate().unwrap_err();
-        assert!(refused.to_string().contains("--coalesce-burst"), "{refused}");
+        assert!(
+            refused.to_string().contains("--coalesce-burst"),
+            "{refused}"
+        );
         config.pacing.burst = 1;
         assert!(config.validate().is_ok());
     }

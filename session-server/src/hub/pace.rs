@@ -7,23 +7,28 @@
 //! is pushed at once; a busy one at most once per window, each push carrying everything that
 //! changed since the last, none waiting longer than the window.
 //!
-//! The window follows the connection: [`ROUND_TRIPS`] of its smoothed QUIC round trip, never more
-//! than `window`. A client that keeps up answers within a fraction of a millisecond on a LAN, so
-//! its window is about a millisecond and pacing costs it nothing; a client whose process is
-//! saturated (decoding a rollout, say) acknowledges late, its round trip grows to milliseconds,
-//! and its pushes merge — the busier it is, the fewer it gets, up to one per `window`.
+//! The window follows the client: [`LATENESS`] times how late it answers — its smoothed QUIC
+//! round trip above the shortest one seen on the connection, less [`JITTER`] — never more than
+//! `window`. A client that keeps up answers about as fast as ever, its window is nothing and
+//! pacing costs it nothing, however often its services change; a client whose process is
+//! saturated (decoding a rollout, say) acknowledges milliseconds late, and its pushes merge: the
+//! further behind it falls, the fewer it gets, down to one per `window`.
 //!
 //! It is a token bucket kept as one instant per connection and service (the generic cell rate
 //! algorithm): the moment the bucket would be full again.
 
 use std::time::{Duration, Instant};
 
-/// Round trips of a connection per push of one service to it, once its burst is spent.
-pub const ROUND_TRIPS: u32 = 20;
+/// A paced window is this many times how late the client answers.
+pub const LATENESS: u32 = 20;
 
-/// Pushes of one service to one connection: up to `burst` at once, then one per window — its
-/// [`ROUND_TRIPS`] round trips, at most `window`. A zero window pushes whenever the connection's
-/// writer is free.
+/// How much later than its best a client may answer and still count as keeping up: round trips
+/// vary this much on a busy host or a LAN without anyone falling behind.
+pub const JITTER: Duration = Duration::from_millis(1);
+
+/// Pushes of one service to one connection: up to `burst` at once, then one per window —
+/// [`LATENESS`] times how late the client answers, at most `window`. A zero window pushes whenever
+/// the connection's writer is free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pacing {
     pub window: Duration,
@@ -37,10 +42,11 @@ impl Pacing {
         burst: 1,
     };
 
-    /// The pacing of a connection whose smoothed round trip is `round_trip`.
-    pub fn at_round_trip(&self, round_trip: Duration) -> Pacing {
+    /// The pacing of a client that answers `late`: its smoothed round trip less its shortest.
+    pub fn for_client_late_by(&self, late: Duration) -> Pacing {
+        let behind = late.saturating_sub(JITTER);
         Pacing {
-            window: self.window.min(round_trip.saturating_mul(ROUND_TRIPS)),
+            window: self.window.min(behind.saturating_mul(LATENESS)),
             burst: self.burst,
         }
     }
@@ -48,6 +54,9 @@ impl Pacing {
     /// When a push may go, given the bucket's state `full_at` (`None`: never pushed); `None` if
     /// it may go `now`.
     pub fn held_until(&self, full_at: Option<Instant>, now: Instant) -> Option<Instant> {
+        if self.window.is_zero() {
+            return None;
+        }
         let full_at = full_at?;
         // The bucket has room once it is no more than `burst - 1` windows from full.
         let slack = self.window * self.burst.saturating_sub(1);
@@ -116,20 +125,27 @@ mod tests {
     }
 
     #[test]
-    fn the_window_is_some_round_trips_and_at_most_the_limit() {
+    fn the_window_grows_with_how_late_the_client_answers_up_to_the_limit() {
         let pacing = Pacing {
             window: 100 * MS,
             burst: 2,
         };
-        let lan = pacing.at_round_trip(Duration::from_micros(50));
-        assert_eq!(lan.window, MS);
-        assert_eq!(lan.burst, 2);
-        assert_eq!(pacing.at_round_trip(2 * MS).window, 40 * MS);
         assert_eq!(
-            pacing.at_round_trip(Duration::from_secs(1)).window,
-            100 * MS
+            pacing.for_client_late_by(Duration::ZERO).window,
+            Duration::ZERO
         );
-        assert_eq!(Pacing::NONE.at_round_trip(MS), Pacing::NONE);
+        let keeping_up = pacing.for_client_late_by(JITTER);
+        assert_eq!(keeping_up.window, Duration::ZERO);
+        assert_eq!(run(keeping_up, &[0, 0, 0, 0]), [0, 0, 0, 0]);
+        // A client that has caught up is not held by what its lateness cost it before.
+        let now = Instant::now();
+        assert_eq!(keeping_up.held_until(Some(now + 80 * MS), now), None);
+        let behind = pacing.for_client_late_by(JITTER + 2 * MS);
+        assert_eq!((behind.window, behind.burst), (40 * MS, 2));
+        assert_eq!(run(behind, &[0, 0, 0, 0]), [0, 0, 40, 80]);
+        let far_behind = pacing.for_client_late_by(Duration::from_secs(1));
+        assert_eq!(far_behind.window, 100 * MS);
+        assert_eq!(Pacing::NONE.for_client_late_by(MS), Pacing::NONE);
     }
 
     #[test]

@@ -52,11 +52,11 @@ fn fetched(service: &str, version: Version, entries: &[(&str, &str)]) -> Fetched
     }
 }
 
-/// A connection's round trip on a LAN, give or take: 1 ms.
-const ROUND_TRIP: Duration = Duration::from_millis(1);
+/// How late a client answers (see `Pacing`): 2 ms, for a paced window of 20 ms at most.
+const LATE: Duration = Duration::from_millis(2);
 
 fn pushes(hub: &mut Hub, conn: ConnId, now: Instant) -> Vec<Push> {
-    hub.take_pushes(conn, now, ROUND_TRIP)
+    hub.take_pushes(conn, now, LATE)
         .expect("attached")
         .frames
         .into_iter()
@@ -320,7 +320,7 @@ fn pacing_lets_a_burst_through_then_holds_a_busy_service_and_says_when_to_wake()
     // The third within the window waits for it, and the writer is told when to look again.
     hub.apply(change("a", 2, 3, put("z", "3")), now);
     let held = hub
-        .take_pushes(1, now + Duration::from_millis(1), ROUND_TRIP)
+        .take_pushes(1, now + Duration::from_millis(1), LATE)
         .unwrap();
     assert!(held.frames.is_empty());
     assert_eq!(held.wake_at, Some(now + window));
@@ -392,7 +392,7 @@ fn a_detached_connection_is_gone_and_goaways_come_first() {
     let got = pushes(&mut hub, 1, now);
     assert!(matches!(&got[..], [Push::GoAway { .. }, Push::Snapshot(_)]));
     assert_eq!(hub.detach(1), vec![svc("a")]);
-    assert!(hub.take_pushes(1, now, ROUND_TRIP).is_none());
+    assert!(hub.take_pushes(1, now, LATE).is_none());
     assert_eq!(hub.counts(), Counts::default());
 }
 
