@@ -106,28 +106,18 @@ impl Command {
     }
 }
 
-/// A server allocates and frees in bursts on every thread: a rollout's registrations, and their
-/// pushes to every subscriber. glibc hands memory back to the system as soon as 128 KiB lie free
-/// at the top of a heap, so each burst faulted the same pages in again (several percent of the
-/// session server's time under a rollout). Servers keep up to 64 MiB free per heap instead and
-/// grow a heap 16 MiB at a time — unless `GLIBC_TUNABLES` sets the allocator's parameters, which
-/// then stand (docs/OPERATIONS.md, Session).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
-        // SAFETY: called before any other thread exists; `mallopt` only sets allocator parameters.
-        unsafe {
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-            libc::mallopt(libc::M_TOP_PAD, 16 << 20);
-        }
-    }
-}
+/// Every `roster` process allocates with mimalloc rather than the C library's allocator. Servers
+/// allocate on one thread and free on another all the time (a frame decoded by a connection's
+/// task, pushed by another; a rollout's bursts of registrations and pushes), which glibc serves
+/// from shared bins under a lock and hands back to the system between bursts: under a rollout
+/// malloc and page faults were a quarter of the session server's time and more of the SDK's in
+/// `roster bench`. Built without its transparent-huge-page hint (`no_thp`), so resident memory
+/// stays within a tenth of glibc's (docs/OPERATIONS.md, Session).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.command.is_server() {
-        keep_freed_memory();
-    }
     if !cli.command.is_server() {
         // A client command piped into `head` ends quietly when the pipe closes, as Unix tools
         // do, instead of panicking in `println!`. Servers keep ignoring SIGPIPE.
