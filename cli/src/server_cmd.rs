@@ -433,15 +433,13 @@ settings! {
         /// Bytes per publisher: data plus attributes.
         max_publisher_bytes: Option<usize> [env = "ROSTER_MAX_PUBLISHER_BYTES"]
             => max_publisher_bytes;
-        /// The longest a change waits to be pushed, in milliseconds. A client that falls behind
-        /// (it answers over 1 ms later than its best: its process is saturated) gets, after
-        /// `--coalesce-burst` pushes of one service in a row, the next one only 20 times that
-        /// lateness after the one before, never longer than this, carrying every change since.
-        /// A client that keeps up is not held. 0: push whenever the client's push stream is free.
+        /// The longest a change waits to be pushed, in milliseconds, when the client falls behind
+        /// (it answers over 1 ms later than its best): after `--coalesce-burst` pushes of one
+        /// service in a row it gets the next 20 times that lateness later, with every change since.
+        /// A client that keeps up is not held. 0: push whenever its push stream is free.
         coalesce_ms: Option<u64> [env = "ROSTER_COALESCE_MS", value_name = "MS"]
             => pacing.window in millis;
-        /// Pushes of one service to one client that go at once before pacing spaces them (at
-        /// least 1).
+        /// Pushes of one service to one client in a row before pacing spaces them (at least 1).
         coalesce_burst: Option<u32> [env = "ROSTER_COALESCE_BURST", value_name = "N"]
             => pacing.burst;
         /// Above this share (0 to 1) of a service's instances unhealthy, a healthy-only subscriber

@@ -42,6 +42,7 @@ pub mod hub;
 mod links;
 pub mod owned;
 mod persistent;
+mod pushes;
 mod repair;
 mod server;
 mod shared;
