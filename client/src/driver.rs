@@ -55,12 +55,19 @@ pub(crate) fn candidates(
     out
 }
 
+/// How long the address a client just left waits before it is dialed too, unless every other
+/// address has failed by then.
+const AVOIDED_AFTER: Duration = Duration::from_secs(1);
+
 /// Dials every address of the configured session servers at once (a DNS name counts with each of
-/// its addresses; `avoid` only if no other answers), takes the first whose QUIC handshake
-/// completes, then says `Hello` and registers everything there. Dialing in parallel keeps a dead
-/// address — which answers nothing until the handshake times out — from delaying the move. The
-/// connection comes with the publications the server answered `durable: false` (see
-/// [`register_all`]).
+/// its addresses), takes the first whose QUIC handshake completes, then says `Hello` and
+/// registers everything there. Dialing in parallel keeps a dead address — which answers nothing
+/// until the handshake times out — from delaying the move. `avoid`, the server just left, is
+/// dialed only once the others have all failed or [`AVOIDED_AFTER`] has passed: when both session
+/// servers of a pair die one after the other, the one left first may well be the one back first,
+/// and waiting out a dead server's handshake timeout before trying it would outlast the grace the
+/// data tier gives the client's publishers. The connection comes with the publications the server
+/// answered `durable: false` (see [`register_all`]).
 pub(crate) async fn connect_any(
     inner: &Inner,
     avoid: Option<SocketAddr>,
@@ -79,44 +86,56 @@ pub(crate) async fn connect_any(
     let mut order = candidates(resolved, inner.config.server_name.as_deref());
     order.shuffle(&mut rand::rng());
     let only_choice = order.len() == 1;
-    let (preferred, fallback): (Vec<Candidate>, Vec<Candidate>) = order
+    let (preferred, avoided): (Vec<Candidate>, Vec<Candidate>) = order
         .into_iter()
         .partition(|c| avoid != Some(c.addr) || only_choice);
-    for round in [preferred, fallback] {
-        if round.is_empty() {
-            continue;
-        }
-        let timeout = Duration::from_millis(inner.config.connect_timeout_ms);
-        let mut dials: futures_util::stream::FuturesUnordered<_> = round
-            .into_iter()
-            .map(|candidate| async move {
-                let conn = quic::connect_to(
-                    &inner.endpoint,
-                    &inner.quic_config,
-                    candidate.addr,
-                    &candidate.name,
-                    timeout,
-                )
-                .await;
-                (candidate.addr, conn)
-            })
-            .collect();
-        while let Some((addr, conn)) = dials.next().await {
-            let attempt = match conn {
-                Ok(conn) => hello_and_register(inner, conn).await,
-                Err(e) => Err(e),
-            };
-            match attempt {
-                Ok(live) => return Ok(live),
-                Err(e) => {
-                    debug!(session = %addr, error = %e, "could not use this session server");
-                    // A refusal of who the client is says more than another server's silence.
-                    let refusal = |e: &Error| {
-                        matches!(e, Error::Unauthenticated(_) | Error::PermissionDenied(_))
-                    };
-                    if refusal(&e) || !last_error.as_ref().is_some_and(refusal) {
-                        last_error = Some(e);
+    let timeout = Duration::from_millis(inner.config.connect_timeout_ms);
+    let dial = |candidate: Candidate| async move {
+        let conn = quic::connect_to(
+            &inner.endpoint,
+            &inner.quic_config,
+            candidate.addr,
+            &candidate.name,
+            timeout,
+        )
+        .await;
+        (candidate.addr, conn)
+    };
+    let mut dials: FuturesUnordered<_> = preferred.into_iter().map(dial).collect();
+    let mut avoided = (!avoided.is_empty()).then_some(avoided);
+    let avoided_at = tokio::time::sleep(AVOIDED_AFTER);
+    tokio::pin!(avoided_at);
+    loop {
+        let (addr, conn) = tokio::select! {
+            next = dials.next() => match next {
+                Some(dialed) => dialed,
+                // Every other address failed: the avoided one is all there is.
+                None => match avoided.take() {
+                    Some(late) => {
+                        dials.extend(late.into_iter().map(dial));
+                        continue;
                     }
+                    None => break,
+                },
+            },
+            _ = &mut avoided_at, if avoided.is_some() => {
+                dials.extend(avoided.take().into_iter().flatten().map(dial));
+                continue;
+            }
+        };
+        let attempt = match conn {
+            Ok(conn) => hello_and_register(inner, conn).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(live) => return Ok(live),
+            Err(e) => {
+                debug!(session = %addr, error = %e, "could not use this session server");
+                // A refusal of who the client is says more than another server's silence.
+                let refusal =
+                    |e: &Error| matches!(e, Error::Unauthenticated(_) | Error::PermissionDenied(_));
+                if refusal(&e) || !last_error.as_ref().is_some_and(refusal) {
+                    last_error = Some(e);
                 }
             }
         }

@@ -60,6 +60,8 @@ HANDOVER_LIMIT = 10.0
 HANDOVER_RETRY = 0.2
 #: A request that failed for want of a connection is sent on at most this many connections.
 MAX_CONNECTION_ATTEMPTS = 3
+#: Seconds before the server a client just left is dialed too (see `Client._establish`).
+AVOIDED_AFTER = 1.0
 
 
 @dataclass
@@ -766,25 +768,39 @@ class Client:
         return conn
 
     async def _establish(self, avoid: str | None) -> Connection:
-        """Dials every session address at once (`avoid` only if no other answers), takes the
-        first that says Welcome, and registers everything there."""
+        """Dials every session address at once, takes the first that says Welcome, and
+        registers everything there. `avoid`, the server just left, is dialed only once every
+        other address has failed or `AVOIDED_AFTER` seconds have passed: when both servers of a
+        pair die one after the other, the one left first may be the one back first."""
         order = await self._candidates()
         if not order:
             raise ConnectionLost(f"no address for {', '.join(self.config.sessions)}")
         random.shuffle(order)
         only_choice = len(order) == 1
         preferred = [c for c in order if c.addr != avoid or only_choice]
-        fallback = [c for c in order if c.addr == avoid and not only_choice]
+        avoided = [c for c in order if c.addr == avoid and not only_choice]
         last: RosterError | None = None
-        for round_ in (preferred, fallback):
-            if not round_:
-                continue
-            tasks = [asyncio.create_task(self._dial(c)) for c in round_]
-            conn: Connection | None = None
-            try:
-                for next_done in asyncio.as_completed(tasks):
+        loop = asyncio.get_running_loop()
+        avoided_at = loop.time() + AVOIDED_AFTER
+        tasks = [asyncio.create_task(self._dial(c)) for c in preferred]
+        pending = set(tasks)
+        conn: Connection | None = None
+        try:
+            while conn is None:
+                if avoided and (not pending or loop.time() >= avoided_at):
+                    late = [asyncio.create_task(self._dial(c)) for c in avoided]
+                    tasks += late
+                    pending |= set(late)
+                    avoided = []
+                if not pending:
+                    break
+                wait = max(0.0, avoided_at - loop.time()) if avoided else None
+                done, pending = await asyncio.wait(
+                    pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
                     try:
-                        conn = await next_done
+                        conn = task.result()
                         break
                     except RosterError as e:
                         # A refusal of who the client is says more than another's silence.
@@ -793,21 +809,21 @@ class Client:
                             last = e
                     except Exception as e:  # noqa: BLE001 - any dial failure: try another
                         last = ConnectionLost(str(e))
-            finally:
-                for task in tasks:
-                    if not task.done():
-                        task.cancel()
-                for result in await asyncio.gather(*tasks, return_exceptions=True):
-                    if isinstance(result, Connection) and result is not conn:
-                        await result.close()
-            if conn is not None:
-                try:
-                    await self._register_all(conn)
-                except BaseException:
-                    await conn.close()
-                    raise
-                return conn
-        raise last or ConnectionLost("no session server answered")
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(result, Connection) and result is not conn:
+                    await result.close()
+        if conn is None:
+            raise last or ConnectionLost("no session server answered")
+        try:
+            await self._register_all(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     async def _register_all(self, conn: Connection) -> None:
         """Registers every publication and subscription on `conn` under the same ids and
