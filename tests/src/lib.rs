@@ -163,6 +163,27 @@ impl Cluster {
         }
     }
 
+    /// Starts session server 2 of this cluster on `socket`, its config adjusted by `configure`,
+    /// and waits until it is ready; stopped by cancelling the token, and the task tells how it
+    /// ended. For tests that stop a session server and start it again on the same address.
+    pub async fn start_session_on(
+        &self,
+        socket: UdpSocket,
+        configure: impl FnOnce(&mut SessionConfig),
+    ) -> (CancellationToken, JoinHandle<roster_common::Result<()>>) {
+        let stop = CancellationToken::new();
+        let mut config = SessionConfig::new(2, vec![self.meta_addr.to_string()]);
+        configure(&mut config);
+        let server = SessionServer::new(config, self.identity.clone()).unwrap();
+        let mut ready = server.ready();
+        let task = tokio::spawn(server.run(socket, stop.clone()));
+        tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
+            .await
+            .expect("session server 2 ready")
+            .unwrap();
+        (stop, task)
+    }
+
     /// A client config for the first session server, delivering empty snapshots too.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new(

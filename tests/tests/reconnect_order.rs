@@ -7,27 +7,12 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use roster_client::Client;
-use roster_session::{SessionConfig, SessionServer};
-use roster_tests::{Cluster, DEADLINE, bind_loopback, eventually};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use roster_session::SessionConfig;
+use roster_tests::{Cluster, bind_loopback, eventually};
 
-/// Starts session server 2 of `cluster` on `socket` and waits until it is ready.
-async fn start_session(
-    cluster: &Cluster,
-    socket: UdpSocket,
-) -> (CancellationToken, JoinHandle<roster_common::Result<()>>) {
-    let stop = CancellationToken::new();
-    let mut config = SessionConfig::new(2, vec![cluster.meta_addr.to_string()]);
+/// Session server 2 drains for a moment only: its client has nowhere else to go.
+fn short_drain(config: &mut SessionConfig) {
     config.drain_timeout = Duration::from_millis(300);
-    let server = SessionServer::new(config, cluster.identity.clone()).unwrap();
-    let mut ready = server.ready();
-    let task = tokio::spawn(server.run(socket, stop.clone()));
-    tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
-        .await
-        .expect("session server 2 ready")
-        .unwrap();
-    (stop, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +20,7 @@ async fn a_client_goes_back_to_the_server_it_left_when_the_others_are_silent() {
     let cluster = Cluster::start().await;
     let socket = bind_loopback();
     let addr: SocketAddr = socket.local_addr().unwrap();
-    let (stop, task) = start_session(&cluster, socket).await;
+    let (stop, task) = cluster.start_session_on(socket, short_drain).await;
     let silent = bind_loopback();
     let mut config = cluster.client_config();
     config.sessions = vec![addr.to_string(), silent.local_addr().unwrap().to_string()];
@@ -54,7 +39,7 @@ async fn a_client_goes_back_to_the_server_it_left_when_the_others_are_silent() {
     stop.cancel();
     task.await.unwrap().unwrap();
     let again = UdpSocket::bind(addr).expect("the address is free again");
-    let (stop, task) = start_session(&cluster, again).await;
+    let (stop, task) = cluster.start_session_on(again, short_drain).await;
 
     eventually(
         Duration::from_secs(20),

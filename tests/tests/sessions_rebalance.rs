@@ -7,12 +7,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use roster_client::{Client, Publication};
 use roster_common::peers::FaultTable;
 use roster_common::proto::{CLOSE_MOVED, ClientRequest, ClientResponse};
-use roster_session::{SessionConfig, SessionServer};
 use roster_tests::{
     Cluster, ClusterOptions, DEADLINE, PublisherKey, RawClient, SnapshotLog, addresses,
     bind_loopback, check_history, eventually, keys,
@@ -67,26 +65,6 @@ async fn clients_on_the_first(
     (clients, publications, stable)
 }
 
-/// Starts session server 2 on `socket`, its calls to peers obeying `faults`, and waits until it is
-/// ready.
-async fn start_second(
-    cluster: &Cluster,
-    socket: std::net::UdpSocket,
-    faults: Option<Arc<FaultTable>>,
-) -> (CancellationToken, JoinHandle<roster_common::Result<()>>) {
-    let stop = CancellationToken::new();
-    let mut config = SessionConfig::new(2, vec![cluster.meta_addr.to_string()]);
-    config.faults = faults;
-    let second = SessionServer::new(config, cluster.identity.clone()).unwrap();
-    let mut ready = second.ready();
-    let task = tokio::spawn(second.run(socket, stop.clone()));
-    tokio::time::timeout(DEADLINE, ready.wait_for(|r| *r))
-        .await
-        .expect("second session ready")
-        .unwrap();
-    (stop, task)
-}
-
 /// How many of `clients` are connected to `addr`.
 fn connected_to(clients: &[Client], addr: SocketAddr) -> usize {
     clients
@@ -135,7 +113,7 @@ async fn an_overloaded_session_moves_clients_to_a_new_one_without_flap() {
     log.wait_for("every publisher seen", |s| keys(s) == stable)
         .await;
 
-    let (stop_second, second_task) = start_second(&cluster, second_socket, None).await;
+    let (stop_second, second_task) = cluster.start_session_on(second_socket, |_| {}).await;
 
     // Balancing runs every 5 s and needs the meta tier's mean of both loads (renewed every 1 s).
     let moved = eventually(Duration::from_secs(30), "some clients moved", || async {
@@ -182,8 +160,9 @@ async fn a_moving_client_keeps_its_old_connection_until_its_publishers_land_else
         .await;
 
     let faults = FaultTable::new();
-    let (stop_second, second_task) =
-        start_second(&cluster, second_socket, Some(faults.clone())).await;
+    let (stop_second, second_task) = cluster
+        .start_session_on(second_socket, |c| c.faults = Some(faults.clone()))
+        .await;
     faults.drop_calls(&data_addr);
 
     eventually(Duration::from_secs(30), "some clients moved", || async {
