@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use roster_client::Snapshot;
@@ -105,8 +105,15 @@ fn meta_leader(cwd: &Path, metas: &str) -> u64 {
     })
 }
 
-/// Every push one raw subscriber was sent: one list of snapshots per connection it held.
-type Record = Arc<Mutex<Vec<Vec<Snapshot>>>>;
+/// Every push one raw subscriber was sent, connection by connection.
+type Record = Arc<Mutex<Vec<Watched>>>;
+
+/// What one raw subscriber connection was pushed, and by which session server.
+struct Watched {
+    server: SocketAddr,
+    /// Each snapshot with the wall-clock time it arrived, to read against the servers' logs.
+    pushes: Vec<(SystemTime, Snapshot)>,
+}
 
 /// A subscriber speaking the protocol by hand: subscribes to every service on one session
 /// server, records each snapshot pushed, and on losing the connection moves to the next server.
@@ -139,14 +146,18 @@ async fn raw_subscriber(ca: PathBuf, sessions: Vec<SocketAddr>, first: usize, re
         if !subscribed {
             continue;
         }
-        record.lock().push(Vec::new());
+        record.lock().push(Watched {
+            server: addr,
+            pushes: Vec::new(),
+        });
         loop {
             match raw.next_push(Duration::from_millis(500)).await {
                 Some(Push::Snapshot(snapshot)) => record
                     .lock()
                     .last_mut()
                     .expect("pushed above")
-                    .push(Snapshot::from_wire(snapshot)),
+                    .pushes
+                    .push((SystemTime::now(), Snapshot::from_wire(snapshot))),
                 Some(_) => {}
                 None if raw.conn.close_reason().is_some() => break,
                 None => {}
@@ -159,7 +170,7 @@ async fn raw_subscriber(ca: PathBuf, sessions: Vec<SocketAddr>, first: usize, re
 fn latest(record: &Record) -> BTreeMap<String, BTreeSet<PublisherKey>> {
     let mut out = BTreeMap::new();
     if let Some(connection) = record.lock().last() {
-        for snapshot in connection {
+        for (_, snapshot) in &connection.pushes {
             out.insert(snapshot.service.as_str().to_owned(), keys(snapshot));
         }
     }
@@ -448,11 +459,11 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
     for record in &records {
         for (nth, connection) in record.lock().iter().enumerate() {
             let mut by_service: BTreeMap<&str, Vec<Snapshot>> = BTreeMap::new();
-            for snapshot in connection {
-                by_service
-                    .entry(snapshot.service.as_str())
-                    .or_default()
-                    .push(snapshot.clone());
+            let mut arrivals: BTreeMap<&str, Vec<SystemTime>> = BTreeMap::new();
+            for (at, snapshot) in &connection.pushes {
+                let name = snapshot.service.as_str();
+                by_service.entry(name).or_default().push(snapshot.clone());
+                arrivals.entry(name).or_default().push(*at);
             }
             for (name, snapshots) in by_service {
                 let stable: BTreeSet<PublisherKey> = stable_keys
@@ -474,7 +485,10 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
                     0
                 };
                 if let Err(e) = check_history(&snapshots[from..], &stable) {
-                    panic!("a subscriber saw a regression or a dip: {e}");
+                    panic!(
+                        "a subscriber saw a regression or a dip: {e}\n{}",
+                        history(connection.server, &snapshots, &arrivals[name], &stable)
+                    );
                 }
                 checked += snapshots.len();
             }
@@ -490,6 +504,37 @@ fn the_cluster_rides_through_every_fault_without_a_dip() {
             client.close().await;
         }
     });
+}
+
+/// One subscriber connection's pushes of one service, a line each — arrival time (UTC), version
+/// (term and counter), publishers, the stable ones missing — to read against the servers' logs.
+fn history(
+    server: SocketAddr,
+    snapshots: &[Snapshot],
+    arrivals: &[SystemTime],
+    stable: &BTreeSet<PublisherKey>,
+) -> String {
+    let mut out = format!("pushes of this service on the connection to {server}:\n");
+    for (snapshot, at) in snapshots.iter().zip(arrivals) {
+        let micros = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros()
+            % 86_400_000_000;
+        let have = keys(snapshot);
+        let missing: Vec<_> = stable.iter().filter(|k| !have.contains(*k)).collect();
+        out.push_str(&format!(
+            "  {:02}:{:02}:{:02}.{:06} term {} #{} publishers {} missing {missing:?}\n",
+            micros / 3_600_000_000,
+            micros / 60_000_000 % 60,
+            micros / 1_000_000 % 60,
+            micros % 1_000_000,
+            snapshot.version >> 32,
+            snapshot.version & 0xffff_ffff,
+            have.len(),
+        ));
+    }
+    out
 }
 
 /// Prints a line of the suite's report and appends it to `chaos-report.txt` in the test target's

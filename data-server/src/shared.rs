@@ -13,7 +13,7 @@ use roster_common::proto::{
 };
 use roster_common::{Error, InstanceId, NodeId, Result, ServiceId, SlotId};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::DataConfig;
 use crate::interest::Interests;
@@ -89,6 +89,7 @@ impl Shared {
         let (applied, hidden) = {
             let mut store = self.store.lock();
             let applied = change(&mut store)?;
+            trace_applied(&applied.ops);
             self.queue_replication(&applied.ops);
             // Nothing to look up per change while no slot is being taken over (the usual case).
             let hidden: Option<Vec<bool>> = (store.moving() > 0).then(|| {
@@ -372,6 +373,43 @@ impl Shared {
             info!(slots = opened.len(), "slots taken over and open");
         }
         self.update_readiness(Some(view));
+    }
+}
+
+/// Logs each change this server made as leader, at `trace` (off unless asked for: one line per
+/// change): what to read when a subscriber saw a publisher come and go.
+fn trace_applied(ops: &[ReplicatedOp]) {
+    if !tracing::enabled!(tracing::Level::TRACE) {
+        return;
+    }
+    for op in ops {
+        match &op.op {
+            WriteOp::Put { publisher: p } => trace!(
+                slot = op.slot,
+                version = op.version,
+                service = %p.service,
+                client = %p.client_id,
+                register = %p.register_id,
+                session_instance = format_args!("{:x}", p.session_instance),
+                registered_ms = p.registered_ms,
+                "put"
+            ),
+            WriteOp::Remove {
+                service,
+                client_id,
+                register_id,
+                session_instance,
+                ..
+            } => trace!(
+                slot = op.slot,
+                version = op.version,
+                service = %service,
+                client = %client_id,
+                register = %register_id,
+                session_instance = format_args!("{session_instance:x}"),
+                "remove"
+            ),
+        }
     }
 }
 
