@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use roster_common::proto::DataEvent;
-use roster_common::{InstanceId, ServiceId};
+use roster_common::{InstanceId, NodeId, ServiceId};
 use tokio::sync::mpsc;
 
 use crate::store::Change;
@@ -22,6 +22,8 @@ use crate::store::Change;
 pub const NOTIFY_QUEUE: usize = 32_768;
 
 struct Watcher {
+    /// The session server's id (its instance is the key).
+    session: NodeId,
     /// Identifies one attachment, so a stale stream's cleanup cannot detach its replacement.
     stream: u64,
     tx: mpsc::Sender<DataEvent>,
@@ -37,9 +39,14 @@ pub struct Interests {
 }
 
 impl Interests {
-    /// Attaches a session's watch stream, replacing (and so ending) an earlier one. Interest starts
-    /// empty. Returns the attachment's stream id and the queue to drain into the stream.
-    pub fn attach(&mut self, instance: InstanceId) -> (u64, mpsc::Receiver<DataEvent>) {
+    /// Attaches the watch stream of session server `session` (this incarnation: `instance`),
+    /// replacing (and so ending) an earlier one. Interest starts empty. Returns the attachment's
+    /// stream id and the queue to drain into the stream.
+    pub fn attach(
+        &mut self,
+        session: NodeId,
+        instance: InstanceId,
+    ) -> (u64, mpsc::Receiver<DataEvent>) {
         self.detach_any(instance);
         let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
         self.next_stream += 1;
@@ -47,6 +54,7 @@ impl Interests {
         self.watchers.insert(
             instance,
             Watcher {
+                session,
                 stream,
                 tx,
                 services: HashSet::new(),
@@ -77,6 +85,13 @@ impl Interests {
                 }
             }
         }
+    }
+
+    /// The session servers with a watch stream attached: id and instance.
+    pub fn attached(&self) -> impl Iterator<Item = (NodeId, InstanceId)> + '_ {
+        self.watchers
+            .iter()
+            .map(|(instance, w)| (w.session, *instance))
     }
 
     /// Registers or drops interest; false if the session has no attached watch stream.
@@ -166,8 +181,8 @@ mod tests {
     #[test]
     fn only_interested_sessions_hear_of_changes() {
         let mut interests = Interests::default();
-        let (_, mut rx1) = interests.attach(1);
-        let (_, mut rx2) = interests.attach(2);
+        let (_, mut rx1) = interests.attach(1, 1);
+        let (_, mut rx2) = interests.attach(2, 2);
         assert!(interests.set(1, &[svc("a")], true));
         assert!(interests.set(2, &[svc("b")], true));
         assert!(
@@ -185,7 +200,7 @@ mod tests {
     #[test]
     fn a_full_queue_detaches_the_session() {
         let mut interests = Interests::default();
-        let (_, mut rx) = interests.attach(1);
+        let (_, mut rx) = interests.attach(1, 1);
         interests.set(1, &[svc("a")], true);
         for v in 0..NOTIFY_QUEUE as u64 {
             assert_eq!(interests.notify(&removal("a", v)), 0);
@@ -203,8 +218,8 @@ mod tests {
     #[test]
     fn a_stale_stream_cannot_detach_its_replacement() {
         let mut interests = Interests::default();
-        let (old, _rx_old) = interests.attach(1);
-        let (_new, _rx_new) = interests.attach(1);
+        let (old, _rx_old) = interests.attach(1, 1);
+        let (_new, _rx_new) = interests.attach(1, 1);
         interests.detach(1, old);
         assert!(interests.set(1, &[svc("a")], true));
     }

@@ -1,9 +1,10 @@
 //! When to drop the publishers of a session server that left the cluster.
 //!
-//! A session instance that owns publishers here but is absent from the committed membership for
-//! longer than `session_grace` has its publishers dropped. The grace absorbs a session that is
-//! being replaced: its clients re-register through another session meanwhile, which moves
-//! ownership, so subscribers see no flap. Time is passed in.
+//! A session instance that owns publishers here but is absent from the live sessions (see
+//! `Shared::live_sessions`: the committed membership, and sessions still attached here that it does
+//! not list under a newer instance) for longer than `session_grace` has its publishers dropped. The
+//! grace absorbs a session that is being replaced: its clients re-register through another session
+//! meanwhile, which moves ownership, so subscribers see no flap. Time is passed in.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

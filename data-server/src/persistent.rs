@@ -294,7 +294,7 @@ mod tests {
             testing::view(BTreeMap::from([(slot, 3)])),
         );
         let shared = node.shared.clone();
-        let (_, mut events) = shared.interests.lock().attach(7);
+        let (_, mut events) = shared.interests.lock().attach(7, 7);
         shared
             .interests
             .lock()

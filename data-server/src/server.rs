@@ -277,7 +277,7 @@ async fn stream_events(
     shutdown: CancellationToken,
 ) {
     let max_frame = shared.config.max_frame;
-    let (stream, mut events) = shared.interests.lock().attach(instance);
+    let (stream, mut events) = shared.interests.lock().attach(session, instance);
     debug!(
         session,
         instance = format_args!("{instance:x}"),

@@ -248,7 +248,7 @@ impl Shared {
         slot: SlotId,
         publishers: Vec<Publisher>,
     ) -> Result<DataResponse> {
-        let live = self.view().map(|v| live_sessions(&v)).unwrap_or_default();
+        let live = self.live_sessions(self.view().as_deref());
         let applied = self.lead(|store| store.session_sync(instance, slot, publishers, &live))?;
         if !applied.ops.is_empty() {
             self.repaired("session_sync");
@@ -346,7 +346,7 @@ impl Shared {
     }
 
     pub(crate) fn sweep_owners(&self, sweep: &mut OwnerSweep, view: &ClusterView) {
-        let live = live_sessions(view);
+        let live = self.live_sessions(Some(view));
         let expired = {
             let store = self.store.lock();
             sweep.sweep(&live, store.owners(), Instant::now())
@@ -362,9 +362,34 @@ impl Shared {
         }
     }
 
-    /// Opens slots whose takeover completed.
+    /// The session instances whose publishers this server keeps, and whose claims on a record
+    /// count against an older one: the session members of `view`, and every session with a watch
+    /// stream attached here that `view` does not list under another instance. A session server
+    /// whose lease lapsed (it was paused, or cut off from the meta tier) still serves its clients
+    /// until the meta tier admits it again — which waits while the meta group has no leader — and
+    /// the clients that moved to it register through it: dropping its publishers meanwhile would
+    /// show subscribers live instances gone. One `view` lists another instance for was restarted:
+    /// its old incarnation is gone, attached or not.
+    pub(crate) fn live_sessions(&self, view: Option<&ClusterView>) -> HashSet<InstanceId> {
+        let listed: HashMap<NodeId, InstanceId> = view
+            .into_iter()
+            .flat_map(|v| v.members_of(Role::Session))
+            .map(|m| (m.id, m.instance))
+            .collect();
+        let attached: Vec<InstanceId> = self
+            .interests
+            .lock()
+            .attached()
+            .filter(|(id, _)| !listed.contains_key(id))
+            .map(|(_, instance)| instance)
+            .collect();
+        listed.into_values().chain(attached).collect()
+    }
+
+    /// Opens slots whose takeover completed: every session member of `view` heard from (a session
+    /// outside the view is not waited for), or the takeover timeout passed.
     pub(crate) fn open_ready_slots(&self, view: &ClusterView) {
-        let live = live_sessions(view);
+        let live = member_sessions(view);
         let opened =
             self.store
                 .lock()
@@ -414,15 +439,18 @@ fn trace_applied(ops: &[ReplicatedOp]) {
 }
 
 /// The instances of the session servers that are members of the cluster in `view`.
-fn live_sessions(view: &ClusterView) -> HashSet<InstanceId> {
+fn member_sessions(view: &ClusterView) -> HashSet<InstanceId> {
     view.members_of(Role::Session).map(|m| m.instance).collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
 
     use roster_common::proto::{DataEvent, Member, Role, WriteOp};
+
+    use super::OwnerSweep;
 
     use crate::store::tests::{publisher, table};
     use crate::testing::{identity, node, view};
@@ -431,7 +459,7 @@ mod tests {
     async fn changes_of_a_slot_being_taken_over_are_told_to_no_session() {
         let node = node(&identity(), Vec::new(), view(BTreeMap::new()));
         let shared = node.shared;
-        let (_, mut events) = shared.interests.lock().attach(9);
+        let (_, mut events) = shared.interests.lock().attach(9, 9);
         let service = publisher("c", "r", "a", 9).service;
         assert!(
             shared
@@ -527,5 +555,56 @@ mod tests {
             held(),
             Err(roster_common::Error::NotLeader { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_session_outside_the_view_keeps_its_publishers_while_its_watch_is_attached() {
+        let member = |role, id, instance| Member {
+            role,
+            id,
+            instance,
+            addr: "127.0.0.1:1".into(),
+            zone: String::new(),
+            joined_at_ms: 100,
+            version: String::new(),
+        };
+        let mut view = view(BTreeMap::new());
+        view.members.push(member(Role::Data, 1, 1));
+        let node = node(&identity(), Vec::new(), view.clone());
+        let shared = node.shared;
+        shared.apply_view(&view);
+        let put = |client: &str, instance| {
+            shared
+                .lead(|store| {
+                    store.write(WriteOp::Put {
+                        publisher: publisher(client, "r", "a", instance),
+                    })
+                })
+                .unwrap();
+        };
+        let owners = || shared.store.lock().owners().collect::<BTreeSet<_>>();
+        // No grace: what the sweep does not keep, it drops at once.
+        let mut sweep = OwnerSweep::new(Duration::ZERO);
+
+        // Session 2 (instance 9) holds a publisher; its lease lapsed, so the view lists no session,
+        // but it is alive and watching here.
+        put("c", 9);
+        let (stream, _events) = shared.interests.lock().attach(2, 9);
+        shared.sweep_owners(&mut sweep, &view);
+        assert_eq!(owners(), [9].into(), "attached: kept");
+        shared.interests.lock().detach(9, stream);
+        shared.sweep_owners(&mut sweep, &view);
+        assert!(
+            owners().is_empty(),
+            "gone from the view and detached: dropped"
+        );
+
+        // Session 3 restarted: the view lists its new instance, and the old one's stream (not yet
+        // timed out) does not keep the old incarnation's publishers.
+        put("d", 11);
+        let _old = shared.interests.lock().attach(3, 11);
+        view.members.push(member(Role::Session, 3, 12));
+        shared.sweep_owners(&mut sweep, &view);
+        assert!(owners().is_empty(), "replaced: dropped");
     }
 }
