@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use roster_client::{Client, ClientConfig, Snapshot};
 use roster_tests::keys;
-use support::{Cluster, cluster_status, wait_for};
+use support::{Cluster, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 /// The data tier's grace for the publishers of a session outside the view.
@@ -56,14 +56,7 @@ fn a_live_session_outside_the_view_keeps_its_publishers() {
     // Session 2 stops until the meta tier drops it; then the meta tier stops, and session 2 goes
     // on, unable to join again.
     cluster.signal("session", 2, "STOP");
-    wait_for(START, "session 2 out of the view", || {
-        let status = cluster_status(cluster.cwd(), &[&cluster.meta_list()], false)?;
-        let leases = status["leases"].as_array()?;
-        (!leases
-            .iter()
-            .any(|l| l["role"] == "session" && l["id"] == 2))
-        .then_some(())
-    });
+    cluster.wait_session_gone(2);
     cluster.signal("meta", 1, "STOP");
     cluster.signal("session", 2, "CONT");
 

@@ -12,25 +12,13 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use roster_client::{Client, ConnectionState, Publication, Snapshot};
 use roster_tests::{PublisherKey, check_history, keys};
-use support::{Cluster, cluster_status, wait_for};
+use support::{Cluster, wait_for};
 
 const START: Duration = Duration::from_secs(60);
 const SERVICES: usize = 10;
 const PUBLISHER_CLIENTS: usize = 40;
 const PER_CLIENT: usize = 25;
 const SUBSCRIBER_CLIENTS: usize = 6;
-
-/// Waits until the meta tier no longer lists session `id`.
-fn wait_session_gone(cluster: &Cluster, id: u64) {
-    wait_for(START, &format!("session {id} removed"), || {
-        let status = cluster_status(cluster.cwd(), &[&cluster.meta_list()], false)?;
-        let leases = status["leases"].as_array()?;
-        (!leases
-            .iter()
-            .any(|l| l["role"] == "session" && l["id"] == id))
-        .then_some(())
-    });
-}
 
 type Seen = Arc<Mutex<HashMap<(usize, String), Vec<Snapshot>>>>;
 
@@ -175,7 +163,7 @@ fn killed_and_drained_session_servers_lose_no_publisher() {
         // The old session is removed, and the data tier holds nothing of it any more: every
         // publisher moved to another session (had any stayed, its grace would drop it, and the
         // subscribers would no longer be exact).
-        wait_session_gone(&cluster, victim);
+        cluster.wait_session_gone(victim);
         wait_for(
             Duration::from_secs(10),
             "the data tier to hold nothing of the old session",

@@ -89,7 +89,6 @@ impl Shared {
         let (applied, hidden) = {
             let mut store = self.store.lock();
             let applied = change(&mut store)?;
-            trace_applied(&applied.ops);
             self.queue_replication(&applied.ops);
             // Nothing to look up per change while no slot is being taken over (the usual case).
             let hidden: Option<Vec<bool>> = (store.moving() > 0).then(|| {
@@ -101,6 +100,7 @@ impl Shared {
             });
             (applied, hidden)
         };
+        trace_applied(&applied.ops);
         match hidden {
             None => self.notify(&applied.changes),
             Some(hidden) => self.notify(

@@ -508,6 +508,18 @@ impl Cluster {
         )
     }
 
+    /// Waits until the meta tier no longer lists session server `id`: its lease lapsed, or it left.
+    pub fn wait_session_gone(&self, id: u64) {
+        wait_for(START, &format!("session {id} out of the view"), || {
+            let status = self.status()?;
+            let leases = status["leases"].as_array()?;
+            (!leases
+                .iter()
+                .any(|l| l["role"] == "session" && l["id"] == id))
+            .then_some(())
+        });
+    }
+
     /// A token from `roster acl token create` for `namespace`, allowing `allow`.
     pub fn create_token(&self, namespace: &str, allow: &str, extra: &[&str]) -> String {
         create_token(&self.cwd, &self.meta_list(), namespace, allow, extra)
